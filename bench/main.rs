@@ -1,0 +1,133 @@
+//! `cubegate-bench`: tools to test and benchmark cubegate.
+//!
+//! - `backend`: a deterministic simulator of vLLM's or Ollama's HTTP API (see `sim/`).
+//! - `load`, `compare`: load generation and the side-by-side comparison (not yet).
+//!
+//! This binary shares no code with `src/`: a parser bug in one must not hide in the other.
+
+mod sim;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cubegate-bench",
+    version,
+    about = "Simulators and load tools for cubegate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a simulated inference backend (vLLM or Ollama HTTP API).
+    Backend(BackendArgs),
+    /// Drive load against a gateway or backend (not implemented yet).
+    Load {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Side-by-side comparison with peer gateways (not implemented yet).
+    Compare {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FlavorArg {
+    Vllm,
+    Ollama,
+}
+
+#[derive(clap::Args, Debug)]
+struct BackendArgs {
+    /// Which server's API to simulate.
+    #[arg(long, value_enum)]
+    flavor: FlavorArg,
+    /// Address to listen on, e.g. 127.0.0.1:8000 (port 0 picks a free port).
+    #[arg(long)]
+    listen: String,
+    /// Comma-separated model names served [default: vllm
+    /// "meta-llama/Llama-3.1-8B-Instruct", ollama "llama3.2:1b"].
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    /// Answer length in tokens when the request sets none.
+    #[arg(long, default_value_t = 16)]
+    tokens: usize,
+    /// Delay between tokens, in microseconds (0 = none).
+    #[arg(long, default_value_t = 0)]
+    token_delay_us: u64,
+    /// Delay before the first token, in milliseconds (0 = none).
+    #[arg(long, default_value_t = 0)]
+    first_token_delay_ms: u64,
+    /// Server threads, each with its own runtime and SO_REUSEPORT listener (0 = one per CPU).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Dimension of the embeddings returned.
+    #[arg(long, default_value_t = 8)]
+    embed_dim: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Backend(a) => backend(a),
+        Cmd::Load { .. } => {
+            eprintln!("cubegate-bench load: not implemented yet");
+            ExitCode::from(2)
+        }
+        Cmd::Compare { .. } => {
+            eprintln!("cubegate-bench compare: not implemented yet");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn backend(a: BackendArgs) -> ExitCode {
+    let flavor = match a.flavor {
+        FlavorArg::Vllm => sim::Flavor::Vllm,
+        FlavorArg::Ollama => sim::Flavor::Ollama,
+    };
+    let mut models: Vec<String> = a
+        .models
+        .iter()
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+        .collect();
+    if models.is_empty() {
+        models.push(match flavor {
+            sim::Flavor::Vllm => "meta-llama/Llama-3.1-8B-Instruct".to_string(),
+            sim::Flavor::Ollama => "llama3.2:1b".to_string(),
+        });
+    }
+    let threads = if a.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        a.threads
+    };
+    let cfg = sim::Config {
+        flavor,
+        listen: a.listen,
+        models,
+        tokens: a.tokens.min(sim::openai::MAX_ANSWER),
+        token_delay: Duration::from_micros(a.token_delay_us),
+        first_token_delay: Duration::from_millis(a.first_token_delay_ms),
+        threads,
+        embed_dim: a.embed_dim.clamp(1, 65_536),
+    };
+    match sim::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cubegate-bench backend: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

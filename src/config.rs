@@ -1,0 +1,550 @@
+//! The TOML configuration: schema, defaults and validation.
+//!
+//! Everything an operator can set lives here, and nowhere else: limits and timeouts are read
+//! from [`Limits`] and [`Timeouts`] by every phase of a request. Parsing is strict
+//! (`deny_unknown_fields`) so a typo in a key is an error that names the key, not a silently
+//! ignored setting. `validate` turns the raw values into checked ones (addresses resolved,
+//! URLs split, models checked) so the rest of the program never re-validates.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Hard ceiling on `limits.max_headers`: the header array lives on the worker's stack.
+pub const MAX_HEADERS_CEILING: usize = 256;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub management: ManagementConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub domains: Vec<DomainConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    Auto,
+    Uring,
+    Legacy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: String,
+    /// 0 = one worker per CPU core.
+    pub workers: usize,
+    pub driver: Driver,
+    /// Pin worker i to CPU i (mod the CPUs this process may use).
+    pub pin_workers: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Move bodies that need no inspection with splice(2) instead of a userspace copy.
+    pub splice_bodies: bool,
+    /// Idle keep-alive connections kept per backend per worker.
+    pub upstream_idle_per_backend: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "127.0.0.1:8080".into(),
+            workers: 0,
+            driver: Driver::Auto,
+            pin_workers: false,
+            tls_cert: None,
+            tls_key: None,
+            splice_bodies: false,
+            upstream_idle_per_backend: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagementConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub admin_email: String,
+    pub admin_password_env: String,
+    pub access_token_ttl_s: u64,
+    pub refresh_token_ttl_s: u64,
+}
+
+impl Default for ManagementConfig {
+    fn default() -> Self {
+        ManagementConfig {
+            listen: "127.0.0.1:8081".into(),
+            data_dir: PathBuf::from("/var/lib/cubegate"),
+            admin_email: "admin@example.com".into(),
+            admin_password_env: "CUBEGATE_ADMIN_PASSWORD".into(),
+            access_token_ttl_s: 900,
+            refresh_token_ttl_s: 86400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Jwt,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    pub issuer: String,
+    pub leeway_s: u64,
+    pub claims_namespace: String,
+    pub domains_claim: String,
+    pub trusted: Vec<TrustedIssuer>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Jwt,
+            issuer: "cubegate".into(),
+            leeway_s: 30,
+            claims_namespace: String::new(),
+            domains_claim: "domains".into(),
+            trusted: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuer {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_url: Option<String>,
+    pub jwks: Option<String>,
+    pub hs_secret_env: Option<String>,
+}
+
+/// Size limits. Every byte a client or backend sends is counted against one of these.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Request line + headers, bytes (431 past it; 414 when the request line alone is over).
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    /// Request body, bytes (413 past it).
+    pub max_body_bytes: u64,
+    /// Response head from a backend, bytes (502 past it).
+    pub max_upstream_head_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head_bytes: 32 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_upstream_head_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Timeouts. Every wait on the network has one of these.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// From the first byte of a request to the end of its head (408 past it).
+    pub header_read_ms: u64,
+    /// An idle keep-alive connection is closed after this long.
+    pub idle_keepalive_s: u64,
+    /// Longest pause while reading a request body (408 past it).
+    pub body_read_ms: u64,
+    pub upstream_connect_ms: u64,
+    /// From the request sent to the backend's response head (504 past it). Long, since a
+    /// loaded GPU host may queue a request for a while before its first token.
+    pub first_byte_s: u64,
+    /// Longest silence between two reads of a streamed answer, and longest a client may
+    /// take to accept a write.
+    pub between_chunks_s: u64,
+    /// How long SIGTERM waits for in-flight requests and streams.
+    pub drain_s: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header_read_ms: 10_000,
+            idle_keepalive_s: 75,
+            body_read_ms: 30_000,
+            upstream_connect_ms: 3_000,
+            first_byte_s: 300,
+            between_chunks_s: 120,
+            drain_s: 30,
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn header_read(&self) -> Duration {
+        Duration::from_millis(self.header_read_ms)
+    }
+    pub fn idle_keepalive(&self) -> Duration {
+        Duration::from_secs(self.idle_keepalive_s)
+    }
+    pub fn body_read(&self) -> Duration {
+        Duration::from_millis(self.body_read_ms)
+    }
+    pub fn upstream_connect(&self) -> Duration {
+        Duration::from_millis(self.upstream_connect_ms)
+    }
+    pub fn first_byte(&self) -> Duration {
+        Duration::from_secs(self.first_byte_s)
+    }
+    pub fn between_chunks(&self) -> Duration {
+        Duration::from_secs(self.between_chunks_s)
+    }
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_s)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Vllm,
+    Ollama,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub kind: BackendKind,
+    pub url: String,
+    pub models: Vec<String>,
+}
+
+/// A configuration problem: the key it concerns and what is wrong with it.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.problem)
+        } else {
+            write!(f, "{}: {}", self.key, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A backend URL split into what the proxy needs: where to connect, what to send as
+/// `Host`, and the path prefix to put before the forwarded path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUrl {
+    pub addr: SocketAddr,
+    pub authority: String,
+    pub base_path: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // toml's message already names the key and the line.
+            err(
+                "",
+                format!("invalid configuration: {}", e.to_string().trim_end()),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_listen("proxy.listen", &self.proxy.listen)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        parse_listen("management.listen", &self.management.listen)?;
+        if self.proxy.tls_cert.is_some() != self.proxy.tls_key.is_some() {
+            return Err(err(
+                "proxy.tls_cert",
+                "tls_cert and tls_key must be set together (both = HTTPS, neither = HTTP)",
+            ));
+        }
+        if self.proxy.tls_cert.is_some() {
+            return Err(err(
+                "proxy.tls_cert",
+                "TLS on the public listener is not available in this build yet; \
+                 remove tls_cert/tls_key or terminate TLS in front of cubegate",
+            ));
+        }
+        if self.proxy.workers > 1024 {
+            return Err(err("proxy.workers", "at most 1024 workers"));
+        }
+        let l = &self.limits;
+        check_range(
+            "limits.max_head_bytes",
+            l.max_head_bytes as u64,
+            1024,
+            1 << 20,
+        )?;
+        check_range(
+            "limits.max_headers",
+            l.max_headers as u64,
+            8,
+            MAX_HEADERS_CEILING as u64,
+        )?;
+        check_range("limits.max_uri_bytes", l.max_uri_bytes as u64, 64, 1 << 20)?;
+        if l.max_uri_bytes > l.max_head_bytes {
+            return Err(err(
+                "limits.max_uri_bytes",
+                "must not exceed limits.max_head_bytes",
+            ));
+        }
+        check_range("limits.max_body_bytes", l.max_body_bytes, 1, 1 << 34)?;
+        check_range(
+            "limits.max_upstream_head_bytes",
+            l.max_upstream_head_bytes as u64,
+            1024,
+            1 << 20,
+        )?;
+        let t = &self.timeouts;
+        for (key, v) in [
+            ("timeouts.header_read_ms", t.header_read_ms),
+            ("timeouts.idle_keepalive_s", t.idle_keepalive_s),
+            ("timeouts.body_read_ms", t.body_read_ms),
+            ("timeouts.upstream_connect_ms", t.upstream_connect_ms),
+            ("timeouts.first_byte_s", t.first_byte_s),
+            ("timeouts.between_chunks_s", t.between_chunks_s),
+        ] {
+            check_range(key, v, 1, 86_400_000)?;
+        }
+        check_range("timeouts.drain_s", t.drain_s, 0, 86_400)?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in self.domains.iter().enumerate() {
+            let key = format!("domains[{i}]");
+            validate_domain_id(&format!("{key}.id"), &d.id)?;
+            if !seen.insert(d.id.as_str()) {
+                return Err(err(
+                    format!("{key}.id"),
+                    format!("duplicate domain id {:?}", d.id),
+                ));
+            }
+            if d.backends.is_empty() {
+                return Err(err(
+                    format!("{key}.backends"),
+                    "a domain needs at least one backend",
+                ));
+            }
+            for (j, b) in d.backends.iter().enumerate() {
+                let bkey = format!("{key}.backends[{j}]");
+                parse_backend_url(&format!("{bkey}.url"), &b.url)?;
+                validate_models(&format!("{bkey}.models"), &b.models)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_range(key: &str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if v < min || v > max {
+        return Err(err(key, format!("{v} is out of range ({min}..={max})")));
+    }
+    Ok(())
+}
+
+fn parse_listen(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse::<SocketAddr>().map_err(|_| {
+        err(
+            key,
+            format!("{v:?} is not an IP:port address (e.g. \"127.0.0.1:8080\" or \"[::]:8080\")"),
+        )
+    })
+}
+
+/// Domain ids appear in URLs and headers: keep them to URL-safe characters.
+pub fn validate_domain_id(key: &str, id: &str) -> Result<(), ConfigError> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(err(key, "must be 1..=128 characters"));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(err(
+            key,
+            format!("{id:?} may only contain letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_models(key: &str, models: &[String]) -> Result<(), ConfigError> {
+    if models.is_empty() {
+        return Err(err(
+            key,
+            "list at least one model, or [\"*\"] for any model",
+        ));
+    }
+    if models.iter().any(|m| m == "*") && models.len() > 1 {
+        return Err(err(key, "\"*\" (any model) must be the only entry"));
+    }
+    for m in models {
+        if m.is_empty() || m.len() > 256 || m.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+            return Err(err(
+                key,
+                format!("{m:?} is not a valid model name (1..=256 printable characters, no quotes or backslashes)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `http://host[:port][/base]`. The host is resolved once, here: the data plane never
+/// resolves names.
+pub fn parse_backend_url(key: &str, url: &str) -> Result<BackendUrl, ConfigError> {
+    let rest = if let Some(rest) = url.strip_prefix("http://") {
+        rest
+    } else if url.starts_with("https://") {
+        return Err(err(
+            key,
+            "https:// backends are not available in this build yet; use http://",
+        ));
+    } else {
+        return Err(err(key, format!("{url:?} must start with http://")));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(err(key, format!("{url:?} has no usable host")));
+    }
+    if path.contains('?') || path.contains('#') {
+        return Err(err(
+            key,
+            format!("{url:?} must not have a query or fragment"),
+        ));
+    }
+    let with_port = if authority.starts_with('[') {
+        if authority.ends_with(']') {
+            format!("{authority}:80")
+        } else {
+            authority.to_string()
+        }
+    } else if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .map_err(|e| err(key, format!("cannot resolve {authority:?}: {e}")))?
+        .next()
+        .ok_or_else(|| err(key, format!("{authority:?} resolves to no address")))?;
+    Ok(BackendUrl {
+        addr,
+        authority: authority.to_string(),
+        base_path: path.trim_end_matches('/').to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.proxy.listen, "127.0.0.1:8080");
+        assert_eq!(c.auth.mode, AuthMode::Jwt);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[proxy]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[proxy]\nlisten = \"nope\"\n", "proxy.listen"),
+            ("[limits]\nmax_headers = 100000\n", "limits.max_headers"),
+            ("[timeouts]\nfirst_byte_s = 0\n", "timeouts.first_byte_s"),
+            (
+                "[[domains]]\nid = \"a b\"\n[[domains.backends]]\nkind=\"vllm\"\nurl=\"http://127.0.0.1:1\"\nmodels=[\"m\"]\n",
+                "domains[0].id",
+            ),
+            (
+                "[[domains]]\nid = \"a\"\n[[domains.backends]]\nkind=\"vllm\"\nurl=\"ftp://x\"\nmodels=[\"m\"]\n",
+                "domains[0].backends[0].url",
+            ),
+            (
+                "[[domains]]\nid = \"a\"\n[[domains.backends]]\nkind=\"vllm\"\nurl=\"http://127.0.0.1:1\"\nmodels=[\"*\", \"m\"]\n",
+                "domains[0].backends[0].models",
+            ),
+            ("[[domains]]\nid = \"a\"\n", "domains[0].backends"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(text).unwrap_err();
+            assert!(e.to_string().starts_with(key), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn backend_url_forms() {
+        let u = parse_backend_url("k", "http://127.0.0.1:8000/").unwrap();
+        assert_eq!(u.addr, "127.0.0.1:8000".parse().unwrap());
+        assert_eq!(u.base_path, "");
+        let u = parse_backend_url("k", "http://[::1]/ollama/").unwrap();
+        assert_eq!(u.addr, "[::1]:80".parse().unwrap());
+        assert_eq!(u.authority, "[::1]");
+        assert_eq!(u.base_path, "/ollama");
+        assert!(parse_backend_url("k", "http://user@127.0.0.1").is_err());
+    }
+}

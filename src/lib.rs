@@ -1,0 +1,12 @@
+//! cubegate: an authenticating, model-routing gateway in front of GPU inference hosts.
+//!
+//! See `README.md` for how to run it and `../shared/DESIGN.md` for the contracts. The data
+//! plane lives in [`proxy`] (one worker per core, see [`runtime`]), framing in [`http`],
+//! the shared routing state in [`snapshot`], and the authentication seam in [`auth`].
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod proxy;
+pub mod runtime;
+pub mod snapshot;

@@ -1,0 +1,89 @@
+//! The `cubegate` command: `serve` and `check-config`.
+
+use clap::{Parser, Subcommand};
+use cubegate::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "cubegate",
+    version,
+    about = "Authenticating, model-routing gateway in front of GPU inference hosts (Ollama, vLLM)",
+    long_about = "cubegate verifies each client's bearer token, checks that it may use the domain \
+and model it asks for, picks a GPU host that serves the model, and streams the answer back \
+token by token.\n\nClients call /proxy/<domain_id>/v1/... (OpenAI API) or \
+/proxy/<domain_id>/api/... (Ollama API)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (data plane). Logs go to stderr; SIGHUP reloads the domain map;
+    /// SIGTERM drains in-flight requests and exits 0.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file; exits non-zero with a message naming the key.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUBEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            init_logging();
+            let parsed = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("cubegate: {}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let code = cubegate::runtime::serve(parsed, config);
+            ExitCode::from(code as u8)
+        }
+        Command::CheckConfig { config } => match Config::load(&config)
+            .and_then(|c| cubegate::snapshot::Snapshot::from_config(&c, 0).map(|s| (c, s)))
+        {
+            Ok((c, s)) => {
+                let backends: usize = s.domains.values().map(|d| d.backends.len()).sum();
+                println!(
+                    "{}: ok ({} domains, {} backends, auth.mode = {:?}, driver = {:?})",
+                    config.display(),
+                    s.domains.len(),
+                    backends,
+                    c.auth.mode,
+                    c.proxy.driver
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cubegate: {}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+    }
+}

@@ -1,0 +1,428 @@
+//! One client connection: the request loop and the phases before forwarding.
+//!
+//! `serve_connection` reads requests one after another (keep-alive; pipelined requests are
+//! answered in order because the next head is only parsed once the previous answer is out).
+//! For each: `read_request_head` → `route::classify` → `authenticate` → `authorize` →
+//! local answer, or `read_model` → `pick_backends` → `forward::forward`. The read buffer
+//! holds the head at offset 0 and grows behind it with body bytes while the model is
+//! sought; it is bounded by the head and body limits.
+
+use super::body::{BodyError, BodyTracker};
+use super::error::GatewayError;
+use super::forward::{forward, ForwardRequest};
+use super::local;
+use super::model_scan::ModelScanner;
+use super::route::{classify, Api, Endpoint, Route};
+use super::{RequestId, Worker};
+use crate::http::head::{parse_request_head, BodyFraming, Method, RequestHead, Span};
+use crate::http::headers::is_acceptable_request_id;
+use crate::http::response::write_local_response;
+use crate::snapshot::{Domain, SnapshotRef};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, OwnedReadHalf,
+    OwnedWriteHalf, Splitable,
+};
+use monoio::net::TcpStream;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+const READ_SIZE: usize = 16 * 1024;
+
+pub struct ClientConn {
+    pub rd: OwnedReadHalf<TcpStream>,
+    pub wr: OwnedWriteHalf<TcpStream>,
+    /// Head of the current request at offset 0, then whatever followed it.
+    pub rbuf: Vec<u8>,
+    pub head: RequestHead,
+    pub peer: SocketAddr,
+    /// Scratch for heads and local answers.
+    pub out: Vec<u8>,
+    /// Bytes of `rbuf` that belong to the current request (head + body read so far).
+    consumed: usize,
+    /// The current request's body has not been read to its end.
+    body_pending: bool,
+}
+
+/// Makes sure a read into `buf` has room for `want` bytes (monoio reads into the spare
+/// capacity; a full buffer would read 0 bytes and look like EOF).
+pub fn reserve(buf: &mut Vec<u8>, want: usize) {
+    if buf.capacity() - buf.len() < want / 4 {
+        buf.reserve(want);
+    }
+}
+
+pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut conn = ClientConn {
+        rd,
+        wr,
+        rbuf: Vec::with_capacity(READ_SIZE),
+        head: RequestHead::default(),
+        peer,
+        out: Vec::with_capacity(4096),
+        consumed: 0,
+        body_pending: false,
+    };
+    worker.connections.set(worker.connections.get() + 1);
+    loop {
+        match read_request_head(&worker, &mut conn).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let id = worker.next_request_id();
+                tracing::info!(peer = %peer, request_id = id.as_str(), error = %e, "bad request head");
+                send_error(&mut conn, &e, &id, false).await;
+                break;
+            }
+        }
+        if !handle_request(&worker, &mut conn).await || worker.draining.get() {
+            break;
+        }
+    }
+    let _ = conn.wr.shutdown().await;
+    worker.connections.set(worker.connections.get() - 1);
+}
+
+/// Waits for the next request head. `Ok(false)` = the connection should end quietly
+/// (client closed, idle timeout, draining).
+async fn read_request_head(worker: &Worker, conn: &mut ClientConn) -> Result<bool, GatewayError> {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if !conn.rbuf.is_empty() {
+            if parse_request_head(&conn.rbuf, &worker.limits, &mut conn.head)?.is_some() {
+                conn.consumed = conn.head.len;
+                conn.body_pending = conn.head.framing != BodyFraming::None;
+                return Ok(true);
+            }
+            deadline.get_or_insert_with(|| Instant::now() + worker.timeouts.header_read());
+        }
+        reserve(&mut conn.rbuf, READ_SIZE);
+        let buf = std::mem::take(&mut conn.rbuf);
+        let read = match deadline {
+            // Between requests: idle timeout, and cancellable by draining.
+            None => {
+                if worker.draining.get() {
+                    conn.rbuf = buf;
+                    return Ok(false);
+                }
+                let handle = worker.drain.borrow().handle();
+                monoio::time::timeout(
+                    worker.timeouts.idle_keepalive(),
+                    conn.rd.cancelable_read(buf, handle),
+                )
+                .await
+                .ok()
+            }
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                match monoio::time::timeout(left, conn.rd.read(buf)).await {
+                    Ok(r) => Some(r),
+                    Err(_) => return Err(GatewayError::HeaderReadTimeout),
+                }
+            }
+        };
+        let Some((res, buf)) = read else {
+            return Ok(false); // idle timeout
+        };
+        conn.rbuf = buf;
+        match res {
+            Ok(0) | Err(_) => return Ok(false),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Serves one request. Returns whether the connection may carry another.
+async fn handle_request(worker: &Worker, conn: &mut ClientConn) -> bool {
+    let started = Instant::now();
+    let request_id = match conn.head.request_id.map(|s| s.of(&conn.rbuf)) {
+        Some(v) if is_acceptable_request_id(v) => {
+            let mut id = RequestId::default();
+            id.set(v);
+            id
+        }
+        _ => worker.next_request_id(),
+    };
+    let snapshot = worker.snapshot.borrow_mut().current();
+    let outcome = dispatch(worker, conn, &snapshot, &request_id).await;
+    let keep_alive = match outcome {
+        Ok(keep) => keep && !conn.body_pending,
+        Err(e) => {
+            let keep = !e.closes_connection() && !conn.body_pending && conn.head.keep_alive;
+            tracing::debug!(request_id = request_id.as_str(), status = e.status(), error = %e, "request refused");
+            send_error(conn, &e, &request_id, keep).await
+        }
+    };
+    tracing::debug!(
+        request_id = request_id.as_str(),
+        micros = started.elapsed().as_micros() as u64,
+        keep_alive,
+        "request done"
+    );
+    if keep_alive {
+        conn.rbuf.drain(..conn.consumed);
+        conn.consumed = 0;
+    }
+    keep_alive && conn.head.keep_alive
+}
+
+async fn dispatch(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    snapshot: &SnapshotRef,
+    request_id: &RequestId,
+) -> Result<bool, GatewayError> {
+    let target = std::str::from_utf8(conn.head.target.of(&conn.rbuf))
+        .map_err(|_| crate::http::HttpError::MalformedHead("request target is not UTF-8"))?;
+    let (domain_span, api, endpoint, upstream_target) = match classify(conn.head.method, target) {
+        Route::Health => {
+            return local::respond(
+                conn,
+                200,
+                local::HEALTH_BODY,
+                "application/json",
+                request_id,
+            )
+            .await
+        }
+        Route::Management => {
+            return Err(GatewayError::NotImplemented(
+                "the management API (/users, /domains, /keys)",
+            ))
+        }
+        Route::NotFound => return Err(GatewayError::NoRoute),
+        Route::BadPath => return Err(GatewayError::BadPath),
+        Route::Proxy {
+            domain,
+            api,
+            endpoint,
+            upstream_target,
+        } => (
+            span_in(&conn.rbuf, domain),
+            api,
+            endpoint,
+            span_in(&conn.rbuf, upstream_target),
+        ),
+    };
+
+    // authenticate → domain → authorize. Authentication comes first so an anonymous
+    // caller cannot probe which domains exist.
+    let auth_header = conn.head.authorization.map(|s| s.of(&conn.rbuf));
+    let identity = worker.auth.authenticate(auth_header)?;
+    let domain_id = std::str::from_utf8(domain_span.of(&conn.rbuf)).unwrap_or("");
+    let Some(domain) = snapshot.domains.get(domain_id) else {
+        return Err(GatewayError::UnknownDomain(domain_id.to_string()));
+    };
+    worker.auth.authorize(&identity, domain, endpoint)?;
+    let ollama_only = api == Api::Ollama;
+    if ollama_only && !domain.has_ollama() {
+        return Err(GatewayError::NoOllamaBackend(domain.id.clone()));
+    }
+
+    // Answers the domain map gives without a backend.
+    let local_list = match endpoint {
+        Endpoint::ListModels => Some(&domain.models_json),
+        Endpoint::ListTags if !domain.passthrough => Some(&domain.tags_json),
+        _ => None,
+    };
+    if let Some(body) = local_list {
+        if !matches!(conn.head.method, Method::Get | Method::Head) {
+            return Err(GatewayError::MethodNotAllowed(
+                "model lists are read with GET",
+            ));
+        }
+        return local::respond(conn, 200, body, "application/json", request_id).await;
+    }
+
+    let model = read_model(worker, conn, domain, endpoint).await?;
+    let order = pick_backends(worker, domain, &model, ollama_only, endpoint)?;
+    let body_in_buf = conn.consumed - conn.head.len;
+    let mut req = ForwardRequest {
+        domain,
+        identity: &identity,
+        request_id,
+        upstream_target,
+        body_in_buf,
+        tracker: model.tracker,
+        scanner: model.scanner,
+    };
+    let keep_alive = forward(worker, conn, &mut req, &order).await?;
+    conn.body_pending = false;
+    Ok(keep_alive)
+}
+
+fn span_in(buf: &[u8], part: &str) -> Span {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    Span {
+        start: start as u32,
+        end: (start + part.len()) as u32,
+    }
+}
+
+/// The body as far as routing needed it.
+pub struct ModelRead {
+    /// The body's end is still ahead (`None` = no body).
+    tracker: Option<BodyTracker>,
+    /// Still scanning, for a second "model" in the part not yet read.
+    scanner: Option<ModelScanner>,
+}
+
+impl ModelRead {
+    fn model(&self) -> Option<&str> {
+        self.scanner.as_ref().and_then(ModelScanner::model)
+    }
+}
+
+/// Phase `read_model`: reads the body until its top-level `"model"` is known. Domains that
+/// pass everything to one backend skip this entirely.
+async fn read_model(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    domain: &Domain,
+    endpoint: Endpoint,
+) -> Result<ModelRead, GatewayError> {
+    let max_body = worker.limits.max_body_bytes;
+    let mut tracker = match conn.head.framing {
+        BodyFraming::None => {
+            return Ok(ModelRead {
+                tracker: None,
+                scanner: None,
+            })
+        }
+        BodyFraming::Length(n) if n > max_body => return Err(GatewayError::BodyTooLarge(max_body)),
+        BodyFraming::Length(n) => BodyTracker::length(n),
+        BodyFraming::Chunked => BodyTracker::chunked(),
+    };
+    // The client waits for this before sending a body it announced with Expect.
+    if conn.head.expect_continue && conn.rbuf.len() == conn.head.len {
+        let (res, _) = conn
+            .wr
+            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+            .await;
+        res.map_err(|_| GatewayError::BodyIncomplete)?;
+    }
+    let scan = !domain.passthrough;
+    let mut scanner = ModelScanner::new();
+    loop {
+        let mut scan_error = None;
+        let used = tracker
+            .feed(&conn.rbuf[conn.consumed..], max_body, |payload| {
+                if scan && scan_error.is_none() {
+                    if let Err(e) = scanner.feed(payload) {
+                        scan_error = Some(e);
+                    }
+                }
+            })
+            .map_err(|e| match e {
+                BodyError::Chunk(c) => GatewayError::BadChunkedBody(c),
+                BodyError::TooLarge => GatewayError::BodyTooLarge(max_body),
+            })?;
+        conn.consumed += used;
+        if let Some(e) = scan_error {
+            return Err(GatewayError::InvalidBody(e));
+        }
+        let done = tracker.is_done();
+        if done {
+            conn.body_pending = false;
+        }
+        if done || !scan || scanner.model().is_some() || scanner.finished() {
+            break;
+        }
+        // Only the current request's bytes are in the buffer from `consumed` on, since
+        // the body has not ended: append more.
+        reserve(&mut conn.rbuf, READ_SIZE);
+        let buf = std::mem::take(&mut conn.rbuf);
+        let read = monoio::time::timeout(worker.timeouts.body_read(), conn.rd.read(buf)).await;
+        let Ok((res, buf)) = read else {
+            return Err(GatewayError::BodyReadTimeout);
+        };
+        conn.rbuf = buf;
+        match res {
+            Ok(0) | Err(_) => return Err(GatewayError::BodyIncomplete),
+            Ok(_) => {}
+        }
+    }
+    if scan {
+        match scanner.model() {
+            Some("") => return Err(GatewayError::InvalidModel("it is empty")),
+            Some(_) => {}
+            None if endpoint.is_admin() => {}
+            None => return Err(GatewayError::MissingModel),
+        }
+    }
+    let done = tracker.is_done();
+    Ok(ModelRead {
+        tracker: (!done).then_some(tracker),
+        scanner: scan.then_some(scanner),
+    })
+}
+
+/// Phase `pick_backends`: the backends that may serve this model on this route, in the
+/// order to try them.
+fn pick_backends(
+    worker: &Worker,
+    domain: &Domain,
+    read: &ModelRead,
+    ollama_only: bool,
+    endpoint: Endpoint,
+) -> Result<Vec<usize>, GatewayError> {
+    let model = read.model();
+    let mut candidates: Vec<(usize, SocketAddr)> = domain
+        .candidates(model, ollama_only)
+        .map(|i| (i, domain.backends[i].addr))
+        .collect();
+    if candidates.is_empty() && model.is_some() && endpoint.is_admin() {
+        // Admin operations may name a model the domain does not list yet (a pull).
+        candidates = domain
+            .candidates(None, ollama_only)
+            .map(|i| (i, domain.backends[i].addr))
+            .collect();
+    }
+    if candidates.is_empty() {
+        return Err(match model {
+            Some(m) => GatewayError::UnknownModel {
+                domain: domain.id.clone(),
+                model: m.to_string(),
+            },
+            None => GatewayError::NoOllamaBackend(domain.id.clone()),
+        });
+    }
+    let mut order = Vec::with_capacity(candidates.len());
+    worker.pools.borrow_mut().order(&candidates, &mut order);
+    Ok(order)
+}
+
+/// Writes an error in the contract's JSON shape. Returns whether the connection stays.
+pub async fn send_error(
+    conn: &mut ClientConn,
+    e: &GatewayError,
+    request_id: &RequestId,
+    keep_alive: bool,
+) -> bool {
+    let body = e.to_json();
+    let challenge;
+    let mut extra: Vec<(&str, &str)> = Vec::new();
+    if e.status() == 401 {
+        challenge = format!(
+            "Bearer error=\"invalid_token\", error_description=\"{}\"",
+            e.to_string().replace('"', "'")
+        );
+        extra.push(("WWW-Authenticate", &challenge));
+    }
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
+    write_local_response(
+        &mut out,
+        e.status(),
+        &extra,
+        "application/json",
+        &body,
+        request_id.as_bytes(),
+        keep_alive,
+    );
+    let (res, back) = conn.wr.write_all(out).await;
+    conn.out = back;
+    res.is_ok() && keep_alive
+}

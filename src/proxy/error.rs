@@ -1,0 +1,216 @@
+//! Every way a proxied request can fail, and the one place that maps each to a response.
+//!
+//! A `GatewayError` says where and why; `status`, `kind` and `message` turn it into the
+//! contract's OpenAI-shaped JSON (`{"error":{"message","type","code"}}`). Messages name the
+//! cause in words a user can act on, and never echo a token.
+
+use crate::http::HttpError;
+use std::fmt;
+
+#[derive(Debug)]
+pub enum GatewayError {
+    /// The request could not be read as one HTTP message.
+    Http(HttpError),
+    HeaderReadTimeout,
+    BodyReadTimeout,
+    BodyTooLarge(u64),
+    BadChunkedBody(crate::http::chunked::ChunkError),
+    /// The client closed before its body was complete.
+    BodyIncomplete,
+    NoRoute,
+    MethodNotAllowed(&'static str),
+    UnknownDomain(String),
+    UnknownModel {
+        domain: String,
+        model: String,
+    },
+    MissingModel,
+    InvalidModel(&'static str),
+    /// The body failed the model scan (not an object, a disguised or repeated "model").
+    InvalidBody(super::model_scan::ScanError),
+    /// Dot segments or encoded characters in the path.
+    BadPath,
+    NoOllamaBackend(String),
+    Unauthorized(&'static str),
+    Forbidden(&'static str),
+    NotImplemented(&'static str),
+    UpstreamConnect(std::io::Error),
+    UpstreamConnectTimeout,
+    UpstreamFirstByteTimeout,
+    UpstreamBadResponse(&'static str),
+    UpstreamClosed,
+    Draining,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> u16 {
+        use GatewayError::*;
+        match self {
+            Http(HttpError::TooManyHeaders(_)) | Http(HttpError::HeadTooLarge(_)) => 431,
+            Http(HttpError::UriTooLong(_)) => 414,
+            Http(HttpError::ExpectationFailed) => 417,
+            Http(HttpError::UnsupportedTransferEncoding) => 501,
+            Http(HttpError::MalformedHead(_)) => 400,
+            HeaderReadTimeout | BodyReadTimeout => 408,
+            BodyTooLarge(_) => 413,
+            BadChunkedBody(_) | BodyIncomplete | MissingModel | InvalidModel(_)
+            | InvalidBody(_) | BadPath => 400,
+            NoRoute | UnknownDomain(_) | UnknownModel { .. } | NoOllamaBackend(_) => 404,
+            MethodNotAllowed(_) => 405,
+            Unauthorized(_) => 401,
+            Forbidden(_) => 403,
+            NotImplemented(_) => 501,
+            UpstreamConnect(_) | UpstreamBadResponse(_) | UpstreamClosed => 502,
+            UpstreamConnectTimeout | UpstreamFirstByteTimeout => 504,
+            Draining => 503,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    pub fn kind(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            408 | 504 => "timeout_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "upstream_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The OpenAI error `code`: stable and machine-readable.
+    pub fn code(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            Http(HttpError::TooManyHeaders(_)) => "too_many_headers",
+            Http(HttpError::HeadTooLarge(_)) => "head_too_large",
+            Http(HttpError::UriTooLong(_)) => "uri_too_long",
+            Http(HttpError::ExpectationFailed) => "expectation_failed",
+            Http(HttpError::UnsupportedTransferEncoding) => "unsupported_transfer_encoding",
+            Http(HttpError::MalformedHead(_)) => "malformed_request",
+            HeaderReadTimeout => "header_read_timeout",
+            BodyReadTimeout => "body_read_timeout",
+            BodyTooLarge(_) => "body_too_large",
+            BadChunkedBody(_) => "bad_chunked_body",
+            BodyIncomplete => "body_incomplete",
+            NoRoute => "no_route",
+            MethodNotAllowed(_) => "method_not_allowed",
+            UnknownDomain(_) => "domain_not_found",
+            UnknownModel { .. } => "model_not_found",
+            MissingModel => "model_required",
+            InvalidModel(_) => "invalid_model",
+            InvalidBody(_) => "invalid_body",
+            BadPath => "bad_path",
+            NoOllamaBackend(_) => "no_ollama_backend",
+            Unauthorized(_) => "invalid_token",
+            Forbidden(_) => "forbidden",
+            NotImplemented(_) => "not_implemented",
+            UpstreamConnect(_) => "backend_unreachable",
+            UpstreamConnectTimeout => "backend_connect_timeout",
+            UpstreamFirstByteTimeout => "backend_timeout",
+            UpstreamBadResponse(_) => "backend_bad_response",
+            UpstreamClosed => "backend_closed",
+            Draining => "shutting_down",
+        }
+    }
+
+    /// Whether the connection's framing can no longer be trusted (or the body was not
+    /// read), so the connection must close after the error.
+    pub fn closes_connection(&self) -> bool {
+        use GatewayError::*;
+        matches!(
+            self,
+            Http(_)
+                | HeaderReadTimeout
+                | BodyReadTimeout
+                | BodyTooLarge(_)
+                | BadChunkedBody(_)
+                | BodyIncomplete
+                | InvalidBody(_)
+                | Draining
+        )
+    }
+
+    /// The error as the JSON body of the contract.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "code": self.code(),
+            }
+        }))
+        .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use GatewayError::*;
+        match self {
+            Http(e) => write!(f, "{e}"),
+            HeaderReadTimeout => f.write_str("timed out waiting for the request head"),
+            BodyReadTimeout => f.write_str("timed out waiting for the request body"),
+            BodyTooLarge(n) => write!(f, "request body too large (limit {n} bytes)"),
+            BadChunkedBody(e) => write!(f, "malformed chunked request body: {e}"),
+            BodyIncomplete => f.write_str("the request body ended before its declared length"),
+            NoRoute => f.write_str(
+                "no such route: use /proxy/<domain_id>/v1/... or /proxy/<domain_id>/api/...",
+            ),
+            MethodNotAllowed(what) => write!(f, "method not allowed: {what}"),
+            UnknownDomain(d) => write!(f, "domain {d:?} does not exist"),
+            UnknownModel { domain, model } => write!(
+                f,
+                "model {model:?} is not served in domain {domain:?}; GET /proxy/{domain}/v1/models lists the models it offers"
+            ),
+            MissingModel => f.write_str(
+                "the request body has no top-level \"model\" string: say which model to use",
+            ),
+            InvalidModel(why) => write!(f, "invalid \"model\" value: {why}"),
+            InvalidBody(e) => write!(f, "cannot route this request: {e}"),
+            BadPath => f.write_str(
+                "the path contains dot segments, empty segments, backslashes or percent-encoding, which are refused",
+            ),
+            NoOllamaBackend(d) => write!(
+                f,
+                "domain {d:?} has no Ollama backend for Ollama's native /api/... routes; use /v1/..."
+            ),
+            Unauthorized(why) => write!(f, "{why}"),
+            Forbidden(why) => write!(f, "{why}"),
+            NotImplemented(what) => write!(f, "{what} is not available in this build yet"),
+            UpstreamConnect(e) => write!(f, "could not connect to the backend: {e}"),
+            UpstreamConnectTimeout => f.write_str("timed out connecting to the backend"),
+            UpstreamFirstByteTimeout => {
+                f.write_str("the backend did not start answering in time")
+            }
+            UpstreamBadResponse(why) => write!(f, "the backend sent an invalid response: {why}"),
+            UpstreamClosed => f.write_str("the backend closed the connection without answering"),
+            Draining => f.write_str("cubegate is shutting down; retry on another instance"),
+        }
+    }
+}
+
+impl From<HttpError> for GatewayError {
+    fn from(e: HttpError) -> Self {
+        GatewayError::Http(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape() {
+        let e = GatewayError::UnknownModel {
+            domain: "d".into(),
+            model: "m".into(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("\"m\""));
+        assert_eq!(e.status(), 404);
+    }
+}

@@ -1,0 +1,288 @@
+//! Phases `send_upstream_request` and the attempt loop: getting one request to a backend.
+//!
+//! The head is rewritten for the backend (Host and path prefix of the backend, hop-by-hop
+//! and client-supplied identity headers dropped, `X-Forwarded-For`, `X-Request-Id`,
+//! `X-Domain-Id`, `X-User-Id` added), then the part of the body already read is sent with
+//! it in one write, and the rest is streamed from the client as it arrives, still passing
+//! through the model scanner so a second `"model"` key aborts the request before its last
+//! byte reaches the backend.
+//!
+//! Failures are retried only where that is certainly safe: a backend that refuses a
+//! connection is skipped for the next candidate, and a pooled connection that turns out
+//! stale (fails before any answer byte, with the whole request still in hand) is replaced
+//! by a fresh one, once.
+
+use super::body::{BodyError, BodyTracker};
+use super::conn::{reserve, ClientConn};
+use super::error::GatewayError;
+use super::model_scan::ModelScanner;
+use super::stream::{stream_response, StreamEnd, StreamError};
+use super::upstream::{connect, Upstream};
+use super::{RequestId, Worker};
+use crate::auth::Identity;
+use crate::http::head::{BodyFraming, Span};
+use crate::http::headers::{eq_ignore_case, is_hop_by_hop_request};
+use crate::http::response::push_u64;
+use crate::snapshot::{Backend, Domain};
+use monoio::buf::IoBuf;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use std::io::Write as _;
+
+/// What the proxy knows about a request once it has decided to forward it.
+pub struct ForwardRequest<'a> {
+    pub domain: &'a Domain,
+    pub identity: &'a Identity,
+    pub request_id: &'a RequestId,
+    /// Path from `/v1` or `/api` on, with the query.
+    pub upstream_target: Span,
+    /// Raw body bytes already in the client's read buffer, right after the head.
+    pub body_in_buf: usize,
+    /// Where the body ends; `None` = no body.
+    pub tracker: Option<BodyTracker>,
+    /// Still watching the body for a second `"model"`.
+    pub scanner: Option<ModelScanner>,
+}
+
+/// Forwards the request to the first backend of `order` that takes it, and streams the
+/// answer. Returns whether the client connection may be kept alive.
+pub async fn forward(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    req: &mut ForwardRequest<'_>,
+    order: &[usize],
+) -> Result<bool, GatewayError> {
+    let mut last_error = GatewayError::UpstreamClosed;
+    for &index in order {
+        let backend = &req.domain.backends[index];
+        let pooled = worker.pools.borrow_mut().take(backend.addr);
+        let up = match pooled {
+            Some(stream) => Upstream {
+                stream,
+                addr: backend.addr,
+                reused: true,
+            },
+            None => match connect(backend.addr, worker.timeouts.upstream_connect()).await {
+                Ok(stream) => Upstream {
+                    stream,
+                    addr: backend.addr,
+                    reused: false,
+                },
+                Err(e) => {
+                    tracing::warn!(backend = %backend.addr, error = %e, "backend connect failed");
+                    worker.pools.borrow_mut().mark_down(backend.addr);
+                    last_error = e;
+                    continue;
+                }
+            },
+        };
+        match attempt(worker, conn, req, backend, up).await {
+            Ok(keep) => return Ok(keep),
+            Err(Attempt::Stale) => {
+                // A pooled socket the backend had already closed: once more, fresh.
+                let stream = connect(backend.addr, worker.timeouts.upstream_connect()).await?;
+                let fresh = Upstream {
+                    stream,
+                    addr: backend.addr,
+                    reused: false,
+                };
+                return match attempt(worker, conn, req, backend, fresh).await {
+                    Ok(keep) => Ok(keep),
+                    Err(Attempt::Stale) => Err(GatewayError::UpstreamClosed),
+                    Err(Attempt::Failed(e)) => Err(e),
+                };
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+        }
+    }
+    Err(last_error)
+}
+
+enum Attempt {
+    /// A reused connection failed before the backend answered anything: safe to retry.
+    Stale,
+    Failed(GatewayError),
+}
+
+async fn attempt(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    req: &mut ForwardRequest<'_>,
+    backend: &Backend,
+    mut up: Upstream,
+) -> Result<bool, Attempt> {
+    let body_complete_in_buf = req.tracker.as_ref().is_none_or(BodyTracker::is_done);
+    let retryable = up.reused && body_complete_in_buf;
+    send_head_and_buffered_body(conn, req, backend, &mut up)
+        .await
+        .map_err(|e| {
+            if retryable {
+                Attempt::Stale
+            } else {
+                Attempt::Failed(e)
+            }
+        })?;
+    if !body_complete_in_buf {
+        stream_request_body(worker, conn, req, &mut up)
+            .await
+            .map_err(Attempt::Failed)?;
+    }
+    match stream_response(worker, conn, &mut up, req.request_id).await {
+        Ok(StreamEnd::Complete {
+            upstream_reusable,
+            client_keep_alive,
+        }) => {
+            if upstream_reusable {
+                worker.pools.borrow_mut().put(up.addr, up.stream);
+            }
+            Ok(client_keep_alive)
+        }
+        Ok(StreamEnd::Aborted) => Ok(false),
+        Err(StreamError::NothingReceived) if retryable => Err(Attempt::Stale),
+        Err(StreamError::NothingReceived) => Err(Attempt::Failed(GatewayError::UpstreamClosed)),
+        Err(StreamError::Gateway(e)) => Err(Attempt::Failed(e)),
+    }
+}
+
+async fn send_head_and_buffered_body(
+    conn: &mut ClientConn,
+    req: &ForwardRequest<'_>,
+    backend: &Backend,
+    up: &mut Upstream,
+) -> Result<(), GatewayError> {
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
+    write_upstream_head(&mut out, conn, req, backend);
+    let body = conn.head.len..conn.head.len + req.body_in_buf;
+    // Small bodies ride in the head's write; big ones go straight from the read buffer.
+    let inline = body.len() <= 16 * 1024;
+    if inline {
+        out.extend_from_slice(&conn.rbuf[body.clone()]);
+    }
+    let (res, back) = up.stream.write_all(out).await;
+    conn.out = back;
+    res.map_err(GatewayError::UpstreamConnect)?;
+    if !inline {
+        let rbuf = std::mem::take(&mut conn.rbuf);
+        let (res, slice) = up.stream.write_all(rbuf.slice(body)).await;
+        conn.rbuf = slice.into_inner();
+        res.map_err(GatewayError::UpstreamConnect)?;
+    }
+    Ok(())
+}
+
+fn write_upstream_head(
+    out: &mut Vec<u8>,
+    conn: &ClientConn,
+    req: &ForwardRequest<'_>,
+    backend: &Backend,
+) {
+    let buf = &conn.rbuf;
+    let head = &conn.head;
+    out.extend_from_slice(head.method_span.of(buf));
+    out.push(b' ');
+    out.extend_from_slice(backend.base_path.as_bytes());
+    out.extend_from_slice(req.upstream_target.of(buf));
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(backend.authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // Headers the client named in Connection are hop-by-hop too.
+    let listed_in_connection = |name: &[u8]| {
+        head.headers.iter().any(|(n, v)| {
+            eq_ignore_case(n.of(buf), b"connection")
+                && v.of(buf)
+                    .split(|&b| b == b',')
+                    .any(|t| eq_ignore_case(t.trim_ascii(), name))
+        })
+    };
+    for (name, value) in &head.headers {
+        let n = name.of(buf);
+        if is_hop_by_hop_request(n) || listed_in_connection(n) {
+            continue;
+        }
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.of(buf));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if let Some(prior) = head.forwarded_for {
+        out.extend_from_slice(prior.of(buf));
+        out.extend_from_slice(b", ");
+    }
+    let _ = write!(out, "{}", conn.peer.ip());
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
+    out.extend_from_slice(req.request_id.as_bytes());
+    out.extend_from_slice(b"\r\nX-Domain-Id: ");
+    out.extend_from_slice(req.domain.id.as_bytes());
+    out.extend_from_slice(b"\r\nX-User-Id: ");
+    out.extend_from_slice(req.identity.user_id.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    match head.framing {
+        BodyFraming::None => {
+            if matches!(
+                head.method,
+                crate::http::head::Method::Post | crate::http::head::Method::Put
+            ) {
+                out.extend_from_slice(b"Content-Length: 0\r\n");
+            }
+        }
+        BodyFraming::Length(n) => {
+            out.extend_from_slice(b"Content-Length: ");
+            push_u64(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Streams the part of the body not yet read from the client to the backend. Bytes read
+/// past the body's end (a pipelined next request) are kept in the client's read buffer.
+async fn stream_request_body(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    req: &mut ForwardRequest<'_>,
+    up: &mut Upstream,
+) -> Result<(), GatewayError> {
+    let Some(tracker) = req.tracker.as_mut() else {
+        return Ok(());
+    };
+    let max_body = worker.limits.max_body_bytes;
+    let mut copy = Vec::with_capacity(64 * 1024);
+    while !tracker.is_done() {
+        copy.clear();
+        reserve(&mut copy, 64 * 1024);
+        let read = monoio::time::timeout(worker.timeouts.body_read(), conn.rd.read(copy)).await;
+        let (res, buf) = read.map_err(|_| GatewayError::BodyReadTimeout)?;
+        copy = buf;
+        match res {
+            Ok(0) | Err(_) => return Err(GatewayError::BodyIncomplete),
+            Ok(_) => {}
+        }
+        let mut scan_error = None;
+        let used = tracker
+            .feed(&copy, max_body, |payload| {
+                if let Some(s) = req.scanner.as_mut() {
+                    if let Err(e) = s.feed(payload) {
+                        scan_error.get_or_insert(e);
+                    }
+                }
+            })
+            .map_err(|e| match e {
+                BodyError::Chunk(c) => GatewayError::BadChunkedBody(c),
+                BodyError::TooLarge => GatewayError::BodyTooLarge(max_body),
+            })?;
+        if let Some(e) = scan_error {
+            // Dropping the upstream connection before the body's last byte means the
+            // backend never acts on this request.
+            return Err(GatewayError::InvalidBody(e));
+        }
+        if used < copy.len() {
+            conn.rbuf.extend_from_slice(&copy[used..]);
+        }
+        let (res, back) = up.stream.write_all(copy.slice(..used)).await;
+        copy = back.into_inner();
+        res.map_err(|_| GatewayError::UpstreamClosed)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! The data plane: one [`Worker`] per core serves client connections and forwards them.
+//!
+//! A request's life is a sequence of named phases, each in its own module:
+//! `conn` reads the head (`read_request_head`), classifies it (`route::classify`),
+//! authenticates and authorizes it (`crate::auth`), answers what it can itself
+//! (`local`), finds the model in the body (`read_model`), picks a backend
+//! (`pick_backends`), sends the request (`forward::send_upstream_request`) and streams the
+//! answer (`forward::stream_response`). Worker state is explicit and per-thread: nothing on
+//! this path takes a lock or writes memory another core reads.
+
+pub mod body;
+pub mod conn;
+pub mod error;
+pub mod forward;
+pub mod local;
+pub mod model_scan;
+pub mod route;
+pub mod stream;
+pub mod upstream;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, Limits, Timeouts};
+use crate::snapshot::{LocalSnapshot, Published};
+use monoio::io::Canceller;
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+/// Everything one worker thread owns.
+pub struct Worker {
+    pub id: usize,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub auth: Authenticator,
+    pub snapshot: RefCell<LocalSnapshot>,
+    pub pools: RefCell<upstream::Pools>,
+    /// Cancels every idle wait (keep-alive reads, accept) when draining starts.
+    pub drain: RefCell<Canceller>,
+    pub draining: Cell<bool>,
+    /// Client connections open on this worker.
+    pub connections: Cell<usize>,
+    request_seq: Cell<u64>,
+    run_id: u32,
+}
+
+impl Worker {
+    pub fn new(id: usize, config: &Config, published: Arc<Published>, run_id: u32) -> Worker {
+        Worker {
+            id,
+            limits: config.limits.clone(),
+            timeouts: config.timeouts.clone(),
+            auth: Authenticator::new(config.auth.mode),
+            snapshot: RefCell::new(LocalSnapshot::new(published)),
+            pools: RefCell::new(upstream::Pools::new(config.proxy.upstream_idle_per_backend)),
+            drain: RefCell::new(Canceller::new()),
+            draining: Cell::new(false),
+            connections: Cell::new(0),
+            request_seq: Cell::new(0),
+            run_id,
+        }
+    }
+
+    /// Starts draining: no new requests on kept-alive connections, idle waits end now.
+    pub fn start_drain(&self) {
+        if self.draining.replace(true) {
+            return;
+        }
+        let old = std::mem::take(&mut *self.drain.borrow_mut());
+        // `cancel` wakes every associated read/accept with ECANCELED (or its completed
+        // result, which is then served before the connection closes).
+        let _ = old.cancel();
+    }
+
+    /// A request id unique across workers and restarts: run id, worker, sequence.
+    pub fn next_request_id(&self) -> RequestId {
+        let seq = self.request_seq.get().wrapping_add(1);
+        self.request_seq.set(seq);
+        let mut id = RequestId::default();
+        let text = format!("{:08x}-{:02x}-{:010x}", self.run_id, self.id & 0xff, seq);
+        id.set(text.as_bytes());
+        id
+    }
+}
+
+/// A request id, stored inline (no allocation per request).
+#[derive(Clone, Copy)]
+pub struct RequestId {
+    bytes: [u8; 128],
+    len: u8,
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId {
+            bytes: [0; 128],
+            len: 0,
+        }
+    }
+}
+
+impl RequestId {
+    pub fn set(&mut self, v: &[u8]) {
+        let n = v.len().min(128);
+        self.bytes[..n].copy_from_slice(&v[..n]);
+        self.len = n as u8;
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+}

@@ -1,0 +1,284 @@
+//! Finds the top-level `"model"` of a JSON request body without parsing it.
+//!
+//! Routing needs one string out of a body that may be megabytes of chat history (the
+//! OpenAI SDKs put `messages` before `model`). A full parse would allocate a tree for
+//! nothing; this is a byte-level tokenizer that tracks only strings, escapes and nesting
+//! depth, fed piece by piece as the body arrives (pieces may split anywhere).
+//!
+//! It keeps running over the rest of the body while the body is forwarded, because a second
+//! top-level `"model"` key (JSON parsers in backends take the last one) would let a client
+//! pass the check with one model and be served another. For the same reason a top-level key
+//! written with escape sequences is refused: it could spell `model` in disguise.
+
+use std::fmt;
+
+const MAX_MODEL_BYTES: usize = 256;
+const KEY: &[u8] = b"model";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanError {
+    NotAnObject,
+    NotAString,
+    TooLong,
+    Escaped,
+    EscapedKey,
+    Duplicate,
+    TrailingData,
+}
+
+impl fmt::Display for ScanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ScanError::NotAnObject => "the request body must be a JSON object",
+            ScanError::NotAString => "\"model\" must be a string",
+            ScanError::TooLong => "\"model\" is longer than 256 bytes",
+            ScanError::Escaped => "escape sequences are not accepted in \"model\"",
+            ScanError::EscapedKey => {
+                "escape sequences are not accepted in top-level keys of the request body"
+            }
+            ScanError::Duplicate => "the request body names \"model\" more than once",
+            ScanError::TrailingData => "data after the JSON object in the request body",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Before the opening `{`.
+    Start,
+    Body,
+    /// The top-level object has closed.
+    End,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelScanner {
+    phase: Phase,
+    depth: u32,
+    in_string: bool,
+    escape: bool,
+    /// At depth 1, the next string is a key.
+    expect_key: bool,
+    /// The current string is a top-level key; `key_pos` counts matched bytes of "model",
+    /// or `None` once it can no longer be "model".
+    in_key: bool,
+    key_pos: Option<usize>,
+    /// The last top-level key was "model": the next value is ours.
+    want_value: bool,
+    /// The current string is the model value.
+    in_value: bool,
+    value: Vec<u8>,
+    found: bool,
+}
+
+impl Default for ModelScanner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ModelScanner {
+    pub fn new() -> Self {
+        ModelScanner {
+            phase: Phase::Start,
+            depth: 0,
+            in_string: false,
+            escape: false,
+            expect_key: false,
+            in_key: false,
+            key_pos: None,
+            want_value: false,
+            in_value: false,
+            value: Vec::new(),
+            found: false,
+        }
+    }
+
+    /// The model, once its value string has closed.
+    pub fn model(&self) -> Option<&str> {
+        if self.found {
+            std::str::from_utf8(&self.value).ok()
+        } else {
+            None
+        }
+    }
+
+    /// The top-level object has closed (the body holds no more keys).
+    pub fn finished(&self) -> bool {
+        self.phase == Phase::End
+    }
+
+    pub fn feed(&mut self, input: &[u8]) -> Result<(), ScanError> {
+        for &b in input {
+            self.step(b)?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, b: u8) -> Result<(), ScanError> {
+        match self.phase {
+            Phase::Start => {
+                return match b {
+                    b'{' => {
+                        self.phase = Phase::Body;
+                        self.depth = 1;
+                        self.expect_key = true;
+                        Ok(())
+                    }
+                    b' ' | b'\t' | b'\r' | b'\n' => Ok(()),
+                    _ => Err(ScanError::NotAnObject),
+                };
+            }
+            Phase::End => {
+                return match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => Ok(()),
+                    _ => Err(ScanError::TrailingData),
+                };
+            }
+            Phase::Body => {}
+        }
+        if self.in_string {
+            return self.string_byte(b);
+        }
+        match b {
+            b'"' => {
+                self.in_string = true;
+                if self.depth == 1 && self.expect_key {
+                    self.in_key = true;
+                    self.key_pos = Some(0);
+                } else if self.depth == 1 && self.want_value {
+                    self.want_value = false;
+                    self.in_value = true;
+                    self.value.clear();
+                }
+            }
+            b'{' | b'[' => {
+                if self.depth == 1 && self.want_value {
+                    return Err(ScanError::NotAString);
+                }
+                self.depth += 1;
+            }
+            b'}' | b']' => {
+                self.depth -= 1;
+                if self.depth == 0 {
+                    self.phase = Phase::End;
+                }
+            }
+            b':' if self.depth == 1 => self.expect_key = false,
+            b',' if self.depth == 1 => self.expect_key = true,
+            b' ' | b'\t' | b'\r' | b'\n' | b':' | b',' => {}
+            _ => {
+                if self.depth == 1 && self.want_value {
+                    return Err(ScanError::NotAString);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn string_byte(&mut self, b: u8) -> Result<(), ScanError> {
+        if self.escape {
+            self.escape = false;
+            return Ok(());
+        }
+        match b {
+            b'\\' => {
+                if self.in_key {
+                    return Err(ScanError::EscapedKey);
+                }
+                if self.in_value {
+                    return Err(ScanError::Escaped);
+                }
+                self.escape = true;
+            }
+            b'"' => {
+                self.in_string = false;
+                if self.in_key {
+                    self.in_key = false;
+                    if self.key_pos == Some(KEY.len()) {
+                        if self.found {
+                            return Err(ScanError::Duplicate);
+                        }
+                        self.want_value = true;
+                    }
+                } else if self.in_value {
+                    self.in_value = false;
+                    self.found = true;
+                }
+            }
+            _ => {
+                if self.in_key {
+                    self.key_pos = match self.key_pos {
+                        Some(i) if i < KEY.len() && KEY[i] == b => Some(i + 1),
+                        _ => None,
+                    };
+                } else if self.in_value {
+                    if self.value.len() == MAX_MODEL_BYTES {
+                        return Err(ScanError::TooLong);
+                    }
+                    self.value.push(b);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(body: &[u8], step: usize) -> Result<(Option<String>, bool), ScanError> {
+        let mut s = ModelScanner::new();
+        for piece in body.chunks(step) {
+            s.feed(piece)?;
+        }
+        Ok((s.model().map(str::to_string), s.finished()))
+    }
+
+    #[test]
+    fn finds_model_anywhere_at_top_level() {
+        let body = br#" {"messages":[{"role":"user","content":"say \"model\": {\"x\"}","model":"inner"}],"stream":true,"model":"llama3.2:1b","n":1}"#;
+        for step in 1..body.len() {
+            let (m, done) = scan(body, step).unwrap();
+            assert_eq!(m.as_deref(), Some("llama3.2:1b"));
+            assert!(done);
+        }
+    }
+
+    #[test]
+    fn nested_model_keys_do_not_count() {
+        let (m, done) = scan(br#"{"options":{"model":"x"},"modelx":"y","mode":"z"}"#, 3).unwrap();
+        assert_eq!(m, None);
+        assert!(done);
+    }
+
+    #[test]
+    fn refuses_disguises() {
+        let bad: &[(&[u8], ScanError)] = &[
+            (br#"{"model":"a","model":"b"}"#, ScanError::Duplicate),
+            (br#"{"model":"a","mod\u0065l":"b"}"#, ScanError::EscapedKey),
+            (br#"{"model":"a\"b"}"#, ScanError::Escaped),
+            (br#"{"model":5}"#, ScanError::NotAString),
+            (br#"{"model":{"a":1}}"#, ScanError::NotAString),
+            (br#"["model","a"]"#, ScanError::NotAnObject),
+            (br#"{"model":"a"} {"model":"b"}"#, ScanError::TrailingData),
+        ];
+        for (body, want) in bad {
+            assert_eq!(
+                scan(body, 1).unwrap_err(),
+                *want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let long = format!(r#"{{"model":"{}"}}"#, "a".repeat(300));
+        assert_eq!(scan(long.as_bytes(), 7).unwrap_err(), ScanError::TooLong);
+    }
+
+    #[test]
+    fn escapes_inside_other_values_are_fine() {
+        let (m, _) = scan(br#"{"prompt":"a\\\"}","model":"m"}"#, 1).unwrap();
+        assert_eq!(m.as_deref(), Some("m"));
+    }
+}

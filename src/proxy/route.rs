@@ -1,0 +1,184 @@
+//! Request routing, phase one: what a path asks for.
+//!
+//! `classify` turns the request target into a [`Route`] (borrowing from the read buffer);
+//! which backend serves it is decided later, once the model is known. Endpoints are
+//! classified the way Cube AI distinguishes permissions (chat, completions, embeddings,
+//! model read, admin) so authorization can narrow a role per endpoint without redesign.
+
+use crate::http::head::Method;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `/v1/...`: OpenAI-compatible, served by vLLM and Ollama alike.
+    OpenAi,
+    /// `/api/...`: Ollama's native API, Ollama backends only.
+    Ollama,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /v1/models` (answered locally).
+    ListModels,
+    /// `GET /api/tags` (answered locally unless the domain passes everything through).
+    ListTags,
+    Chat,
+    Completions,
+    Embeddings,
+    /// Model metadata (`/v1/models/{id}`, `/api/show`, `/api/version`, `/api/ps`).
+    ModelRead,
+    /// Pull, push, create, copy, delete: domain admins only.
+    Admin,
+    /// Any other `/v1/*` or `/api/*` path: forwarded, routed by model when it has one.
+    Other,
+}
+
+impl Endpoint {
+    pub fn is_admin(self) -> bool {
+        self == Endpoint::Admin
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    Health,
+    /// `/users/*`, `/domains/*`, `/keys/*`.
+    Management,
+    Proxy {
+        domain: &'a str,
+        api: Api,
+        endpoint: Endpoint,
+        /// What the backend receives: the path from `/v1` or `/api` on, query included.
+        upstream_target: &'a str,
+    },
+    NotFound,
+    /// A path with dot segments or encoded separators: refused, never normalized.
+    BadPath,
+}
+
+pub fn classify(method: Method, target: &str) -> Route<'_> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if path == "/health" {
+        return Route::Health;
+    }
+    for prefix in ["/users", "/domains", "/keys"] {
+        if path == prefix || path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/' {
+            return Route::Management;
+        }
+    }
+    let Some(rest) = path.strip_prefix("/proxy/") else {
+        return Route::NotFound;
+    };
+    let Some((domain, _)) = rest.split_once('/') else {
+        return Route::NotFound;
+    };
+    // upstream_target keeps the query string: slice it from the full target.
+    let upstream_target = &target["/proxy/".len() + domain.len()..];
+    let sub = &path["/proxy/".len() + domain.len()..];
+    if domain.is_empty() {
+        return Route::NotFound;
+    }
+    if has_dot_segment_or_encoding(sub) {
+        return Route::BadPath;
+    }
+    let (api, endpoint) = if let Some(v1) = sub.strip_prefix("/v1/") {
+        (Api::OpenAi, openai_endpoint(method, v1))
+    } else if let Some(api) = sub.strip_prefix("/api/") {
+        (Api::Ollama, ollama_endpoint(api))
+    } else {
+        return Route::NotFound;
+    };
+    Route::Proxy {
+        domain,
+        api,
+        endpoint,
+        upstream_target,
+    }
+}
+
+fn openai_endpoint(method: Method, p: &str) -> Endpoint {
+    match p {
+        "models" => Endpoint::ListModels,
+        "chat/completions" => Endpoint::Chat,
+        "completions" => Endpoint::Completions,
+        "embeddings" => Endpoint::Embeddings,
+        _ if p.starts_with("models/") && method == Method::Delete => Endpoint::Admin,
+        _ if p.starts_with("models/") => Endpoint::ModelRead,
+        _ => Endpoint::Other,
+    }
+}
+
+fn ollama_endpoint(p: &str) -> Endpoint {
+    match p {
+        "tags" => Endpoint::ListTags,
+        "chat" => Endpoint::Chat,
+        "generate" => Endpoint::Completions,
+        "embed" | "embeddings" => Endpoint::Embeddings,
+        "show" | "version" | "ps" => Endpoint::ModelRead,
+        "pull" | "push" | "create" | "copy" | "delete" => Endpoint::Admin,
+        _ if p.starts_with("blobs/") => Endpoint::Admin,
+        _ => Endpoint::Other,
+    }
+}
+
+/// Backends normalize paths their own way; a path that could mean two things is refused.
+fn has_dot_segment_or_encoding(p: &str) -> bool {
+    p.contains('%')
+        || p.contains('\\')
+        || p.contains("//")
+        || p.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(classify(Method::Get, "/health"), Route::Health);
+        assert_eq!(
+            classify(Method::Post, "/users/tokens/issue"),
+            Route::Management
+        );
+        assert_eq!(classify(Method::Get, "/domainsx"), Route::NotFound);
+        assert_eq!(
+            classify(Method::Post, "/proxy/d1/v1/chat/completions?x=1"),
+            Route::Proxy {
+                domain: "d1",
+                api: Api::OpenAi,
+                endpoint: Endpoint::Chat,
+                upstream_target: "/v1/chat/completions?x=1"
+            }
+        );
+        assert!(matches!(
+            classify(Method::Post, "/proxy/d1/api/pull"),
+            Route::Proxy {
+                endpoint: Endpoint::Admin,
+                api: Api::Ollama,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(Method::Delete, "/proxy/d1/v1/models/x"),
+            Route::Proxy {
+                endpoint: Endpoint::Admin,
+                ..
+            }
+        ));
+        assert_eq!(classify(Method::Get, "/proxy/d1"), Route::NotFound);
+        assert_eq!(classify(Method::Get, "/proxy//v1/models"), Route::NotFound);
+        assert_eq!(classify(Method::Get, "/proxy/d1/v2/x"), Route::NotFound);
+    }
+
+    #[test]
+    fn refuses_ambiguous_paths() {
+        for p in [
+            "/proxy/d/v1/../admin",
+            "/proxy/d/v1/./models",
+            "/proxy/d/api/%2e%2e/x",
+            "/proxy/d/v1//models",
+            "/proxy/d/v1/a\\b",
+        ] {
+            assert_eq!(classify(Method::Get, p), Route::BadPath, "{p}");
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Phase `stream_response`: the backend's answer to the client, as it arrives.
+//!
+//! Every read from the backend is written to the client before the next read is issued:
+//! nothing is buffered, so a token reaches the client one read after the GPU produced it.
+//! Chunked answers are forwarded byte for byte (the tracker only finds their end).
+//!
+//! While the answer is awaited and streamed, a read is kept in flight on the client socket
+//! (the "client watch"). If the client goes away it completes with EOF or an error at once,
+//! and the backend connection is dropped, so the GPU stops generating for nobody. If it
+//! completes with data instead (a pipelined request), the data is kept for later. At the end
+//! the watch is cancelled through monoio's `Canceller`, which returns any data that raced
+//! the cancellation instead of losing it.
+
+use super::body::BodyTracker;
+use super::conn::{reserve, ClientConn};
+use super::error::GatewayError;
+use super::upstream::Upstream;
+use super::{RequestId, Worker};
+use crate::http::head::Method;
+use crate::http::response::{
+    client_framing, parse_response_head, write_client_head, ClientFraming, ResponseFraming,
+};
+use futures_util::future::{select, Either};
+use monoio::buf::IoBuf;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
+use monoio::BufResult;
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::time::{Duration, Instant};
+
+const READ_SIZE: usize = 16 * 1024;
+const WATCH_SIZE: usize = 4 * 1024;
+
+pub enum StreamEnd {
+    Complete {
+        upstream_reusable: bool,
+        client_keep_alive: bool,
+    },
+    /// Cut short after the head was sent (client gone, backend died, timeout): the client
+    /// connection closes.
+    Aborted,
+}
+
+pub enum StreamError {
+    /// The backend closed or reset before sending a byte of its answer.
+    NothingReceived,
+    /// Failed before anything was sent to the client: answer with this error.
+    Gateway(GatewayError),
+}
+
+enum UpRead {
+    Data,
+    Eof,
+    Failed,
+    TimedOut,
+    ClientGone,
+}
+
+/// The client watch: a read kept in flight on the client socket.
+struct Watch<'a, W> {
+    fut: Option<Pin<&'a mut W>>,
+    saved: Option<(usize, Vec<u8>)>,
+}
+
+pub async fn stream_response(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    up: &mut Upstream,
+    request_id: &RequestId,
+) -> Result<StreamEnd, StreamError> {
+    let canceller = Canceller::new();
+    let watch_buf = Vec::with_capacity(WATCH_SIZE);
+    let ClientConn {
+        rd,
+        wr,
+        rbuf,
+        head,
+        out,
+        ..
+    } = conn;
+    let watch_fut = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
+    let mut watch = Watch {
+        fut: Some(watch_fut),
+        saved: None,
+    };
+    let is_head = head.method == Method::Head;
+    let client_minor = head.minor_version;
+    let client_wants_keep_alive = head.keep_alive;
+    let result = relay(
+        worker,
+        up,
+        &mut watch,
+        wr,
+        out,
+        request_id,
+        is_head,
+        client_minor,
+        client_wants_keep_alive,
+    )
+    .await;
+    // Stop watching; keep whatever the client sent meanwhile (a pipelined request).
+    if let Some(fut) = watch.fut.take() {
+        let _ = canceller.cancel();
+        let (res, buf) = fut.await;
+        // Ok(0) (the client half-closed) needs nothing here: the next head read sees EOF.
+        if let Ok(n) = res {
+            if n > 0 {
+                watch.saved = Some((n, buf));
+            }
+        }
+    }
+    if let Some((n, buf)) = watch.saved {
+        rbuf.extend_from_slice(&buf[..n]);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay<W>(
+    worker: &Worker,
+    up: &mut Upstream,
+    watch: &mut Watch<'_, W>,
+    wr: &mut monoio::io::OwnedWriteHalf<monoio::net::TcpStream>,
+    out: &mut Vec<u8>,
+    request_id: &RequestId,
+    is_head: bool,
+    client_minor: u8,
+    client_wants_keep_alive: bool,
+) -> Result<StreamEnd, StreamError>
+where
+    W: Future<Output = BufResult<usize, Vec<u8>>>,
+{
+    let limits = &worker.limits;
+    let mut ubuf: Vec<u8> = Vec::with_capacity(READ_SIZE);
+    let deadline = Instant::now() + worker.timeouts.first_byte();
+
+    // The response head (skipping interim 1xx answers).
+    let head = loop {
+        if !ubuf.is_empty() {
+            match parse_response_head(&ubuf, limits.max_upstream_head_bytes, is_head) {
+                Err(why) => {
+                    return Err(StreamError::Gateway(GatewayError::UpstreamBadResponse(why)))
+                }
+                Ok(Some(h)) if h.status == 101 => {
+                    return Err(StreamError::Gateway(GatewayError::UpstreamBadResponse(
+                        "protocol upgrades are not proxied",
+                    )))
+                }
+                Ok(Some(h)) if (100..200).contains(&h.status) => {
+                    ubuf.drain(..h.len);
+                    continue;
+                }
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+            }
+        }
+        reserve(&mut ubuf, READ_SIZE);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let had = ubuf.len();
+        let (r, buf) = read_upstream(up, ubuf, left, watch).await;
+        ubuf = buf;
+        match r {
+            UpRead::Data => {}
+            UpRead::Eof | UpRead::Failed if had == 0 => return Err(StreamError::NothingReceived),
+            UpRead::Eof | UpRead::Failed => {
+                return Err(StreamError::Gateway(GatewayError::UpstreamBadResponse(
+                    "connection closed inside the response head",
+                )))
+            }
+            UpRead::TimedOut => {
+                return Err(StreamError::Gateway(GatewayError::UpstreamFirstByteTimeout))
+            }
+            UpRead::ClientGone => return Ok(StreamEnd::Aborted),
+        }
+    };
+
+    let framing = client_framing(head.framing, client_minor);
+    let client_keep_alive = client_wants_keep_alive && framing != ClientFraming::Close;
+    out.clear();
+    write_client_head(
+        out,
+        &ubuf,
+        &head,
+        framing,
+        request_id.as_bytes(),
+        client_keep_alive,
+    );
+    let mut tracker = match head.framing {
+        ResponseFraming::None => None,
+        ResponseFraming::Length(n) => Some(BodyTracker::length(n)),
+        ResponseFraming::Chunked => Some(BodyTracker::chunked()),
+        ResponseFraming::UntilClose => Some(BodyTracker::UntilClose),
+    };
+    let decode = framing == ClientFraming::Close && head.framing == ResponseFraming::Chunked;
+    let backend_keep_alive = head.keep_alive;
+    let head_len = head.len;
+    drop(head);
+
+    // Body bytes that came with the head go out in the same write as the client head.
+    let mut extra = false;
+    let rest = &ubuf[head_len..];
+    match tracker.as_mut() {
+        Some(t) => {
+            let used = track(t, rest, decode, out).map_err(StreamError::Gateway)?;
+            if !decode {
+                out.extend_from_slice(&rest[..used]);
+            }
+            extra = used < rest.len();
+        }
+        None => extra |= !rest.is_empty(),
+    }
+    let between = worker.timeouts.between_chunks();
+    let Some(back) = write_client(wr, std::mem::take(out), between).await else {
+        return Ok(StreamEnd::Aborted);
+    };
+    *out = back;
+
+    // The rest of the body, one read at a time.
+    while let Some(t) = tracker.as_mut() {
+        if t.is_done() {
+            break;
+        }
+        ubuf.clear();
+        reserve(&mut ubuf, READ_SIZE);
+        let (r, buf) = read_upstream(up, ubuf, between, watch).await;
+        ubuf = buf;
+        match r {
+            UpRead::Data => {}
+            UpRead::Eof if matches!(t, BodyTracker::UntilClose) => break,
+            // Backend died or stalled mid-answer: close the client connection without a
+            // terminating chunk, so the client sees a truncated answer, not a complete one.
+            UpRead::Eof | UpRead::Failed | UpRead::TimedOut => {
+                tracing::warn!(
+                    request_id = request_id.as_str(),
+                    "backend ended the answer early"
+                );
+                return Ok(StreamEnd::Aborted);
+            }
+            UpRead::ClientGone => return Ok(StreamEnd::Aborted),
+        }
+        out.clear();
+        let Ok(used) = track(t, &ubuf, decode, out) else {
+            // Broken framing mid-answer: the head is out, so all we can do is stop.
+            return Ok(StreamEnd::Aborted);
+        };
+        extra |= used < ubuf.len();
+        if decode {
+            let Some(back) = write_client(wr, std::mem::take(out), between).await else {
+                return Ok(StreamEnd::Aborted);
+            };
+            *out = back;
+        } else {
+            let Some(back) = write_client(wr, ubuf.slice(..used), between).await else {
+                return Ok(StreamEnd::Aborted);
+            };
+            ubuf = back.into_inner();
+        }
+    }
+    let until_close = matches!(tracker, Some(BodyTracker::UntilClose));
+    Ok(StreamEnd::Complete {
+        upstream_reusable: backend_keep_alive && !extra && !until_close,
+        client_keep_alive,
+    })
+}
+
+/// Runs body bytes through the tracker; returns how many belong to the body. When
+/// decoding (HTTP/1.0 client of a chunked answer) the payload is appended to `out`.
+fn track(
+    t: &mut BodyTracker,
+    input: &[u8],
+    decode: bool,
+    out: &mut Vec<u8>,
+) -> Result<usize, GatewayError> {
+    t.feed(input, u64::MAX, |payload| {
+        if decode {
+            out.extend_from_slice(payload)
+        }
+    })
+    .map_err(|_| GatewayError::UpstreamBadResponse("bad chunked framing"))
+}
+
+/// One read from the backend, racing the client watch.
+async fn read_upstream<W>(
+    up: &mut Upstream,
+    buf: Vec<u8>,
+    limit: Duration,
+    watch: &mut Watch<'_, W>,
+) -> (UpRead, Vec<u8>)
+where
+    W: Future<Output = BufResult<usize, Vec<u8>>>,
+{
+    let read = pin!(monoio::time::timeout(limit, up.stream.read(buf)));
+    let result = match watch.fut.as_mut() {
+        None => read.await,
+        Some(w) => match select(read, w.as_mut()).await {
+            Either::Left((r, _)) => r,
+            Either::Right(((res, wbuf), read)) => {
+                watch.fut = None;
+                match res {
+                    Ok(n) if n > 0 => {
+                        watch.saved = Some((n, wbuf));
+                        read.await
+                    }
+                    // EOF or reset from the client: it is gone. Dropping the pending
+                    // read (and then the connection) tells the backend to stop.
+                    _ => return (UpRead::ClientGone, Vec::new()),
+                }
+            }
+        },
+    };
+    match result {
+        Ok((Ok(0), b)) => (UpRead::Eof, b),
+        Ok((Ok(_), b)) => (UpRead::Data, b),
+        Ok((Err(_), b)) => (UpRead::Failed, b),
+        Err(_) => (UpRead::TimedOut, Vec::new()),
+    }
+}
+
+/// Writes to the client with a timeout: a client that stops reading is treated as gone.
+/// `None` = the write failed or timed out.
+async fn write_client<B: IoBuf>(
+    wr: &mut monoio::io::OwnedWriteHalf<monoio::net::TcpStream>,
+    buf: B,
+    limit: Duration,
+) -> Option<B> {
+    if buf.bytes_init() == 0 {
+        return Some(buf);
+    }
+    match monoio::time::timeout(limit, wr.write_all(buf)).await {
+        Ok((Ok(_), buf)) => Some(buf),
+        _ => None,
+    }
+}

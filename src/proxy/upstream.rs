@@ -1,0 +1,138 @@
+//! Upstream connections: per-worker keep-alive pools, connecting, and backend choice.
+//!
+//! Each worker owns its pools (no lock, no sharing): idle connections per backend address,
+//! bounded, most recently used first (the warmest socket, the least likely to have been
+//! closed by the backend's keep-alive timer). A connection idle longer than the backend's
+//! likely keep-alive timeout is dropped rather than risked. Backends that refused a
+//! connection are put last in the order for a short while.
+
+use monoio::net::TcpStream;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::error::GatewayError;
+
+/// uvicorn (vLLM) closes idle keep-alive connections after 5 s; stay under it.
+const IDLE_TTL: Duration = Duration::from_secs(4);
+/// How long a backend that refused a connection is tried last.
+const DOWN_FOR: Duration = Duration::from_secs(2);
+
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    /// Came from the pool: a failure before any answer byte may be a stale socket.
+    pub reused: bool,
+}
+
+pub struct Pools {
+    idle: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
+    down_until: HashMap<SocketAddr, Instant>,
+    max_idle: usize,
+    round_robin: usize,
+}
+
+impl Pools {
+    pub fn new(max_idle: usize) -> Pools {
+        Pools {
+            idle: HashMap::new(),
+            down_until: HashMap::new(),
+            max_idle,
+            round_robin: 0,
+        }
+    }
+
+    /// A pooled connection to `addr` that has not outlived the keep-alive window.
+    pub fn take(&mut self, addr: SocketAddr) -> Option<TcpStream> {
+        let list = self.idle.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some((stream, since)) = list.pop() {
+            if now.duration_since(since) < IDLE_TTL {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    pub fn put(&mut self, addr: SocketAddr, stream: TcpStream) {
+        if self.max_idle == 0 {
+            return;
+        }
+        let list = self.idle.entry(addr).or_default();
+        if list.len() >= self.max_idle {
+            list.remove(0);
+        }
+        list.push((stream, Instant::now()));
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.values().map(Vec::len).sum()
+    }
+
+    pub fn mark_down(&mut self, addr: SocketAddr) {
+        self.down_until.insert(addr, Instant::now() + DOWN_FOR);
+    }
+
+    fn is_down(&self, addr: &SocketAddr, now: Instant) -> bool {
+        self.down_until.get(addr).is_some_and(|t| *t > now)
+    }
+
+    /// Orders candidate backends for one request: round-robin among those that are up,
+    /// then those recently down (still tried: a down mark is a hint, not a verdict).
+    pub fn order(&mut self, candidates: &[(usize, SocketAddr)], out: &mut Vec<usize>) {
+        out.clear();
+        if candidates.is_empty() {
+            return;
+        }
+        self.round_robin = self.round_robin.wrapping_add(1);
+        let start = self.round_robin % candidates.len();
+        let now = Instant::now();
+        let rotated = candidates[start..].iter().chain(&candidates[..start]);
+        out.extend(
+            rotated
+                .clone()
+                .filter(|(_, a)| !self.is_down(a, now))
+                .map(|(i, _)| *i),
+        );
+        out.extend(
+            rotated
+                .filter(|(_, a)| self.is_down(a, now))
+                .map(|(i, _)| *i),
+        );
+    }
+}
+
+/// Opens a fresh connection with the configured timeout.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, GatewayError> {
+    match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(GatewayError::UpstreamConnect(e)),
+        Err(_) => Err(GatewayError::UpstreamConnectTimeout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_rotates_and_demotes_down_backends() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let mut p = Pools::new(4);
+        let mut out = Vec::new();
+        let c = [(0, a), (1, b)];
+        p.order(&c, &mut out);
+        let first = out[0];
+        p.order(&c, &mut out);
+        assert_ne!(out[0], first);
+        p.mark_down(a);
+        for _ in 0..3 {
+            p.order(&c, &mut out);
+            assert_eq!(out, [1, 0]);
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Workers, driver choice, CPU pinning, listeners, signals and shutdown.
+//!
+//! One OS thread per worker, each running its own monoio runtime (io_uring, or epoll when
+//! io_uring is unavailable or `driver = "legacy"`) and its own `SO_REUSEPORT` listener, so
+//! the kernel spreads connections and no two workers ever touch the same socket or state.
+//! The main thread only handles signals: SIGHUP builds and publishes a new snapshot, SIGTERM
+//! and SIGINT start a drain (stop accepting, finish what is in flight up to
+//! `timeouts.drain_s`, exit 0).
+
+use crate::config::{AuthMode, Config, Driver};
+use crate::proxy::{conn::serve_connection, Worker};
+use crate::snapshot::{Published, Snapshot};
+use monoio::net::TcpListener;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Set once by the signal thread; workers poll it (cheaply, off the request path).
+static DRAIN: AtomicBool = AtomicBool::new(false);
+
+/// The driver that will actually run, and why.
+pub fn choose_driver(wanted: Driver) -> Result<(Driver, &'static str), String> {
+    let uring_ok = monoio::utils::detect_uring();
+    match (wanted, uring_ok) {
+        (Driver::Uring, true) => Ok((Driver::Uring, "driver = \"uring\"")),
+        (Driver::Uring, false) => Err(
+            "proxy.driver = \"uring\" but io_uring is not available on this kernel \
+             (disabled by kernel.io_uring_disabled, seccomp, or too old); use \"auto\" or \"legacy\""
+                .into(),
+        ),
+        (Driver::Legacy, _) => Ok((Driver::Legacy, "driver = \"legacy\"")),
+        (Driver::Auto, true) => Ok((Driver::Uring, "auto: io_uring is available")),
+        (Driver::Auto, false) => Ok((
+            Driver::Legacy,
+            "auto: io_uring is not available on this kernel, falling back to epoll",
+        )),
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// `cubegate serve`. Returns the process exit code.
+pub fn serve(config: Config, config_path: PathBuf) -> i32 {
+    let (driver, why) = match choose_driver(config.proxy.driver) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 2;
+        }
+    };
+    let workers = match config.proxy.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    if config.auth.mode == AuthMode::None {
+        tracing::warn!(
+            "!!! auth.mode = \"none\": NO TOKEN IS CHECKED. Anyone who can reach {} can use every \
+             domain and model, with admin rights. For development only. !!!",
+            config.proxy.listen
+        );
+    }
+    let snapshot = match Snapshot::from_config(&config, 1) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 2;
+        }
+    };
+    let published = Arc::new(Published::new(snapshot));
+    // Bind every listener before starting anything, so a taken port fails at once.
+    let mut addr = match config.listen_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 2;
+        }
+    };
+    let mut listeners = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        match bind_listener(addr) {
+            Ok(l) => {
+                // With port 0 the first bind picks the port; the others share it.
+                addr = l.local_addr().unwrap_or(addr);
+                listeners.push(l);
+            }
+            Err(e) => {
+                tracing::error!("cannot listen on {addr} (proxy.listen): {e}");
+                return 1;
+            }
+        }
+    }
+    let run_id = run_id();
+    let cores = if config.proxy.pin_workers {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let remaining = Arc::new(AtomicU64::new(workers as u64));
+    let mut threads = Vec::with_capacity(workers);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let config = config.clone();
+        let published = published.clone();
+        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let remaining = remaining.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("cubegate-w{i}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let worker = Worker::new(i, &config, published, run_id);
+                if let Err(e) = run_worker(driver, worker, listener) {
+                    tracing::error!(worker = i, "worker failed: {e}");
+                }
+                remaining.fetch_sub(1, Ordering::Release);
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                tracing::error!("cannot start worker thread: {e}");
+                return 1;
+            }
+        }
+    }
+    tracing::info!(
+        workers,
+        driver = ?driver,
+        why,
+        pinned = !cores.is_empty(),
+        "cubegate listening on {addr}"
+    );
+    let code = handle_signals(&config, &config_path, &published, &remaining);
+    for t in threads {
+        let _ = t.join();
+    }
+    code
+}
+
+fn run_worker(
+    driver: Driver,
+    worker: Worker,
+    listener: std::net::TcpListener,
+) -> std::io::Result<()> {
+    match driver {
+        Driver::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(4096)
+            .enable_timer()
+            .build()?
+            .block_on(worker_main(worker, listener)),
+        _ => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .block_on(worker_main(worker, listener)),
+    }
+}
+
+async fn worker_main(worker: Worker, listener: std::net::TcpListener) -> std::io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    let worker = Rc::new(worker);
+    let drain_timeout = worker.timeouts.drain();
+    // The drain flag is set by another thread; look at it a few times a second.
+    monoio::spawn({
+        let worker = worker.clone();
+        async move {
+            while !DRAIN.load(Ordering::Relaxed) {
+                monoio::time::sleep(Duration::from_millis(100)).await;
+            }
+            worker.start_drain();
+        }
+    });
+    loop {
+        if worker.draining.get() {
+            break;
+        }
+        let handle = worker.drain.borrow().handle();
+        match listener.cancelable_accept(handle).await {
+            Ok((stream, peer)) => {
+                monoio::spawn(serve_connection(worker.clone(), stream, peer));
+            }
+            Err(e) if worker.draining.get() => {
+                let _ = e;
+                break;
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(worker = worker.id, "accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    let deadline = Instant::now() + drain_timeout;
+    while worker.connections.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if worker.connections.get() > 0 {
+        tracing::warn!(
+            worker = worker.id,
+            open = worker.connections.get(),
+            "drain deadline reached; closing the remaining connections"
+        );
+    }
+    Ok(())
+}
+
+fn handle_signals(
+    config: &Config,
+    path: &Path,
+    published: &Published,
+    remaining: &AtomicU64,
+) -> i32 {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
+    let mut generation = 1;
+    loop {
+        if remaining.load(Ordering::Acquire) == 0 {
+            // Every worker ended on its own (a fatal error): nothing left to serve.
+            return if DRAIN.load(Ordering::Relaxed) { 0 } else { 1 };
+        }
+        for signal in signals.pending() {
+            match signal {
+                SIGHUP => {
+                    generation += 1;
+                    reload(config, path, published, generation);
+                }
+                _ => {
+                    if !DRAIN.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            "shutting down: draining in-flight requests (up to {}s)",
+                            config.timeouts.drain_s
+                        );
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGHUP: re-read the file and publish its domain map. Listener, worker, limit and
+/// timeout changes need a restart; a broken file keeps the running map.
+fn reload(running: &Config, path: &Path, published: &Published, generation: u64) {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, keeping the running configuration: {e}");
+            return;
+        }
+    };
+    if config.proxy.listen != running.proxy.listen || config.proxy.workers != running.proxy.workers
+    {
+        tracing::warn!(
+            "reload: [proxy] listener and worker changes take effect at the next restart"
+        );
+    }
+    match Snapshot::from_config(&config, generation) {
+        Ok(s) => {
+            let domains = s.domains.len();
+            published.publish(s);
+            tracing::info!(generation, domains, "reloaded the domain map");
+        }
+        Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
+    }
+}
+
+/// 32 random bits per process start, so request ids do not repeat across restarts.
+fn run_id() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}

@@ -1,0 +1,261 @@
+//! The immutable state every worker routes by, and how a new one reaches the workers.
+//!
+//! A [`Snapshot`] holds the domain map (domains → backends → models), with the answers that
+//! depend only on it (the `/v1/models` and `/api/tags` bodies) rendered once at build time.
+//! It is never mutated: a reload builds a new one and [`Published::publish`] swaps it in.
+//! Workers hold a [`LocalSnapshot`]; per request they do one relaxed load of the generation
+//! counter and only touch the shared `ArcSwap` when it moved, so the hot path writes nothing
+//! shared. A request in flight keeps the `Arc` it started with, so reload never disturbs it.
+
+use crate::config::{parse_backend_url, BackendKind, Config, ConfigError};
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct Backend {
+    pub kind: BackendKind,
+    pub addr: SocketAddr,
+    /// What goes into the upstream `Host` header.
+    pub authority: String,
+    /// Prefix put before the forwarded path ("" or "/something").
+    pub base_path: String,
+    pub models: Vec<String>,
+    /// `models = ["*"]`: serves whatever it is asked for.
+    pub any_model: bool,
+}
+
+impl Backend {
+    pub fn serves(&self, model: &str) -> bool {
+        self.any_model || self.models.iter().any(|m| m == model)
+    }
+}
+
+#[derive(Debug)]
+pub struct Domain {
+    pub id: String,
+    pub name: String,
+    pub backends: Vec<Backend>,
+    /// One backend serving any model: bodies need no inspection at all.
+    pub passthrough: bool,
+    /// `GET /v1/models` answer, OpenAI list format.
+    pub models_json: Vec<u8>,
+    /// `GET /api/tags` answer, Ollama format (models of Ollama backends).
+    pub tags_json: Vec<u8>,
+}
+
+impl Domain {
+    /// Indexes of the backends that may serve `model` on this route, in configuration
+    /// order. `ollama_only` for Ollama's native API.
+    pub fn candidates<'a>(
+        &'a self,
+        model: Option<&'a str>,
+        ollama_only: bool,
+    ) -> impl Iterator<Item = usize> + 'a {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter(move |(_, b)| !ollama_only || b.kind == BackendKind::Ollama)
+            .filter(move |(_, b)| model.is_none_or(|m| b.serves(m)))
+            .map(|(i, _)| i)
+    }
+
+    pub fn has_ollama(&self) -> bool {
+        self.backends.iter().any(|b| b.kind == BackendKind::Ollama)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub domains: HashMap<String, Arc<Domain>>,
+}
+
+impl Snapshot {
+    pub fn from_config(config: &Config, generation: u64) -> Result<Snapshot, ConfigError> {
+        let mut domains = HashMap::new();
+        for (i, d) in config.domains.iter().enumerate() {
+            let mut backends = Vec::new();
+            for (j, b) in d.backends.iter().enumerate() {
+                let url = parse_backend_url(&format!("domains[{i}].backends[{j}].url"), &b.url)?;
+                backends.push(Backend {
+                    kind: b.kind,
+                    addr: url.addr,
+                    authority: url.authority,
+                    base_path: url.base_path,
+                    any_model: b.models.iter().any(|m| m == "*"),
+                    models: b.models.clone(),
+                });
+            }
+            let passthrough = backends.len() == 1 && backends[0].any_model;
+            let models_json = render_models(&backends);
+            let tags_json = render_tags(&backends);
+            let domain = Domain {
+                id: d.id.clone(),
+                name: d.name.clone(),
+                backends,
+                passthrough,
+                models_json,
+                tags_json,
+            };
+            domains.insert(d.id.clone(), Arc::new(domain));
+        }
+        Ok(Snapshot {
+            generation,
+            domains,
+        })
+    }
+}
+
+fn listed_models(backends: &[Backend], kind: Option<BackendKind>) -> Vec<&str> {
+    let mut models: Vec<&str> = backends
+        .iter()
+        .filter(|b| kind.is_none_or(|k| b.kind == k))
+        .flat_map(|b| b.models.iter().map(String::as_str))
+        .filter(|m| *m != "*")
+        .collect();
+    models.sort_unstable();
+    models.dedup();
+    models
+}
+
+fn render_models(backends: &[Backend]) -> Vec<u8> {
+    let data: Vec<_> = listed_models(backends, None)
+        .into_iter()
+        .map(|m| {
+            let owner = backends
+                .iter()
+                .find(|b| b.serves(m))
+                .map_or("cubegate", |b| match b.kind {
+                    BackendKind::Vllm => "vllm",
+                    BackendKind::Ollama => "ollama",
+                });
+            serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": owner})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
+}
+
+fn render_tags(backends: &[Backend]) -> Vec<u8> {
+    let models: Vec<_> = listed_models(backends, Some(BackendKind::Ollama))
+        .into_iter()
+        .map(|m| serde_json::json!({"name": m, "model": m}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"models": models})).unwrap_or_default()
+}
+
+/// The one shared cell: written by the reloader, read by workers.
+pub struct Published {
+    generation: AtomicU64,
+    current: ArcSwap<Snapshot>,
+}
+
+impl Published {
+    pub fn new(snapshot: Snapshot) -> Published {
+        Published {
+            generation: AtomicU64::new(snapshot.generation),
+            current: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        let generation = snapshot.generation;
+        self.current.store(Arc::new(snapshot));
+        // Release pairs with the worker's Acquire re-load through ArcSwap; the relaxed
+        // probe only has to notice "something changed" eventually.
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+}
+
+/// A worker's handle on the current snapshot. Requests hold it through an `Rc`, so taking
+/// it per request is a worker-local increment, not an atomic write to a shared counter.
+pub struct LocalSnapshot {
+    shared: Arc<Published>,
+    current: SnapshotRef,
+}
+
+/// The extra `Rc` layer is the point: cloning it per request is a plain local increment,
+/// where cloning the `Arc` would be an atomic write to a counter all workers share.
+#[allow(clippy::redundant_allocation)]
+pub type SnapshotRef = Rc<Arc<Snapshot>>;
+
+impl LocalSnapshot {
+    pub fn new(shared: Arc<Published>) -> LocalSnapshot {
+        let current = Rc::new(shared.load());
+        LocalSnapshot { shared, current }
+    }
+
+    /// The snapshot to serve the next request with.
+    pub fn current(&mut self) -> SnapshotRef {
+        if self.shared.generation() != self.current.generation {
+            self.current = Rc::new(self.shared.load());
+        }
+        self.current.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: &str = r#"
+[[domains]]
+id = "d1"
+[[domains.backends]]
+kind = "vllm"
+url = "http://127.0.0.1:9001"
+models = ["b", "a"]
+[[domains.backends]]
+kind = "ollama"
+url = "http://127.0.0.1:9002"
+models = ["c", "a"]
+[[domains]]
+id = "d2"
+[[domains.backends]]
+kind = "ollama"
+url = "http://127.0.0.1:9003"
+models = ["*"]
+"#;
+
+    #[test]
+    fn builds_domains_and_lists() {
+        let c = Config::parse(TWO).unwrap();
+        let s = Snapshot::from_config(&c, 1).unwrap();
+        let d1 = &s.domains["d1"];
+        assert!(!d1.passthrough);
+        assert!(s.domains["d2"].passthrough);
+        let v: serde_json::Value = serde_json::from_slice(&d1.models_json).unwrap();
+        let ids: Vec<_> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(d1.candidates(Some("a"), false).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(d1.candidates(Some("a"), true).collect::<Vec<_>>(), [1]);
+        assert_eq!(d1.candidates(Some("zzz"), false).count(), 0);
+    }
+
+    #[test]
+    fn workers_see_a_new_generation() {
+        let c = Config::parse(TWO).unwrap();
+        let shared = Arc::new(Published::new(Snapshot::from_config(&c, 1).unwrap()));
+        let mut local = LocalSnapshot::new(shared.clone());
+        assert_eq!(local.current().generation, 1);
+        shared.publish(Snapshot::from_config(&Config::parse("").unwrap(), 2).unwrap());
+        assert_eq!(local.current().generation, 2);
+        assert!(local.current().domains.is_empty());
+    }
+}

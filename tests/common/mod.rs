@@ -1,0 +1,433 @@
+//! Test harness: starts the real `cubegate` binary and the backend simulator on loopback
+//! and speaks raw HTTP/1.1 to them with std sockets (every socket has a timeout, every loop
+//! a bound), so the tests exercise exactly what a client on the wire sees.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DRIVERS: [&str; 2] = ["uring", "legacy"];
+
+/// Generates one `#[test]` per runtime driver for each listed function `fn(&str)`.
+#[macro_export]
+macro_rules! for_each_driver {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $( #[test] fn $name() { super::$name("uring") } )*
+        }
+        mod legacy {
+            $( #[test] fn $name() { super::$name("legacy") } )*
+        }
+    };
+}
+
+/// A child process killed on drop, whose stderr is collected in the background.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// Spawns `cmd`, waits (bounded) for a stderr line containing `marker` followed by an
+/// address, and returns the process with that address.
+fn spawn_and_wait(mut cmd: Command, marker: &str) -> Proc {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let marker = marker.to_string();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Some(i) = line.find(&marker) {
+                    let rest = &line[i + marker.len()..];
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    if let Ok(a) = addr.parse::<SocketAddr>() {
+                        let _ = tx.send(a);
+                        sent = true;
+                    }
+                }
+            }
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(addr) => Proc { child, addr, log },
+        Err(_) => {
+            let _ = child.kill();
+            panic!("process did not start; log:\n{}", log.lock().unwrap());
+        }
+    }
+}
+
+/// Starts the simulator: `flavor` is "vllm" or "ollama".
+pub fn sim(flavor: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate-bench"));
+    cmd.args(["backend", "--flavor", flavor, "--listen", "127.0.0.1:0"]);
+    cmd.args(extra);
+    spawn_and_wait(cmd, "listening on ")
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "cubegate-test-{tag}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A gateway config: `[proxy]` with a free port and the driver, plus `body`.
+pub fn config_text(driver: &str, body: &str) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n\n{body}\n"
+    )
+}
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub config_path: PathBuf,
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for Gateway {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+/// Starts `cubegate serve` with `[proxy]` filled in and `body` (auth, domains, …) after it.
+pub fn gateway(driver: &str, body: &str) -> Gateway {
+    let dir = temp_dir("gw");
+    let path = dir.join(format!("cubegate-{driver}.toml"));
+    std::fs::write(&path, config_text(driver, body)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
+    cmd.args(["serve", "--config"]).arg(&path);
+    cmd.env("CUBEGATE_LOG", "info");
+    Gateway {
+        proc: spawn_and_wait(cmd, "cubegate listening on "),
+        config_path: path,
+    }
+}
+
+/// `[auth] mode = "none"` and one domain per (id, backends) where each backend is
+/// (kind, addr, models).
+pub fn domains_config(domains: &[(&str, &[(&str, SocketAddr, &[&str])])]) -> String {
+    let mut s = String::from("[auth]\nmode = \"none\"\n\n[timeouts]\nfirst_byte_s = 2\nbetween_chunks_s = 2\nheader_read_ms = 1000\nbody_read_ms = 1000\ndrain_s = 5\n\n");
+    for (id, backends) in domains {
+        s.push_str(&format!("[[domains]]\nid = \"{id}\"\n"));
+        for (kind, addr, models) in backends.iter() {
+            let models: Vec<String> = models.iter().map(|m| format!("\"{m}\"")).collect();
+            s.push_str(&format!(
+                "[[domains.backends]]\nkind = \"{kind}\"\nurl = \"http://{addr}\"\nmodels = [{}]\n",
+                models.join(", ")
+            ));
+        }
+    }
+    s
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// The decoded body.
+    pub body: Vec<u8>,
+    /// For chunked answers: each chunk's payload, in order.
+    pub chunks: Vec<Vec<u8>>,
+    /// The body ended properly (length reached or terminating chunk seen).
+    pub complete: bool,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    /// The contract's error code, for error answers.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// Reads HTTP responses off one connection.
+pub struct Reader {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    pub fn new(stream: TcpStream) -> Reader {
+        Reader {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    fn fill(&mut self) -> std::io::Result<usize> {
+        let mut tmp = [0u8; 16384];
+        let n = self.stream.read(&mut tmp)?;
+        self.buf.extend_from_slice(&tmp[..n]);
+        Ok(n)
+    }
+
+    fn read_line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.buf[..i].to_vec();
+                self.buf.drain(..i + 2);
+                return Some(line);
+            }
+            match self.fill() {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn read_exact_body(&mut self, n: usize) -> Option<Vec<u8>> {
+        while self.buf.len() < n {
+            match self.fill() {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+        Some(self.buf.drain(..n).collect())
+    }
+
+    /// Reads a response head. `None` if the connection closed first.
+    pub fn head(&mut self) -> Option<(u16, Vec<(String, String)>)> {
+        let status_line = self.read_line()?;
+        let status_line = String::from_utf8_lossy(&status_line).into_owned();
+        let status: u16 = status_line.split(' ').nth(1)?.parse().ok()?;
+        let mut headers = Vec::new();
+        loop {
+            let line = self.read_line()?;
+            if line.is_empty() {
+                break;
+            }
+            let line = String::from_utf8_lossy(&line).into_owned();
+            let (n, v) = line.split_once(':')?;
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+        Some((status, headers))
+    }
+
+    /// Reads one chunk of a chunked body: `Some(None)` at the terminating chunk, `None`
+    /// when the connection ended first.
+    pub fn chunk(&mut self) -> Option<Option<Vec<u8>>> {
+        let size_line = self.read_line()?;
+        let size_text = String::from_utf8_lossy(&size_line).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            // Trailers until the empty line.
+            loop {
+                let l = self.read_line()?;
+                if l.is_empty() {
+                    return Some(None);
+                }
+            }
+        }
+        let data = self.read_exact_body(size + 2)?;
+        Some(Some(data[..size].to_vec()))
+    }
+
+    /// Reads a whole response (head + body). `head_request` for HEAD.
+    pub fn response(&mut self) -> Option<Response> {
+        let (status, headers) = self.head()?;
+        let mut r = Response {
+            status,
+            headers,
+            body: Vec::new(),
+            chunks: Vec::new(),
+            complete: false,
+        };
+        if status == 100 {
+            r.complete = true;
+            return Some(r);
+        }
+        if r
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+        {
+            loop {
+                match self.chunk() {
+                    Some(Some(c)) => {
+                        r.body.extend_from_slice(&c);
+                        r.chunks.push(c);
+                    }
+                    Some(None) => {
+                        r.complete = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        } else if let Some(len) = r.header("content-length") {
+            let n: usize = len.parse().unwrap();
+            if let Some(b) = self.read_exact_body(n) {
+                r.body = b;
+                r.complete = true;
+            }
+        } else if status != 204 && status != 304 {
+            loop {
+                match self.fill() {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            r.body = std::mem::take(&mut self.buf);
+            r.complete = true;
+        }
+        Some(r)
+    }
+
+    /// Whether the peer closed the connection (reads EOF within the timeout).
+    pub fn closed(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let r = matches!(self.fill(), Ok(0) | Err(_));
+        self.stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        r && self.buf.is_empty()
+    }
+}
+
+/// Sends raw bytes on a new connection and reads one response.
+pub fn raw(addr: SocketAddr, bytes: &[u8]) -> Option<Response> {
+    let mut s = connect(addr);
+    s.write_all(bytes).unwrap();
+    Reader::new(s).response()
+}
+
+pub fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+    for (n, v) in headers {
+        r.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        r.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    r.push_str("\r\n");
+    let mut v = r.into_bytes();
+    v.extend_from_slice(body);
+    v
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    raw(addr, &request_bytes("GET", path, &[], b"")).expect("response")
+}
+
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> Response {
+    post_with(addr, path, &[], body)
+}
+
+pub fn post_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
+    let mut h = vec![("Content-Type", "application/json")];
+    h.extend_from_slice(headers);
+    raw(addr, &request_bytes("POST", path, &h, body.as_bytes())).expect("response")
+}
+
+/// The simulator's counters.
+pub fn sim_stats(sim: &Proc) -> serde_json::Value {
+    get(sim.addr, "/sim/stats").json()
+}
+
+/// Polls `cond` every 20 ms for at most `limit`.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+pub const VLLM_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+pub const OLLAMA_MODEL: &str = "llama3.2:1b";
+
+pub fn chat_body(model: &str, stream: bool, extra: &str) -> String {
+    format!(
+        r#"{{"messages":[{{"role":"user","content":"tell me about gateways"}}],"model":"{model}","stream":{stream}{extra}}}"#
+    )
+}
+
+/// Writes to a stream, ignoring errors (for tests that expect the peer to hang up).
+pub fn send(s: &mut TcpStream, bytes: &[u8]) {
+    let _ = s.write_all(bytes);
+}
