@@ -18,6 +18,7 @@ use crate::http::head::{parse_request_head, BodyFraming, Method, RequestHead, Sp
 use crate::http::headers::is_acceptable_request_id;
 use crate::http::response::write_local_response;
 use crate::snapshot::{Domain, SnapshotRef};
+use monoio::buf::IoBufMut;
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, OwnedReadHalf,
     OwnedWriteHalf, Splitable,
@@ -50,6 +51,19 @@ pub fn reserve(buf: &mut Vec<u8>, want: usize) {
     if buf.capacity() - buf.len() < want / 4 {
         buf.reserve(want);
     }
+}
+
+/// Reads more bytes behind what `buf` already holds. monoio reads into a `Vec` from its
+/// start (and sets its length), so appending goes through a slice of the spare capacity.
+pub async fn read_more<R: AsyncReadRent>(
+    rd: &mut R,
+    mut buf: Vec<u8>,
+    want: usize,
+) -> (std::io::Result<usize>, Vec<u8>) {
+    reserve(&mut buf, want);
+    let len = buf.len();
+    let (res, slice) = rd.read(buf.slice_mut(len..)).await;
+    (res, slice.into_inner())
 }
 
 pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
@@ -101,8 +115,10 @@ async fn read_request_head(worker: &Worker, conn: &mut ClientConn) -> Result<boo
         reserve(&mut conn.rbuf, READ_SIZE);
         let buf = std::mem::take(&mut conn.rbuf);
         let read = match deadline {
-            // Between requests: idle timeout, and cancellable by draining.
+            // Between requests (the buffer is empty): idle timeout, and cancellable by
+            // draining.
             None => {
+                debug_assert!(buf.is_empty());
                 if worker.draining.get() {
                     conn.rbuf = buf;
                     return Ok(false);
@@ -117,7 +133,7 @@ async fn read_request_head(worker: &Worker, conn: &mut ClientConn) -> Result<boo
             }
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
-                match monoio::time::timeout(left, conn.rd.read(buf)).await {
+                match monoio::time::timeout(left, read_more(&mut conn.rd, buf, READ_SIZE)).await {
                     Ok(r) => Some(r),
                     Err(_) => return Err(GatewayError::HeaderReadTimeout),
                 }
@@ -332,9 +348,12 @@ async fn read_model(
         }
         // Only the current request's bytes are in the buffer from `consumed` on, since
         // the body has not ended: append more.
-        reserve(&mut conn.rbuf, READ_SIZE);
         let buf = std::mem::take(&mut conn.rbuf);
-        let read = monoio::time::timeout(worker.timeouts.body_read(), conn.rd.read(buf)).await;
+        let read = monoio::time::timeout(
+            worker.timeouts.body_read(),
+            read_more(&mut conn.rd, buf, READ_SIZE),
+        )
+        .await;
         let Ok((res, buf)) = read else {
             return Err(GatewayError::BodyReadTimeout);
         };

@@ -12,7 +12,7 @@
 //! the cancellation instead of losing it.
 
 use super::body::BodyTracker;
-use super::conn::{reserve, ClientConn};
+use super::conn::{read_more, ClientConn};
 use super::error::GatewayError;
 use super::upstream::Upstream;
 use super::{RequestId, Worker};
@@ -22,7 +22,7 @@ use crate::http::response::{
 };
 use futures_util::future::{select, Either};
 use monoio::buf::IoBuf;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
+use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
 use monoio::BufResult;
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -154,7 +154,6 @@ where
                 Ok(None) => {}
             }
         }
-        reserve(&mut ubuf, READ_SIZE);
         let left = deadline.saturating_duration_since(Instant::now());
         let had = ubuf.len();
         let (r, buf) = read_upstream(up, ubuf, left, watch).await;
@@ -221,7 +220,6 @@ where
             break;
         }
         ubuf.clear();
-        reserve(&mut ubuf, READ_SIZE);
         let (r, buf) = read_upstream(up, ubuf, between, watch).await;
         ubuf = buf;
         match r {
@@ -289,7 +287,10 @@ async fn read_upstream<W>(
 where
     W: Future<Output = BufResult<usize, Vec<u8>>>,
 {
-    let read = pin!(monoio::time::timeout(limit, up.stream.read(buf)));
+    let read = pin!(monoio::time::timeout(
+        limit,
+        read_more(&mut up.stream, buf, READ_SIZE)
+    ));
     let result = match watch.fut.as_mut() {
         None => read.await,
         Some(w) => match select(read, w.as_mut()).await {

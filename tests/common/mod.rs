@@ -126,9 +126,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// A gateway config: `[proxy]` with a free port and the driver, plus `body`.
 pub fn config_text(driver: &str, body: &str) -> String {
-    format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n\n{body}\n"
-    )
+    format!("[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n\n{body}\n")
 }
 
 pub struct Gateway {
@@ -216,7 +214,10 @@ impl Response {
     }
     /// The contract's error code, for error answers.
     pub fn error_code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or("").to_string()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 }
 
@@ -316,8 +317,7 @@ impl Reader {
             r.complete = true;
             return Some(r);
         }
-        if r
-            .header("transfer-encoding")
+        if r.header("transfer-encoding")
             .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
         {
             loop {

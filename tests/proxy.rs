@@ -1,0 +1,367 @@
+//! End-to-end proxying: streaming through both backend flavors, answers identical to the
+//! backend's own, model lists per domain, routing by model, keep-alive and pipelining,
+//! `Expect: 100-continue`, chunked request bodies, and the headers upstream receives.
+
+mod common;
+use common::*;
+use std::io::Write;
+
+const D: &str = "dom-a";
+
+fn two_flavor_gateway(driver: &str, vllm: &Proc, ollama: &Proc) -> Gateway {
+    gateway(
+        driver,
+        &domains_config(&[
+            (
+                D,
+                &[
+                    ("vllm", vllm.addr, &[VLLM_MODEL]),
+                    ("ollama", ollama.addr, &[OLLAMA_MODEL]),
+                ],
+            ),
+            ("dom-b", &[("ollama", ollama.addr, &["*"])]),
+        ]),
+    )
+}
+
+/// Streams arrive chunk by chunk: the first event is in the client's hands while the
+/// backend is still generating (its stream is still active).
+fn streaming_arrives_before_the_backend_finishes(driver: &str) {
+    let vllm = sim("vllm", &["--tokens", "10", "--token-delay-us", "100000"]);
+    let ollama = sim("ollama", &["--tokens", "10", "--token-delay-us", "100000"]);
+    let gw = two_flavor_gateway(driver, &vllm, &ollama);
+    for (path, model, backend) in [
+        (format!("/proxy/{D}/v1/chat/completions"), VLLM_MODEL, &vllm),
+        (format!("/proxy/{D}/api/chat"), OLLAMA_MODEL, &ollama),
+        (
+            format!("/proxy/{D}/v1/chat/completions"),
+            OLLAMA_MODEL,
+            &ollama,
+        ),
+    ] {
+        let body = chat_body(model, true, "");
+        let mut s = connect(gw.addr);
+        s.write_all(&request_bytes(
+            "POST",
+            &path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        ))
+        .unwrap();
+        let mut r = Reader::new(s);
+        let (status, headers) = r.head().expect("head");
+        assert_eq!(status, 200, "{path}");
+        assert!(headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v == "chunked"));
+        let first = r.chunk().expect("a chunk").expect("not the last chunk");
+        assert!(!first.is_empty());
+        let stats = sim_stats(backend);
+        assert_eq!(stats["active_streams"], 1, "backend already done: {stats}");
+        // Read the rest: it ends properly.
+        let mut rest = Vec::new();
+        loop {
+            match r.chunk().expect("stream ended early") {
+                Some(c) => rest.extend_from_slice(&c),
+                None => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&rest);
+        assert!(
+            text.contains("[DONE]") || text.contains("\"done\":true"),
+            "{text}"
+        );
+    }
+}
+
+/// The same request gets the same bytes through cubegate as straight from the backend.
+fn answers_identical_to_direct(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let ollama = sim("ollama", &[]);
+    let gw = two_flavor_gateway(driver, &vllm, &ollama);
+    let cases = [
+        (
+            "/v1/chat/completions",
+            VLLM_MODEL,
+            true,
+            &vllm,
+            r#","stream_options":{"include_usage":true}"#,
+        ),
+        ("/v1/chat/completions", VLLM_MODEL, false, &vllm, ""),
+        (
+            "/v1/completions",
+            VLLM_MODEL,
+            true,
+            &vllm,
+            r#","prompt":"hello","max_tokens":7"#,
+        ),
+        (
+            "/v1/embeddings",
+            VLLM_MODEL,
+            false,
+            &vllm,
+            r#","input":"abc""#,
+        ),
+        ("/api/chat", OLLAMA_MODEL, true, &ollama, ""),
+        (
+            "/api/chat",
+            OLLAMA_MODEL,
+            false,
+            &ollama,
+            r#","options":{"num_predict":3}"#,
+        ),
+        (
+            "/api/generate",
+            OLLAMA_MODEL,
+            true,
+            &ollama,
+            r#","prompt":"why""#,
+        ),
+        (
+            "/api/embed",
+            OLLAMA_MODEL,
+            false,
+            &ollama,
+            r#","input":"abc""#,
+        ),
+    ];
+    for (path, model, stream, backend, extra) in cases {
+        let body = chat_body(model, stream, extra);
+        let direct = post(backend.addr, path, &body);
+        let via = post(gw.addr, &format!("/proxy/{D}{path}"), &body);
+        assert_eq!(direct.status, 200, "{path}: {}", direct.text());
+        assert_eq!(via.status, 200, "{path}: {}", via.text());
+        assert!(via.complete);
+        assert_eq!(via.text(), direct.text(), "{path} stream={stream}");
+        assert_eq!(
+            via.header("content-type"),
+            direct.header("content-type"),
+            "{path}"
+        );
+        if stream {
+            assert!(
+                via.chunks.len() > 2,
+                "{path}: streamed as {} chunks",
+                via.chunks.len()
+            );
+        }
+    }
+}
+
+fn models_list_per_domain(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let ollama = sim("ollama", &[]);
+    let gw = two_flavor_gateway(driver, &vllm, &ollama);
+    let r = get(gw.addr, &format!("/proxy/{D}/v1/models"));
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    let mut ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [OLLAMA_MODEL, VLLM_MODEL]);
+    assert!(v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["object"] == "model"));
+    // Ollama's tags list shows only the Ollama backend's models.
+    let tags = get(gw.addr, &format!("/proxy/{D}/api/tags")).json();
+    assert_eq!(tags["models"][0]["name"], OLLAMA_MODEL);
+    assert_eq!(tags["models"].as_array().unwrap().len(), 1);
+    // A pass-through domain forwards /api/tags to its backend.
+    let tags_b = get(gw.addr, "/proxy/dom-b/api/tags");
+    assert_eq!(tags_b.status, 200);
+    assert_eq!(tags_b.text(), get(ollama.addr, "/api/tags").text());
+    // Unknown domain.
+    let r = get(gw.addr, "/proxy/nope/v1/models");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "domain_not_found");
+}
+
+fn routes_by_model(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let ollama = sim("ollama", &[]);
+    let gw = two_flavor_gateway(driver, &vllm, &ollama);
+    let path = format!("/proxy/{D}/v1/chat/completions");
+    let a = post(gw.addr, &path, &chat_body(VLLM_MODEL, false, ""));
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["model"], VLLM_MODEL);
+    assert_eq!(a.header("server"), Some("uvicorn"));
+    let b = post(gw.addr, &path, &chat_body(OLLAMA_MODEL, false, ""));
+    assert_eq!(b.status, 200);
+    assert_eq!(b.json()["model"], OLLAMA_MODEL);
+    assert_eq!(b.header("server"), None);
+    // A model the domain does not list never reaches a backend.
+    let before = sim_stats(&vllm)["requests"].as_u64().unwrap();
+    let c = post(gw.addr, &path, &chat_body("gpt-4", false, ""));
+    assert_eq!(c.status, 404);
+    assert_eq!(c.error_code(), "model_not_found");
+    assert!(c.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("gpt-4"));
+    assert_eq!(sim_stats(&vllm)["requests"].as_u64().unwrap(), before);
+    // Ollama's native API only goes to Ollama hosts.
+    let d = post(
+        gw.addr,
+        &format!("/proxy/{D}/api/chat"),
+        &chat_body(VLLM_MODEL, false, ""),
+    );
+    assert_eq!(d.status, 404);
+    // No model, a repeated model, a disguised model: refused before any backend.
+    for (body, code) in [
+        (r#"{"messages":[]}"#, "model_required"),
+        (r#"{"model":"a","model":"b"}"#, "invalid_body"),
+        (r#"{"model":"x","mod\u0065l":"y"}"#, "invalid_body"),
+        (r#"{"model":""}"#, "invalid_model"),
+        (r#"[1,2]"#, "invalid_body"),
+    ] {
+        let r = post(gw.addr, &path, body);
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.error_code(), code, "{body}");
+    }
+    assert_eq!(sim_stats(&vllm)["requests"].as_u64().unwrap(), before);
+}
+
+fn keep_alive_and_pipelining(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let ollama = sim("ollama", &[]);
+    let gw = two_flavor_gateway(driver, &vllm, &ollama);
+    let path = format!("/proxy/{D}/v1/chat/completions");
+    let mut batch = Vec::new();
+    for i in 0..4 {
+        let body = chat_body(VLLM_MODEL, i % 2 == 0, "");
+        let rid = format!("req-{i}");
+        batch.extend(request_bytes(
+            "POST",
+            &path,
+            &[("X-Request-Id", &rid), ("Content-Type", "application/json")],
+            body.as_bytes(),
+        ));
+    }
+    batch.extend(request_bytes(
+        "GET",
+        &format!("/proxy/{D}/v1/models"),
+        &[("X-Request-Id", "req-4")],
+        b"",
+    ));
+    let mut s = connect(gw.addr);
+    // All at once, in one write: answered in order.
+    s.write_all(&batch).unwrap();
+    let mut r = Reader::new(s);
+    for i in 0..5 {
+        let resp = r.response().expect("response");
+        assert_eq!(resp.status, 200, "request {i}");
+        assert!(resp.complete);
+        assert_eq!(
+            resp.header("x-request-id"),
+            Some(format!("req-{i}").as_str())
+        );
+    }
+    // And the connection is still good for more, one at a time.
+    for i in 0..3 {
+        let body = chat_body(OLLAMA_MODEL, true, "");
+        r.stream
+            .write_all(&request_bytes(
+                "POST",
+                &format!("/proxy/{D}/api/chat"),
+                &[],
+                body.as_bytes(),
+            ))
+            .unwrap();
+        let resp = r.response().expect("response");
+        assert_eq!(resp.status, 200, "sequential {i}");
+    }
+}
+
+fn expect_continue_and_chunked_bodies(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let ollama = sim("ollama", &[]);
+    let gw = two_flavor_gateway(driver, &vllm, &ollama);
+    let path = format!("/proxy/{D}/v1/chat/completions");
+    let body = chat_body(VLLM_MODEL, false, "");
+    let direct = post(vllm.addr, "/v1/chat/completions", &body);
+
+    // Expect: 100-continue: the head first, the body only after "100 Continue".
+    let mut s = connect(gw.addr);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = Reader::new(s);
+    let interim = r.response().expect("100 Continue");
+    assert_eq!(interim.status, 100);
+    r.stream.write_all(body.as_bytes()).unwrap();
+    let resp = r.response().expect("final response");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.text(), direct.text());
+
+    // A chunked request body, split so "model" straddles chunks, routed by its model.
+    let mut s = connect(gw.addr);
+    let mut raw = format!("POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .into_bytes();
+    for piece in body.as_bytes().chunks(7) {
+        raw.extend(format!("{:x}\r\n", piece.len()).bytes());
+        raw.extend_from_slice(piece);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    // Sent in small pieces with pauses, so the gateway sees it arrive in parts.
+    for part in raw.chunks(40) {
+        s.write_all(part).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let resp = Reader::new(s).response().expect("response");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), direct.text());
+}
+
+/// Upstream never sees the client's token; it gets the identity and tracing headers, and
+/// client-supplied identity headers are not passed through.
+fn identity_headers_upstream(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let ollama = sim("ollama", &[]);
+    let gw = two_flavor_gateway(driver, &vllm, &ollama);
+    let r = post_with(
+        gw.addr,
+        &format!("/proxy/{D}/v1/chat/completions"),
+        &[
+            ("Authorization", "Bearer secret-token"),
+            ("X-Domain-Id", "spoofed"),
+            ("X-Request-Id", "trace-123"),
+        ],
+        &chat_body(VLLM_MODEL, false, ""),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-sim-saw-authorization"), Some("no"));
+    assert_eq!(r.header("x-sim-domain-id"), Some(D));
+    assert_eq!(r.header("x-request-id"), Some("trace-123"));
+    assert!(!r.text().contains("secret-token"));
+    // Without a client id, one is generated.
+    let r = post(
+        gw.addr,
+        &format!("/proxy/{D}/v1/chat/completions"),
+        &chat_body(VLLM_MODEL, false, ""),
+    );
+    assert!(r.header("x-request-id").is_some_and(|v| v.len() >= 8));
+    // Health.
+    let h = get(gw.addr, "/health");
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["status"], "ok");
+}
+
+for_each_driver!(
+    streaming_arrives_before_the_backend_finishes,
+    answers_identical_to_direct,
+    models_list_per_domain,
+    routes_by_model,
+    keep_alive_and_pipelining,
+    expect_continue_and_chunked_bodies,
+    identity_headers_upstream,
+);
