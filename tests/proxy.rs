@@ -60,11 +60,8 @@ fn streaming_arrives_before_the_backend_finishes(driver: &str) {
         assert_eq!(stats["active_streams"], 1, "backend already done: {stats}");
         // Read the rest: it ends properly.
         let mut rest = Vec::new();
-        loop {
-            match r.chunk().expect("stream ended early") {
-                Some(c) => rest.extend_from_slice(&c),
-                None => break,
-            }
+        while let Some(c) = r.chunk().expect("stream ended early") {
+            rest.extend_from_slice(&c);
         }
         let text = String::from_utf8_lossy(&rest);
         assert!(

@@ -163,7 +163,10 @@ pub fn gateway(driver: &str, body: &str) -> Gateway {
 
 /// `[auth] mode = "none"` and one domain per (id, backends) where each backend is
 /// (kind, addr, models).
-pub fn domains_config(domains: &[(&str, &[(&str, SocketAddr, &[&str])])]) -> String {
+/// (kind, address, models) of one backend.
+pub type BackendSpec<'a> = (&'a str, SocketAddr, &'a [&'a str]);
+
+pub fn domains_config(domains: &[(&str, &[BackendSpec])]) -> String {
     let mut s = String::from("[auth]\nmode = \"none\"\n\n[timeouts]\nfirst_byte_s = 2\nbetween_chunks_s = 2\nheader_read_ms = 1000\nbody_read_ms = 1000\ndrain_s = 5\n\n");
     for (id, backends) in domains {
         s.push_str(&format!("[[domains]]\nid = \"{id}\"\n"));
