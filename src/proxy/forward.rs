@@ -16,6 +16,7 @@ use super::body::{BodyError, BodyTracker};
 use super::conn::{reserve, ClientConn};
 use super::error::GatewayError;
 use super::model_scan::ModelScanner;
+use super::splice::{splice_exact, SpliceError};
 use super::stream::{stream_response, StreamEnd, StreamError};
 use super::upstream::{connect, Upstream};
 use super::{RequestId, Worker};
@@ -248,6 +249,22 @@ async fn stream_request_body(
         return Ok(());
     };
     let max_body = worker.limits.max_body_bytes;
+    // Nothing left to inspect: splice the rest when enabled.
+    if let BodyTracker::Length { remaining } = tracker {
+        if worker.splice && req.scanner.is_none() {
+            let mut pipe = worker.take_pipe().ok_or(GatewayError::BodyIncomplete)?;
+            let limit = worker.timeouts.body_read();
+            splice_exact(&mut conn.rd, &mut up.stream, &mut pipe, *remaining, limit)
+                .await
+                .map_err(|e| match e {
+                    SpliceError::Source => GatewayError::BodyIncomplete,
+                    SpliceError::Destination => GatewayError::UpstreamClosed,
+                })?;
+            worker.return_pipe(pipe);
+            *remaining = 0;
+            return Ok(());
+        }
+    }
     let mut copy = Vec::with_capacity(64 * 1024);
     while !tracker.is_done() {
         copy.clear();

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod local;
 pub mod model_scan;
 pub mod route;
+pub mod splice;
 pub mod stream;
 pub mod upstream;
 
@@ -31,6 +32,10 @@ pub struct Worker {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub auth: Authenticator,
+    /// Move uninspected Content-Length bodies with splice(2).
+    pub splice: bool,
+    /// The worker's reusable pipe for splice (taken while in use).
+    pipe: RefCell<Option<splice::SplicePipe>>,
     pub snapshot: RefCell<LocalSnapshot>,
     pub pools: RefCell<upstream::Pools>,
     /// Cancels every idle wait (keep-alive reads, accept) when draining starts.
@@ -49,6 +54,8 @@ impl Worker {
             limits: config.limits.clone(),
             timeouts: config.timeouts.clone(),
             auth: Authenticator::new(config.auth.mode),
+            splice: config.proxy.splice_bodies,
+            pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
             pools: RefCell::new(upstream::Pools::new(config.proxy.upstream_idle_per_backend)),
             drain: RefCell::new(Canceller::new()),
@@ -68,6 +75,17 @@ impl Worker {
         // `cancel` wakes every associated read/accept with ECANCELED (or its completed
         // result, which is then served before the connection closes).
         let _ = old.cancel();
+    }
+
+    /// The worker's splice pipe, created on first use. Give it back with `return_pipe`
+    /// only after a transfer that completed (a failed one may leave bytes in it).
+    pub fn take_pipe(&self) -> Option<splice::SplicePipe> {
+        let pipe = self.pipe.borrow_mut().take();
+        pipe.or_else(|| splice::SplicePipe::new().ok())
+    }
+
+    pub fn return_pipe(&self, pipe: splice::SplicePipe) {
+        *self.pipe.borrow_mut() = Some(pipe);
     }
 
     /// A request id unique across workers and restarts: run id, worker, sequence.

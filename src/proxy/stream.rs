@@ -14,6 +14,7 @@
 use super::body::BodyTracker;
 use super::conn::{read_more, ClientConn};
 use super::error::GatewayError;
+use super::splice::splice_exact;
 use super::upstream::Upstream;
 use super::{RequestId, Worker};
 use crate::http::head::Method;
@@ -213,6 +214,23 @@ where
         return Ok(StreamEnd::Aborted);
     };
     *out = back;
+
+    // A plain Content-Length answer needs no look at its bytes: splice it when enabled.
+    if let Some(BodyTracker::Length { remaining }) = tracker.as_mut() {
+        if worker.splice && !decode && *remaining > 0 {
+            let Some(mut pipe) = worker.take_pipe() else {
+                return Ok(StreamEnd::Aborted);
+            };
+            if splice_exact(&mut up.stream, wr, &mut pipe, *remaining, between)
+                .await
+                .is_err()
+            {
+                return Ok(StreamEnd::Aborted);
+            }
+            worker.return_pipe(pipe);
+            *remaining = 0;
+        }
+    }
 
     // The rest of the body, one read at a time.
     while let Some(t) = tracker.as_mut() {

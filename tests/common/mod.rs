@@ -126,7 +126,14 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// A gateway config: `[proxy]` with a free port and the driver, plus `body`.
 pub fn config_text(driver: &str, body: &str) -> String {
-    format!("[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n\n{body}\n")
+    config_text_with(driver, "", body)
+}
+
+/// Like `config_text`, with extra `[proxy]` lines.
+pub fn config_text_with(driver: &str, proxy_extra: &str, body: &str) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n{proxy_extra}\n\n{body}\n"
+    )
 }
 
 pub struct Gateway {
@@ -149,9 +156,14 @@ impl std::ops::DerefMut for Gateway {
 
 /// Starts `cubegate serve` with `[proxy]` filled in and `body` (auth, domains, …) after it.
 pub fn gateway(driver: &str, body: &str) -> Gateway {
+    gateway_with(driver, "", body)
+}
+
+/// Like `gateway`, with extra `[proxy]` lines.
+pub fn gateway_with(driver: &str, proxy_extra: &str, body: &str) -> Gateway {
     let dir = temp_dir("gw");
     let path = dir.join(format!("cubegate-{driver}.toml"));
-    std::fs::write(&path, config_text(driver, body)).unwrap();
+    std::fs::write(&path, config_text_with(driver, proxy_extra, body)).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
     cmd.args(["serve", "--config"]).arg(&path);
     cmd.env("CUBEGATE_LOG", "info");
