@@ -16,7 +16,7 @@ use crate::snapshot::Domain;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// Sent upstream as `X-User-Id`.
-    pub user_id: String,
+    pub user_id: std::borrow::Cow<'static, str>,
     pub platform_admin: bool,
 }
 
@@ -33,7 +33,7 @@ impl Authenticator {
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Identity, GatewayError> {
         match self.mode {
             AuthMode::None => Ok(Identity {
-                user_id: "anonymous".into(),
+                user_id: std::borrow::Cow::Borrowed("anonymous"),
                 platform_admin: true,
             }),
             AuthMode::Jwt => {

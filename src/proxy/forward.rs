@@ -13,7 +13,7 @@
 //! by a fresh one, once.
 
 use super::body::{BodyError, BodyTracker};
-use super::conn::{reserve, ClientConn};
+use super::conn::{read_more, ClientConn};
 use super::error::GatewayError;
 use super::model_scan::ModelScanner;
 use super::splice::{splice_exact, SpliceError};
@@ -26,7 +26,7 @@ use crate::http::headers::{eq_ignore_case, is_hop_by_hop_request};
 use crate::http::response::push_u64;
 use crate::snapshot::{Backend, Domain};
 use monoio::buf::IoBuf;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use std::io::Write as _;
 
 /// What the proxy knows about a request once it has decided to forward it.
@@ -265,20 +265,24 @@ async fn stream_request_body(
             return Ok(());
         }
     }
-    let mut copy = Vec::with_capacity(64 * 1024);
+    let mut pooled = worker.buffer();
+    let copy = &mut pooled.buf;
     while !tracker.is_done() {
         copy.clear();
-        reserve(&mut copy, 64 * 1024);
-        let read = monoio::time::timeout(worker.timeouts.body_read(), conn.rd.read(copy)).await;
+        let read = monoio::time::timeout(
+            worker.timeouts.body_read(),
+            read_more(&mut conn.rd, std::mem::take(copy), super::BUFFER_SIZE),
+        )
+        .await;
         let (res, buf) = read.map_err(|_| GatewayError::BodyReadTimeout)?;
-        copy = buf;
+        *copy = buf;
         match res {
             Ok(0) | Err(_) => return Err(GatewayError::BodyIncomplete),
             Ok(_) => {}
         }
         let mut scan_error = None;
         let used = tracker
-            .feed(&copy, max_body, |payload| {
+            .feed(copy, max_body, |payload| {
                 if let Some(s) = req.scanner.as_mut() {
                     if let Err(e) = s.feed(payload) {
                         scan_error.get_or_insert(e);
@@ -297,8 +301,11 @@ async fn stream_request_body(
         if used < copy.len() {
             conn.rbuf.extend_from_slice(&copy[used..]);
         }
-        let (res, back) = up.stream.write_all(copy.slice(..used)).await;
-        copy = back.into_inner();
+        let (res, back) = up
+            .stream
+            .write_all(std::mem::take(copy).slice(..used))
+            .await;
+        *copy = back.into_inner();
         res.map_err(|_| GatewayError::UpstreamClosed)?;
     }
     Ok(())

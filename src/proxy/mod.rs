@@ -26,6 +26,30 @@ use monoio::io::Canceller;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
+/// Size of the pooled I/O buffers: one read from a backend or a client body.
+pub const BUFFER_SIZE: usize = 16 * 1024;
+/// Free buffers kept per worker (beyond that they are freed).
+const POOL_MAX: usize = 1024;
+
+/// A buffer from the worker's pool, returned to it when dropped.
+pub struct PooledBuf<'w> {
+    worker: &'w Worker,
+    pub buf: Vec<u8>,
+}
+
+impl PooledBuf<'_> {
+    /// Takes the buffer out of the pool's care (give it back with `Worker::recycle`).
+    pub fn take(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+}
+
+impl Drop for PooledBuf<'_> {
+    fn drop(&mut self) {
+        self.worker.recycle(std::mem::take(&mut self.buf));
+    }
+}
+
 /// Everything one worker thread owns.
 pub struct Worker {
     pub id: usize,
@@ -45,6 +69,7 @@ pub struct Worker {
     pub connections: Cell<usize>,
     request_seq: Cell<u64>,
     run_id: u32,
+    free_buffers: RefCell<Vec<Vec<u8>>>,
 }
 
 impl Worker {
@@ -63,6 +88,7 @@ impl Worker {
             connections: Cell::new(0),
             request_seq: Cell::new(0),
             run_id,
+            free_buffers: RefCell::new(Vec::new()),
         }
     }
 
@@ -75,6 +101,25 @@ impl Worker {
         // `cancel` wakes every associated read/accept with ECANCELED (or its completed
         // result, which is then served before the connection closes).
         let _ = old.cancel();
+    }
+
+    /// An empty buffer of `BUFFER_SIZE` capacity: from the pool when one is free.
+    pub fn buffer(&self) -> PooledBuf<'_> {
+        let buf = self
+            .free_buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE));
+        PooledBuf { worker: self, buf }
+    }
+
+    /// Gives a buffer back to the pool (buffers that grew or shrank are let go).
+    pub fn recycle(&self, mut buf: Vec<u8>) {
+        let mut free = self.free_buffers.borrow_mut();
+        if buf.capacity() == BUFFER_SIZE && free.len() < POOL_MAX {
+            buf.clear();
+            free.push(buf);
+        }
     }
 
     /// The worker's splice pipe, created on first use. Give it back with `return_pipe`
@@ -92,9 +137,24 @@ impl Worker {
     pub fn next_request_id(&self) -> RequestId {
         let seq = self.request_seq.get().wrapping_add(1);
         self.request_seq.set(seq);
+        // <run id:8 hex>-<worker:2 hex>-<sequence:10 hex>
         let mut id = RequestId::default();
-        let text = format!("{:08x}-{:02x}-{:010x}", self.run_id, self.id & 0xff, seq);
-        id.set(text.as_bytes());
+        let mut at = 0;
+        for (value, digits) in [
+            (u64::from(self.run_id), 8),
+            ((self.id & 0xff) as u64, 2),
+            (seq, 10),
+        ] {
+            if at > 0 {
+                id.bytes[at] = b'-';
+                at += 1;
+            }
+            for i in (0..digits).rev() {
+                id.bytes[at] = b"0123456789abcdef"[((value >> (4 * i)) & 0xf) as usize];
+                at += 1;
+            }
+        }
+        id.len = at as u8;
         id
     }
 }

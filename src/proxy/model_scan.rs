@@ -51,7 +51,7 @@ enum Phase {
     End,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ModelScanner {
     phase: Phase,
     depth: u32,
@@ -67,7 +67,9 @@ pub struct ModelScanner {
     want_value: bool,
     /// The current string is the model value.
     in_value: bool,
-    value: Vec<u8>,
+    /// The model value, inline: no allocation per request.
+    value: [u8; MAX_MODEL_BYTES],
+    value_len: usize,
     found: bool,
 }
 
@@ -89,7 +91,8 @@ impl ModelScanner {
             key_pos: None,
             want_value: false,
             in_value: false,
-            value: Vec::new(),
+            value: [0; MAX_MODEL_BYTES],
+            value_len: 0,
             found: false,
         }
     }
@@ -97,7 +100,7 @@ impl ModelScanner {
     /// The model, once its value string has closed.
     pub fn model(&self) -> Option<&str> {
         if self.found {
-            std::str::from_utf8(&self.value).ok()
+            std::str::from_utf8(&self.value[..self.value_len]).ok()
         } else {
             None
         }
@@ -149,7 +152,7 @@ impl ModelScanner {
                 } else if self.depth == 1 && self.want_value {
                     self.want_value = false;
                     self.in_value = true;
-                    self.value.clear();
+                    self.value_len = 0;
                 }
             }
             b'{' | b'[' => {
@@ -213,10 +216,11 @@ impl ModelScanner {
                         _ => None,
                     };
                 } else if self.in_value {
-                    if self.value.len() == MAX_MODEL_BYTES {
+                    if self.value_len == MAX_MODEL_BYTES {
                         return Err(ScanError::TooLong);
                     }
-                    self.value.push(b);
+                    self.value[self.value_len] = b;
+                    self.value_len += 1;
                 }
             }
         }

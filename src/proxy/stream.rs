@@ -30,7 +30,6 @@ use std::pin::{pin, Pin};
 use std::time::{Duration, Instant};
 
 const READ_SIZE: usize = 16 * 1024;
-const WATCH_SIZE: usize = 4 * 1024;
 
 pub enum StreamEnd {
     Complete {
@@ -70,7 +69,7 @@ pub async fn stream_response(
     request_id: &RequestId,
 ) -> Result<StreamEnd, StreamError> {
     let canceller = Canceller::new();
-    let watch_buf = Vec::with_capacity(WATCH_SIZE);
+    let watch_buf = worker.buffer().take();
     let ClientConn {
         rd,
         wr,
@@ -104,14 +103,14 @@ pub async fn stream_response(
         let _ = canceller.cancel();
         let (res, buf) = fut.await;
         // Ok(0) (the client half-closed) needs nothing here: the next head read sees EOF.
-        if let Ok(n) = res {
-            if n > 0 {
-                watch.saved = Some((n, buf));
-            }
+        match res {
+            Ok(n) if n > 0 => watch.saved = Some((n, buf)),
+            _ => worker.recycle(buf),
         }
     }
     if let Some((n, buf)) = watch.saved {
         rbuf.extend_from_slice(&buf[..n]);
+        worker.recycle(buf);
     }
     result
 }
@@ -132,13 +131,14 @@ where
     W: Future<Output = BufResult<usize, Vec<u8>>>,
 {
     let limits = &worker.limits;
-    let mut ubuf: Vec<u8> = Vec::with_capacity(READ_SIZE);
+    let mut pooled = worker.buffer();
+    let ubuf = &mut pooled.buf;
     let deadline = Instant::now() + worker.timeouts.first_byte();
 
     // The response head (skipping interim 1xx answers).
     let head = loop {
         if !ubuf.is_empty() {
-            match parse_response_head(&ubuf, limits.max_upstream_head_bytes, is_head) {
+            match parse_response_head(ubuf, limits.max_upstream_head_bytes, is_head) {
                 Err(why) => {
                     return Err(StreamError::Gateway(GatewayError::UpstreamBadResponse(why)))
                 }
@@ -157,8 +157,8 @@ where
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let had = ubuf.len();
-        let (r, buf) = read_upstream(up, ubuf, left, watch).await;
-        ubuf = buf;
+        let (r, buf) = read_upstream(up, std::mem::take(ubuf), left, watch).await;
+        *ubuf = buf;
         match r {
             UpRead::Data => {}
             UpRead::Eof | UpRead::Failed if had == 0 => return Err(StreamError::NothingReceived),
@@ -179,7 +179,7 @@ where
     out.clear();
     write_client_head(
         out,
-        &ubuf,
+        ubuf,
         &head,
         framing,
         request_id.as_bytes(),
@@ -238,8 +238,8 @@ where
             break;
         }
         ubuf.clear();
-        let (r, buf) = read_upstream(up, ubuf, between, watch).await;
-        ubuf = buf;
+        let (r, buf) = read_upstream(up, std::mem::take(ubuf), between, watch).await;
+        *ubuf = buf;
         match r {
             UpRead::Data => {}
             UpRead::Eof if matches!(t, BodyTracker::UntilClose) => break,
@@ -255,7 +255,7 @@ where
             UpRead::ClientGone => return Ok(StreamEnd::Aborted),
         }
         out.clear();
-        let Ok(used) = track(t, &ubuf, decode, out) else {
+        let Ok(used) = track(t, ubuf, decode, out) else {
             // Broken framing mid-answer: the head is out, so all we can do is stop.
             return Ok(StreamEnd::Aborted);
         };
@@ -266,10 +266,11 @@ where
             };
             *out = back;
         } else {
-            let Some(back) = write_client(wr, ubuf.slice(..used), between).await else {
+            let Some(back) = write_client(wr, std::mem::take(ubuf).slice(..used), between).await
+            else {
                 return Ok(StreamEnd::Aborted);
             };
-            ubuf = back.into_inner();
+            *ubuf = back.into_inner();
         }
     }
     let until_close = matches!(tracker, Some(BodyTracker::UntilClose));
