@@ -112,8 +112,18 @@ impl ModelScanner {
     }
 
     pub fn feed(&mut self, input: &[u8]) -> Result<(), ScanError> {
-        for &b in input {
-            self.step(b)?;
+        let mut i = 0;
+        while i < input.len() {
+            // Inside a string nobody cares about (chat history: most of a body), jump to
+            // the next quote or backslash instead of stepping byte by byte.
+            if self.in_string && !self.escape && !self.in_key && !self.in_value {
+                match memchr::memchr2(b'"', b'\\', &input[i..]) {
+                    Some(skip) => i += skip,
+                    None => return Ok(()),
+                }
+            }
+            self.step(input[i])?;
+            i += 1;
         }
         Ok(())
     }
@@ -278,6 +288,65 @@ mod tests {
         }
         let long = format!(r#"{{"model":"{}"}}"#, "a".repeat(300));
         assert_eq!(scan(long.as_bytes(), 7).unwrap_err(), ScanError::TooLong);
+    }
+
+    /// Differential: random JSON objects serialized by serde_json, split at random points;
+    /// the scanner must agree with a full parse about the top-level "model".
+    #[test]
+    fn agrees_with_a_full_parser() {
+        let mut seed: u64 = 0x2545F4914F6CDD1D;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        fn value(rnd: &mut impl FnMut(u64) -> u64, depth: u32) -> serde_json::Value {
+            use serde_json::Value;
+            let texts = ["model", "a\"b", "\\", "{\"model\":1}", "ü", "", "[\"x\"]"];
+            match if depth > 3 { rnd(4) } else { rnd(6) } {
+                0 => Value::Null,
+                1 => Value::from(rnd(1000) as i64 - 500),
+                2 => Value::from(texts[rnd(texts.len() as u64) as usize]),
+                3 => Value::Bool(rnd(2) == 0),
+                4 => Value::Array((0..rnd(4)).map(|_| value(rnd, depth + 1)).collect()),
+                _ => {
+                    let mut m = serde_json::Map::new();
+                    for _ in 0..rnd(4) {
+                        let k = texts[rnd(texts.len() as u64) as usize];
+                        m.insert(k.to_string(), value(rnd, depth + 1));
+                    }
+                    Value::Object(m)
+                }
+            }
+        }
+        for _ in 0..2000 {
+            let mut obj = serde_json::Map::new();
+            for _ in 0..rnd(5) {
+                let k = ["messages", "stream", "options", "prompt"][rnd(4) as usize];
+                obj.insert(k.to_string(), value(&mut rnd, 0));
+            }
+            if rnd(4) > 0 {
+                let models = ["llama3.2:1b", "meta-llama/Llama-3.1-8B-Instruct", "x"];
+                obj.insert("model".into(), models[rnd(3) as usize].into());
+            }
+            let body = serde_json::to_vec(&serde_json::Value::Object(obj.clone())).unwrap();
+            let mut s = ModelScanner::new();
+            let mut at = 0;
+            while at < body.len() {
+                let step = 1 + rnd(body.len() as u64) as usize;
+                let end = (at + step).min(body.len());
+                s.feed(&body[at..end]).unwrap();
+                at = end;
+            }
+            assert!(s.finished());
+            assert_eq!(
+                s.model(),
+                obj.get("model").and_then(|m| m.as_str()),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,115 @@
+//! criterion micro-benchmarks of the request path's pure pieces: head parsing, finding the
+//! model in a body, routing, chunked framing and writing the client's response head.
+//!
+//! Run: `cargo bench --bench hot_path` (add `-- --quick` for a fast pass).
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use cubegate::config::Limits;
+use cubegate::http::chunked::ChunkedDecoder;
+use cubegate::http::head::{parse_request_head, Method, RequestHead};
+use cubegate::http::response::{parse_response_head, write_client_head, ClientFraming};
+use cubegate::proxy::model_scan::ModelScanner;
+use cubegate::proxy::route::classify;
+
+const HEAD: &[u8] = b"POST /proxy/3f8a1c2e-0000-4000-8000-000000000001/v1/chat/completions HTTP/1.1\r\n\
+Host: gateway.example.com\r\nUser-Agent: OpenAI/Python 1.54.0\r\nAccept: application/json\r\n\
+Content-Type: application/json\r\nAuthorization: Bearer eyJhbGciOiJFZERTQSIsImtpZCI6IjEifQ.eyJzdWIiOiJ1c2VyIn0.c2lnbmF0dXJl\r\n\
+X-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.54.0\r\nContent-Length: 180\r\n\r\n";
+
+fn chat_body(history_bytes: usize) -> Vec<u8> {
+    format!(
+        r#"{{"messages":[{{"role":"system","content":"You are helpful."}},{{"role":"user","content":"{}"}}],"model":"meta-llama/Llama-3.1-8B-Instruct","stream":true,"max_tokens":256}}"#,
+        "lorem ipsum \\\"quoted\\\" ".repeat(history_bytes / 22 + 1)
+    )
+    .into_bytes()
+}
+
+fn head_parsing(c: &mut Criterion) {
+    let limits = Limits::default();
+    let mut head = RequestHead::default();
+    c.bench_function("parse_request_head/openai_sdk", |b| {
+        b.iter(|| parse_request_head(black_box(HEAD), &limits, &mut head).unwrap())
+    });
+}
+
+fn model_scan(c: &mut Criterion) {
+    let mut g = c.benchmark_group("model_scan");
+    for size in [200usize, 10_000, 200_000] {
+        let body = chat_body(size);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(format!("body_{size}B"), |b| {
+            b.iter(|| {
+                let mut s = ModelScanner::new();
+                s.feed(black_box(&body)).unwrap();
+                assert!(s.model().is_some());
+            })
+        });
+    }
+    g.finish();
+}
+
+fn routing(c: &mut Criterion) {
+    c.bench_function("route/classify_chat", |b| {
+        b.iter(|| {
+            classify(
+                Method::Post,
+                black_box("/proxy/3f8a1c2e-0000-4000-8000-000000000001/v1/chat/completions"),
+            )
+        })
+    });
+}
+
+fn chunked(c: &mut Criterion) {
+    let mut stream = Vec::new();
+    for _ in 0..64 {
+        let event = br#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":" token"}}]}
+
+"#;
+        stream.extend(format!("{:x}\r\n", event.len()).bytes());
+        stream.extend_from_slice(event);
+        stream.extend_from_slice(b"\r\n");
+    }
+    stream.extend_from_slice(b"0\r\n\r\n");
+    let mut g = c.benchmark_group("chunked");
+    g.throughput(Throughput::Bytes(stream.len() as u64));
+    g.bench_function("track_sse_64_events", |b| {
+        b.iter(|| {
+            let mut d = ChunkedDecoder::new();
+            let n = d.feed(black_box(&stream), |_| {}).unwrap();
+            assert!(d.is_done() && n == stream.len());
+        })
+    });
+    g.finish();
+}
+
+fn response_head(c: &mut Criterion) {
+    let raw = b"HTTP/1.1 200 OK\r\ndate: Mon, 23 Nov 2026 10:00:00 GMT\r\nserver: uvicorn\r\ncontent-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n";
+    let mut out = Vec::with_capacity(1024);
+    c.bench_function("response_head/parse_and_write", |b| {
+        b.iter(|| {
+            let h = parse_response_head(black_box(raw), 65536, false)
+                .unwrap()
+                .unwrap();
+            out.clear();
+            write_client_head(
+                &mut out,
+                raw,
+                &h,
+                ClientFraming::Chunked,
+                b"0123abcd-00-0000000001",
+                true,
+            );
+            black_box(&out);
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    head_parsing,
+    model_scan,
+    routing,
+    chunked,
+    response_head
+);
+criterion_main!(benches);
