@@ -409,7 +409,70 @@ fn large_bodies_with_and_without_splice(driver: &str) {
     }
 }
 
+/// A scripted backend that answers one request per connection and then closes it while
+/// claiming keep-alive: the gateway's pooled connection goes stale under it.
+fn closing_backend(connections: usize) -> (std::net::SocketAddr, std::thread::JoinHandle<usize>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = std::thread::spawn(move || {
+        let mut served = 0;
+        for _ in 0..connections {
+            let Ok((mut s, _)) = listener.accept() else {
+                break;
+            };
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Read the head and the Content-Length body.
+            let complete = loop {
+                let Ok(n) = s.read(&mut buf) else { break false };
+                if n == 0 {
+                    break false;
+                }
+                req.extend_from_slice(&buf[..n]);
+                if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if req.len() >= end + 4 + len {
+                        break true;
+                    }
+                }
+            };
+            if complete {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                served += 1;
+            }
+            // Closed here, though the answer promised keep-alive.
+        }
+        served
+    });
+    (addr, handle)
+}
+
+fn stale_pooled_connection_is_retried(driver: &str) {
+    let (backend, served) = closing_backend(3);
+    let gw = gateway(
+        driver,
+        &domains_config(&[(D, &[("vllm", backend, &["m"])])]),
+    );
+    let path = format!("/proxy/{D}/v1/chat/completions");
+    for i in 0..3 {
+        // Give the backend's close time to arrive, so the pooled socket is really stale.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let r = post(gw.addr, &path, r#"{"model":"m"}"#);
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.text(), "ok");
+    }
+    assert_eq!(served.join().unwrap(), 3);
+}
+
 for_each_driver!(
+    stale_pooled_connection_is_retried,
     large_bodies_with_and_without_splice,
     streaming_arrives_before_the_backend_finishes,
     answers_identical_to_direct,
