@@ -53,6 +53,16 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// `cubegate serve`. Returns the process exit code.
 pub fn serve(config: Config, config_path: PathBuf) -> i32 {
+    // Signal handlers go in before anything listens: a SIGHUP or SIGTERM that arrives
+    // during startup must reload or drain, not kill the process.
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals = match signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
     let (driver, why) = match choose_driver(config.proxy.driver) {
         Ok(d) => d,
         Err(e) => {
@@ -141,7 +151,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         pinned = !cores.is_empty(),
         "cubegate listening on {addr}"
     );
-    let code = handle_signals(&config, &config_path, &published, &remaining);
+    let code = handle_signals(signals, &config, &config_path, &published, &remaining);
     for t in threads {
         let _ = t.join();
     }
@@ -216,19 +226,13 @@ async fn worker_main(worker: Worker, listener: std::net::TcpListener) -> std::io
 }
 
 fn handle_signals(
+    mut signals: signal_hook::iterator::Signals,
     config: &Config,
     path: &Path,
     published: &Published,
     remaining: &AtomicU64,
 ) -> i32 {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot install signal handlers: {e}");
-            return 1;
-        }
-    };
+    use signal_hook::consts::SIGHUP;
     let mut generation = 1;
     loop {
         if remaining.load(Ordering::Acquire) == 0 {
