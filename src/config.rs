@@ -111,6 +111,8 @@ pub struct AuthConfig {
     pub leeway_s: u64,
     pub claims_namespace: String,
     pub domains_claim: String,
+    /// Verified tokens remembered per worker.
+    pub token_cache_entries: usize,
     pub trusted: Vec<TrustedIssuer>,
 }
 
@@ -122,6 +124,7 @@ impl Default for AuthConfig {
             leeway_s: 30,
             claims_namespace: String::new(),
             domains_claim: "domains".into(),
+            token_cache_entries: 65536,
             trusted: Vec::new(),
         }
     }
@@ -136,6 +139,13 @@ pub struct TrustedIssuer {
     pub jwks_url: Option<String>,
     pub jwks: Option<String>,
     pub hs_secret_env: Option<String>,
+    /// Refuse tokens without `exp` (default true).
+    #[serde(default = "yes")]
+    pub require_exp: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Size limits. Every byte a client or backend sends is counted against one of these.
@@ -364,6 +374,15 @@ impl Config {
             check_range(key, v, 1, 86_400_000)?;
         }
         check_range("timeouts.drain_s", t.drain_s, 0, 86_400)?;
+        check_range(
+            "auth.token_cache_entries",
+            self.auth.token_cache_entries as u64,
+            1,
+            1 << 24,
+        )?;
+        for (i, t) in self.auth.trusted.iter().enumerate() {
+            validate_trusted(i, t)?;
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, d) in self.domains.iter().enumerate() {
             let key = format!("domains[{i}]");
@@ -387,6 +406,49 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+fn validate_trusted(i: usize, t: &TrustedIssuer) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("auth.trusted[{i}].{k}");
+    if t.issuer.is_empty() {
+        return Err(err(key("issuer"), "must not be empty"));
+    }
+    let sources = [
+        t.jwks_url.is_some(),
+        t.jwks.is_some(),
+        t.hs_secret_env.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
+        return Err(err(
+            key("issuer"),
+            "set exactly one of jwks_url, jwks or hs_secret_env",
+        ));
+    }
+    if let Some(url) = &t.jwks_url {
+        check_jwks_url(url).map_err(|p| err(key("jwks_url"), p))?;
+    }
+    Ok(())
+}
+
+/// JWKS must come over https; plain http only from a loopback address (tests, sidecars).
+pub fn check_jwks_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!("{url:?} must be an https:// URL"));
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let addr = host
+        .parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| host.parse::<std::net::IpAddr>());
+    match addr {
+        Ok(ip) if ip.is_loopback() => Ok(()),
+        _ => Err(format!(
+            "{url:?}: plain http is only allowed to a loopback address; use https://"
+        )),
     }
 }
 

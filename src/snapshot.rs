@@ -7,6 +7,7 @@
 //! counter and only touch the shared `ArcSwap` when it moved, so the hot path writes nothing
 //! shared. A request in flight keeps the `Arc` it started with, so reload never disturbs it.
 
+use crate::auth::keys::KeyStore;
 use crate::config::{parse_backend_url, BackendKind, Config, ConfigError};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -72,6 +73,10 @@ impl Domain {
 pub struct Snapshot {
     pub generation: u64,
     pub domains: HashMap<String, Arc<Domain>>,
+    /// Every trusted issuer's verification keys.
+    pub keys: Arc<KeyStore>,
+    /// Moves when a revocation must reach cached tokens (management plane).
+    pub revocation_epoch: u64,
 }
 
 impl Snapshot {
@@ -106,6 +111,8 @@ impl Snapshot {
         Ok(Snapshot {
             generation,
             domains,
+            keys: Arc::new(crate::auth::build_key_store(config, generation)?),
+            revocation_epoch: 0,
         })
     }
 }

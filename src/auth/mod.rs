@@ -1,74 +1,257 @@
 //! Authentication and authorization: the seam between parsing a request and routing it.
 //!
-//! `authenticate` turns the `Authorization` header into an [`Identity`]; `authorize`
-//! decides whether that identity may use a domain's endpoint. The data plane calls exactly
-//! these two, in that order, before anything reaches a backend. Today two modes exist:
-//! `none` (development: every caller is an anonymous platform admin, announced loudly at
-//! startup) and `jwt`, which fails closed until the verifier (ring, per-core cache, JWKS)
-//! is plugged in behind `authenticate`.
+//! `authenticate` turns the `Authorization` header into an [`Identity`]: the per-worker
+//! [`cache::TokenCache`] answers tokens seen before; a new token is parsed and verified with
+//! `ring` ([`jws`]) against the keys of its issuer ([`keys`], held in the snapshot), its
+//! claims checked ([`claims`]), and the verdict cached, good or bad. `authorize` then decides
+//! whether that identity may use a domain's endpoint. The data plane calls exactly these
+//! two, in that order, before anything reaches a backend.
+//!
+//! `auth.mode = "none"` (development) makes every caller an anonymous platform admin, and
+//! says so loudly at startup.
 
-use crate::config::AuthMode;
+pub mod cache;
+pub mod claims;
+pub mod jws;
+pub mod keys;
+
+use crate::config::{AuthConfig, AuthMode, Config, ConfigError};
 use crate::proxy::error::GatewayError;
 use crate::proxy::route::Endpoint;
-use crate::snapshot::Domain;
+use crate::snapshot::{Domain, Snapshot};
+use cache::{TokenCache, Verdict, NEGATIVE_TTL_S};
+use claims::{ClaimRules, VerifiedClaims};
+use jws::{Alg, AlgSet, VerifyingKey};
+use keys::{IssuerKeys, KeyStore};
+use std::fmt;
+use std::rc::Rc;
+
+/// Why a bearer token was refused. The text goes into `WWW-Authenticate` and the error
+/// body: it names the failed check, never the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    Malformed(&'static str),
+    TooLarge,
+    UnsupportedAlg,
+    AlgNotAllowed,
+    UnknownIssuer,
+    UnknownKey,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    WrongIssuer,
+    WrongAudience,
+    MissingExp,
+    MissingSub,
+    WrongType,
+    UnknownApiKey,
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenError::Malformed(why) => write!(f, "malformed token: {why}"),
+            TokenError::TooLarge => f.write_str("token too large"),
+            TokenError::UnsupportedAlg => {
+                f.write_str("unsupported or forbidden signature algorithm")
+            }
+            TokenError::AlgNotAllowed => {
+                f.write_str("the token's algorithm is not the one its key is for")
+            }
+            TokenError::UnknownIssuer => f.write_str("token from an issuer that is not trusted"),
+            TokenError::UnknownKey => f.write_str("token signed with an unknown key (kid)"),
+            TokenError::BadSignature => f.write_str("bad token signature"),
+            TokenError::Expired => f.write_str("token expired"),
+            TokenError::NotYetValid => f.write_str("token not valid yet (nbf)"),
+            TokenError::IssuedInFuture => f.write_str("token issued in the future (iat)"),
+            TokenError::WrongIssuer => f.write_str("token has no valid issuer (iss)"),
+            TokenError::WrongAudience => f.write_str("token is not meant for this service (aud)"),
+            TokenError::MissingExp => f.write_str("token has no expiry (exp)"),
+            TokenError::MissingSub => f.write_str("token has no subject (sub)"),
+            TokenError::WrongType => {
+                f.write_str("a refresh token cannot be used as a bearer token")
+            }
+            TokenError::UnknownApiKey => f.write_str("unknown or revoked API key"),
+        }
+    }
+}
+
+/// Why a request is unauthenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    NotBearer,
+    Token(TokenError),
+}
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::Missing => {
+                f.write_str("missing bearer token: send Authorization: Bearer <token>")
+            }
+            AuthError::NotBearer => {
+                f.write_str("the Authorization header must be \"Bearer <token>\"")
+            }
+            AuthError::Token(e) => write!(f, "{e}"),
+        }
+    }
+}
 
 /// Who is calling, as far as the data plane needs to know.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// `auth.mode = "none"`.
+    Development,
+    Token(Rc<VerifiedClaims>),
+}
+
+impl Identity {
     /// Sent upstream as `X-User-Id`.
-    pub user_id: std::borrow::Cow<'static, str>,
-    pub platform_admin: bool,
+    pub fn user_id(&self) -> &str {
+        match self {
+            Identity::Development => "anonymous",
+            Identity::Token(c) => &c.sub,
+        }
+    }
+
+    pub fn platform_admin(&self) -> bool {
+        match self {
+            Identity::Development => true,
+            Identity::Token(c) => c.admin,
+        }
+    }
 }
 
 pub struct Authenticator {
     mode: AuthMode,
+    rules: ClaimRules,
 }
 
 impl Authenticator {
-    pub fn new(mode: AuthMode) -> Authenticator {
-        Authenticator { mode }
+    pub fn new(config: &AuthConfig) -> Authenticator {
+        Authenticator {
+            mode: config.mode,
+            rules: ClaimRules {
+                leeway_s: config.leeway_s as f64,
+                namespace: config.claims_namespace.clone(),
+                domains_claim: config.domains_claim.clone(),
+            },
+        }
     }
 
-    /// Checks the bearer credential. `authorization` is the raw header value, if any.
-    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Identity, GatewayError> {
-        match self.mode {
-            AuthMode::None => Ok(Identity {
-                user_id: std::borrow::Cow::Borrowed("anonymous"),
-                platform_admin: true,
-            }),
-            AuthMode::Jwt => {
-                let Some(value) = authorization else {
-                    return Err(GatewayError::Unauthorized(
-                        "missing bearer token: send Authorization: Bearer <token>",
-                    ));
-                };
-                if bearer_token(value).is_none() {
-                    return Err(GatewayError::Unauthorized(
-                        "the Authorization header must be \"Bearer <token>\"",
-                    ));
+    /// Phase `authenticate`: checks the bearer credential (`authorization` is the raw
+    /// header value, if any), from the cache when it can.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        snapshot: &Snapshot,
+        cache: &mut TokenCache,
+    ) -> Result<Identity, GatewayError> {
+        if self.mode == AuthMode::None {
+            return Ok(Identity::Development);
+        }
+        let value = authorization.ok_or(GatewayError::Unauthorized(AuthError::Missing))?;
+        let token = bearer_token(value).ok_or(GatewayError::Unauthorized(AuthError::NotBearer))?;
+        let now = unix_now();
+        cache.sync_epoch((snapshot.keys.generation, snapshot.revocation_epoch));
+        let refused = |e| GatewayError::Unauthorized(AuthError::Token(e));
+        if let Some(verdict) = cache.get(token, now) {
+            return match verdict {
+                Verdict::Valid(claims) => {
+                    claims::still_valid(claims, self.rules.leeway_s, now).map_err(refused)?;
+                    Ok(Identity::Token(claims.clone()))
                 }
-                Err(GatewayError::Unauthorized(
-                    "token verification is not available in this build yet (auth.mode = \"jwt\"); \
-                     set auth.mode = \"none\" for development",
-                ))
+                Verdict::Invalid { error, .. } => Err(refused(*error)),
+            };
+        }
+        match verify_token(token, &snapshot.keys, &self.rules, now) {
+            Ok(claims) => {
+                let claims = Rc::new(claims);
+                cache.insert(token, Verdict::Valid(claims.clone()));
+                Ok(Identity::Token(claims))
+            }
+            Err(error) => {
+                let until = now + NEGATIVE_TTL_S;
+                cache.insert(token, Verdict::Invalid { error, until });
+                Err(refused(error))
             }
         }
     }
 
-    /// May `who` use `endpoint` of `domain`?
+    /// Phase `authorize`: may `who` use `endpoint` of `domain`?
     pub fn authorize(
         &self,
         who: &Identity,
-        _domain: &Domain,
+        domain: &Domain,
         endpoint: Endpoint,
     ) -> Result<(), GatewayError> {
-        if endpoint.is_admin() && !who.platform_admin {
+        if who.platform_admin() {
+            return Ok(());
+        }
+        let Identity::Token(claims) = who else {
+            return Ok(());
+        };
+        let listed = claims
+            .domains
+            .as_ref()
+            .is_some_and(|d| d.contains(&domain.id));
+        if !listed {
+            return Err(GatewayError::Forbidden(format!(
+                "this token may not use domain {:?}",
+                domain.id
+            )));
+        }
+        if endpoint.is_admin() {
             return Err(GatewayError::Forbidden(
-                "only domain admins may pull, push, create, copy or delete models",
+                "only admins may pull, push, create, copy or delete models".into(),
             ));
         }
         Ok(())
     }
+}
+
+/// Parses and verifies a token against the key store, then validates its claims.
+pub fn verify_token(
+    token: &[u8],
+    keys: &KeyStore,
+    rules: &ClaimRules,
+    now: f64,
+) -> Result<VerifiedClaims, TokenError> {
+    if token.starts_with(b"cg_") {
+        // API keys arrive with the management plane; until then none is known.
+        return Err(TokenError::UnknownApiKey);
+    }
+    let parsed = jws::parse(token)?;
+    let iss = parsed
+        .payload
+        .get("iss")
+        .and_then(|v| v.as_str())
+        .ok_or(TokenError::WrongIssuer)?;
+    let (index, issuer) = keys.issuer(iss).ok_or(TokenError::UnknownIssuer)?;
+    let mut outcome = Err(TokenError::UnknownKey);
+    for key in issuer.candidates(parsed.kid.as_deref()) {
+        match key.verify(parsed.alg, parsed.signing_input, &parsed.signature) {
+            Ok(()) => {
+                outcome = Ok(());
+                break;
+            }
+            // A key that allowed the algorithm but did not match says more than one that
+            // did not allow it.
+            Err(e) if outcome != Err(TokenError::BadSignature) => outcome = Err(e),
+            Err(_) => {}
+        }
+    }
+    outcome?;
+    claims::validate(
+        &parsed.payload,
+        index,
+        issuer,
+        issuer.require_exp,
+        rules,
+        now,
+    )
 }
 
 /// The token of a `Bearer` credential (scheme case-insensitive, RFC 6750 token68 charset).
@@ -84,6 +267,67 @@ pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     ok.then_some(token)
 }
 
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Builds the key store from the configuration: HS secrets from the environment and
+/// inline JWKS now; JWKS URLs start empty and are filled by the fetcher.
+pub fn build_key_store(config: &Config, generation: u64) -> Result<KeyStore, ConfigError> {
+    let mut issuers = Vec::new();
+    for (i, t) in config.auth.trusted.iter().enumerate() {
+        let key = |k: &str| format!("auth.trusted[{i}].{k}");
+        let err = |k: &str, p: String| ConfigError {
+            key: key(k),
+            problem: p,
+        };
+        let mut keys: Vec<VerifyingKey> = Vec::new();
+        if let Some(var) = &t.hs_secret_env {
+            let secret = std::env::var(var).map_err(|_| {
+                err(
+                    "hs_secret_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?;
+            if secret.len() < 32 {
+                return Err(err(
+                    "hs_secret_env",
+                    format!("the secret in {var} is shorter than 32 bytes: too weak for HMAC"),
+                ));
+            }
+            keys.push(VerifyingKey::hmac(
+                None,
+                secret.as_bytes(),
+                AlgSet::of(&[Alg::HS256, Alg::HS384, Alg::HS512]),
+            ));
+        }
+        if let Some(jwks) = &t.jwks {
+            let (parsed, skipped) =
+                keys::parse_jwks(jwks.as_bytes()).map_err(|e| err("jwks", e))?;
+            if parsed.is_empty() {
+                return Err(err(
+                    "jwks",
+                    format!("no usable key ({})", skipped.join("; ")),
+                ));
+            }
+            keys.extend(parsed);
+        }
+        issuers.push(IssuerKeys {
+            issuer: t.issuer.clone(),
+            audiences: t.audiences.clone(),
+            keys,
+            jwks_url: t.jwks_url.clone(),
+            require_exp: t.require_exp,
+        });
+    }
+    Ok(KeyStore {
+        issuers,
+        generation,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,14 +339,5 @@ mod tests {
         assert_eq!(bearer_token(b"Basic abc"), None);
         assert_eq!(bearer_token(b"Bearer a b"), None);
         assert_eq!(bearer_token(b"Bearer "), None);
-    }
-
-    #[test]
-    fn jwt_mode_fails_closed() {
-        let a = Authenticator::new(AuthMode::Jwt);
-        assert!(a.authenticate(None).is_err());
-        assert!(a.authenticate(Some(b"Bearer x.y.z")).is_err());
-        let a = Authenticator::new(AuthMode::None);
-        assert!(a.authenticate(None).unwrap().platform_admin);
     }
 }

@@ -14,6 +14,7 @@ use super::local;
 use super::model_scan::ModelScanner;
 use super::route::{classify, Api, Endpoint, Route};
 use super::{RequestId, Worker};
+use crate::auth::AuthError;
 use crate::http::head::{parse_request_head, BodyFraming, Method, RequestHead, Span};
 use crate::http::headers::is_acceptable_request_id;
 use crate::http::response::write_local_response;
@@ -226,7 +227,10 @@ async fn dispatch(
     // authenticate → domain → authorize. Authentication comes first so an anonymous
     // caller cannot probe which domains exist.
     let auth_header = conn.head.authorization.map(|s| s.of(&conn.rbuf));
-    let identity = worker.auth.authenticate(auth_header)?;
+    let identity =
+        worker
+            .auth
+            .authenticate(auth_header, snapshot, &mut worker.tokens.borrow_mut())?;
     let domain_id = std::str::from_utf8(domain_span.of(&conn.rbuf)).unwrap_or("");
     let Some(domain) = snapshot.domains.get(domain_id) else {
         return Err(GatewayError::UnknownDomain(domain_id.to_string()));
@@ -423,11 +427,14 @@ pub async fn send_error(
     let body = e.to_json();
     let challenge;
     let mut extra: Vec<(&str, &str)> = Vec::new();
-    if e.status() == 401 {
-        challenge = format!(
-            "Bearer error=\"invalid_token\", error_description=\"{}\"",
-            e.to_string().replace('"', "'")
-        );
+    if let GatewayError::Unauthorized(why) = e {
+        challenge = match why {
+            AuthError::Missing => "Bearer realm=\"cubegate\"".to_string(),
+            _ => format!(
+                "Bearer realm=\"cubegate\", error=\"invalid_token\", error_description=\"{}\"",
+                why.to_string().replace('"', "'")
+            ),
+        };
         extra.push(("WWW-Authenticate", &challenge));
     }
     let mut out = std::mem::take(&mut conn.out);

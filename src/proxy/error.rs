@@ -31,8 +31,8 @@ pub enum GatewayError {
     /// Dot segments or encoded characters in the path.
     BadPath,
     NoOllamaBackend(String),
-    Unauthorized(&'static str),
-    Forbidden(&'static str),
+    Unauthorized(crate::auth::AuthError),
+    Forbidden(String),
     NotImplemented(&'static str),
     UpstreamConnect(std::io::Error),
     UpstreamConnectTimeout,

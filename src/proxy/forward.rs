@@ -216,7 +216,7 @@ fn write_upstream_head(
     out.extend_from_slice(b"\r\nX-Domain-Id: ");
     out.extend_from_slice(req.domain.id.as_bytes());
     out.extend_from_slice(b"\r\nX-User-Id: ");
-    out.extend_from_slice(req.identity.user_id.as_bytes());
+    out.extend_from_slice(req.identity.user_id().as_bytes());
     out.extend_from_slice(b"\r\n");
     match head.framing {
         BodyFraming::None => {

@@ -19,6 +19,7 @@ pub mod splice;
 pub mod stream;
 pub mod upstream;
 
+use crate::auth::cache::TokenCache;
 use crate::auth::Authenticator;
 use crate::config::{Config, Limits, Timeouts};
 use crate::snapshot::{LocalSnapshot, Published};
@@ -56,6 +57,8 @@ pub struct Worker {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub auth: Authenticator,
+    /// This worker's verified-token cache.
+    pub tokens: RefCell<TokenCache>,
     /// Move uninspected Content-Length bodies with splice(2).
     pub splice: bool,
     /// The worker's reusable pipe for splice (taken while in use).
@@ -78,7 +81,8 @@ impl Worker {
             id,
             limits: config.limits.clone(),
             timeouts: config.timeouts.clone(),
-            auth: Authenticator::new(config.auth.mode),
+            auth: Authenticator::new(&config.auth),
+            tokens: RefCell::new(TokenCache::new(config.auth.token_cache_entries)),
             splice: config.proxy.splice_bodies,
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),

@@ -1,0 +1,228 @@
+//! The per-worker verified-token cache.
+//!
+//! A signature is checked once per token per worker; later requests with the same token
+//! cost a keyed hash of the token, one table probe and a byte comparison. The cache is
+//! owned by one worker (no lock, no atomic), bounded, and evicts with CLOCK (a hit only sets
+//! a flag, so hits write nothing shared and stay O(1)). Keys are the whole token: the hash
+//! (keyed per process, so an attacker cannot aim collisions) finds the slot and a full
+//! comparison confirms it, so a collision can never authenticate. Expiry is re-checked on
+//! every hit. Failed tokens are remembered briefly (negative entries) so a flood of the same
+//! forged token costs one signature check per worker per `NEGATIVE_TTL`.
+//!
+//! The whole cache is emptied when the snapshot's keys or revocation epoch change.
+
+use super::claims::VerifiedClaims;
+use super::TokenError;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::Rc;
+
+/// How long a failed token is answered from the cache.
+pub const NEGATIVE_TTL_S: f64 = 10.0;
+
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Valid(Rc<VerifiedClaims>),
+    Invalid { error: TokenError, until: f64 },
+}
+
+struct Slot {
+    hash: u64,
+    token: Box<[u8]>,
+    verdict: Verdict,
+    referenced: bool,
+}
+
+/// The index is keyed by an already-random 64-bit hash: hashing it again is waste.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub negative_hits: u64,
+    pub misses: u64,
+}
+
+pub struct TokenCache {
+    index: HashMap<u64, u32, BuildHasherDefault<PassThrough>>,
+    slots: Vec<Slot>,
+    hand: usize,
+    capacity: usize,
+    hasher: ahash::RandomState,
+    /// (key generation, revocation epoch) the entries were verified under.
+    epoch: (u64, u64),
+    pub stats: CacheStats,
+}
+
+impl TokenCache {
+    pub fn new(capacity: usize) -> TokenCache {
+        TokenCache {
+            index: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), Default::default()),
+            slots: Vec::new(),
+            hand: 0,
+            capacity: capacity.max(1),
+            hasher: ahash::RandomState::new(),
+            epoch: (0, 0),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Empties the cache when keys or revocations moved since the entries were made.
+    pub fn sync_epoch(&mut self, epoch: (u64, u64)) {
+        if self.epoch != epoch {
+            self.epoch = epoch;
+            self.index.clear();
+            self.slots.clear();
+            self.hand = 0;
+        }
+    }
+
+    fn hash(&self, token: &[u8]) -> u64 {
+        self.hasher.hash_one(token)
+    }
+
+    /// The cached verdict for `token`, if any and still current. Counts hits and misses.
+    pub fn get(&mut self, token: &[u8], now: f64) -> Option<&Verdict> {
+        let h = self.hash(token);
+        let Some(&i) = self.index.get(&h) else {
+            self.stats.misses += 1;
+            return None;
+        };
+        let slot = &mut self.slots[i as usize];
+        if *slot.token != *token {
+            self.stats.misses += 1;
+            return None;
+        }
+        match slot.verdict {
+            Verdict::Invalid { until, .. } if until < now => {
+                self.stats.misses += 1;
+                return None;
+            }
+            Verdict::Invalid { .. } => self.stats.negative_hits += 1,
+            Verdict::Valid(_) => self.stats.hits += 1,
+        }
+        slot.referenced = true;
+        Some(&slot.verdict)
+    }
+
+    pub fn insert(&mut self, token: &[u8], verdict: Verdict) {
+        let h = self.hash(token);
+        let slot = Slot {
+            hash: h,
+            token: token.into(),
+            verdict,
+            referenced: false,
+        };
+        if let Some(&i) = self.index.get(&h) {
+            // Same hash: the same token re-verified, or a collision; the newer one wins.
+            self.slots[i as usize] = slot;
+            return;
+        }
+        if self.slots.len() < self.capacity {
+            self.index.insert(h, self.slots.len() as u32);
+            self.slots.push(slot);
+            return;
+        }
+        // CLOCK: skip (and clear) recently used slots, evict the first one not used.
+        loop {
+            let s = &mut self.slots[self.hand];
+            if s.referenced {
+                s.referenced = false;
+                self.hand = (self.hand + 1) % self.capacity;
+                continue;
+            }
+            let old = s.hash;
+            self.index.remove(&old);
+            self.index.insert(h, self.hand as u32);
+            self.slots[self.hand] = slot;
+            self.hand = (self.hand + 1) % self.capacity;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(sub: &str) -> Verdict {
+        Verdict::Valid(Rc::new(VerifiedClaims {
+            sub: sub.into(),
+            issuer: 0,
+            exp: None,
+            nbf: None,
+            domains: None,
+            admin: false,
+        }))
+    }
+
+    #[test]
+    fn hits_misses_and_bounds() {
+        let mut c = TokenCache::new(3);
+        assert!(c.get(b"t1", 0.0).is_none());
+        c.insert(b"t1", claims("a"));
+        assert!(matches!(c.get(b"t1", 0.0), Some(Verdict::Valid(v)) if v.sub == "a"));
+        for i in 0..10 {
+            c.insert(format!("x{i}").as_bytes(), claims("x"));
+            assert!(c.len() <= 3);
+        }
+        assert_eq!(c.stats.hits, 1);
+        c.insert(
+            b"bad",
+            Verdict::Invalid {
+                error: TokenError::BadSignature,
+                until: 5.0,
+            },
+        );
+        assert!(c.get(b"bad", 4.0).is_some());
+        assert!(c.get(b"bad", 6.0).is_none(), "negative entries expire");
+        c.sync_epoch((1, 0));
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn recently_used_entries_survive_eviction() {
+        let mut c = TokenCache::new(2);
+        c.insert(b"hot", claims("h"));
+        c.insert(b"cold", claims("c"));
+        for i in 0..5 {
+            assert!(c.get(b"hot", 0.0).is_some(), "round {i}");
+            c.insert(format!("new{i}").as_bytes(), claims("n"));
+        }
+    }
+
+    /// A colliding hash must not authenticate: the full comparison decides.
+    #[test]
+    fn collisions_never_authenticate() {
+        let mut c = TokenCache::new(4);
+        c.insert(b"genuine", claims("victim"));
+        // Forge an index entry for another token pointing at the genuine slot.
+        let forged = c.hash(b"forged");
+        let slot = c.index[&c.hash(b"genuine")];
+        c.index.insert(forged, slot);
+        assert!(c.get(b"forged", 0.0).is_none());
+    }
+}

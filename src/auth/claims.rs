@@ -1,0 +1,251 @@
+//! Claims validation: from a verified payload to the [`VerifiedClaims`] the data plane uses.
+//!
+//! Time checks use the configured leeway; `exp` is required unless the issuer is configured
+//! otherwise; `aud` is checked when the issuer lists audiences; `sub` must be a short
+//! printable string, since it travels upstream as the `X-User-Id` header. Custom claims
+//! (`domains`, `role`) are read under the configured namespace, the way auth platforms emit
+//! them (`https://example.com/domains`).
+
+use super::jws::JsonObject;
+use super::keys::IssuerKeys;
+use super::TokenError;
+use serde_json::Value;
+
+/// What a valid token says, as far as the data plane needs it. Only `validate` makes one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedClaims {
+    pub sub: String,
+    /// Index of the issuer in the snapshot's key store.
+    pub issuer: usize,
+    pub exp: Option<f64>,
+    pub nbf: Option<f64>,
+    /// The domain ids the token lists (`None`: the claim is absent).
+    pub domains: Option<Vec<String>>,
+    /// `role` = "admin": a platform admin.
+    pub admin: bool,
+}
+
+/// Validation settings shared by every issuer.
+#[derive(Debug, Clone)]
+pub struct ClaimRules {
+    pub leeway_s: f64,
+    pub namespace: String,
+    pub domains_claim: String,
+}
+
+impl ClaimRules {
+    fn custom<'a>(&self, payload: &'a JsonObject, name: &str) -> Option<&'a Value> {
+        if !self.namespace.is_empty() {
+            if let Some(v) = payload.get(&format!("{}{name}", self.namespace)) {
+                return Some(v);
+            }
+        }
+        payload.get(name)
+    }
+}
+
+pub fn validate(
+    payload: &JsonObject,
+    issuer_index: usize,
+    issuer: &IssuerKeys,
+    require_exp: bool,
+    rules: &ClaimRules,
+    now: f64,
+) -> Result<VerifiedClaims, TokenError> {
+    match payload.get("iss") {
+        Some(Value::String(s)) if *s == issuer.issuer => {}
+        _ => return Err(TokenError::WrongIssuer),
+    }
+    let exp = numeric(payload, "exp")?;
+    let nbf = numeric(payload, "nbf")?;
+    let iat = numeric(payload, "iat")?;
+    match exp {
+        None if require_exp => return Err(TokenError::MissingExp),
+        Some(e) if now > e + rules.leeway_s => return Err(TokenError::Expired),
+        _ => {}
+    }
+    if nbf.is_some_and(|n| now + rules.leeway_s < n) {
+        return Err(TokenError::NotYetValid);
+    }
+    if iat.is_some_and(|i| now + rules.leeway_s < i) {
+        return Err(TokenError::IssuedInFuture);
+    }
+    if !issuer.audiences.is_empty() {
+        let listed = |a: &str| issuer.audiences.iter().any(|want| want == a);
+        let ok = match payload.get("aud") {
+            Some(Value::String(a)) => listed(a),
+            Some(Value::Array(list)) => list.iter().any(|a| a.as_str().is_some_and(listed)),
+            _ => false,
+        };
+        if !ok {
+            return Err(TokenError::WrongAudience);
+        }
+    }
+    let sub = match payload.get("sub") {
+        Some(Value::String(s)) if is_header_safe(s) => s.clone(),
+        Some(_) => {
+            return Err(TokenError::Malformed(
+                "\"sub\" must be 1..=256 printable characters",
+            ))
+        }
+        None => return Err(TokenError::MissingSub),
+    };
+    if payload.get("type").and_then(Value::as_str) == Some("refresh") {
+        return Err(TokenError::WrongType);
+    }
+    let domains = match rules.custom(payload, &rules.domains_claim) {
+        None => None,
+        Some(Value::String(d)) => Some(vec![d.clone()]),
+        Some(Value::Array(list)) => Some(
+            list.iter()
+                .map(|d| d.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or(TokenError::Malformed("the domains claim must list strings"))?,
+        ),
+        Some(_) => return Err(TokenError::Malformed("the domains claim must list strings")),
+    };
+    let admin = rules.custom(payload, "role").and_then(Value::as_str) == Some("admin");
+    Ok(VerifiedClaims {
+        sub,
+        issuer: issuer_index,
+        exp,
+        nbf,
+        domains,
+        admin,
+    })
+}
+
+/// Re-checks the time claims of a cached verdict.
+pub fn still_valid(c: &VerifiedClaims, leeway_s: f64, now: f64) -> Result<(), TokenError> {
+    if c.exp.is_some_and(|e| now > e + leeway_s) {
+        return Err(TokenError::Expired);
+    }
+    if c.nbf.is_some_and(|n| now + leeway_s < n) {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(())
+}
+
+fn numeric(payload: &JsonObject, name: &'static str) -> Result<Option<f64>, TokenError> {
+    match payload.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|v| v.is_finite())
+            .map(Some)
+            .ok_or(TokenError::Malformed("a time claim is not a finite number")),
+        Some(_) => Err(TokenError::Malformed(
+            "a time claim (exp, nbf, iat) is not a number",
+        )),
+    }
+}
+
+fn is_header_safe(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer(aud: &[&str]) -> IssuerKeys {
+        IssuerKeys {
+            issuer: "https://idp/".into(),
+            audiences: aud.iter().map(|s| s.to_string()).collect(),
+            keys: Vec::new(),
+            jwks_url: None,
+            require_exp: true,
+        }
+    }
+
+    fn rules() -> ClaimRules {
+        ClaimRules {
+            leeway_s: 30.0,
+            namespace: "https://cube/".into(),
+            domains_claim: "domains".into(),
+        }
+    }
+
+    fn obj(v: serde_json::Value) -> JsonObject {
+        JsonObject(v.as_object().unwrap().clone().into_iter().collect())
+    }
+
+    #[test]
+    fn verdicts() {
+        let now = 1_000_000.0;
+        let ok = serde_json::json!({"iss":"https://idp/","sub":"u1","exp":now+60.0,"aud":["x","cubegate"],"https://cube/domains":["d1"],"https://cube/role":"admin"});
+        let c = validate(
+            &obj(ok.clone()),
+            0,
+            &issuer(&["cubegate"]),
+            true,
+            &rules(),
+            now,
+        )
+        .unwrap();
+        assert_eq!(c.sub, "u1");
+        assert_eq!(c.domains.as_deref(), Some(&["d1".to_string()][..]));
+        assert!(c.admin);
+        let cases = [
+            (
+                serde_json::json!({"iss":"https://idp/","sub":"u","exp":now-31.0}),
+                TokenError::Expired,
+            ),
+            (
+                serde_json::json!({"iss":"https://idp/","sub":"u"}),
+                TokenError::MissingExp,
+            ),
+            (
+                serde_json::json!({"iss":"https://idp/","sub":"u","exp":now+9.0,"nbf":now+31.0}),
+                TokenError::NotYetValid,
+            ),
+            (
+                serde_json::json!({"iss":"https://idp/","sub":"u","exp":now+9.0,"iat":now+31.0}),
+                TokenError::IssuedInFuture,
+            ),
+            (
+                serde_json::json!({"iss":"https://other/","sub":"u","exp":now+9.0}),
+                TokenError::WrongIssuer,
+            ),
+            (
+                serde_json::json!({"iss":"https://idp/","sub":"u","exp":now+9.0,"aud":"else"}),
+                TokenError::WrongAudience,
+            ),
+            (
+                serde_json::json!({"iss":"https://idp/","exp":now+9.0,"aud":"cubegate"}),
+                TokenError::MissingSub,
+            ),
+            (
+                serde_json::json!({"iss":"https://idp/","sub":"a\r\nX-Evil: 1","exp":now+9.0,"aud":"cubegate"}),
+                TokenError::Malformed(""),
+            ),
+            (
+                serde_json::json!({"iss":"https://idp/","sub":"u","exp":"soon","aud":"cubegate"}),
+                TokenError::Malformed(""),
+            ),
+            (
+                serde_json::json!({"iss":"https://idp/","sub":"u","exp":now+9.0,"aud":"cubegate","type":"refresh"}),
+                TokenError::WrongType,
+            ),
+        ];
+        for (payload, want) in cases {
+            let got = validate(
+                &obj(payload.clone()),
+                0,
+                &issuer(&["cubegate"]),
+                true,
+                &rules(),
+                now,
+            )
+            .unwrap_err();
+            assert_eq!(
+                std::mem::discriminant(&got),
+                std::mem::discriminant(&want),
+                "{payload}"
+            );
+        }
+        // Leeway: 29 s past exp is still fine.
+        let late = serde_json::json!({"iss":"https://idp/","sub":"u","exp":now-29.0});
+        assert!(validate(&obj(late), 0, &issuer(&[]), true, &rules(), now).is_ok());
+    }
+}

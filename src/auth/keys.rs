@@ -1,0 +1,229 @@
+//! Verification keys: JWK / JWKS parsing, and the per-issuer key sets of a snapshot.
+//!
+//! A JWK becomes a [`VerifyingKey`] only if it is unambiguous: its type and curve fix the
+//! algorithm family, and an `alg` member, when present, narrows it to one algorithm. Keys
+//! meant for encryption (`use: enc`), symmetric keys in a published set, and unknown types
+//! are skipped with a reason (a JWKS often carries keys for other purposes). Sizes are
+//! bounded: a JWKS endpoint is as untrusted as a client.
+
+use super::jws::{Alg, AlgSet, KeyMaterial, VerifyingKey};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::Deserialize;
+
+pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+pub const MAX_KEYS: usize = 64;
+
+#[derive(Debug, Deserialize)]
+struct Jwk {
+    kty: String,
+    kid: Option<String>,
+    alg: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
+    key_ops: Option<Vec<String>>,
+    crv: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Jwks {
+    keys: Vec<serde_json::Value>,
+}
+
+/// Parses a JWKS document. Returns the usable keys and, for each skipped key, why.
+pub fn parse_jwks(json: &[u8]) -> Result<(Vec<VerifyingKey>, Vec<String>), String> {
+    if json.len() > MAX_JWKS_BYTES {
+        return Err(format!("JWKS larger than {MAX_JWKS_BYTES} bytes"));
+    }
+    let set: Jwks = serde_json::from_slice(json)
+        .map_err(|e| format!("not a JWKS (a JSON object with a \"keys\" array): {e}"))?;
+    if set.keys.len() > MAX_KEYS {
+        return Err(format!("JWKS has more than {MAX_KEYS} keys"));
+    }
+    let mut keys = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, raw) in set.keys.into_iter().enumerate() {
+        match serde_json::from_value::<Jwk>(raw)
+            .map_err(|e| format!("invalid JWK: {e}"))
+            .and_then(jwk_to_key)
+        {
+            Ok(k) => keys.push(k),
+            Err(why) => skipped.push(format!("key {i}: {why}")),
+        }
+    }
+    Ok((keys, skipped))
+}
+
+fn jwk_to_key(jwk: Jwk) -> Result<VerifyingKey, String> {
+    if jwk.use_.as_deref().is_some_and(|u| u != "sig") {
+        return Err("not a signature key (\"use\" is not \"sig\")".into());
+    }
+    if jwk
+        .key_ops
+        .as_ref()
+        .is_some_and(|ops| !ops.iter().any(|o| o == "verify"))
+    {
+        return Err("\"key_ops\" does not include \"verify\"".into());
+    }
+    let named = match jwk.alg.as_deref() {
+        None => None,
+        Some(a) => Some(Alg::from_name(a).ok_or_else(|| format!("unsupported alg {a:?}"))?),
+    };
+    // The algorithms the key type allows; `alg`, when given, must be one of them.
+    let (family, material): (&[Alg], KeyMaterial) = match jwk.kty.as_str() {
+        "RSA" => {
+            let n = strip_zeros(b64(&jwk.n, "n")?);
+            let e = strip_zeros(b64(&jwk.e, "e")?);
+            if n.len() < 256 {
+                return Err("RSA modulus shorter than 2048 bits".into());
+            }
+            (
+                &[
+                    Alg::RS256,
+                    Alg::RS384,
+                    Alg::RS512,
+                    Alg::PS256,
+                    Alg::PS384,
+                    Alg::PS512,
+                ],
+                KeyMaterial::Rsa { n, e },
+            )
+        }
+        "EC" => {
+            let (alg, size) = match jwk.crv.as_deref() {
+                Some("P-256") => (Alg::ES256, 32),
+                Some("P-384") => (Alg::ES384, 48),
+                other => return Err(format!("unsupported EC curve {other:?}")),
+            };
+            let x = b64(&jwk.x, "x")?;
+            let y = b64(&jwk.y, "y")?;
+            if x.len() != size || y.len() != size {
+                return Err("EC coordinates of the wrong length".into());
+            }
+            let mut point = Vec::with_capacity(1 + 2 * size);
+            point.push(4);
+            point.extend_from_slice(&x);
+            point.extend_from_slice(&y);
+            let family: &[Alg] = if alg == Alg::ES256 {
+                &[Alg::ES256]
+            } else {
+                &[Alg::ES384]
+            };
+            (family, KeyMaterial::Ec { point })
+        }
+        "OKP" => {
+            if jwk.crv.as_deref() != Some("Ed25519") {
+                return Err(format!("unsupported OKP curve {:?}", jwk.crv));
+            }
+            let x = b64(&jwk.x, "x")?;
+            if x.len() != 32 {
+                return Err("Ed25519 key of the wrong length".into());
+            }
+            (&[Alg::EdDSA], KeyMaterial::Ed25519 { public: x })
+        }
+        "oct" => return Err("symmetric keys do not belong in a JWKS; use hs_secret_env".into()),
+        other => return Err(format!("unsupported key type {other:?}")),
+    };
+    let algs = match named {
+        Some(a) if family.contains(&a) => AlgSet::of(&[a]),
+        Some(a) => {
+            return Err(format!(
+                "alg {} does not fit key type {}",
+                a.name(),
+                jwk.kty
+            ))
+        }
+        None => AlgSet::of(family),
+    };
+    Ok(VerifyingKey {
+        kid: jwk.kid,
+        algs,
+        material,
+    })
+}
+
+fn b64(v: &Option<String>, name: &str) -> Result<Vec<u8>, String> {
+    let v = v.as_deref().ok_or_else(|| format!("missing \"{name}\""))?;
+    URL_SAFE_NO_PAD
+        .decode(v)
+        .map_err(|_| format!("\"{name}\" is not unpadded base64url"))
+}
+
+fn strip_zeros(mut v: Vec<u8>) -> Vec<u8> {
+    let zeros = v.iter().take_while(|&&b| b == 0).count();
+    v.drain(..zeros.min(v.len().saturating_sub(1)));
+    v
+}
+
+/// The keys of one issuer whose tokens are accepted.
+#[derive(Debug)]
+pub struct IssuerKeys {
+    pub issuer: String,
+    /// Empty = `aud` is not checked.
+    pub audiences: Vec<String>,
+    pub keys: Vec<VerifyingKey>,
+    /// Where the keys come from when they are fetched (`None` = static).
+    pub jwks_url: Option<String>,
+    pub require_exp: bool,
+}
+
+impl IssuerKeys {
+    /// The keys that may verify a token with this `kid`: the one with that id, or, for a
+    /// token without `kid`, every key (an issuer with one key often omits it).
+    pub fn candidates<'a>(
+        &'a self,
+        kid: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a VerifyingKey> {
+        self.keys
+            .iter()
+            .filter(move |k| kid.is_none() || k.kid.as_deref() == kid)
+    }
+}
+
+/// Every issuer's keys, as one immutable value in the snapshot.
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    pub issuers: Vec<IssuerKeys>,
+    /// Changes whenever any key changes: verified-token caches are emptied on a change.
+    pub generation: u64,
+}
+
+impl KeyStore {
+    pub fn issuer(&self, iss: &str) -> Option<(usize, &IssuerKeys)> {
+        self.issuers
+            .iter()
+            .enumerate()
+            .find(|(_, i)| i.issuer == iss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwks_parsing_skips_what_it_cannot_use() {
+        let x = URL_SAFE_NO_PAD.encode([7u8; 32]);
+        let doc = format!(
+            r#"{{"keys":[
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"a"}},
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"b","use":"enc"}},
+              {{"kty":"oct","k":"c2VjcmV0"}},
+              {{"kty":"EC","crv":"P-521","x":"{x}","y":"{x}"}},
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","alg":"RS256"}},
+              {{"kty":"EC","crv":"P-256","x":"{x}","y":"{x}","alg":"ES256","kid":"e"}}
+            ]}}"#
+        );
+        let (keys, skipped) = parse_jwks(doc.as_bytes()).unwrap();
+        let kids: Vec<_> = keys.iter().map(|k| k.kid.as_deref().unwrap()).collect();
+        assert_eq!(kids, ["a", "e"]);
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert!(keys[1].algs.contains(Alg::ES256) && !keys[1].algs.contains(Alg::ES384));
+        assert!(parse_jwks(b"[]").is_err());
+        assert!(parse_jwks(&vec![b' '; MAX_JWKS_BYTES + 1]).is_err());
+    }
+}
