@@ -118,19 +118,22 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         Vec::new()
     };
     let remaining = Arc::new(AtomicU64::new(workers as u64));
+    let registry: crate::metrics::Registry =
+        Arc::new((0..workers).map(|_| Arc::default()).collect());
     let mut threads = Vec::with_capacity(workers);
     for (i, listener) in listeners.into_iter().enumerate() {
         let config = config.clone();
         let published = published.clone();
         let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         let remaining = remaining.clone();
+        let registry = registry.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("cubegate-w{i}"))
             .spawn(move || {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let worker = Worker::new(i, &config, published, run_id);
+                let worker = Worker::new(i, &config, published, registry, run_id);
                 if let Err(e) = run_worker(driver, worker, listener) {
                     tracing::error!(worker = i, "worker failed: {e}");
                 }

@@ -13,9 +13,11 @@
 
 use super::claims::VerifiedClaims;
 use super::TokenError;
+use crate::metrics::WorkerMetrics;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// How long a failed token is answered from the cache.
 pub const NEGATIVE_TTL_S: f64 = 10.0;
@@ -51,13 +53,6 @@ impl Hasher for PassThrough {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CacheStats {
-    pub hits: u64,
-    pub negative_hits: u64,
-    pub misses: u64,
-}
-
 pub struct TokenCache {
     index: HashMap<u64, u32, BuildHasherDefault<PassThrough>>,
     slots: Vec<Slot>,
@@ -66,11 +61,12 @@ pub struct TokenCache {
     hasher: ahash::RandomState,
     /// (key generation, revocation epoch) the entries were verified under.
     epoch: (u64, u64),
-    pub stats: CacheStats,
+    /// Hits, negative hits and misses are counted into the worker's metrics.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 impl TokenCache {
-    pub fn new(capacity: usize) -> TokenCache {
+    pub fn new(capacity: usize, metrics: Arc<WorkerMetrics>) -> TokenCache {
         TokenCache {
             index: HashMap::with_capacity_and_hasher(capacity.min(1 << 16), Default::default()),
             slots: Vec::new(),
@@ -78,7 +74,7 @@ impl TokenCache {
             capacity: capacity.max(1),
             hasher: ahash::RandomState::new(),
             epoch: (0, 0),
-            stats: CacheStats::default(),
+            metrics,
         }
     }
 
@@ -108,21 +104,21 @@ impl TokenCache {
     pub fn get(&mut self, token: &[u8], now: f64) -> Option<&Verdict> {
         let h = self.hash(token);
         let Some(&i) = self.index.get(&h) else {
-            self.stats.misses += 1;
+            self.metrics.token_cache_misses.inc();
             return None;
         };
         let slot = &mut self.slots[i as usize];
         if *slot.token != *token {
-            self.stats.misses += 1;
+            self.metrics.token_cache_misses.inc();
             return None;
         }
         match slot.verdict {
             Verdict::Invalid { until, .. } if until < now => {
-                self.stats.misses += 1;
+                self.metrics.token_cache_misses.inc();
                 return None;
             }
-            Verdict::Invalid { .. } => self.stats.negative_hits += 1,
-            Verdict::Valid(_) => self.stats.hits += 1,
+            Verdict::Invalid { .. } => self.metrics.token_cache_negative_hits.inc(),
+            Verdict::Valid(_) => self.metrics.token_cache_hits.inc(),
         }
         slot.referenced = true;
         Some(&slot.verdict)
@@ -181,7 +177,7 @@ mod tests {
 
     #[test]
     fn hits_misses_and_bounds() {
-        let mut c = TokenCache::new(3);
+        let mut c = TokenCache::new(3, Default::default());
         assert!(c.get(b"t1", 0.0).is_none());
         c.insert(b"t1", claims("a"));
         assert!(matches!(c.get(b"t1", 0.0), Some(Verdict::Valid(v)) if v.sub == "a"));
@@ -189,7 +185,7 @@ mod tests {
             c.insert(format!("x{i}").as_bytes(), claims("x"));
             assert!(c.len() <= 3);
         }
-        assert_eq!(c.stats.hits, 1);
+        assert_eq!(c.metrics.token_cache_hits.get(), 1);
         c.insert(
             b"bad",
             Verdict::Invalid {
@@ -205,7 +201,7 @@ mod tests {
 
     #[test]
     fn recently_used_entries_survive_eviction() {
-        let mut c = TokenCache::new(2);
+        let mut c = TokenCache::new(2, Default::default());
         c.insert(b"hot", claims("h"));
         c.insert(b"cold", claims("c"));
         for i in 0..5 {
@@ -217,7 +213,7 @@ mod tests {
     /// A colliding hash must not authenticate: the full comparison decides.
     #[test]
     fn collisions_never_authenticate() {
-        let mut c = TokenCache::new(4);
+        let mut c = TokenCache::new(4, Default::default());
         c.insert(b"genuine", claims("victim"));
         // Forge an index entry for another token pointing at the genuine slot.
         let forged = c.hash(b"forged");

@@ -166,6 +166,7 @@ impl Authenticator {
                 Verdict::Invalid { error, .. } => Err(refused(*error)),
             };
         }
+        cache.metrics.token_verifications.inc();
         match verify_token(token, &snapshot.keys, &self.rules, now) {
             Ok(claims) => {
                 let claims = Rc::new(claims);

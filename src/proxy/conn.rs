@@ -162,6 +162,7 @@ async fn handle_request(worker: &Worker, conn: &mut ClientConn) -> bool {
         }
         _ => worker.next_request_id(),
     };
+    worker.metrics.requests.inc();
     let snapshot = worker.snapshot.borrow_mut().current();
     let outcome = dispatch(worker, conn, &snapshot, &request_id).await;
     let keep_alive = match outcome {
@@ -203,6 +204,17 @@ async fn dispatch(
                 request_id,
             )
             .await
+        }
+        Route::Metrics => {
+            let text = crate::metrics::render(&worker.registry);
+            return local::respond(
+                conn,
+                200,
+                text.as_bytes(),
+                "text/plain; version=0.0.4",
+                request_id,
+            )
+            .await;
         }
         Route::Management => {
             return Err(GatewayError::NotImplemented(

@@ -22,6 +22,7 @@ pub mod upstream;
 use crate::auth::cache::TokenCache;
 use crate::auth::Authenticator;
 use crate::config::{Config, Limits, Timeouts};
+use crate::metrics::{Registry, WorkerMetrics};
 use crate::snapshot::{LocalSnapshot, Published};
 use monoio::io::Canceller;
 use std::cell::{Cell, RefCell};
@@ -59,6 +60,9 @@ pub struct Worker {
     pub auth: Authenticator,
     /// This worker's verified-token cache.
     pub tokens: RefCell<TokenCache>,
+    /// This worker's counters, and everyone's (for `/metrics`).
+    pub metrics: Arc<WorkerMetrics>,
+    pub registry: Registry,
     /// Move uninspected Content-Length bodies with splice(2).
     pub splice: bool,
     /// The worker's reusable pipe for splice (taken while in use).
@@ -76,13 +80,24 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(id: usize, config: &Config, published: Arc<Published>, run_id: u32) -> Worker {
+    pub fn new(
+        id: usize,
+        config: &Config,
+        published: Arc<Published>,
+        registry: Registry,
+        run_id: u32,
+    ) -> Worker {
         Worker {
             id,
             limits: config.limits.clone(),
             timeouts: config.timeouts.clone(),
             auth: Authenticator::new(&config.auth),
-            tokens: RefCell::new(TokenCache::new(config.auth.token_cache_entries)),
+            tokens: RefCell::new(TokenCache::new(
+                config.auth.token_cache_entries,
+                registry[id].clone(),
+            )),
+            metrics: registry[id].clone(),
+            registry,
             splice: config.proxy.splice_bodies,
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
