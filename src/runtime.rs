@@ -7,6 +7,7 @@
 //! and SIGINT start a drain (stop accepting, finish what is in flight up to
 //! `timeouts.drain_s`, exit 0).
 
+use crate::auth::keys::KeyStore;
 use crate::config::{AuthMode, Config, Driver};
 use crate::proxy::{conn::serve_connection, Worker};
 use crate::snapshot::{Published, Snapshot};
@@ -89,6 +90,17 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         }
     };
     let published = Arc::new(Published::new(snapshot));
+    let (refresh, wakeups) = crate::auth::jwks_fetch::channel();
+    {
+        let published = published.clone();
+        let started = std::thread::Builder::new()
+            .name("cubegate-jwks".into())
+            .spawn(move || crate::auth::jwks_fetch::run(published, wakeups));
+        if let Err(e) = started {
+            tracing::error!("cannot start the JWKS fetcher: {e}");
+            return 1;
+        }
+    }
     // Bind every listener before starting anything, so a taken port fails at once.
     let mut addr = match config.listen_addr() {
         Ok(a) => a,
@@ -127,13 +139,14 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         let remaining = remaining.clone();
         let registry = registry.clone();
+        let refresh = refresh.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("cubegate-w{i}"))
             .spawn(move || {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let worker = Worker::new(i, &config, published, registry, run_id);
+                let worker = Worker::new(i, &config, published, registry, refresh, run_id);
                 if let Err(e) = run_worker(driver, worker, listener) {
                     tracing::error!(worker = i, "worker failed: {e}");
                 }
@@ -200,7 +213,15 @@ async fn worker_main(worker: Worker, listener: std::net::TcpListener) -> std::io
         let handle = worker.drain.borrow().handle();
         match listener.cancelable_accept(handle).await {
             Ok((stream, peer)) => {
-                monoio::spawn(serve_connection(worker.clone(), stream, peer));
+                // A bug that panics while serving one connection must not take the worker
+                // (and every connection its listener would accept) down with it.
+                let served =
+                    std::panic::AssertUnwindSafe(serve_connection(worker.clone(), stream, peer));
+                monoio::spawn(async move {
+                    if futures_util::FutureExt::catch_unwind(served).await.is_err() {
+                        tracing::error!(%peer, "connection handler panicked; connection closed");
+                    }
+                });
             }
             Err(e) if worker.draining.get() => {
                 let _ = e;
@@ -236,7 +257,6 @@ fn handle_signals(
     remaining: &AtomicU64,
 ) -> i32 {
     use signal_hook::consts::SIGHUP;
-    let mut generation = 1;
     loop {
         if remaining.load(Ordering::Acquire) == 0 {
             // Every worker ended on its own (a fatal error): nothing left to serve.
@@ -244,10 +264,7 @@ fn handle_signals(
         }
         for signal in signals.pending() {
             match signal {
-                SIGHUP => {
-                    generation += 1;
-                    reload(config, path, published, generation);
-                }
+                SIGHUP => reload(config, path, published),
                 _ => {
                     if !DRAIN.swap(true, Ordering::Relaxed) {
                         tracing::info!(
@@ -264,7 +281,7 @@ fn handle_signals(
 
 /// SIGHUP: re-read the file and publish its domain map. Listener, worker, limit and
 /// timeout changes need a restart; a broken file keeps the running map.
-fn reload(running: &Config, path: &Path, published: &Published, generation: u64) {
+fn reload(running: &Config, path: &Path, published: &Published) {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -278,12 +295,31 @@ fn reload(running: &Config, path: &Path, published: &Published, generation: u64)
             "reload: [proxy] listener and worker changes take effect at the next restart"
         );
     }
-    match Snapshot::from_config(&config, generation) {
-        Ok(s) => {
-            let domains = s.domains.len();
-            published.publish(s);
-            tracing::info!(generation, domains, "reloaded the domain map");
-        }
+    let mut outcome = Ok(0);
+    published.replace(
+        |old, generation| match Snapshot::from_config(&config, generation) {
+            Ok(mut s) => {
+                let mut keys = KeyStore::rebuilt(&s.keys);
+                keys.carry_fetched_keys(&old.keys);
+                s.keys = Arc::new(keys);
+                s.revocation_epoch = old.revocation_epoch;
+                outcome = Ok(s.domains.len());
+                s
+            }
+            Err(e) => {
+                outcome = Err(e);
+                // Republish the running snapshot unchanged (under a new generation).
+                Snapshot {
+                    generation,
+                    domains: old.domains.clone(),
+                    keys: old.keys.clone(),
+                    revocation_epoch: old.revocation_epoch,
+                }
+            }
+        },
+    );
+    match outcome {
+        Ok(domains) => tracing::info!(domains, "reloaded the domain map"),
         Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
     }
 }

@@ -154,21 +154,49 @@ fn render_tags(backends: &[Backend]) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"models": models})).unwrap_or_default()
 }
 
-/// The one shared cell: written by the reloader, read by workers.
+/// The one shared cell: written by the reloader and the JWKS fetcher (one at a time,
+/// under `writer`), read by workers without a lock.
 pub struct Published {
     generation: AtomicU64,
     current: ArcSwap<Snapshot>,
+    writer: std::sync::Mutex<()>,
+    last_generation: AtomicU64,
 }
 
 impl Published {
     pub fn new(snapshot: Snapshot) -> Published {
         Published {
             generation: AtomicU64::new(snapshot.generation),
+            last_generation: AtomicU64::new(snapshot.generation),
             current: ArcSwap::from_pointee(snapshot),
+            writer: std::sync::Mutex::new(()),
         }
     }
 
-    pub fn publish(&self, snapshot: Snapshot) {
+    /// Replaces the snapshot with one built from the current one. `build` gets the next
+    /// generation number.
+    pub fn replace(&self, build: impl FnOnce(&Snapshot, u64) -> Snapshot) {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.last_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let old = self.load();
+        self.publish(build(&old, generation));
+    }
+
+    /// Publishes new keys, keeping everything else.
+    pub fn update_keys(&self, build: impl FnOnce(&Snapshot) -> KeyStore) {
+        self.replace(|old, generation| {
+            let mut keys = build(old);
+            keys.generation = generation;
+            Snapshot {
+                generation,
+                domains: old.domains.clone(),
+                keys: Arc::new(keys),
+                revocation_epoch: old.revocation_epoch,
+            }
+        });
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
         let generation = snapshot.generation;
         self.current.store(Arc::new(snapshot));
         // Release pairs with the worker's Acquire re-load through ArcSwap; the relaxed
@@ -204,6 +232,11 @@ impl LocalSnapshot {
     }
 
     /// The snapshot to serve the next request with.
+    /// The newest published generation (may be ahead of `current` until the next call).
+    pub fn published_generation(&self) -> u64 {
+        self.shared.generation()
+    }
+
     pub fn current(&mut self) -> SnapshotRef {
         if self.shared.generation() != self.current.generation {
             self.current = Rc::new(self.shared.load());
@@ -261,7 +294,7 @@ models = ["*"]
         let shared = Arc::new(Published::new(Snapshot::from_config(&c, 1).unwrap()));
         let mut local = LocalSnapshot::new(shared.clone());
         assert_eq!(local.current().generation, 1);
-        shared.publish(Snapshot::from_config(&Config::parse("").unwrap(), 2).unwrap());
+        shared.replace(|_, g| Snapshot::from_config(&Config::parse("").unwrap(), g).unwrap());
         assert_eq!(local.current().generation, 2);
         assert!(local.current().domains.is_empty());
     }

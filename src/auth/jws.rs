@@ -91,6 +91,7 @@ impl AlgSet {
     }
 }
 
+#[derive(Clone)]
 pub struct HmacKeys {
     sha256: hmac::Key,
     sha384: hmac::Key,
@@ -98,6 +99,7 @@ pub struct HmacKeys {
 }
 
 /// Public key material (or an HMAC secret), ready for `ring`.
+#[derive(Clone)]
 pub enum KeyMaterial {
     /// One `ring` key per HMAC hash, all from the same secret.
     Hmac(Box<HmacKeys>),
@@ -126,7 +128,7 @@ impl fmt::Debug for KeyMaterial {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct VerifyingKey {
     pub kid: Option<String>,
     /// What a token verified by this key may say in `alg`.

@@ -160,7 +160,7 @@ fn strip_zeros(mut v: Vec<u8>) -> Vec<u8> {
 }
 
 /// The keys of one issuer whose tokens are accepted.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct IssuerKeys {
     pub issuer: String,
     /// Empty = `aud` is not checked.
@@ -193,6 +193,31 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
+    /// A copy to modify into the next store (the caller publishes it).
+    pub fn rebuilt(&self) -> KeyStore {
+        KeyStore {
+            issuers: self.issuers.clone(),
+            generation: self.generation,
+        }
+    }
+
+    /// Keeps the keys already fetched for JWKS issuers that `self` (just built from a
+    /// reloaded file) still lists with the same URL, so a reload does not drop them.
+    pub fn carry_fetched_keys(&mut self, old: &KeyStore) {
+        for issuer in self.issuers.iter_mut().filter(|i| i.jwks_url.is_some()) {
+            if let Some(prev) = old
+                .issuers
+                .iter()
+                .find(|o| o.issuer == issuer.issuer && o.jwks_url == issuer.jwks_url)
+            {
+                issuer.keys = prev.keys.clone();
+            }
+        }
+    }
+
+    pub fn has_fetched_issuers(&self) -> bool {
+        self.issuers.iter().any(|i| i.jwks_url.is_some())
+    }
     pub fn issuer(&self, iss: &str) -> Option<(usize, &IssuerKeys)> {
         self.issuers
             .iter()

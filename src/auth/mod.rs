@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod claims;
+pub mod jwks_fetch;
 pub mod jws;
 pub mod keys;
 

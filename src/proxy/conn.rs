@@ -14,7 +14,7 @@ use super::local;
 use super::model_scan::ModelScanner;
 use super::route::{classify, Api, Endpoint, Route};
 use super::{RequestId, Worker};
-use crate::auth::AuthError;
+use crate::auth::{AuthError, TokenError};
 use crate::http::head::{parse_request_head, BodyFraming, Method, RequestHead, Span};
 use crate::http::headers::is_acceptable_request_id;
 use crate::http::response::write_local_response;
@@ -30,6 +30,8 @@ use std::rc::Rc;
 use std::time::Instant;
 
 const READ_SIZE: usize = 16 * 1024;
+/// How long a request with an unknown `kid` waits for a JWKS refresh.
+const JWKS_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
 pub struct ClientConn {
     pub rd: OwnedReadHalf<TcpStream>,
@@ -80,7 +82,7 @@ pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, peer: Socke
         consumed: 0,
         body_pending: false,
     };
-    worker.connections.set(worker.connections.get() + 1);
+    let _open = OpenConnection::new(&worker);
     loop {
         match read_request_head(&worker, &mut conn).await {
             Ok(true) => {}
@@ -97,7 +99,22 @@ pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, peer: Socke
         }
     }
     let _ = conn.wr.shutdown().await;
-    worker.connections.set(worker.connections.get() - 1);
+}
+
+/// Counts an open connection for draining; the count drops even if serving panicked.
+struct OpenConnection<'w>(&'w Worker);
+
+impl<'w> OpenConnection<'w> {
+    fn new(worker: &'w Worker) -> Self {
+        worker.connections.set(worker.connections.get() + 1);
+        OpenConnection(worker)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections.set(self.0.connections.get() - 1);
+    }
 }
 
 /// Waits for the next request head. `Ok(false)` = the connection should end quietly
@@ -239,10 +256,31 @@ async fn dispatch(
     // authenticate → domain → authorize. Authentication comes first so an anonymous
     // caller cannot probe which domains exist.
     let auth_header = conn.head.authorization.map(|s| s.of(&conn.rbuf));
-    let identity =
-        worker
-            .auth
-            .authenticate(auth_header, snapshot, &mut worker.tokens.borrow_mut())?;
+    let tokens = &worker.tokens;
+    let first = worker
+        .auth
+        .authenticate(auth_header, snapshot, &mut tokens.borrow_mut());
+    let identity = match first {
+        Err(GatewayError::Unauthorized(AuthError::Token(TokenError::UnknownKey)))
+            if snapshot.keys.has_fetched_issuers() =>
+        {
+            // Perhaps the identity provider rotated its keys: ask for its JWKS now and give
+            // the fetch a moment before answering.
+            let before = worker.snapshot.borrow().published_generation();
+            worker.jwks_refresh.request();
+            let deadline = Instant::now() + JWKS_WAIT;
+            while worker.snapshot.borrow().published_generation() == before
+                && Instant::now() < deadline
+            {
+                monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let fresh = worker.snapshot.borrow_mut().current();
+            worker
+                .auth
+                .authenticate(auth_header, &fresh, &mut tokens.borrow_mut())?
+        }
+        other => other?,
+    };
     let domain_id = std::str::from_utf8(domain_span.of(&conn.rbuf)).unwrap_or("");
     let Some(domain) = snapshot.domains.get(domain_id) else {
         return Err(GatewayError::UnknownDomain(domain_id.to_string()));

@@ -20,6 +20,7 @@ pub mod stream;
 pub mod upstream;
 
 use crate::auth::cache::TokenCache;
+use crate::auth::jwks_fetch::RefreshHandle;
 use crate::auth::Authenticator;
 use crate::config::{Config, Limits, Timeouts};
 use crate::metrics::{Registry, WorkerMetrics};
@@ -63,6 +64,8 @@ pub struct Worker {
     /// This worker's counters, and everyone's (for `/metrics`).
     pub metrics: Arc<WorkerMetrics>,
     pub registry: Registry,
+    /// Asks the JWKS fetcher to refresh now (a token named an unknown key).
+    pub jwks_refresh: RefreshHandle,
     /// Move uninspected Content-Length bodies with splice(2).
     pub splice: bool,
     /// The worker's reusable pipe for splice (taken while in use).
@@ -85,6 +88,7 @@ impl Worker {
         config: &Config,
         published: Arc<Published>,
         registry: Registry,
+        jwks_refresh: RefreshHandle,
         run_id: u32,
     ) -> Worker {
         Worker {
@@ -98,6 +102,7 @@ impl Worker {
             )),
             metrics: registry[id].clone(),
             registry,
+            jwks_refresh,
             splice: config.proxy.splice_bodies,
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),

@@ -1,0 +1,195 @@
+//! Keys fetched from a JWKS URL: loaded at start, rotated without a restart (a token naming
+//! an unknown `kid` triggers an immediate, rate-limited refresh), and kept when the JWKS
+//! endpoint fails. The endpoint is a small scripted HTTP server on loopback.
+
+mod common;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use common::*;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const ISSUER: &str = "https://idp.test/";
+
+struct Key {
+    kid: &'static str,
+    pair: Ed25519KeyPair,
+}
+
+impl Key {
+    fn new(kid: &'static str, seed: u8) -> Key {
+        Key {
+            kid,
+            pair: Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap(),
+        }
+    }
+
+    fn jwk(&self) -> String {
+        format!(
+            r#"{{"kty":"OKP","crv":"Ed25519","kid":"{}","alg":"EdDSA","use":"sig","x":"{}"}}"#,
+            self.kid,
+            URL_SAFE_NO_PAD.encode(self.pair.public_key().as_ref())
+        )
+    }
+
+    fn token(&self, sub: &str, domains: &[&str]) -> String {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let header = format!(r#"{{"alg":"EdDSA","typ":"JWT","kid":"{}"}}"#, self.kid);
+        let claims = serde_json::json!({"iss": ISSUER, "sub": sub, "exp": exp, "aud": "cubegate", "domains": domains});
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let sig = self.pair.sign(input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+}
+
+/// Serves `GET /jwks` with whatever `doc` holds (or 500 while `failing`), counting fetches.
+struct JwksServer {
+    addr: std::net::SocketAddr,
+    doc: Arc<Mutex<String>>,
+    failing: Arc<AtomicBool>,
+    fetches: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl JwksServer {
+    fn start(doc: String) -> JwksServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let s = JwksServer {
+            addr: listener.local_addr().unwrap(),
+            doc: Arc::new(Mutex::new(doc)),
+            failing: Arc::default(),
+            fetches: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (doc, failing, fetches, stop) = (
+            s.doc.clone(),
+            s.failing.clone(),
+            s.fetches.clone(),
+            s.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            // Bounded: at most 10 minutes, normally stopped by Drop.
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let Ok((mut c, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                fetches.fetch_add(1, Ordering::SeqCst);
+                let answer = if failing.load(Ordering::SeqCst) {
+                    "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_string()
+                } else {
+                    let body = doc.lock().unwrap().clone();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: public, max-age=3600\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let _ = c.write_all(answer.as_bytes());
+            }
+        });
+        s
+    }
+
+    fn set(&self, keys: &[&Key]) {
+        let list: Vec<String> = keys.iter().map(|k| k.jwk()).collect();
+        *self.doc.lock().unwrap() = format!(r#"{{"keys":[{}]}}"#, list.join(","));
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn chat(gw: &Gateway, token: &str) -> Response {
+    let auth = format!("Bearer {token}");
+    let body = chat_body(VLLM_MODEL, false, "");
+    let req = request_bytes(
+        "POST",
+        "/proxy/dom/v1/chat/completions",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    raw(gw.addr, &req).unwrap_or_else(|| panic!("no answer; gateway log:\n{}", gw.log()))
+}
+
+fn jwks_rotation(driver: &str) {
+    let k1 = Key::new("k1", 1);
+    let k2 = Key::new("k2", 2);
+    let k3 = Key::new("k3", 3);
+    let server = JwksServer::start(String::new());
+    server.set(&[&k1]);
+    let vllm = sim("vllm", &[]);
+    let mut body = domains_config(&[("dom", &[("vllm", vllm.addr, &[VLLM_MODEL])])]);
+    body = body.replace("mode = \"none\"", "mode = \"jwt\"");
+    body.push_str(&format!(
+        "\n[[auth.trusted]]\nissuer = \"{ISSUER}\"\naudiences = [\"cubegate\"]\njwks_url = \"http://{}/jwks\"\n",
+        server.addr
+    ));
+    let gw = gateway(driver, &body);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .log()
+        .contains("JWKS loaded")));
+
+    let r = chat(&gw, &k1.token("alice", &["dom"]));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.log());
+
+    // The provider rotates to k2: a k2 token works at once, without a restart.
+    server.set(&[&k1, &k2]);
+    let before = server.fetches.load(Ordering::SeqCst);
+    let r = chat(&gw, &k2.token("bob", &["dom"]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(server.fetches.load(Ordering::SeqCst) > before);
+
+    // A token for another domain is still refused (403), and a k1 token still works.
+    let r = chat(&gw, &k2.token("bob", &["other"]));
+    assert_eq!(r.status, 403);
+    assert_eq!(chat(&gw, &k1.token("alice", &["dom"])).status, 200);
+
+    // The endpoint fails: the last good keys stay, and a kid it never had is refused.
+    server.failing.store(true, Ordering::SeqCst);
+    let r = chat(&gw, &k3.token("carol", &["dom"]));
+    assert_eq!(r.status, 401);
+    assert!(r
+        .header("www-authenticate")
+        .unwrap()
+        .contains("unknown key"));
+    assert_eq!(chat(&gw, &k2.token("bob", &["dom"])).status, 200);
+
+    // Forced refreshes are rate-limited: a burst of unknown kids costs at most one fetch.
+    let before = server.fetches.load(Ordering::SeqCst);
+    for i in 0..3 {
+        let r = chat(&gw, &k3.token(&format!("u{i}"), &["dom"]));
+        assert_eq!(r.status, 401);
+    }
+    assert!(server.fetches.load(Ordering::SeqCst) <= before + 1);
+}
+
+for_each_driver!(jwks_rotation);
