@@ -154,7 +154,8 @@ impl Authenticator {
             return Ok(Identity::Development);
         }
         let value = authorization.ok_or(GatewayError::Unauthorized(AuthError::Missing))?;
-        let token = bearer_token(value).ok_or(GatewayError::Unauthorized(AuthError::NotBearer))?;
+        let not_bearer = || GatewayError::Unauthorized(AuthError::NotBearer);
+        let token = bearer_credential(value).ok_or_else(not_bearer)?;
         let now = unix_now();
         cache.sync_epoch((snapshot.keys.generation, snapshot.revocation_epoch));
         let refused = |e| GatewayError::Unauthorized(AuthError::Token(e));
@@ -166,6 +167,10 @@ impl Authenticator {
                 }
                 Verdict::Invalid { error, .. } => Err(refused(*error)),
             };
+        }
+        // Only tokens that passed this check are ever cached, so a hit needs no re-check.
+        if !is_token68(token) {
+            return Err(not_bearer());
         }
         cache.metrics.token_verifications.inc();
         match verify_token(token, &snapshot.keys, &self.rules, now) {
@@ -258,15 +263,31 @@ pub fn verify_token(
 
 /// The token of a `Bearer` credential (scheme case-insensitive, RFC 6750 token68 charset).
 pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    bearer_credential(value).filter(|t| is_token68(t))
+}
+
+/// The credential after `Bearer `, not yet checked for its charset.
+fn bearer_credential(value: &[u8]) -> Option<&[u8]> {
     if value.len() < 8 || !value[..7].eq_ignore_ascii_case(b"bearer ") {
         return None;
     }
-    let token = value[7..].trim_ascii();
-    let ok = !token.is_empty()
-        && token
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(b));
-    ok.then_some(token)
+    Some(value[7..].trim_ascii()).filter(|t| !t.is_empty())
+}
+
+const TOKEN68: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=');
+        b += 1;
+    }
+    table
+};
+
+fn is_token68(token: &[u8]) -> bool {
+    token.iter().all(|&b| TOKEN68[b as usize])
 }
 
 pub fn unix_now() -> f64 {
