@@ -30,10 +30,12 @@ fn pem(name: &str) -> Vec<u8> {
     STANDARD.decode(b64).unwrap()
 }
 
+type SignFn = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+
 /// A signer and the matching verifying key.
 struct Signer {
     alg: Alg,
-    sign: Box<dyn Fn(&[u8]) -> Vec<u8>>,
+    sign: SignFn,
     key: VerifyingKey,
 }
 
@@ -175,8 +177,10 @@ fn uncached(c: &mut Criterion) {
 
 fn cached(c: &mut Criterion) {
     let signers = signers();
-    let mut snapshot = Snapshot::default();
-    snapshot.keys = Arc::new(store(&signers));
+    let snapshot = Snapshot {
+        keys: Arc::new(store(&signers)),
+        ..Default::default()
+    };
     let auth = Authenticator::new(&AuthConfig::default());
     let mut cache = TokenCache::new(65536, Default::default());
     let t = token(signers.iter().find(|s| s.alg == Alg::EdDSA).unwrap());

@@ -123,6 +123,10 @@ fn jwk_to_key(jwk: Jwk) -> Result<VerifyingKey, String> {
             if x.len() != 32 {
                 return Err("Ed25519 key of the wrong length".into());
             }
+            if has_small_order(&x) {
+                // Such a "key" verifies forged signatures for any message.
+                return Err("Ed25519 key is a small-order point".into());
+            }
             (&[Alg::EdDSA], KeyMaterial::Ed25519 { public: x })
         }
         "oct" => return Err("symmetric keys do not belong in a JWKS; use hs_secret_env".into()),
@@ -144,6 +148,42 @@ fn jwk_to_key(jwk: Jwk) -> Result<VerifyingKey, String> {
         algs,
         material,
     })
+}
+
+/// Ed25519 points of small order (and their non-canonical encodings), as libsodium lists
+/// them; compared with the sign bit masked, which also covers the negated points.
+fn has_small_order(point: &[u8]) -> bool {
+    const fn ff(first: u8) -> [u8; 32] {
+        let mut p = [0xff; 32];
+        p[0] = first;
+        p[31] = 0x7f;
+        p
+    }
+    const BLOCKLIST: [[u8; 32]; 7] = [
+        [0; 32],
+        {
+            let mut p = [0; 32];
+            p[0] = 1;
+            p
+        },
+        [
+            0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef,
+            0x98, 0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88,
+            0x6d, 0x53, 0xfc, 0x05,
+        ],
+        [
+            0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10,
+            0x67, 0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77,
+            0x92, 0xac, 0x03, 0x7a,
+        ],
+        ff(0xec),
+        ff(0xed),
+        ff(0xee),
+    ];
+    point.len() == 32
+        && BLOCKLIST
+            .iter()
+            .any(|b| b[..31] == point[..31] && b[31] & 0x7f == point[31] & 0x7f)
 }
 
 fn b64(v: &Option<String>, name: &str) -> Result<Vec<u8>, String> {
@@ -172,15 +212,16 @@ pub struct IssuerKeys {
 }
 
 impl IssuerKeys {
-    /// The keys that may verify a token with this `kid`: the one with that id, or, for a
-    /// token without `kid`, every key (an issuer with one key often omits it).
+    /// The keys that may verify a token with this `kid`: the one with that id, and keys
+    /// without an id (a shared secret); for a token without `kid`, every key (an issuer
+    /// with one key often omits it).
     pub fn candidates<'a>(
         &'a self,
         kid: Option<&'a str>,
     ) -> impl Iterator<Item = &'a VerifyingKey> {
         self.keys
             .iter()
-            .filter(move |k| kid.is_none() || k.kid.as_deref() == kid)
+            .filter(move |k| kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)
     }
 }
 

@@ -208,6 +208,12 @@ pub fn parse_request_head(
         } else if eq_ignore_case(name, b"x-request-id") {
             head.request_id = Some(Span::within(buf, value));
         } else if eq_ignore_case(name, b"authorization") {
+            // Two credentials: a proxy in front may have checked the other one.
+            if head.authorization.is_some() {
+                return Err(HttpError::MalformedHead(
+                    "more than one Authorization header",
+                ));
+            }
             head.authorization = Some(Span::within(buf, value));
         } else if eq_ignore_case(name, b"x-forwarded-for") {
             head.forwarded_for = Some(Span::within(buf, value));

@@ -173,6 +173,22 @@ pub fn gateway_with(driver: &str, proxy_extra: &str, body: &str) -> Gateway {
     }
 }
 
+/// Like `gateway`, with environment variables set on the gateway process (e.g. the
+/// secret an `[[auth.trusted]] hs_secret_env` names).
+pub fn gateway_env(driver: &str, body: &str, envs: &[(&str, &str)]) -> Gateway {
+    let dir = temp_dir("gw");
+    let path = dir.join(format!("cubegate-{driver}.toml"));
+    std::fs::write(&path, config_text(driver, body)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
+    cmd.args(["serve", "--config"]).arg(&path);
+    cmd.env("CUBEGATE_LOG", "info");
+    cmd.envs(envs.iter().copied());
+    Gateway {
+        proc: spawn_and_wait(cmd, "cubegate listening on "),
+        config_path: path,
+    }
+}
+
 /// `[auth] mode = "none"` and one domain per (id, backends) where each backend is
 /// (kind, addr, models).
 /// (kind, address, models) of one backend.
