@@ -12,6 +12,9 @@ use std::fmt;
 
 const MAX_SIZE_DIGITS: u8 = 16;
 const MAX_EXT_BYTES: u32 = 4096;
+/// All extensions of one body together: they are framing, not payload, and must not let a
+/// body cost far more than its payload limit.
+const MAX_EXT_TOTAL: u32 = 64 * 1024;
 const MAX_TRAILER_BYTES: u32 = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,7 @@ pub struct ChunkedDecoder {
     remaining: u64,
     digits: u8,
     counter: u32,
+    ext_total: u32,
 }
 
 impl Default for ChunkedDecoder {
@@ -75,6 +79,7 @@ impl ChunkedDecoder {
             remaining: 0,
             digits: 0,
             counter: 0,
+            ext_total: 0,
         }
     }
 
@@ -119,7 +124,8 @@ impl ChunkedDecoder {
                         return Err(ChunkError::BadLineEnd);
                     } else {
                         self.counter += 1;
-                        if self.counter > MAX_EXT_BYTES {
+                        self.ext_total += 1;
+                        if self.counter > MAX_EXT_BYTES || self.ext_total > MAX_EXT_TOTAL {
                             return Err(ChunkError::ExtTooLong);
                         }
                     }

@@ -149,7 +149,28 @@ pub fn parse_request_head(
             "request target must be an absolute path (origin-form)",
         ));
     }
+    if path.contains('#') {
+        // A fragment never belongs on the wire; backends disagree on what it means.
+        return Err(HttpError::MalformedHead(
+            "fragment (#) in the request target",
+        ));
+    }
+    if buf[..len]
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r'))
+    {
+        // httparse accepts bare LF; a proxy in front of us might not. One framing only.
+        return Err(HttpError::MalformedHead(
+            "line ending without CR in the request head",
+        ));
+    }
     head.method = Method::from_bytes(method);
+    if head.method == Method::Other {
+        return Err(HttpError::MalformedHead(
+            "unsupported method (GET, HEAD, POST, PUT, DELETE, PATCH and OPTIONS are served)",
+        ));
+    }
     head.method_span = Span::within(buf, method.as_bytes());
     head.target = Span::within(buf, path.as_bytes());
     head.minor_version = version;
@@ -238,8 +259,16 @@ pub fn parse_request_head(
     Ok(Some(()))
 }
 
+/// Whether parsing `buf` again can tell something new: the bytes after `from` complete a
+/// line (so the head may be complete, or a finished line may be invalid), or nothing was
+/// parsed yet. A head dribbled in byte by byte is then parsed once per line, not once per
+/// byte.
+pub fn worth_parsing(buf: &[u8], from: usize) -> bool {
+    from == 0 || memchr::memchr(b'\n', &buf[from..]).is_some()
+}
+
 /// An incomplete head that already breaks a limit is refused now, not after more reading.
-fn check_partial(buf: &[u8], limits: &Limits) -> Result<(), HttpError> {
+pub fn check_partial(buf: &[u8], limits: &Limits) -> Result<(), HttpError> {
     match memchr::memchr(b'\n', buf) {
         None if buf.len() > limits.max_uri_bytes + 32 => {
             Err(HttpError::UriTooLong(limits.max_uri_bytes))
@@ -337,6 +366,10 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             b"GET http://evil/ HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
+            b"GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"delete / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n",
         ];
         for raw in bad {

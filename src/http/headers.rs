@@ -27,8 +27,20 @@ pub fn is_hop_by_hop_request(name: &[u8]) -> bool {
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"forwarded",
+        b"x-real-ip",
     ];
-    DROP.iter().any(|d| eq_ignore_case(name, d))
+    // Compared with '_' read as '-': CGI/WSGI-style servers turn `X_User_Id` into the
+    // same variable as `X-User-Id`.
+    DROP.iter().any(|d| eq_ignore_case_dash(name, d))
+}
+
+fn eq_ignore_case_dash(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            let x = if *x == b'_' { b'-' } else { *x };
+            x.eq_ignore_ascii_case(y)
+        })
 }
 
 /// Response headers a backend sends that describe its hop, not the answer.
@@ -77,6 +89,8 @@ mod tests {
         assert!(!has_token(b"closed", b"close"));
         assert!(is_hop_by_hop_request(b"Transfer-Encoding"));
         assert!(is_hop_by_hop_request(b"AUTHORIZATION"));
+        assert!(is_hop_by_hop_request(b"X_User_Id"));
+        assert!(is_hop_by_hop_request(b"Forwarded"));
         assert!(!is_hop_by_hop_request(b"content-type"));
     }
 }

@@ -27,6 +27,11 @@ pub struct ResponseHead {
     /// The backend will keep the connection open after this response.
     pub keep_alive: bool,
     pub len: usize,
+    /// The backend's Transfer-Encoding value (kept whole: codings before `chunked`, such as
+    /// gzip, are content the client must still decode).
+    pub transfer_encoding: Option<Span>,
+    /// The backend's Content-Length (also meaningful without a body: HEAD).
+    pub content_length: Option<u64>,
 }
 
 /// Why a backend's response head was refused.
@@ -68,6 +73,7 @@ pub fn parse_response_head(
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut keep_alive = version == 1;
+    let mut transfer_encoding = None;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value.trim_ascii();
@@ -95,7 +101,11 @@ pub fn parse_response_head(
             if !eq_ignore_case(last, b"chunked") {
                 return Err("response Transfer-Encoding does not end in chunked");
             }
+            if chunked {
+                return Err("more than one Transfer-Encoding header in the response");
+            }
             chunked = true;
+            transfer_encoding = Some(span(value));
         } else if eq_ignore_case(name, b"connection") {
             if has_token(value, b"close") {
                 keep_alive = false;
@@ -125,6 +135,8 @@ pub fn parse_response_head(
         framing,
         keep_alive,
         len,
+        transfer_encoding,
+        content_length,
     }))
 }
 
@@ -180,8 +192,24 @@ pub fn write_client_head(
             push_u64(out, n);
             out.extend_from_slice(b"\r\n");
         }
-        ClientFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-        ClientFraming::None | ClientFraming::Close => {}
+        ClientFraming::Chunked => {
+            out.extend_from_slice(b"Transfer-Encoding: ");
+            match head.transfer_encoding {
+                Some(te) => out.extend_from_slice(te.of(upstream_buf)),
+                None => out.extend_from_slice(b"chunked"),
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        ClientFraming::None => {
+            // A HEAD answer announces the length of the body it does not carry.
+            let bodiless = (100..200).contains(&head.status) || matches!(head.status, 204 | 304);
+            if let (Some(n), false) = (head.content_length, bodiless) {
+                out.extend_from_slice(b"Content-Length: ");
+                push_u64(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        ClientFraming::Close => {}
     }
     out.extend_from_slice(b"X-Request-Id: ");
     out.extend_from_slice(request_id);
@@ -306,6 +334,24 @@ mod tests {
             s,
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nX-Request-Id: ours\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn keeps_codings_and_head_lengths() {
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        let h = parse_response_head(raw, 65536, false).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_client_head(&mut out, raw, &h, ClientFraming::Chunked, b"r", true);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Transfer-Encoding: gzip, chunked\r\n"));
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n";
+        let h = parse_response_head(raw, 65536, true).unwrap().unwrap();
+        let mut out = Vec::new();
+        write_client_head(&mut out, raw, &h, ClientFraming::None, b"r", true);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Content-Length: 42\r\n"));
     }
 
     #[test]

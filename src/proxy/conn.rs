@@ -15,7 +15,9 @@ use super::model_scan::ModelScanner;
 use super::route::{classify, Api, Endpoint, Route};
 use super::{RequestId, Worker};
 use crate::auth::{AuthError, TokenError};
-use crate::http::head::{parse_request_head, BodyFraming, Method, RequestHead, Span};
+use crate::http::head::{
+    check_partial, parse_request_head, worth_parsing, BodyFraming, Method, RequestHead, Span,
+};
 use crate::http::headers::is_acceptable_request_id;
 use crate::http::response::write_local_response;
 use crate::snapshot::{Domain, SnapshotRef};
@@ -46,6 +48,13 @@ pub struct ClientConn {
     consumed: usize,
     /// The current request's body has not been read to its end.
     body_pending: bool,
+}
+
+impl ClientConn {
+    /// Bytes read past the current request (pipelined requests waiting their turn).
+    pub fn pending_bytes(&self) -> usize {
+        self.rbuf.len().saturating_sub(self.consumed)
+    }
 }
 
 /// Makes sure a read into `buf` has room for `want` bytes (monoio reads into the spare
@@ -90,7 +99,7 @@ pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, peer: Socke
             Err(e) => {
                 let id = worker.next_request_id();
                 tracing::info!(peer = %peer, request_id = id.as_str(), error = %e, "bad request head");
-                send_error(&mut conn, &e, &id, false).await;
+                send_error(worker.timeouts.between_chunks(), &mut conn, &e, &id, false).await;
                 break;
             }
         }
@@ -121,13 +130,21 @@ impl Drop for OpenConnection<'_> {
 /// (client closed, idle timeout, draining).
 async fn read_request_head(worker: &Worker, conn: &mut ClientConn) -> Result<bool, GatewayError> {
     let mut deadline: Option<Instant> = None;
+    let mut scanned = 0;
     loop {
         if !conn.rbuf.is_empty() {
-            if parse_request_head(&conn.rbuf, &worker.limits, &mut conn.head)?.is_some() {
+            let complete = if worth_parsing(&conn.rbuf, scanned) {
+                parse_request_head(&conn.rbuf, &worker.limits, &mut conn.head)?.is_some()
+            } else {
+                check_partial(&conn.rbuf, &worker.limits)?;
+                false
+            };
+            if complete {
                 conn.consumed = conn.head.len;
                 conn.body_pending = conn.head.framing != BodyFraming::None;
                 return Ok(true);
             }
+            scanned = conn.rbuf.len();
             deadline.get_or_insert_with(|| Instant::now() + worker.timeouts.header_read());
         }
         reserve(&mut conn.rbuf, READ_SIZE);
@@ -187,7 +204,14 @@ async fn handle_request(worker: &Worker, conn: &mut ClientConn) -> bool {
         Err(e) => {
             let keep = !e.closes_connection() && !conn.body_pending && conn.head.keep_alive;
             tracing::debug!(request_id = request_id.as_str(), status = e.status(), error = %e, "request refused");
-            send_error(conn, &e, &request_id, keep).await
+            send_error(
+                worker.timeouts.between_chunks(),
+                conn,
+                &e,
+                &request_id,
+                keep,
+            )
+            .await
         }
     };
     tracing::debug!(
@@ -196,11 +220,17 @@ async fn handle_request(worker: &Worker, conn: &mut ClientConn) -> bool {
         keep_alive,
         "request done"
     );
+    // A failed write may have taken the read buffer with it: then the connection ends.
+    let keep_alive = keep_alive && conn.head.keep_alive && conn.rbuf.len() >= conn.consumed;
     if keep_alive {
         conn.rbuf.drain(..conn.consumed);
         conn.consumed = 0;
+        // One huge body must not pin its buffer for the connection's idle life.
+        if conn.rbuf.capacity() > 4 * READ_SIZE && conn.rbuf.len() <= READ_SIZE {
+            conn.rbuf.shrink_to(READ_SIZE);
+        }
     }
-    keep_alive && conn.head.keep_alive
+    keep_alive
 }
 
 async fn dispatch(
@@ -214,6 +244,7 @@ async fn dispatch(
     let (domain_span, api, endpoint, upstream_target) = match classify(conn.head.method, target) {
         Route::Health => {
             return local::respond(
+                worker.timeouts.between_chunks(),
                 conn,
                 200,
                 local::HEALTH_BODY,
@@ -225,6 +256,7 @@ async fn dispatch(
         Route::Metrics => {
             let text = crate::metrics::render(&worker.registry);
             return local::respond(
+                worker.timeouts.between_chunks(),
                 conn,
                 200,
                 text.as_bytes(),
@@ -303,11 +335,25 @@ async fn dispatch(
                 "model lists are read with GET",
             ));
         }
-        return local::respond(conn, 200, body, "application/json", request_id).await;
+        return local::respond(
+            worker.timeouts.between_chunks(),
+            conn,
+            200,
+            body,
+            "application/json",
+            request_id,
+        )
+        .await;
     }
 
+    // `/v1/models/{id}` names its model in the path: it must be one the domain offers.
+    let path_model = std::str::from_utf8(upstream_target.of(&conn.rbuf))
+        .ok()
+        .and_then(|t| t.strip_prefix("/v1/models/"))
+        .map(|rest| rest.split('?').next().unwrap_or("").to_string());
     let model = read_model(worker, conn, domain, endpoint).await?;
-    let order = pick_backends(worker, domain, &model, ollama_only, endpoint)?;
+    let named = path_model.as_deref().or(model.model());
+    let order = pick_backends(worker, domain, named, ollama_only, endpoint)?;
     let body_in_buf = conn.consumed - conn.head.len;
     let mut req = ForwardRequest {
         domain,
@@ -366,12 +412,13 @@ async fn read_model(
         BodyFraming::Chunked => BodyTracker::chunked(),
     };
     // The client waits for this before sending a body it announced with Expect.
-    if conn.head.expect_continue && conn.rbuf.len() == conn.head.len {
-        let (res, _) = conn
-            .wr
-            .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-            .await;
-        res.map_err(|_| GatewayError::BodyIncomplete)?;
+    if conn.head.expect_continue && conn.head.minor_version == 1 && conn.rbuf.len() == conn.head.len
+    {
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        let limit = worker.timeouts.between_chunks();
+        if write_to_client(conn, interim, limit).await.is_none() {
+            return Err(GatewayError::BodyIncomplete);
+        }
     }
     let scan = !domain.passthrough;
     let mut scanner = ModelScanner::new();
@@ -390,6 +437,11 @@ async fn read_model(
                 BodyError::TooLarge => GatewayError::BodyTooLarge(max_body),
             })?;
         conn.consumed += used;
+        // Chunk framing around tiny chunks must not let the buffer outgrow the body limit.
+        if conn.consumed - conn.head.len > max_body.saturating_mul(2).saturating_add(65536) as usize
+        {
+            return Err(GatewayError::BodyTooLarge(max_body));
+        }
         if let Some(e) = scan_error {
             return Err(GatewayError::InvalidBody(e));
         }
@@ -437,11 +489,10 @@ async fn read_model(
 fn pick_backends(
     worker: &Worker,
     domain: &Domain,
-    read: &ModelRead,
+    model: Option<&str>,
     ollama_only: bool,
     endpoint: Endpoint,
 ) -> Result<Vec<usize>, GatewayError> {
-    let model = read.model();
     let mut candidates: Vec<(usize, SocketAddr)> = domain
         .candidates(model, ollama_only)
         .map(|i| (i, domain.backends[i].addr))
@@ -469,6 +520,7 @@ fn pick_backends(
 
 /// Writes an error in the contract's JSON shape. Returns whether the connection stays.
 pub async fn send_error(
+    limit: std::time::Duration,
     conn: &mut ClientConn,
     e: &GatewayError,
     request_id: &RequestId,
@@ -498,7 +550,24 @@ pub async fn send_error(
         request_id.as_bytes(),
         keep_alive,
     );
-    let (res, back) = conn.wr.write_all(out).await;
-    conn.out = back;
-    res.is_ok() && keep_alive
+    match write_to_client(conn, out, limit).await {
+        Some(back) => {
+            conn.out = back;
+            keep_alive
+        }
+        None => false,
+    }
+}
+
+/// Writes a whole buffer to the client, within `limit`: a client that stops reading is
+/// treated as gone. `None` = failed (the buffer went with it; the connection must end).
+pub async fn write_to_client(
+    conn: &mut ClientConn,
+    buf: Vec<u8>,
+    limit: std::time::Duration,
+) -> Option<Vec<u8>> {
+    match monoio::time::timeout(limit, conn.wr.write_all(buf)).await {
+        Ok((Ok(_), back)) => Some(back),
+        _ => None,
+    }
 }

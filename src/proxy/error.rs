@@ -37,6 +37,8 @@ pub enum GatewayError {
     UpstreamConnect(std::io::Error),
     UpstreamConnectTimeout,
     UpstreamFirstByteTimeout,
+    /// The backend stopped reading the request.
+    UpstreamWriteTimeout,
     UpstreamBadResponse(&'static str),
     UpstreamClosed,
     Draining,
@@ -61,7 +63,7 @@ impl GatewayError {
             Forbidden(_) => 403,
             NotImplemented(_) => 501,
             UpstreamConnect(_) | UpstreamBadResponse(_) | UpstreamClosed => 502,
-            UpstreamConnectTimeout | UpstreamFirstByteTimeout => 504,
+            UpstreamConnectTimeout | UpstreamFirstByteTimeout | UpstreamWriteTimeout => 504,
             Draining => 503,
         }
     }
@@ -109,6 +111,7 @@ impl GatewayError {
             UpstreamConnect(_) => "backend_unreachable",
             UpstreamConnectTimeout => "backend_connect_timeout",
             UpstreamFirstByteTimeout => "backend_timeout",
+            UpstreamWriteTimeout => "backend_write_timeout",
             UpstreamBadResponse(_) => "backend_bad_response",
             UpstreamClosed => "backend_closed",
             Draining => "shutting_down",
@@ -128,6 +131,7 @@ impl GatewayError {
                 | BadChunkedBody(_)
                 | BodyIncomplete
                 | InvalidBody(_)
+                | UpstreamWriteTimeout
                 | Draining
         )
     }
@@ -184,6 +188,7 @@ impl fmt::Display for GatewayError {
             UpstreamFirstByteTimeout => {
                 f.write_str("the backend did not start answering in time")
             }
+            UpstreamWriteTimeout => f.write_str("the backend stopped reading the request"),
             UpstreamBadResponse(why) => write!(f, "the backend sent an invalid response: {why}"),
             UpstreamClosed => f.write_str("the backend closed the connection without answering"),
             Draining => f.write_str("cubegate is shutting down; retry on another instance"),

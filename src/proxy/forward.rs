@@ -21,7 +21,8 @@ use super::stream::{stream_response, StreamEnd, StreamError};
 use super::upstream::{connect, Upstream};
 use super::{RequestId, Worker};
 use crate::auth::Identity;
-use crate::http::head::{BodyFraming, Span};
+use crate::http::chunked::ChunkedDecoder;
+use crate::http::head::{BodyFraming, Method, Span};
 use crate::http::headers::{eq_ignore_case, is_hop_by_hop_request};
 use crate::http::response::push_u64;
 use crate::snapshot::{Backend, Domain};
@@ -112,8 +113,16 @@ async fn attempt(
     mut up: Upstream,
 ) -> Result<bool, Attempt> {
     let body_complete_in_buf = req.tracker.as_ref().is_none_or(BodyTracker::is_done);
+    // A send that fails on a reused socket never reached a live backend: resend. A reused
+    // socket that closes without a byte of answer may have been acted on, so only requests
+    // that are safe to repeat are resent then.
     let retryable = up.reused && body_complete_in_buf;
-    send_head_and_buffered_body(conn, req, backend, &mut up)
+    let repeatable = retryable
+        && matches!(
+            conn.head.method,
+            Method::Get | Method::Head | Method::Options
+        );
+    send_head_and_buffered_body(worker, conn, req, backend, &mut up)
         .await
         .map_err(|e| {
             if retryable {
@@ -138,37 +147,79 @@ async fn attempt(
             Ok(client_keep_alive)
         }
         Ok(StreamEnd::Aborted) => Ok(false),
-        Err(StreamError::NothingReceived) if retryable => Err(Attempt::Stale),
+        Err(StreamError::NothingReceived) if repeatable => Err(Attempt::Stale),
         Err(StreamError::NothingReceived) => Err(Attempt::Failed(GatewayError::UpstreamClosed)),
         Err(StreamError::Gateway(e)) => Err(Attempt::Failed(e)),
     }
 }
 
 async fn send_head_and_buffered_body(
+    worker: &Worker,
     conn: &mut ClientConn,
     req: &ForwardRequest<'_>,
     backend: &Backend,
     up: &mut Upstream,
 ) -> Result<(), GatewayError> {
+    let limit = worker.timeouts.between_chunks();
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     write_upstream_head(&mut out, conn, req, backend);
     let body = conn.head.len..conn.head.len + req.body_in_buf;
+    let chunked = conn.head.framing == BodyFraming::Chunked;
     // Small bodies ride in the head's write; big ones go straight from the read buffer.
-    let inline = body.len() <= 16 * 1024;
-    if inline {
+    // Chunked bodies are re-framed (see `reframe`), so they are always copied.
+    let inline = chunked || body.len() <= 16 * 1024;
+    if chunked {
+        let mut decoder = ChunkedDecoder::new();
+        let _ = reframe(&mut decoder, &conn.rbuf[body.clone()], &mut out);
+        if decoder.is_done() {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    } else if inline {
         out.extend_from_slice(&conn.rbuf[body.clone()]);
     }
-    let (res, back) = up.stream.write_all(out).await;
-    conn.out = back;
-    res.map_err(GatewayError::UpstreamConnect)?;
+    conn.out = write_upstream(up, out, limit).await?;
     if !inline {
         let rbuf = std::mem::take(&mut conn.rbuf);
-        let (res, slice) = up.stream.write_all(rbuf.slice(body)).await;
-        conn.rbuf = slice.into_inner();
-        res.map_err(GatewayError::UpstreamConnect)?;
+        conn.rbuf = write_upstream(up, rbuf.slice(body), limit)
+            .await?
+            .into_inner();
     }
     Ok(())
+}
+
+/// Writes to the backend with a timeout: a backend that stops reading is a failed one.
+/// On failure the buffer is gone (the caller's connection closes).
+async fn write_upstream<B: monoio::buf::IoBuf>(
+    up: &mut Upstream,
+    buf: B,
+    limit: std::time::Duration,
+) -> Result<B, GatewayError> {
+    match monoio::time::timeout(limit, up.stream.write_all(buf)).await {
+        Ok((Ok(_), buf)) => Ok(buf),
+        Ok((Err(_), _)) => Err(GatewayError::UpstreamClosed),
+        Err(_) => Err(GatewayError::UpstreamWriteTimeout),
+    }
+}
+
+/// Re-frames chunked payload: the backend gets our own chunk sizes and none of the
+/// client's chunk extensions or trailers (trailers would be headers that skipped every
+/// header rule). Returns the raw bytes consumed.
+fn reframe(
+    decoder: &mut ChunkedDecoder,
+    raw: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<usize, crate::http::chunked::ChunkError> {
+    decoder.feed(raw, |payload| push_chunk(out, payload))
+}
+
+fn push_chunk(out: &mut Vec<u8>, payload: &[u8]) {
+    if payload.is_empty() {
+        return;
+    }
+    let _ = write!(out, "{:x}\r\n", payload.len());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn write_upstream_head(
@@ -265,8 +316,11 @@ async fn stream_request_body(
             return Ok(());
         }
     }
+    let chunked = matches!(tracker, BodyTracker::Chunked { .. });
+    let limit = worker.timeouts.between_chunks();
     let mut pooled = worker.buffer();
     let copy = &mut pooled.buf;
+    let mut framed = Vec::new();
     while !tracker.is_done() {
         copy.clear();
         let read = monoio::time::timeout(
@@ -281,12 +335,16 @@ async fn stream_request_body(
             Ok(_) => {}
         }
         let mut scan_error = None;
+        framed.clear();
         let used = tracker
             .feed(copy, max_body, |payload| {
                 if let Some(s) = req.scanner.as_mut() {
                     if let Err(e) = s.feed(payload) {
                         scan_error.get_or_insert(e);
                     }
+                }
+                if chunked {
+                    push_chunk(&mut framed, payload);
                 }
             })
             .map_err(|e| match e {
@@ -301,12 +359,15 @@ async fn stream_request_body(
         if used < copy.len() {
             conn.rbuf.extend_from_slice(&copy[used..]);
         }
-        let (res, back) = up
-            .stream
-            .write_all(std::mem::take(copy).slice(..used))
-            .await;
-        *copy = back.into_inner();
-        res.map_err(|_| GatewayError::UpstreamClosed)?;
+        if chunked {
+            if tracker.is_done() {
+                framed.extend_from_slice(b"0\r\n\r\n");
+            }
+            framed = write_upstream(up, std::mem::take(&mut framed), limit).await?;
+        } else {
+            let slice = std::mem::take(copy).slice(..used);
+            *copy = write_upstream(up, slice, limit).await?.into_inner();
+        }
     }
     Ok(())
 }

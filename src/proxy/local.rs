@@ -6,12 +6,12 @@ use super::error::GatewayError;
 use super::RequestId;
 use crate::http::head::Method;
 use crate::http::response::write_local_response;
-use monoio::io::AsyncWriteRentExt;
 
 pub const HEALTH_BODY: &[u8] = br#"{"status":"ok"}"#;
 
 /// Writes a complete local answer. Returns whether the connection may stay open.
 pub async fn respond(
+    limit: std::time::Duration,
     conn: &mut ClientConn,
     status: u16,
     body: &[u8],
@@ -34,7 +34,11 @@ pub async fn respond(
     if conn.head.method == Method::Head {
         out.truncate(out.len() - body.len());
     }
-    let (res, back) = conn.wr.write_all(out).await;
-    conn.out = back;
-    Ok(res.is_ok() && keep_alive)
+    match super::conn::write_to_client(conn, out, limit).await {
+        Some(back) => {
+            conn.out = back;
+            Ok(keep_alive)
+        }
+        None => Ok(false),
+    }
 }

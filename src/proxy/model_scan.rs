@@ -14,6 +14,8 @@ use std::fmt;
 
 const MAX_MODEL_BYTES: usize = 256;
 const KEY: &[u8] = b"model";
+/// Nesting deeper than this is refused (and the depth counter can never wrap).
+const MAX_DEPTH: u32 = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanError {
@@ -24,6 +26,8 @@ pub enum ScanError {
     EscapedKey,
     Duplicate,
     TrailingData,
+    TooDeep,
+    NotUtf8,
 }
 
 impl fmt::Display for ScanError {
@@ -38,6 +42,8 @@ impl fmt::Display for ScanError {
             }
             ScanError::Duplicate => "the request body names \"model\" more than once",
             ScanError::TrailingData => "data after the JSON object in the request body",
+            ScanError::TooDeep => "the request body nests deeper than 512 levels",
+            ScanError::NotUtf8 => "\"model\" is not valid UTF-8",
         })
     }
 }
@@ -169,6 +175,9 @@ impl ModelScanner {
                 if self.depth == 1 && self.want_value {
                     return Err(ScanError::NotAString);
                 }
+                if self.depth == MAX_DEPTH {
+                    return Err(ScanError::TooDeep);
+                }
                 self.depth += 1;
             }
             b'}' | b']' => {
@@ -216,13 +225,18 @@ impl ModelScanner {
                     }
                 } else if self.in_value {
                     self.in_value = false;
+                    if std::str::from_utf8(&self.value[..self.value_len]).is_err() {
+                        return Err(ScanError::NotUtf8);
+                    }
                     self.found = true;
                 }
             }
             _ => {
                 if self.in_key {
                     self.key_pos = match self.key_pos {
-                        Some(i) if i < KEY.len() && KEY[i] == b => Some(i + 1),
+                        // Case-insensitive: Go's encoding/json (Ollama) matches keys that way,
+                        // so "MODEL" is the same key to it.
+                        Some(i) if i < KEY.len() && KEY[i] == b.to_ascii_lowercase() => Some(i + 1),
                         _ => None,
                     };
                 } else if self.in_value {
@@ -271,6 +285,9 @@ mod tests {
     fn refuses_disguises() {
         let bad: &[(&[u8], ScanError)] = &[
             (br#"{"model":"a","model":"b"}"#, ScanError::Duplicate),
+            (br#"{"model":"a","MODEL":"b"}"#, ScanError::Duplicate),
+            (br#"{"Model":"a","model":"b"}"#, ScanError::Duplicate),
+            (b"{\"model\":\"\xff\"}", ScanError::NotUtf8),
             (br#"{"model":"a","mod\u0065l":"b"}"#, ScanError::EscapedKey),
             (br#"{"model":"a\"b"}"#, ScanError::Escaped),
             (br#"{"model":5}"#, ScanError::NotAString),
@@ -288,6 +305,8 @@ mod tests {
         }
         let long = format!(r#"{{"model":"{}"}}"#, "a".repeat(300));
         assert_eq!(scan(long.as_bytes(), 7).unwrap_err(), ScanError::TooLong);
+        let deep = format!(r#"{{"a":{}"#, "[".repeat(600));
+        assert_eq!(scan(deep.as_bytes(), 64).unwrap_err(), ScanError::TooDeep);
     }
 
     /// Differential: random JSON objects serialized by serde_json, split at random points;

@@ -26,15 +26,18 @@ pub enum Endpoint {
     Embeddings,
     /// Model metadata (`/v1/models/{id}`, `/api/show`, `/api/version`, `/api/ps`).
     ModelRead,
-    /// Pull, push, create, copy, delete: domain admins only.
+    /// Pull, push, create, copy, delete, running-model lists: domain admins only.
     Admin,
-    /// Any other `/v1/*` or `/api/*` path: forwarded, routed by model when it has one.
+    /// Any other `/v1/*` or `/api/*` path (LoRA loading, sign-in, …): forwarded to admins
+    /// only, since an unknown endpoint may do anything to the host. Users get the endpoints
+    /// named above.
     Other,
 }
 
 impl Endpoint {
+    /// Needs the domain's (or the platform's) admin role.
     pub fn is_admin(self) -> bool {
-        self == Endpoint::Admin
+        matches!(self, Endpoint::Admin | Endpoint::Other)
     }
 }
 
@@ -103,9 +106,9 @@ pub fn classify(method: Method, target: &str) -> Route<'_> {
 fn openai_endpoint(method: Method, p: &str) -> Endpoint {
     match p {
         "models" => Endpoint::ListModels,
-        "chat/completions" => Endpoint::Chat,
+        "chat/completions" | "responses" => Endpoint::Chat,
         "completions" => Endpoint::Completions,
-        "embeddings" => Endpoint::Embeddings,
+        "embeddings" | "rerank" | "score" => Endpoint::Embeddings,
         _ if p.starts_with("models/") && method == Method::Delete => Endpoint::Admin,
         _ if p.starts_with("models/") => Endpoint::ModelRead,
         _ => Endpoint::Other,
@@ -118,8 +121,8 @@ fn ollama_endpoint(p: &str) -> Endpoint {
         "chat" => Endpoint::Chat,
         "generate" => Endpoint::Completions,
         "embed" | "embeddings" => Endpoint::Embeddings,
-        "show" | "version" | "ps" => Endpoint::ModelRead,
-        "pull" | "push" | "create" | "copy" | "delete" => Endpoint::Admin,
+        "show" | "version" => Endpoint::ModelRead,
+        "pull" | "push" | "create" | "copy" | "delete" | "ps" => Endpoint::Admin,
         _ if p.starts_with("blobs/") => Endpoint::Admin,
         _ => Endpoint::Other,
     }

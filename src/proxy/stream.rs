@@ -70,6 +70,9 @@ pub async fn stream_response(
 ) -> Result<StreamEnd, StreamError> {
     let canceller = Canceller::new();
     let watch_buf = worker.buffer().take();
+    // A client already far ahead with pipelined requests is alive and needs no watch; not
+    // arming it also keeps the backlog from growing by a read per request.
+    let arm_watch = conn.pending_bytes() < worker.limits.max_head_bytes;
     let ClientConn {
         rd,
         wr,
@@ -80,7 +83,7 @@ pub async fn stream_response(
     } = conn;
     let watch_fut = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
     let mut watch = Watch {
-        fut: Some(watch_fut),
+        fut: arm_watch.then_some(watch_fut),
         saved: None,
     };
     let is_head = head.method == Method::Head;
@@ -134,6 +137,8 @@ where
     let mut pooled = worker.buffer();
     let ubuf = &mut pooled.buf;
     let deadline = Instant::now() + worker.timeouts.first_byte();
+    // Any byte at all (even an interim 1xx) means the backend took the request.
+    let mut received_any = false;
 
     // The response head (skipping interim 1xx answers).
     let head = loop {
@@ -156,12 +161,13 @@ where
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let had = ubuf.len();
         let (r, buf) = read_upstream(up, std::mem::take(ubuf), left, watch).await;
         *ubuf = buf;
         match r {
-            UpRead::Data => {}
-            UpRead::Eof | UpRead::Failed if had == 0 => return Err(StreamError::NothingReceived),
+            UpRead::Data => received_any = true,
+            UpRead::Eof | UpRead::Failed if !received_any => {
+                return Err(StreamError::NothingReceived)
+            }
             UpRead::Eof | UpRead::Failed => {
                 return Err(StreamError::Gateway(GatewayError::UpstreamBadResponse(
                     "connection closed inside the response head",

@@ -42,12 +42,13 @@ impl Pools {
         }
     }
 
-    /// A pooled connection to `addr` that has not outlived the keep-alive window.
+    /// A pooled connection to `addr` that has not outlived the keep-alive window and is
+    /// still clean: nothing unread in it, not closed by the backend.
     pub fn take(&mut self, addr: SocketAddr) -> Option<TcpStream> {
         let list = self.idle.get_mut(&addr)?;
         let now = Instant::now();
         while let Some((stream, since)) = list.pop() {
-            if now.duration_since(since) < IDLE_TTL {
+            if now.duration_since(since) < IDLE_TTL && is_clean_idle(&stream) {
                 return Some(stream);
             }
         }
@@ -99,6 +100,23 @@ impl Pools {
                 .filter(|(_, a)| self.is_down(a, now))
                 .map(|(i, _)| *i),
         );
+    }
+}
+
+/// An idle connection must have nothing to read. Bytes there are an answer nobody asked
+/// for (reusing the socket would hand them to the next client: a response desync), and
+/// EOF means the backend closed it. One non-blocking peek, no data consumed.
+fn is_clean_idle(stream: &TcpStream) -> bool {
+    use std::mem::MaybeUninit;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor belongs to `stream`, which is borrowed for this whole
+    // function, so it stays open (and cannot be reused for another file) while `fd` lives.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+    let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    match socket2::SockRef::from(&fd).recv_with_flags(&mut byte, peek) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(_) => false,
     }
 }
 

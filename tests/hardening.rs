@@ -1,0 +1,280 @@
+//! Defences found by review: disguised model keys, response desync on pooled connections,
+//! chunked trailers and extensions never reaching a backend, spoofable header spellings,
+//! model ids in paths, and every write bounded by a timeout (a client that never reads, a
+//! backend that never reads). Scripted backends on loopback record exactly what arrives.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const D: &str = "dom";
+
+/// Reads one request (head + Content-Length or chunked body) off `s`.
+fn read_request(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+            let body = &req[end + 4..];
+            if head.contains("transfer-encoding: chunked") {
+                if body.ends_with(b"0\r\n\r\n") {
+                    return Some(req);
+                }
+            } else {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                if body.len() >= len {
+                    return Some(req);
+                }
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A backend that records each request and answers it with `answer(i)`; after answering it
+/// may write `extra` on the same connection (an unsolicited second answer).
+fn scripted_backend(
+    requests: usize,
+    extra: Option<&'static [u8]>,
+) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        let mut served = 0;
+        let mut conns = Vec::new();
+        while served < requests {
+            let Ok((mut s, _)) = listener.accept() else {
+                break;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            while served < requests {
+                let Some(req) = read_request(&mut s) else {
+                    break;
+                };
+                record.lock().unwrap().push(req);
+                served += 1;
+                let body = format!("answer-{served}");
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                if let Some(extra) = extra {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let _ = s.write_all(extra);
+                    // Keep the socket open: the gateway must notice the stray bytes itself.
+                    conns.push(s);
+                    break;
+                }
+            }
+        }
+    });
+    (addr, seen)
+}
+
+fn gw_for(driver: &str, backend: SocketAddr) -> Gateway {
+    gateway(
+        driver,
+        &domains_config(&[(D, &[("vllm", backend, &["m", "other"])])]),
+    )
+}
+
+/// Bytes a backend sends after its answer must never reach the next client.
+fn no_response_desync_on_pooled_connections(driver: &str) {
+    let (backend, _) = scripted_backend(
+        3,
+        Some(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nSMUGGLE"),
+    );
+    let gw = gw_for(driver, backend);
+    for i in 1..=3 {
+        std::thread::sleep(Duration::from_millis(150));
+        let r = post(
+            gw.addr,
+            &format!("/proxy/{D}/v1/chat/completions"),
+            r#"{"model":"m"}"#,
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.text(),
+            format!("answer-{i}"),
+            "request {i} got someone else's answer"
+        );
+    }
+}
+
+/// Chunk extensions and trailers are dropped: the backend gets our own framing only.
+fn chunked_bodies_are_reframed(driver: &str) {
+    let (backend, seen) = scripted_backend(1, None);
+    let gw = gw_for(driver, backend);
+    let body = r#"{"model":"m","prompt":"hi"}"#;
+    let mut raw = format!(
+        "POST /proxy/{D}/v1/completions HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for piece in body.as_bytes().chunks(5) {
+        raw.extend(format!("{:x};ext=\"q\"\r\n", piece.len()).bytes());
+        raw.extend_from_slice(piece);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\nX-User-Id: admin\r\nAuthorization: Bearer stolen\r\n\r\n");
+    let r = raw_send(gw.addr, &raw);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = String::from_utf8_lossy(&seen.lock().unwrap()[0]).into_owned();
+    assert!(!got.contains("ext="), "{got}");
+    assert!(!got.contains("stolen"), "{got}");
+    assert!(!got.contains("X-User-Id: admin"), "{got}");
+    // The payload itself arrived whole.
+    let (_, framed) = got.split_once("\r\n\r\n").unwrap();
+    let mut payload = String::new();
+    let mut rest = framed;
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size, 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        payload.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    assert_eq!(payload, body);
+}
+
+fn raw_send(addr: SocketAddr, bytes: &[u8]) -> Response {
+    raw(addr, bytes).expect("response")
+}
+
+/// Header spellings that servers fold into identity headers are dropped; a disguised
+/// model key is refused; a model id in the path must be one the domain offers.
+fn spoofing_and_disguises(driver: &str) {
+    let (backend, seen) = scripted_backend(1, None);
+    let gw = gw_for(driver, backend);
+    let r = post_with(
+        gw.addr,
+        &format!("/proxy/{D}/v1/chat/completions"),
+        &[
+            ("X_User_Id", "admin"),
+            ("Forwarded", "for=1.2.3.4"),
+            ("X-Real-IP", "1.2.3.4"),
+        ],
+        r#"{"model":"m"}"#,
+    );
+    assert_eq!(r.status, 200);
+    let got = String::from_utf8_lossy(&seen.lock().unwrap()[0]).to_ascii_lowercase();
+    assert!(!got.contains("x_user_id"), "{got}");
+    assert!(!got.contains("forwarded: for=1.2.3.4"), "{got}");
+    assert!(!got.contains("x-real-ip"), "{got}");
+    assert!(got.contains("x-user-id: anonymous"), "{got}");
+
+    let r = post(
+        gw.addr,
+        &format!("/proxy/{D}/v1/chat/completions"),
+        r#"{"model":"m","MODEL":"secret"}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "invalid_body");
+    let r = get(gw.addr, &format!("/proxy/{D}/v1/models/not-offered"));
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "model_not_found");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "refused requests reached the backend"
+    );
+}
+
+/// A client that pipelines requests and never reads their answers is cut off once a write
+/// to it has waited `between_chunks_s` (2 s in the test config).
+fn client_that_never_reads_is_dropped(driver: &str) {
+    let (backend, _) = scripted_backend(0, None);
+    let gw = gw_for(driver, backend);
+    let s = connect(gw.addr);
+    let mut writer = s.try_clone().unwrap();
+    writer
+        .set_write_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    let one = request_bytes("GET", &format!("/proxy/{D}/v1/models"), &[], b"");
+    let sender = std::thread::spawn(move || {
+        for _ in 0..50_000 {
+            if writer.write_all(&one).is_err() {
+                break;
+            }
+        }
+    });
+    // Not reading for a while: the gateway's writes stall, then time out.
+    std::thread::sleep(Duration::from_secs(5));
+    let mut r = Reader::new(s);
+    let mut answers = 0;
+    let closed = loop {
+        match r.response() {
+            Some(resp) => {
+                assert_eq!(resp.status, 200);
+                answers += 1;
+                if answers > 50_000 {
+                    break false;
+                }
+            }
+            None => break true,
+        }
+    };
+    assert!(closed, "the gateway kept a client that never read");
+    assert!(
+        answers < 50_000,
+        "every request was answered: no write ever stalled"
+    );
+    let _ = sender.join();
+    assert_eq!(get(gw.addr, "/health").status, 200);
+}
+
+/// A backend that accepts a request but never reads its body: 504, not a hang.
+fn backend_that_never_reads_is_a_timeout(driver: &str) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let holder = std::thread::spawn(move || {
+        // Accept and hold the connection without reading, for a bounded time.
+        let conn = listener.accept();
+        std::thread::sleep(Duration::from_secs(12));
+        drop(conn);
+    });
+    let gw = gw_for(driver, backend);
+    let body = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(12_000_000));
+    let s = connect(gw.addr);
+    let mut writer = s.try_clone().unwrap();
+    let path = format!("/proxy/{D}/v1/completions");
+    let req = request_bytes(
+        "POST",
+        &path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    );
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(&req);
+    });
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let resp = Reader::new(s).response().expect("an answer");
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert_eq!(resp.error_code(), "backend_write_timeout");
+    let _ = sender.join();
+    let _ = holder.join();
+}
+
+for_each_driver!(
+    no_response_desync_on_pooled_connections,
+    chunked_bodies_are_reframed,
+    spoofing_and_disguises,
+    client_that_never_reads_is_dropped,
+    backend_that_never_reads_is_a_timeout,
+);
