@@ -150,16 +150,7 @@ fn scripted_backend(response: Vec<u8>, max_conns: usize) -> (SocketAddr, JoinHan
 ///    and the client connection stays usable for the next request.
 fn backend_down_is_502_and_connection_survives(driver: &str) {
     let gw = gateway_for(driver, &[dead_addr()], VLLM_MODEL);
-    let mut r = Reader::new(connect(gw.addr));
-    let body = chat_body(VLLM_MODEL, false, "");
-    r.stream
-        .write_all(&request_bytes(
-            "POST",
-            &chat_path(),
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        ))
-        .unwrap();
+    let mut r = send_chat(gw.addr, &chat_path(), VLLM_MODEL, false);
     let resp = r.response().expect("an answer to the first request");
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert_eq!(assert_error_shape(&resp), "backend_unreachable");
@@ -252,16 +243,7 @@ fn backend_dies_mid_stream(driver: &str) {
 fn client_disconnect_mid_stream_closes_upstream(driver: &str) {
     let sim = sim("vllm", &["--tokens", "2000", "--token-delay-us", "20000"]);
     let gw = gateway_for(driver, &[sim.addr], VLLM_MODEL);
-    let mut r = Reader::new(connect(gw.addr));
-    let body = chat_body(VLLM_MODEL, true, "");
-    r.stream
-        .write_all(&request_bytes(
-            "POST",
-            &chat_path(),
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        ))
-        .unwrap();
+    let mut r = send_chat(gw.addr, &chat_path(), VLLM_MODEL, true);
     let (status, _) = r.head().expect("a response head");
     assert_eq!(status, 200);
     let first = r

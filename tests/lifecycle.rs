@@ -8,7 +8,7 @@
 mod common;
 use common::*;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,16 +52,7 @@ fn check_config(path: &std::path::Path) -> (Option<i32>, String) {
 
 /// Starts a streaming chat for `model` and reads the head and the first chunk.
 fn start_stream(addr: SocketAddr, model: &str) -> Reader {
-    let mut r = Reader::new(connect(addr));
-    let body = chat_body(model, true, "");
-    r.stream
-        .write_all(&request_bytes(
-            "POST",
-            &chat_path(),
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        ))
-        .unwrap();
+    let mut r = send_chat(addr, &chat_path(), model, true);
     let (status, headers) = r.head().expect("a response head");
     assert_eq!(status, 200, "{headers:?}");
     let first = r

@@ -458,6 +458,21 @@ pub fn chat_body(model: &str, stream: bool, extra: &str) -> String {
     )
 }
 
+/// Opens a connection and sends a chat request for `model` to `path`; read the answer
+/// from the returned reader.
+pub fn send_chat(addr: SocketAddr, path: &str, model: &str, stream: bool) -> Reader {
+    let mut r = Reader::new(connect(addr));
+    let body = chat_body(model, stream, "");
+    let req = request_bytes(
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    );
+    r.stream.write_all(&req).unwrap();
+    r
+}
+
 /// Writes to a stream, ignoring errors (for tests that expect the peer to hang up).
 pub fn send(s: &mut TcpStream, bytes: &[u8]) {
     let _ = s.write_all(bytes);
