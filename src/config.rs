@@ -160,6 +160,9 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Response head from a backend, bytes (502 past it).
     pub max_upstream_head_bytes: usize,
+    /// Open client connections, all workers together; past it a worker stops accepting
+    /// until one closes (new connections wait in the kernel's backlog).
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -170,6 +173,7 @@ impl Default for Limits {
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             max_upstream_head_bytes: 64 * 1024,
+            max_connections: 65536,
         }
     }
 }
@@ -191,6 +195,9 @@ pub struct Timeouts {
     /// Longest silence between two reads of a streamed answer, and longest a client may
     /// take to accept a write.
     pub between_chunks_s: u64,
+    /// The whole request body must arrive within this (a client trickling one byte per
+    /// `body_read_ms` cannot hold a connection and a backend slot for days).
+    pub body_total_s: u64,
     /// How long SIGTERM waits for in-flight requests and streams.
     pub drain_s: u64,
 }
@@ -204,6 +211,7 @@ impl Default for Timeouts {
             upstream_connect_ms: 3_000,
             first_byte_s: 300,
             between_chunks_s: 120,
+            body_total_s: 300,
             drain_s: 30,
         }
     }
@@ -227,6 +235,9 @@ impl Timeouts {
     }
     pub fn between_chunks(&self) -> Duration {
         Duration::from_secs(self.between_chunks_s)
+    }
+    pub fn body_total(&self) -> Duration {
+        Duration::from_secs(self.body_total_s)
     }
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_s)
@@ -362,6 +373,12 @@ impl Config {
             1024,
             1 << 20,
         )?;
+        check_range(
+            "limits.max_connections",
+            l.max_connections as u64,
+            1,
+            1 << 24,
+        )?;
         let t = &self.timeouts;
         for (key, v) in [
             ("timeouts.header_read_ms", t.header_read_ms),
@@ -370,6 +387,7 @@ impl Config {
             ("timeouts.upstream_connect_ms", t.upstream_connect_ms),
             ("timeouts.first_byte_s", t.first_byte_s),
             ("timeouts.between_chunks_s", t.between_chunks_s),
+            ("timeouts.body_total_s", t.body_total_s),
         ] {
             check_range(key, v, 1, 86_400_000)?;
         }

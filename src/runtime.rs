@@ -9,7 +9,8 @@
 
 use crate::auth::keys::KeyStore;
 use crate::config::{AuthMode, Config, Driver};
-use crate::proxy::{conn::serve_connection, Worker};
+use crate::proxy::conn::{serve_connection, OpenConnection};
+use crate::proxy::Worker;
 use crate::snapshot::{Published, Snapshot};
 use monoio::net::TcpListener;
 use std::net::SocketAddr;
@@ -71,10 +72,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
             return 2;
         }
     };
-    let workers = match config.proxy.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let workers = crate::proxy::workers_of(&config);
     if config.auth.mode == AuthMode::None {
         tracing::warn!(
             "!!! auth.mode = \"none\": NO TOKEN IS CHECKED. Anyone who can reach {} can use every \
@@ -210,13 +208,23 @@ async fn worker_main(worker: Worker, listener: std::net::TcpListener) -> std::io
         if worker.draining.get() {
             break;
         }
+        if worker.connections.get() >= worker.max_connections {
+            // Full: stop accepting until a connection closes; new ones wait in the
+            // kernel's backlog instead of costing memory here.
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
         let handle = worker.drain.borrow().handle();
         match listener.cancelable_accept(handle).await {
             Ok((stream, peer)) => {
                 // A bug that panics while serving one connection must not take the worker
                 // (and every connection its listener would accept) down with it.
-                let served =
-                    std::panic::AssertUnwindSafe(serve_connection(worker.clone(), stream, peer));
+                let served = std::panic::AssertUnwindSafe(serve_connection(
+                    worker.clone(),
+                    stream,
+                    peer,
+                    OpenConnection::new(worker.clone()),
+                ));
                 monoio::spawn(async move {
                     if futures_util::FutureExt::catch_unwind(served).await.is_err() {
                         tracing::error!(%peer, "connection handler panicked; connection closed");

@@ -271,7 +271,78 @@ fn backend_that_never_reads_is_a_timeout(driver: &str) {
     let _ = holder.join();
 }
 
+/// Past `limits.max_connections` a worker stops accepting; a waiting connection is served
+/// as soon as another one closes.
+fn connection_cap_holds_new_connections_back(driver: &str) {
+    let (backend, _) = scripted_backend(0, None);
+    let mut body = domains_config(&[(D, &[("vllm", backend, &["m"])])]);
+    body.push_str("\n[limits]\nmax_connections = 2\n");
+    let gw = gateway(driver, &body);
+    // Two workers, one connection each: the third waits in the backlog.
+    let mut readers: Vec<Reader> = (0..3)
+        .map(|_| {
+            let mut s = connect(gw.addr);
+            s.set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
+            send(&mut s, &request_bytes("GET", "/health", &[], b""));
+            Reader::new(s)
+        })
+        .collect();
+    let answered: Vec<bool> = readers.iter_mut().map(|r| r.response().is_some()).collect();
+    assert!(answered.iter().filter(|a| **a).count() <= 2, "{answered:?}");
+    let waiting = answered
+        .iter()
+        .position(|a| !a)
+        .expect("one connection must wait");
+    // Closing the served ones lets the waiting one in.
+    let mut waiting_reader = readers.remove(waiting);
+    drop(readers);
+    waiting_reader
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        waiting_reader
+            .response()
+            .expect("served after others closed")
+            .status,
+        200
+    );
+}
+
+/// A body trickled in just under the pause limit still has to finish within
+/// `timeouts.body_total_s`.
+fn trickled_body_hits_the_total_deadline(driver: &str) {
+    let (backend, seen) = scripted_backend(1, None);
+    let mut body = domains_config(&[(D, &[("vllm", backend, &["m"])])]);
+    body = body.replace("drain_s = 5", "drain_s = 5\nbody_total_s = 2");
+    let gw = gateway(driver, &body);
+    let mut s = connect(gw.addr);
+    let head = format!("POST /proxy/{D}/v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{{\"model\":\"m\",\"p\":\"");
+    send(&mut s, head.as_bytes());
+    let mut reader_side = s.try_clone().unwrap();
+    // One byte every 400 ms (the pause limit is 1 s), for at most 10 s.
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..25 {
+            std::thread::sleep(Duration::from_millis(400));
+            if s.write_all(b"x").is_err() {
+                break;
+            }
+        }
+    });
+    reader_side
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let resp = Reader::new(reader_side).response().expect("an answer");
+    assert_eq!(resp.status, 408, "{}", resp.text());
+    assert_eq!(resp.error_code(), "body_read_timeout");
+    let _ = trickle.join();
+    assert!(seen.lock().unwrap().is_empty());
+}
+
 for_each_driver!(
+    connection_cap_holds_new_connections_back,
+    trickled_body_hits_the_total_deadline,
     no_response_desync_on_pooled_connections,
     chunked_bodies_are_reframed,
     spoofing_and_disguises,

@@ -48,12 +48,20 @@ pub struct ClientConn {
     consumed: usize,
     /// The current request's body has not been read to its end.
     body_pending: bool,
+    /// When the current request's body must be complete.
+    body_deadline: Instant,
 }
 
 impl ClientConn {
     /// Bytes read past the current request (pipelined requests waiting their turn).
     pub fn pending_bytes(&self) -> usize {
         self.rbuf.len().saturating_sub(self.consumed)
+    }
+
+    /// How long the next body read may wait: the pause limit, cut by the whole-body deadline.
+    pub fn body_wait(&self, worker: &Worker) -> std::time::Duration {
+        let left = self.body_deadline.saturating_duration_since(Instant::now());
+        worker.timeouts.body_read().min(left)
     }
 }
 
@@ -78,7 +86,12 @@ pub async fn read_more<R: AsyncReadRent>(
     (res, slice.into_inner())
 }
 
-pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection(
+    worker: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _open: OpenConnection,
+) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let mut conn = ClientConn {
@@ -90,8 +103,8 @@ pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, peer: Socke
         out: Vec::with_capacity(4096),
         consumed: 0,
         body_pending: false,
+        body_deadline: Instant::now(),
     };
-    let _open = OpenConnection::new(&worker);
     loop {
         match read_request_head(&worker, &mut conn).await {
             Ok(true) => {}
@@ -110,17 +123,18 @@ pub async fn serve_connection(worker: Rc<Worker>, stream: TcpStream, peer: Socke
     let _ = conn.wr.shutdown().await;
 }
 
-/// Counts an open connection for draining; the count drops even if serving panicked.
-struct OpenConnection<'w>(&'w Worker);
+/// Counts an open connection (for the connection cap and for draining) from the moment
+/// it is accepted; the count drops even if serving panicked.
+pub struct OpenConnection(Rc<Worker>);
 
-impl<'w> OpenConnection<'w> {
-    fn new(worker: &'w Worker) -> Self {
+impl OpenConnection {
+    pub fn new(worker: Rc<Worker>) -> Self {
         worker.connections.set(worker.connections.get() + 1);
         OpenConnection(worker)
     }
 }
 
-impl Drop for OpenConnection<'_> {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.connections.set(self.0.connections.get() - 1);
     }
@@ -142,6 +156,7 @@ async fn read_request_head(worker: &Worker, conn: &mut ClientConn) -> Result<boo
             if complete {
                 conn.consumed = conn.head.len;
                 conn.body_pending = conn.head.framing != BodyFraming::None;
+                conn.body_deadline = Instant::now() + worker.timeouts.body_total();
                 return Ok(true);
             }
             scanned = conn.rbuf.len();
@@ -456,7 +471,7 @@ async fn read_model(
         // the body has not ended: append more.
         let buf = std::mem::take(&mut conn.rbuf);
         let read = monoio::time::timeout(
-            worker.timeouts.body_read(),
+            conn.body_wait(worker),
             read_more(&mut conn.rd, buf, READ_SIZE),
         )
         .await;

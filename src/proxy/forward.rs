@@ -304,7 +304,7 @@ async fn stream_request_body(
     if let BodyTracker::Length { remaining } = tracker {
         if worker.splice && req.scanner.is_none() {
             let mut pipe = worker.take_pipe().ok_or(GatewayError::BodyIncomplete)?;
-            let limit = worker.timeouts.body_read();
+            let limit = conn.body_wait(worker);
             splice_exact(&mut conn.rd, &mut up.stream, &mut pipe, *remaining, limit)
                 .await
                 .map_err(|e| match e {
@@ -324,7 +324,7 @@ async fn stream_request_body(
     while !tracker.is_done() {
         copy.clear();
         let read = monoio::time::timeout(
-            worker.timeouts.body_read(),
+            conn.body_wait(worker),
             read_more(&mut conn.rd, std::mem::take(copy), super::BUFFER_SIZE),
         )
         .await;

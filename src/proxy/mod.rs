@@ -29,6 +29,14 @@ use monoio::io::Canceller;
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
+/// How many workers run: `proxy.workers`, or one per CPU when 0.
+pub fn workers_of(config: &Config) -> usize {
+    match config.proxy.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// Size of the pooled I/O buffers: one read from a backend or a client body.
 pub const BUFFER_SIZE: usize = 16 * 1024;
 /// Free buffers kept per worker (beyond that they are freed).
@@ -77,6 +85,8 @@ pub struct Worker {
     pub draining: Cell<bool>,
     /// Client connections open on this worker.
     pub connections: Cell<usize>,
+    /// This worker's share of `limits.max_connections`.
+    pub max_connections: usize,
     request_seq: Cell<u64>,
     run_id: u32,
     free_buffers: RefCell<Vec<Vec<u8>>>,
@@ -110,6 +120,11 @@ impl Worker {
             drain: RefCell::new(Canceller::new()),
             draining: Cell::new(false),
             connections: Cell::new(0),
+            max_connections: config
+                .limits
+                .max_connections
+                .div_ceil(workers_of(config))
+                .max(1),
             request_seq: Cell::new(0),
             run_id,
             free_buffers: RefCell::new(Vec::new()),
