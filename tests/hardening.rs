@@ -320,7 +320,7 @@ fn trickled_body_hits_the_total_deadline(driver: &str) {
     let mut s = connect(gw.addr);
     let head = format!("POST /proxy/{D}/v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{{\"model\":\"m\",\"p\":\"");
     send(&mut s, head.as_bytes());
-    let mut reader_side = s.try_clone().unwrap();
+    let reader_side = s.try_clone().unwrap();
     // One byte every 400 ms (the pause limit is 1 s), for at most 10 s.
     let trickle = std::thread::spawn(move || {
         for _ in 0..25 {
