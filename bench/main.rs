@@ -1,10 +1,12 @@
 //! `cubegate-bench`: tools to test and benchmark cubegate.
 //!
 //! - `backend`: a deterministic simulator of vLLM's or Ollama's HTTP API (see `sim/`).
-//! - `load`, `compare`: load generation and the side-by-side comparison (not yet).
+//! - `load`: a load generator with its own HTTP client (see `load/`).
+//! - `compare`: the side-by-side comparison (not yet).
 //!
 //! This binary shares no code with `src/`: a parser bug in one must not hide in the other.
 
+mod load;
 mod sim;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -29,11 +31,8 @@ struct Cli {
 enum Cmd {
     /// Run a simulated inference backend (vLLM or Ollama HTTP API).
     Backend(BackendArgs),
-    /// Drive load against a gateway or backend (not implemented yet).
-    Load {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// Drive load against a gateway or backend; report latency percentiles and throughput.
+    Load(load::LoadArgs),
     /// Side-by-side comparison with peer gateways (not implemented yet).
     Compare {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -80,15 +79,35 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Backend(a) => backend(a),
-        Cmd::Load { .. } => {
-            eprintln!("cubegate-bench load: not implemented yet");
-            ExitCode::from(2)
-        }
+        Cmd::Load(a) => load_cmd(a),
         Cmd::Compare { .. } => {
             eprintln!("cubegate-bench compare: not implemented yet");
             ExitCode::from(2)
         }
     }
+}
+
+fn load_cmd(a: load::LoadArgs) -> ExitCode {
+    let summary = match load::run(&a) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cubegate-bench load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", summary.human());
+    if let Some(path) = &a.json {
+        let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!("cubegate-bench load: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if summary.completed == 0 {
+        eprintln!("cubegate-bench load: no request completed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn backend(a: BackendArgs) -> ExitCode {

@@ -1,0 +1,406 @@
+//! `cubegate-bench load`: drives chat requests (OpenAI or Ollama, streaming or not) at a
+//! gateway or a backend and reports latency distributions and throughput.
+//!
+//! Each of `--threads` threads runs its own monoio runtime with its share of the
+//! connections; each connection is a task that takes the next request from the thread's
+//! [`schedule::Tickets`], sends it when it is due and records it (`client.rs`) into the
+//! thread's [`report::Recorder`]. An optional warmup phase runs the same load and is
+//! discarded; then all threads start measuring at one common instant. At the end the
+//! recorders are merged into a [`report::Summary`] (stdout, and `--json FILE`).
+
+pub mod client;
+pub mod http;
+pub mod report;
+pub mod schedule;
+
+#[cfg(test)]
+mod net_tests;
+#[cfg(test)]
+mod tests;
+
+use client::{Conn, Target};
+use http::EventFormat;
+use report::{Recorder, RunInfo, Summary};
+use schedule::{Schedule, Tickets};
+use std::cell::RefCell;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+/// What to send.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// OpenAI chat completion, whole answer.
+    Chat,
+    /// OpenAI chat completion streamed as SSE.
+    ChatStream,
+    /// Ollama /api/chat, whole answer.
+    OllamaChat,
+    /// Ollama /api/chat streamed as NDJSON.
+    OllamaStream,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::ChatStream => "chat-stream",
+            Kind::OllamaChat => "ollama-chat",
+            Kind::OllamaStream => "ollama-stream",
+        }
+    }
+    fn ollama(self) -> bool {
+        matches!(self, Kind::OllamaChat | Kind::OllamaStream)
+    }
+    fn events(self) -> Option<EventFormat> {
+        match self {
+            Kind::ChatStream => Some(EventFormat::Sse),
+            Kind::OllamaStream => Some(EventFormat::Ndjson),
+            _ => None,
+        }
+    }
+    fn default_path(self) -> &'static str {
+        if self.ollama() {
+            "/api/chat"
+        } else {
+            "/v1/chat/completions"
+        }
+    }
+    fn default_model(self) -> &'static str {
+        if self.ollama() {
+            "llama3.2:1b"
+        } else {
+            "meta-llama/Llama-3.1-8B-Instruct"
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Target, http://HOST:PORT/PATH (a bare / means the kind's usual path).
+    #[arg(long)]
+    pub url: String,
+    /// What requests to send.
+    #[arg(long, value_enum, default_value = "chat")]
+    pub kind: Kind,
+    /// Model named in the body [default: the simulator's default for the kind].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Concurrent connections (each carries one request at a time, keep-alive).
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+    /// Seconds to measure [default: 10 unless --requests is given].
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Requests to send in all (the run ends at whichever of this and --duration first).
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Open loop: requests per second, scheduled at fixed intervals, latency counted from
+    /// each request's intended send time. Omitted: closed loop (as fast as possible).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Answer length asked for (max_tokens, or options.num_predict for Ollama).
+    #[arg(long)]
+    pub tokens: Option<u64>,
+    /// Send `Authorization: Bearer TOKEN`.
+    #[arg(long)]
+    pub bearer: Option<String>,
+    /// Also write the summary as JSON to FILE.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// Seconds of the same load before measuring (discarded).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Threads, each a monoio runtime with its share of the connections (0 = one per CPU).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Seconds each connect, read and write may take.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// Seconds a whole request may take.
+    #[arg(long, default_value_t = 120.0)]
+    pub request_timeout: f64,
+}
+
+fn secs(name: &str, v: f64) -> Result<Duration, String> {
+    if (0.0..1e9).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!("--{name} must be a number of seconds ≥ 0, not {v}"))
+    }
+}
+
+/// `http://host[:port][/path]` → (host header, socket address, path).
+pub fn parse_url(url: &str) -> Result<(String, SocketAddr, String), String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!("--url {url}: only http:// URLs are supported (no TLS in the load generator)")
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("--url {url}: bad host"));
+    }
+    let has_port = match authority.rfind(']') {
+        Some(i) => authority[i..].contains(':'),
+        None => authority.contains(':'),
+    };
+    let hostport = if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("--url {url}: cannot resolve {hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--url {url}: {hostport} resolves to nothing"))?;
+    Ok((authority.to_string(), addr, path.to_string()))
+}
+
+/// The request every connection sends.
+pub fn build_request(a: &LoadArgs, host: &str, path: &str) -> Vec<u8> {
+    let model = a.model.as_deref().unwrap_or(a.kind.default_model());
+    let stream = a.kind.events().is_some();
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a short poem about a gateway."}],
+        "stream": stream,
+    });
+    if let Some(n) = a.tokens {
+        if a.kind.ollama() {
+            body["options"] = serde_json::json!({ "num_predict": n });
+        } else {
+            body["max_tokens"] = n.into();
+        }
+    }
+    let body = body.to_string();
+    let path = if path == "/" {
+        a.kind.default_path()
+    } else {
+        path
+    };
+    let accept = match a.kind.events() {
+        Some(EventFormat::Sse) => "text/event-stream",
+        Some(EventFormat::Ndjson) => "application/x-ndjson",
+        None => "application/json",
+    };
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: cubegate-bench\r\n\
+         Content-Type: application/json\r\nAccept: {accept}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(b) = &a.bearer {
+        req.push_str(&format!("Authorization: Bearer {b}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    req.into_bytes()
+}
+
+/// Runs the load described by `a` and returns its summary.
+pub fn run(a: &LoadArgs) -> Result<Summary, String> {
+    let (host, addr, path) = parse_url(&a.url)?;
+    if a.connections == 0 {
+        return Err("--connections must be at least 1".into());
+    }
+    if let Some(r) = a.rate {
+        if !(r.is_finite() && r > 0.0) {
+            return Err(format!("--rate must be a positive number, not {r}"));
+        }
+    }
+    if a.tokens.is_some_and(|t| t == 0) {
+        return Err("--tokens must be at least 1".into());
+    }
+    let duration = match (a.duration, a.requests) {
+        (Some(d), _) => Some(secs("duration", d)?),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs(10)),
+    };
+    let warmup = secs("warmup", a.warmup)?;
+    let target = Target {
+        addr,
+        request: build_request(a, &host, &path).into(),
+        events: a.kind.events(),
+        io_timeout: secs("timeout", a.timeout)?.max(Duration::from_millis(1)),
+        request_timeout: secs("request-timeout", a.request_timeout)?.max(Duration::from_millis(1)),
+    };
+    let threads = match a.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(a.connections);
+    let plan = Arc::new(Plan {
+        target,
+        interval: a.rate.map(Schedule::interval_for),
+        duration,
+        requests: a.requests,
+        warmup,
+        threads: threads as u64,
+        t0: Instant::now(),
+        barrier: Barrier::new(threads),
+        start: OnceLock::new(),
+    });
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let conns = a.connections / threads + usize::from(t < a.connections % threads);
+        let plan = plan.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("load-{t}"))
+            .spawn(move || thread_main(t as u64, conns, &plan))
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        handles.push(h);
+    }
+    let mut all = Recorder::default();
+    let mut taken = 0;
+    for h in handles {
+        let (rec, n) = h
+            .join()
+            .map_err(|_| "a load thread panicked".to_string())??;
+        all.merge(&rec);
+        taken += n;
+    }
+    let start = *plan.start.get().ok_or("the run never started")?;
+    let end = all.last_done.unwrap_or_else(Instant::now).max(start);
+    let sched = plan.schedule(start, 0);
+    let unsent = sched.planned().map_or(0, |p| p.saturating_sub(taken));
+    let info = RunInfo {
+        url: a.url.clone(),
+        kind: a.kind.name().to_string(),
+        model: a
+            .model
+            .as_deref()
+            .unwrap_or(a.kind.default_model())
+            .to_string(),
+        connections: a.connections,
+        threads,
+        rate: a.rate,
+        duration_s: duration.map(|d| d.as_secs_f64()),
+        requests: a.requests,
+        tokens: a.tokens,
+        warmup_s: warmup.as_secs_f64(),
+    };
+    Ok(Summary::new(info, &all, end - start, unsent))
+}
+
+/// What all threads share.
+struct Plan {
+    target: Target,
+    interval: Option<Duration>,
+    duration: Option<Duration>,
+    requests: Option<u64>,
+    warmup: Duration,
+    threads: u64,
+    /// When the warmup starts.
+    t0: Instant,
+    barrier: Barrier,
+    /// When measuring starts (the first thread past the barrier sets it).
+    start: OnceLock<Instant>,
+}
+
+impl Plan {
+    fn schedule(&self, start: Instant, offset: u64) -> Schedule {
+        Schedule {
+            start,
+            interval: self.interval,
+            end: self.duration.map(|d| start + d),
+            requests: self.requests,
+            stride: self.threads,
+            offset,
+        }
+    }
+}
+
+fn thread_main(t: u64, conns: usize, plan: &Plan) -> Result<(Recorder, u64), String> {
+    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build();
+    let mut rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            // Keep the other threads from waiting for this one forever.
+            plan.barrier.wait();
+            return Err(format!("cannot start a runtime: {e}"));
+        }
+    };
+    let target = Rc::new(plan.target.clone());
+    rt.block_on(async move {
+        let mut slots: Vec<Option<Conn>> = (0..conns).map(|_| None).collect();
+        if !plan.warmup.is_zero() {
+            let mut s = plan.schedule(plan.t0, t);
+            s.end = Some(plan.t0 + plan.warmup);
+            s.requests = None;
+            let discard = Rc::new(RefCell::new(Recorder::default()));
+            slots = phase(slots, s, &target, &discard).await.0;
+        }
+        // Threads block here only between phases, when no task of theirs is running.
+        plan.barrier.wait();
+        let start = *plan.start.get_or_init(Instant::now);
+        let rec = Rc::new(RefCell::new(Recorder::default()));
+        let (_, taken) = phase(slots, plan.schedule(start, t), &target, &rec).await;
+        let rec = Rc::try_unwrap(rec).map_err(|_| "recorder still shared")?;
+        Ok((rec.into_inner(), taken))
+    })
+}
+
+/// Runs one phase on this thread's connections; hands them back with the requests taken.
+async fn phase(
+    slots: Vec<Option<Conn>>,
+    sched: Schedule,
+    target: &Rc<Target>,
+    rec: &Rc<RefCell<Recorder>>,
+) -> (Vec<Option<Conn>>, u64) {
+    let tickets = Rc::new(Tickets::default());
+    let handles: Vec<_> = slots
+        .into_iter()
+        .map(|slot| {
+            monoio::spawn(connection_task(
+                slot,
+                sched,
+                tickets.clone(),
+                target.clone(),
+                rec.clone(),
+            ))
+        })
+        .collect();
+    let mut back = Vec::with_capacity(handles.len());
+    for h in handles {
+        back.push(h.await);
+    }
+    (back, tickets.taken())
+}
+
+/// The runtime timer's resolution.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+async fn connection_task(
+    mut slot: Option<Conn>,
+    sched: Schedule,
+    tickets: Rc<Tickets>,
+    target: Rc<Target>,
+    rec: Rc<RefCell<Recorder>>,
+) -> Option<Conn> {
+    loop {
+        let now = Instant::now();
+        let Some(at) = tickets.take(&sched, now) else {
+            break;
+        };
+        // monoio's timer has 1 ms ticks and rounds up: aim a tick early, so a request
+        // leaves at most about a millisecond before its time and is measured from when it
+        // actually left; a late one is measured from its intended time.
+        if let Some(early) = at.checked_sub(TIMER_TICK).filter(|e| *e > now) {
+            monoio::time::sleep_until(monoio::time::Instant::from_std(early)).await;
+        }
+        let sent = Instant::now();
+        rec.borrow_mut().lag(sent.saturating_duration_since(at));
+        let from = at.min(sent);
+        let connect_failed = client::exchange(&mut slot, &target, from, &rec).await;
+        if connect_failed && sched.interval.is_none() {
+            // Closed loop against a dead target: do not spin.
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    slot
+}
