@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod mgmt;
 pub mod proxy;
 pub mod runtime;
 pub mod snapshot;

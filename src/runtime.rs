@@ -88,6 +88,14 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         }
     };
     let published = Arc::new(Published::new(snapshot));
+    // The management plane publishes its keys and memberships before any worker serves.
+    let mgmt_addr = match crate::mgmt::start(&config, published.clone()) {
+        Ok((_, addr)) => addr,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 2;
+        }
+    };
     let (refresh, wakeups) = crate::auth::jwks_fetch::channel();
     {
         let published = published.clone();
@@ -144,7 +152,8 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let worker = Worker::new(i, &config, published, registry, refresh, run_id);
+                let worker =
+                    Worker::new(i, &config, published, registry, refresh, mgmt_addr, run_id);
                 if let Err(e) = run_worker(driver, worker, listener) {
                     tracing::error!(worker = i, "worker failed: {e}");
                 }
@@ -311,6 +320,7 @@ fn reload(running: &Config, path: &Path, published: &Published) {
                 keys.carry_fetched_keys(&old.keys);
                 s.keys = Arc::new(keys);
                 s.revocation_epoch = old.revocation_epoch;
+                s.members = old.members.clone();
                 outcome = Ok(s.domains.len());
                 s
             }
@@ -322,6 +332,7 @@ fn reload(running: &Config, path: &Path, published: &Published) {
                     domains: old.domains.clone(),
                     keys: old.keys.clone(),
                     revocation_epoch: old.revocation_epoch,
+                    members: old.members.clone(),
                 }
             }
         },

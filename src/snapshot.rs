@@ -77,6 +77,23 @@ pub struct Snapshot {
     pub keys: Arc<KeyStore>,
     /// Moves when a revocation must reach cached tokens (management plane).
     pub revocation_epoch: u64,
+    /// Domain memberships and disabled users, from the management plane.
+    pub members: Arc<Members>,
+}
+
+/// Who belongs to which domain, as the management plane last published it.
+#[derive(Debug, Default)]
+pub struct Members {
+    /// domain id → user id → is a domain admin.
+    pub by_domain: HashMap<String, HashMap<String, bool>>,
+    pub disabled: std::collections::HashSet<String>,
+}
+
+impl Members {
+    /// `Some(is_admin)` when `user` is a member of `domain`.
+    pub fn role(&self, domain: &str, user: &str) -> Option<bool> {
+        self.by_domain.get(domain)?.get(user).copied()
+    }
 }
 
 impl Snapshot {
@@ -113,6 +130,7 @@ impl Snapshot {
             domains,
             keys: Arc::new(crate::auth::build_key_store(config, generation)?),
             revocation_epoch: 0,
+            members: Arc::default(),
         })
     }
 }
@@ -192,6 +210,7 @@ impl Published {
                 domains: old.domains.clone(),
                 keys: Arc::new(keys),
                 revocation_epoch: old.revocation_epoch,
+                members: old.members.clone(),
             }
         });
     }

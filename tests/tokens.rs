@@ -184,6 +184,7 @@ fn issuer(name: &str, keys: Vec<VerifyingKey>, require_exp: bool) -> IssuerKeys 
         keys,
         jwks_url: None,
         require_exp,
+        own: false,
     }
 }
 

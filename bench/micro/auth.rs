@@ -139,6 +139,7 @@ fn store(signers: &[Signer]) -> KeyStore {
             keys: signers.iter().map(|s| s.key.clone()).collect(),
             jwks_url: None,
             require_exp: true,
+            own: false,
         }],
         generation: 1,
     }

@@ -155,6 +155,7 @@ mod tests {
             keys: Vec::new(),
             jwks_url: None,
             require_exp: true,
+            own: false,
         }
     }
 

@@ -209,6 +209,8 @@ pub struct IssuerKeys {
     /// Where the keys come from when they are fetched (`None` = static).
     pub jwks_url: Option<String>,
     pub require_exp: bool,
+    /// This box's own issuer (keys from the management plane, not the config).
+    pub own: bool,
 }
 
 impl IssuerKeys {
@@ -245,12 +247,14 @@ impl KeyStore {
     /// Keeps the keys already fetched for JWKS issuers that `self` (just built from a
     /// reloaded file) still lists with the same URL, so a reload does not drop them.
     pub fn carry_fetched_keys(&mut self, old: &KeyStore) {
-        for issuer in self.issuers.iter_mut().filter(|i| i.jwks_url.is_some()) {
-            if let Some(prev) = old
-                .issuers
-                .iter()
-                .find(|o| o.issuer == issuer.issuer && o.jwks_url == issuer.jwks_url)
-            {
+        for issuer in self
+            .issuers
+            .iter_mut()
+            .filter(|i| i.jwks_url.is_some() || i.own)
+        {
+            if let Some(prev) = old.issuers.iter().find(|o| {
+                o.issuer == issuer.issuer && o.jwks_url == issuer.jwks_url && o.own == issuer.own
+            }) {
                 issuer.keys = prev.keys.clone();
             }
         }

@@ -47,6 +47,7 @@ pub enum TokenError {
     MissingSub,
     WrongType,
     UnknownApiKey,
+    Disabled,
 }
 
 impl fmt::Display for TokenError {
@@ -74,6 +75,7 @@ impl fmt::Display for TokenError {
                 f.write_str("a refresh token cannot be used as a bearer token")
             }
             TokenError::UnknownApiKey => f.write_str("unknown or revoked API key"),
+            TokenError::Disabled => f.write_str("the user of this token is disabled"),
         }
     }
 }
@@ -187,32 +189,48 @@ impl Authenticator {
         }
     }
 
-    /// Phase `authorize`: may `who` use `endpoint` of `domain`?
+    /// Phase `authorize`: may `who` use `endpoint` of `domain`? A platform admin may do
+    /// anything; otherwise the user must be a member of the domain (management plane) or
+    /// the token's domains claim must list it, and admin endpoints need the domain's admin
+    /// role.
     pub fn authorize(
         &self,
         who: &Identity,
         domain: &Domain,
         endpoint: Endpoint,
+        snapshot: &Snapshot,
     ) -> Result<(), GatewayError> {
-        if who.platform_admin() {
-            return Ok(());
-        }
         let Identity::Token(claims) = who else {
             return Ok(());
         };
+        if snapshot
+            .keys
+            .issuers
+            .get(claims.issuer)
+            .is_some_and(|i| i.own)
+            && snapshot.members.disabled.contains(&claims.sub)
+        {
+            return Err(GatewayError::Unauthorized(AuthError::Token(
+                TokenError::Disabled,
+            )));
+        }
+        if who.platform_admin() {
+            return Ok(());
+        }
+        let membership = snapshot.members.role(&domain.id, &claims.sub);
         let listed = claims
             .domains
             .as_ref()
             .is_some_and(|d| d.contains(&domain.id));
-        if !listed {
+        if membership.is_none() && !listed {
             return Err(GatewayError::Forbidden(format!(
                 "this token may not use domain {:?}",
                 domain.id
             )));
         }
-        if endpoint.is_admin() {
+        if endpoint.is_admin() && membership != Some(true) {
             return Err(GatewayError::Forbidden(
-                "only admins may pull, push, create, copy or delete models".into(),
+                "only domain admins may pull, push, create, copy or delete models, or use endpoints cubegate does not know".into(),
             ));
         }
         Ok(())
@@ -299,7 +317,15 @@ pub fn unix_now() -> f64 {
 /// Builds the key store from the configuration: HS secrets from the environment and
 /// inline JWKS now; JWKS URLs start empty and are filled by the fetcher.
 pub fn build_key_store(config: &Config, generation: u64) -> Result<KeyStore, ConfigError> {
-    let mut issuers = Vec::new();
+    // This box's own issuer comes first; its keys arrive from the management plane.
+    let mut issuers = vec![IssuerKeys {
+        issuer: config.auth.issuer.clone(),
+        audiences: Vec::new(),
+        keys: Vec::new(),
+        jwks_url: None,
+        require_exp: true,
+        own: true,
+    }];
     for (i, t) in config.auth.trusted.iter().enumerate() {
         let key = |k: &str| format!("auth.trusted[{i}].{k}");
         let err = |k: &str, p: String| ConfigError {
@@ -343,6 +369,7 @@ pub fn build_key_store(config: &Config, generation: u64) -> Result<KeyStore, Con
             keys,
             jwks_url: t.jwks_url.clone(),
             require_exp: t.require_exp,
+            own: false,
         });
     }
     Ok(KeyStore {

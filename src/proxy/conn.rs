@@ -281,9 +281,11 @@ async fn dispatch(
             .await;
         }
         Route::Management => {
-            return Err(GatewayError::NotImplemented(
-                "the management API (/users, /domains, /keys)",
-            ))
+            let target = Span {
+                start: conn.head.target.start,
+                end: conn.head.target.end,
+            };
+            return forward_to_management(worker, conn, request_id, target).await;
         }
         Route::NotFound => return Err(GatewayError::NoRoute),
         Route::BadPath => return Err(GatewayError::BadPath),
@@ -332,7 +334,9 @@ async fn dispatch(
     let Some(domain) = snapshot.domains.get(domain_id) else {
         return Err(GatewayError::UnknownDomain(domain_id.to_string()));
     };
-    worker.auth.authorize(&identity, domain, endpoint)?;
+    worker
+        .auth
+        .authorize(&identity, domain, endpoint, snapshot)?;
     let ollama_only = api == Api::Ollama;
     if ollama_only && !domain.has_ollama() {
         return Err(GatewayError::NoOllamaBackend(domain.id.clone()));
@@ -378,8 +382,35 @@ async fn dispatch(
         body_in_buf,
         tracker: model.tracker,
         scanner: model.scanner,
+        management: false,
     };
     let keep_alive = forward(worker, conn, &mut req, &order).await?;
+    conn.body_pending = false;
+    Ok(keep_alive)
+}
+
+/// `/users/*`, `/domains/*`, `/keys/*` on the public port go to the management listener
+/// as they are (it authenticates them itself).
+async fn forward_to_management(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    request_id: &RequestId,
+    target: Span,
+) -> Result<bool, GatewayError> {
+    let domain = &worker.management;
+    let model = read_model(worker, conn, domain, Endpoint::Other).await?;
+    let identity = crate::auth::Identity::Development;
+    let mut req = ForwardRequest {
+        domain,
+        identity: &identity,
+        request_id,
+        upstream_target: target,
+        body_in_buf: conn.consumed - conn.head.len,
+        tracker: model.tracker,
+        scanner: None,
+        management: true,
+    };
+    let keep_alive = forward(worker, conn, &mut req, &[0]).await?;
     conn.body_pending = false;
     Ok(keep_alive)
 }

@@ -43,6 +43,9 @@ pub struct ForwardRequest<'a> {
     pub tracker: Option<BodyTracker>,
     /// Still watching the body for a second `"model"`.
     pub scanner: Option<ModelScanner>,
+    /// To the management listener: the client's Authorization goes along (the management
+    /// API authenticates itself) and no identity headers are added.
+    pub management: bool,
 }
 
 /// Forwards the request to the first backend of `order` that takes it, and streams the
@@ -248,7 +251,8 @@ fn write_upstream_head(
     };
     for (name, value) in &head.headers {
         let n = name.of(buf);
-        if is_hop_by_hop_request(n) || listed_in_connection(n) {
+        let credential = req.management && eq_ignore_case(n, b"authorization");
+        if (is_hop_by_hop_request(n) && !credential) || listed_in_connection(n) {
             continue;
         }
         out.extend_from_slice(n);
@@ -264,11 +268,14 @@ fn write_upstream_head(
     let _ = write!(out, "{}", conn.peer.ip());
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
     out.extend_from_slice(req.request_id.as_bytes());
-    out.extend_from_slice(b"\r\nX-Domain-Id: ");
-    out.extend_from_slice(req.domain.id.as_bytes());
-    out.extend_from_slice(b"\r\nX-User-Id: ");
-    out.extend_from_slice(req.identity.user_id().as_bytes());
     out.extend_from_slice(b"\r\n");
+    if !req.management {
+        out.extend_from_slice(b"X-Domain-Id: ");
+        out.extend_from_slice(req.domain.id.as_bytes());
+        out.extend_from_slice(b"\r\nX-User-Id: ");
+        out.extend_from_slice(req.identity.user_id().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     match head.framing {
         BodyFraming::None => {
             if matches!(

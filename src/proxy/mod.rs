@@ -74,6 +74,9 @@ pub struct Worker {
     pub registry: Registry,
     /// Asks the JWKS fetcher to refresh now (a token named an unknown key).
     pub jwks_refresh: RefreshHandle,
+    /// The management listener, as a pass-through "domain" for `/users`, `/domains` and
+    /// `/keys` requests that arrive on the public port.
+    pub management: crate::snapshot::Domain,
     /// Move uninspected Content-Length bodies with splice(2).
     pub splice: bool,
     /// The worker's reusable pipe for splice (taken while in use).
@@ -99,6 +102,7 @@ impl Worker {
         published: Arc<Published>,
         registry: Registry,
         jwks_refresh: RefreshHandle,
+        mgmt_addr: std::net::SocketAddr,
         run_id: u32,
     ) -> Worker {
         Worker {
@@ -113,6 +117,7 @@ impl Worker {
             metrics: registry[id].clone(),
             registry,
             jwks_refresh,
+            management: management_domain(mgmt_addr),
             splice: config.proxy.splice_bodies,
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
@@ -195,6 +200,24 @@ impl Worker {
         }
         id.len = at as u8;
         id
+    }
+}
+
+fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
+    crate::snapshot::Domain {
+        id: "management".into(),
+        name: "management".into(),
+        backends: vec![crate::snapshot::Backend {
+            kind: crate::config::BackendKind::Vllm,
+            addr,
+            authority: addr.to_string(),
+            base_path: String::new(),
+            models: vec!["*".into()],
+            any_model: true,
+        }],
+        passthrough: true,
+        models_json: Vec::new(),
+        tags_json: Vec::new(),
     }
 }
 

@@ -113,6 +113,20 @@ pub fn sim(flavor: &str, extra: &[&str]) -> Proc {
     spawn_and_wait(cmd, "listening on ")
 }
 
+/// The platform admin every test gateway bootstraps.
+pub const TEST_ADMIN_EMAIL: &str = "admin@cubegate.test";
+pub const TEST_ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+/// A fresh, empty directory no other gateway of this run uses.
+pub fn unique_dir(tag: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("cubegate-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "cubegate-test-{tag}-{}-{:?}",
@@ -131,8 +145,17 @@ pub fn config_text(driver: &str, body: &str) -> String {
 
 /// Like `config_text`, with extra `[proxy]` lines.
 pub fn config_text_with(driver: &str, proxy_extra: &str, body: &str) -> String {
+    // Every gateway gets its own management listener port and store.
+    let management = if body.contains("[management]") {
+        String::new()
+    } else {
+        format!(
+            "[management]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_email = \"{TEST_ADMIN_EMAIL}\"\n\n",
+            unique_dir("store").display()
+        )
+    };
     format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n{proxy_extra}\n\n{body}\n"
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n{proxy_extra}\n\n{management}{body}\n"
     )
 }
 
@@ -161,12 +184,13 @@ pub fn gateway(driver: &str, body: &str) -> Gateway {
 
 /// Like `gateway`, with extra `[proxy]` lines.
 pub fn gateway_with(driver: &str, proxy_extra: &str, body: &str) -> Gateway {
-    let dir = temp_dir("gw");
+    let dir = unique_dir("gw");
     let path = dir.join(format!("cubegate-{driver}.toml"));
     std::fs::write(&path, config_text_with(driver, proxy_extra, body)).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
     cmd.args(["serve", "--config"]).arg(&path);
     cmd.env("CUBEGATE_LOG", "info");
+    cmd.env("CUBEGATE_ADMIN_PASSWORD", TEST_ADMIN_PASSWORD);
     Gateway {
         proc: spawn_and_wait(cmd, "cubegate listening on "),
         config_path: path,
@@ -176,16 +200,29 @@ pub fn gateway_with(driver: &str, proxy_extra: &str, body: &str) -> Gateway {
 /// Like `gateway`, with environment variables set on the gateway process (e.g. the
 /// secret an `[[auth.trusted]] hs_secret_env` names).
 pub fn gateway_env(driver: &str, body: &str, envs: &[(&str, &str)]) -> Gateway {
-    let dir = temp_dir("gw");
+    let dir = unique_dir("gw");
     let path = dir.join(format!("cubegate-{driver}.toml"));
     std::fs::write(&path, config_text(driver, body)).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
     cmd.args(["serve", "--config"]).arg(&path);
     cmd.env("CUBEGATE_LOG", "info");
+    cmd.env("CUBEGATE_ADMIN_PASSWORD", TEST_ADMIN_PASSWORD);
     cmd.envs(envs.iter().copied());
     Gateway {
         proc: spawn_and_wait(cmd, "cubegate listening on "),
         config_path: path,
+    }
+}
+
+/// Starts `cubegate serve` on an existing config file (a restart keeps its store).
+pub fn gateway_from(config_path: &std::path::Path) -> Gateway {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
+    cmd.args(["serve", "--config"]).arg(config_path);
+    cmd.env("CUBEGATE_LOG", "info");
+    cmd.env("CUBEGATE_ADMIN_PASSWORD", TEST_ADMIN_PASSWORD);
+    Gateway {
+        proc: spawn_and_wait(cmd, "cubegate listening on "),
+        config_path: config_path.to_path_buf(),
     }
 }
 

@@ -1,0 +1,498 @@
+//! The management API: the Cube AI / SuperMQ shapes for tokens, users, domains and
+//! memberships, and this issuer's JWKS.
+//!
+//! Bodies are parsed strictly (`deny_unknown_fields`: a typo is a 400 naming it, not a
+//! silently ignored field). Passwords are hashed with argon2id (m = 19 MiB, t = 2, p = 1,
+//! the OWASP baseline); a wrong password and an unknown account cost the same hash and get
+//! the same answer; failed logins are limited per account and per client address.
+
+use super::server::{error_reply, Reply, Request};
+use super::store::{Domain, StoreError, User};
+use super::tokens::random_id;
+use super::{unix_now, Management};
+use crate::auth::jws::{self, JsonObject};
+use crate::auth::{bearer_token, TokenError};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use serde::Deserialize;
+use serde_json::json;
+
+pub fn route(m: &Management, req: Request) -> Reply {
+    let path = req.path.trim_matches('/').to_string();
+    let segs: Vec<&str> = path.split('/').collect();
+    let result = match (req.method.as_str(), segs.as_slice()) {
+        ("POST", ["users", "tokens", "issue"]) => issue(m, &req),
+        ("POST", ["users", "tokens", "refresh"]) => refresh(m, &req),
+        ("POST", ["users", "tokens", "revoke"]) => revoke(m, &req),
+        ("POST", ["users"]) => create_user(m, &req),
+        ("GET", ["users"]) => list_users(m, &req),
+        ("GET", ["users", "profile"]) => caller(m, &req).map(|u| Reply::json(200, &user_json(&u))),
+        ("POST", ["domains"]) => create_domain(m, &req),
+        ("GET", ["domains"]) => list_domains(m, &req),
+        ("GET", ["domains", id]) => get_domain(m, &req, id),
+        ("PUT", ["domains", id, "members", user]) => set_member(m, &req, id, user),
+        ("DELETE", ["domains", id, "members", user]) => remove_member(m, &req, id, user),
+        ("GET", ["keys", ".well-known", "jwks.json"]) => Ok(Reply::json(
+            200,
+            &json!({"keys": m.keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}),
+        )),
+        (_, ["users" | "domains" | "keys", ..]) => Err(error_reply(
+            404,
+            "not_found",
+            "no such management endpoint (or not available in this build yet)",
+        )),
+        _ => Err(error_reply(404, "not_found", "no such route")),
+    };
+    result.unwrap_or_else(|e| e)
+}
+
+type Answer = Result<Reply, Reply>;
+
+fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Reply> {
+    serde_json::from_slice(&req.body)
+        .map_err(|e| error_reply(400, "invalid_body", &format!("invalid JSON body: {e}")))
+}
+
+fn store_error(e: StoreError) -> Reply {
+    match e {
+        StoreError::Conflict(_) => error_reply(409, "conflict", &e.to_string()),
+        StoreError::NotFound(_) => error_reply(404, "not_found", &e.to_string()),
+        StoreError::Db(ref err) => {
+            tracing::error!("management store: {err}");
+            error_reply(500, "store_error", "the store failed; nothing was changed")
+        }
+    }
+}
+
+fn user_json(u: &User) -> serde_json::Value {
+    json!({
+        "id": u.id, "email": u.email, "first_name": u.first_name, "last_name": u.last_name,
+        "role": u.role, "status": if u.disabled { "disabled" } else { "enabled" },
+        "created_at": u.created_at,
+    })
+}
+
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let mut salt = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        .map_err(|_| "no randomness for a salt")?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn password_matches(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+pub fn check_password_strength(p: &str) -> Result<(), &'static str> {
+    const WEAK: &[&str] = &[
+        "password", "changeme", "admin", "12345678", "qwerty", "letmein", "secret",
+    ];
+    if p.chars().count() < 12 {
+        return Err("the password must have at least 12 characters");
+    }
+    let lower = p.to_lowercase();
+    if WEAK.iter().any(|w| lower.contains(w)) || p.chars().all(|c| p.starts_with(c)) {
+        return Err("the password is too easy to guess");
+    }
+    Ok(())
+}
+
+fn check_email(e: &str) -> Result<(), Reply> {
+    let ok = e.len() <= 254
+        && e.split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.'))
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(error_reply(
+            400,
+            "invalid_email",
+            "email: not a valid address",
+        ))
+    }
+}
+
+/// The authenticated caller of a management request: a live user of this box.
+fn caller(m: &Management, req: &Request) -> Result<User, Reply> {
+    let unauthorized = |why: &str| {
+        let mut r = error_reply(401, "invalid_token", why);
+        r.headers
+            .push(("WWW-Authenticate", "Bearer realm=\"cubegate\"".into()));
+        r
+    };
+    let token = req
+        .authorization
+        .as_deref()
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .ok_or_else(|| {
+            unauthorized("missing bearer token: send Authorization: Bearer <access token>")
+        })?;
+    let snapshot = m.published.load();
+    let claims = crate::auth::verify_token(token, &snapshot.keys, &m.rules, unix_now() as f64)
+        .map_err(|e| unauthorized(&e.to_string()))?;
+    if !snapshot.keys.issuers[claims.issuer].own {
+        return Err(unauthorized(
+            "the management API takes tokens issued by this box",
+        ));
+    }
+    let user = m.store().user_by_id(&claims.sub).map_err(store_error)?;
+    match user {
+        Some(u) if !u.disabled => Ok(u),
+        _ => Err(unauthorized(
+            "the user of this token is unknown or disabled",
+        )),
+    }
+}
+
+fn admin(m: &Management, req: &Request) -> Result<User, Reply> {
+    let u = caller(m, req)?;
+    if u.role == "admin" {
+        Ok(u)
+    } else {
+        Err(error_reply(
+            403,
+            "forbidden",
+            "only the platform admin may do this",
+        ))
+    }
+}
+
+/// A refresh token of this box, signature and expiry checked.
+fn own_refresh_claims(m: &Management, token: &[u8]) -> Result<(String, JsonObject), TokenError> {
+    let parsed = jws::parse(token)?;
+    let snapshot = m.published.load();
+    let own = snapshot
+        .keys
+        .issuers
+        .iter()
+        .find(|i| i.own)
+        .ok_or(TokenError::UnknownIssuer)?;
+    if parsed.payload.get("iss").and_then(|v| v.as_str()) != Some(own.issuer.as_str()) {
+        return Err(TokenError::WrongIssuer);
+    }
+    let verified = own.candidates(parsed.kid.as_deref()).any(|k| {
+        k.verify(parsed.alg, parsed.signing_input, &parsed.signature)
+            .is_ok()
+    });
+    if !verified {
+        return Err(TokenError::BadSignature);
+    }
+    let exp = parsed
+        .payload
+        .get("exp")
+        .and_then(|v| v.as_f64())
+        .ok_or(TokenError::MissingExp)?;
+    if (unix_now() as f64) > exp {
+        return Err(TokenError::Expired);
+    }
+    if parsed.payload.get("type").and_then(|v| v.as_str()) != Some("refresh") {
+        return Err(TokenError::Malformed("not a refresh token"));
+    }
+    let jti = parsed
+        .payload
+        .get("jti")
+        .and_then(|v| v.as_str())
+        .ok_or(TokenError::Malformed("no jti"))?;
+    Ok((jti.to_string(), parsed.payload))
+}
+
+fn issue_pair(m: &Management, user: &User, family: Option<String>) -> Answer {
+    let now = unix_now();
+    let key = m.signing_key();
+    let access = key.sign(&json!({
+        "iss": m.issuer, "sub": user.id, "iat": now, "exp": now + m.access_ttl as i64,
+        "jti": random_id(), "type": "access", "role": user.role,
+    }));
+    let family = family.unwrap_or_else(random_id);
+    let jti = random_id();
+    let exp = now + m.refresh_ttl as i64;
+    let refresh = key.sign(&json!({
+        "iss": m.issuer, "sub": user.id, "iat": now, "exp": exp,
+        "jti": jti, "type": "refresh", "fam": family,
+    }));
+    m.store()
+        .insert_refresh(&jti, &family, &user.id, exp)
+        .map_err(store_error)?;
+    Ok(Reply::json(
+        201,
+        &json!({"access_token": access, "refresh_token": refresh}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+fn issue(m: &Management, req: &Request) -> Answer {
+    let login: Login = body(req)?;
+    let too_many = |secs: u64| {
+        let mut r = error_reply(
+            429,
+            "too_many_attempts",
+            "too many failed logins; retry later",
+        );
+        r.headers.push(("Retry-After", secs.to_string()));
+        r
+    };
+    if let Some(secs) = m.login_limited(&login.username, req.client, false) {
+        return Err(too_many(secs));
+    }
+    let user = m
+        .store()
+        .user_by_email(&login.username)
+        .map_err(store_error)?;
+    // The same argon2 cost whether or not the account exists.
+    let hash = user
+        .as_ref()
+        .map_or(m.dummy_hash(), |u| u.password_hash.as_str());
+    let matches = password_matches(hash, &login.password);
+    match user {
+        Some(u) if matches && !u.disabled => issue_pair(m, &u, None),
+        _ => Err(match m.login_limited(&login.username, req.client, true) {
+            Some(secs) => too_many(secs),
+            None => error_reply(401, "invalid_credentials", "wrong email or password"),
+        }),
+    }
+}
+
+fn refresh(m: &Management, req: &Request) -> Answer {
+    let token = req
+        .authorization
+        .as_deref()
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .ok_or_else(|| {
+            error_reply(
+                401,
+                "invalid_token",
+                "send the refresh token as Authorization: Bearer <refresh token>",
+            )
+        })?;
+    let (jti, _) = own_refresh_claims(m, token)
+        .map_err(|e| error_reply(401, "invalid_token", &e.to_string()))?;
+    let spent = m
+        .store()
+        .spend_refresh(&jti, unix_now())
+        .map_err(store_error)?;
+    let Some((family, user_id)) = spent else {
+        return Err(error_reply(
+            401,
+            "invalid_token",
+            "refresh token already used or revoked; every token of its family is revoked now",
+        ));
+    };
+    // Bound first: a guard in the match head would live into `issue_pair` (deadlock).
+    let user = m.store().user_by_id(&user_id).map_err(store_error)?;
+    match user {
+        Some(u) if !u.disabled => issue_pair(m, &u, Some(family)),
+        _ => Err(error_reply(
+            401,
+            "invalid_token",
+            "the user of this token is unknown or disabled",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    refresh_token: String,
+}
+
+fn revoke(m: &Management, req: &Request) -> Answer {
+    let from_header = req
+        .authorization
+        .as_deref()
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .map(<[u8]>::to_vec);
+    let token = match from_header {
+        Some(t) => t,
+        None => body::<RevokeBody>(req)?.refresh_token.into_bytes(),
+    };
+    let (jti, _) = own_refresh_claims(m, &token)
+        .map_err(|e| error_reply(401, "invalid_token", &e.to_string()))?;
+    m.store().revoke_family_of(&jti).map_err(store_error)?;
+    Ok(Reply::empty(204))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    email: String,
+    password: String,
+    #[serde(default)]
+    first_name: String,
+    #[serde(default)]
+    last_name: String,
+}
+
+fn create_user(m: &Management, req: &Request) -> Answer {
+    admin(m, req)?;
+    let new: NewUser = body(req)?;
+    check_email(&new.email)?;
+    check_password_strength(&new.password)
+        .map_err(|why| error_reply(400, "weak_password", &format!("password: {why}")))?;
+    let user = User {
+        id: random_id(),
+        email: new.email,
+        password_hash: hash_password(&new.password)
+            .map_err(|e| error_reply(500, "hash_failed", &e))?,
+        first_name: new.first_name,
+        last_name: new.last_name,
+        role: "user".into(),
+        disabled: false,
+        created_at: unix_now(),
+    };
+    m.store().insert_user(&user).map_err(store_error)?;
+    Ok(Reply::json(201, &user_json(&user)))
+}
+
+fn list_users(m: &Management, req: &Request) -> Answer {
+    admin(m, req)?;
+    let users = m.store().users().map_err(store_error)?;
+    let list: Vec<_> = users.iter().map(user_json).collect();
+    Ok(Reply::json(
+        200,
+        &json!({"total": list.len(), "users": list}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDomain {
+    name: String,
+    id: Option<String>,
+}
+
+fn create_domain(m: &Management, req: &Request) -> Answer {
+    admin(m, req)?;
+    let new: NewDomain = body(req)?;
+    if new.name.is_empty() || new.name.len() > 128 {
+        return Err(error_reply(
+            400,
+            "invalid_name",
+            "name: must be 1..=128 characters",
+        ));
+    }
+    let id = new.id.unwrap_or_else(random_id);
+    crate::config::validate_domain_id("id", &id)
+        .map_err(|e| error_reply(400, "invalid_id", &e.to_string()))?;
+    let domain = Domain { id, name: new.name };
+    m.store()
+        .insert_domain(&domain, unix_now())
+        .map_err(store_error)?;
+    Ok(Reply::json(
+        201,
+        &json!({"id": domain.id, "name": domain.name}),
+    ))
+}
+
+fn visible_domains(m: &Management, u: &User) -> Result<Vec<Domain>, Reply> {
+    let store = m.store();
+    let all = store.domains().map_err(store_error)?;
+    if u.role == "admin" {
+        return Ok(all);
+    }
+    let mine: Vec<String> = store
+        .memberships()
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|(_, user, _)| *user == u.id)
+        .map(|(d, _, _)| d)
+        .collect();
+    Ok(all.into_iter().filter(|d| mine.contains(&d.id)).collect())
+}
+
+fn list_domains(m: &Management, req: &Request) -> Answer {
+    let u = caller(m, req)?;
+    let list: Vec<_> = visible_domains(m, &u)?
+        .into_iter()
+        .map(|d| json!({"id": d.id, "name": d.name}))
+        .collect();
+    Ok(Reply::json(
+        200,
+        &json!({"total": list.len(), "domains": list}),
+    ))
+}
+
+fn get_domain(m: &Management, req: &Request, id: &str) -> Answer {
+    let u = caller(m, req)?;
+    visible_domains(m, &u)?
+        .into_iter()
+        .find(|d| d.id == id)
+        .map(|d| Reply::json(200, &json!({"id": d.id, "name": d.name})))
+        .ok_or_else(|| error_reply(404, "not_found", "no such domain (or not visible to you)"))
+}
+
+/// The platform admin, or an admin member of the domain.
+fn domain_admin(m: &Management, req: &Request, domain: &str) -> Result<User, Reply> {
+    let u = caller(m, req)?;
+    if u.role == "admin" {
+        return Ok(u);
+    }
+    let is_admin = m
+        .store()
+        .memberships()
+        .map_err(store_error)?
+        .iter()
+        .any(|(d, user, role)| d == domain && *user == u.id && role == "admin");
+    if is_admin {
+        Ok(u)
+    } else {
+        Err(error_reply(
+            403,
+            "forbidden",
+            "only the domain's admins may change its members",
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Membership {
+    role: String,
+}
+
+fn set_member(m: &Management, req: &Request, domain: &str, user: &str) -> Answer {
+    domain_admin(m, req, domain)?;
+    let body: Membership = body(req)?;
+    if body.role != "admin" && body.role != "member" {
+        return Err(error_reply(
+            400,
+            "invalid_role",
+            "role: must be \"admin\" or \"member\"",
+        ));
+    }
+    m.store()
+        .set_membership(domain, user, &body.role)
+        .map_err(store_error)?;
+    m.publish();
+    Ok(Reply::json(
+        200,
+        &json!({"domain_id": domain, "user_id": user, "role": body.role}),
+    ))
+}
+
+fn remove_member(m: &Management, req: &Request, domain: &str, user: &str) -> Answer {
+    domain_admin(m, req, domain)?;
+    if !m
+        .store()
+        .remove_membership(domain, user)
+        .map_err(store_error)?
+    {
+        return Err(error_reply(404, "not_found", "no such membership"));
+    }
+    m.publish();
+    Ok(Reply::empty(204))
+}

@@ -1,0 +1,225 @@
+//! The management plane: users, tokens, domains and memberships, on an embedded store.
+//!
+//! It runs on its own threads ([`server`]), keeps its state in SQLite ([`store`]), signs
+//! the tokens it issues with its own Ed25519 keys ([`tokens`]), and after every change
+//! publishes what the data plane needs — its public keys, the memberships, the disabled
+//! users and a new revocation epoch — as a new snapshot. Workers pick it up before their
+//! next request and empty their token caches on the epoch change, so a revoked membership
+//! or a disabled user stops working within one request, cached tokens included.
+
+pub mod api;
+pub mod server;
+pub mod store;
+pub mod tokens;
+
+use crate::auth::claims::ClaimRules;
+use crate::config::Config;
+use crate::snapshot::{Members, Published, Snapshot};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::{Store, User};
+use tokens::SigningKey;
+
+/// Failed logins allowed per account and per client address in `LOGIN_WINDOW`.
+const LOGIN_FAILURES: u32 = 5;
+const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+
+pub struct Management {
+    store: Mutex<Store>,
+    /// Oldest first; the last one signs.
+    keys: Vec<SigningKey>,
+    published: Arc<Published>,
+    issuer: String,
+    access_ttl: u64,
+    refresh_ttl: u64,
+    rules: ClaimRules,
+    /// Failed logins per "account:<email>" / "addr:<ip>": (count, window start).
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    /// Verified against when the account does not exist, so both cases cost the same
+    /// (made on first use: it costs a hash).
+    dummy_hash: std::sync::OnceLock<String>,
+}
+
+/// Opens the store, bootstraps the admin and keys on first start, publishes the first
+/// management snapshot and starts the management listener.
+/// Returns the plane and the address its listener is bound to.
+pub fn start(
+    config: &Config,
+    published: Arc<Published>,
+) -> Result<(Arc<Management>, std::net::SocketAddr), String> {
+    let m = &config.management;
+    std::fs::create_dir_all(&m.data_dir).map_err(|e| {
+        format!(
+            "management.data_dir: cannot create {}: {e}",
+            m.data_dir.display()
+        )
+    })?;
+    let store = Store::open(&m.data_dir.join("cubegate.db"))
+        .map_err(|e| format!("management.data_dir: cannot open the store: {e}"))?;
+    let keys = tokens::load_or_create_keys(&m.data_dir)?;
+    let mgmt = Arc::new(Management {
+        store: Mutex::new(store),
+        keys,
+        published,
+        issuer: config.auth.issuer.clone(),
+        access_ttl: m.access_token_ttl_s,
+        refresh_ttl: m.refresh_token_ttl_s,
+        rules: ClaimRules {
+            leeway_s: config.auth.leeway_s as f64,
+            namespace: String::new(),
+            domains_claim: config.auth.domains_claim.clone(),
+        },
+        failures: Mutex::new(HashMap::new()),
+        dummy_hash: std::sync::OnceLock::new(),
+    });
+    mgmt.bootstrap_admin(config)?;
+    mgmt.sync_config_domains(config)?;
+    mgmt.publish();
+    let listener = std::net::TcpListener::bind(&m.listen)
+        .map_err(|e| format!("management.listen: cannot listen on {}: {e}", m.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let handler_state = mgmt.clone();
+    let handler: server::Handler = Arc::new(move |req| api::route(&handler_state, req));
+    std::thread::Builder::new()
+        .name("cubegate-mgmt-accept".into())
+        .spawn(move || server::serve(listener, handler))
+        .map_err(|e| format!("cannot start the management listener: {e}"))?;
+    tracing::info!(listen = %addr, keys = mgmt.keys.len(), "management API listening");
+    Ok((mgmt, addr))
+}
+
+impl Management {
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bootstrap_admin(&self, config: &Config) -> Result<(), String> {
+        if self.store().user_count().map_err(|e| e.to_string())? > 0 {
+            return Ok(());
+        }
+        let var = &config.management.admin_password_env;
+        let password = std::env::var(var).map_err(|_| {
+            format!("first start: set the platform admin's password in the environment variable {var} (management.admin_password_env)")
+        })?;
+        api::check_password_strength(&password).map_err(|why| format!("{var}: {why}"))?;
+        let user = User {
+            id: tokens::random_id(),
+            email: config.management.admin_email.clone(),
+            password_hash: api::hash_password(&password)?,
+            first_name: String::new(),
+            last_name: String::new(),
+            role: "admin".into(),
+            disabled: false,
+            created_at: unix_now(),
+        };
+        self.store().insert_user(&user).map_err(|e| e.to_string())?;
+        tracing::info!(email = %user.email, "created the platform admin");
+        Ok(())
+    }
+
+    /// Domains of the config file exist in the store too, so members can be added to them.
+    fn sync_config_domains(&self, config: &Config) -> Result<(), String> {
+        let store = self.store();
+        let known: Vec<String> = store
+            .domains()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        for d in &config.domains {
+            if !known.contains(&d.id) {
+                let name = if d.name.is_empty() {
+                    d.id.clone()
+                } else {
+                    d.name.clone()
+                };
+                let domain = store::Domain {
+                    id: d.id.clone(),
+                    name,
+                };
+                store
+                    .insert_domain(&domain, unix_now())
+                    .map_err(|e| format!("domains: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes this plane's keys, memberships and disabled users, with a new revocation
+    /// epoch (workers empty their token caches on it).
+    pub fn publish(&self) {
+        let (memberships, disabled) = {
+            let store = self.store();
+            (
+                store.memberships().unwrap_or_default(),
+                store.disabled_users().unwrap_or_default(),
+            )
+        };
+        let mut members = Members::default();
+        for (domain, user, role) in memberships {
+            members
+                .by_domain
+                .entry(domain)
+                .or_default()
+                .insert(user, role == "admin");
+        }
+        members.disabled = disabled.into_iter().collect();
+        let members = Arc::new(members);
+        let own_keys: Vec<_> = self.keys.iter().map(SigningKey::verifying_key).collect();
+        self.published.replace(|old, generation| {
+            let mut keys = old.keys.rebuilt();
+            keys.generation = generation;
+            if let Some(own) = keys.issuers.iter_mut().find(|i| i.own) {
+                own.keys = own_keys;
+            }
+            Snapshot {
+                generation,
+                domains: old.domains.clone(),
+                keys: Arc::new(keys),
+                revocation_epoch: old.revocation_epoch + 1,
+                members,
+            }
+        });
+    }
+
+    fn dummy_hash(&self) -> &str {
+        self.dummy_hash.get_or_init(|| {
+            api::hash_password("not a real password, only for timing").unwrap_or_default()
+        })
+    }
+
+    fn signing_key(&self) -> &SigningKey {
+        // `load_or_create_keys` never returns an empty list.
+        &self.keys[self.keys.len() - 1]
+    }
+
+    /// Counts a failed login; `Some(retry_after)` once the limit is reached.
+    fn login_limited(&self, email: &str, client: IpAddr, failed: bool) -> Option<u64> {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        f.retain(|_, (_, since)| now.duration_since(*since) < LOGIN_WINDOW);
+        let mut limited = None;
+        for key in [
+            format!("account:{}", email.to_lowercase()),
+            format!("addr:{client}"),
+        ] {
+            let entry = f.entry(key).or_insert((0, now));
+            if failed {
+                entry.0 += 1;
+            }
+            if entry.0 >= LOGIN_FAILURES {
+                let left = LOGIN_WINDOW.saturating_sub(now.duration_since(entry.1));
+                limited = Some(left.as_secs().max(1));
+            }
+        }
+        limited
+    }
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

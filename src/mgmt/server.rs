@@ -1,0 +1,236 @@
+//! The management listener: a small blocking HTTP/1.1 server on its own threads.
+//!
+//! Management traffic is rare and its work blocks (argon2 hashing, SQLite), so it runs on
+//! plain threads, one per connection, at most `MAX_CONCURRENT` at once (more get 503), far
+//! from the data-plane workers. One request per connection (`Connection: close`); heads and
+//! bodies are bounded and every read has a timeout. The data plane forwards `/users/*`,
+//! `/domains/*` and `/keys/*` here, so one public address serves everything.
+
+use crate::http::chunked::ChunkedDecoder;
+use std::io::{Read, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const MAX_CONCURRENT: usize = 64;
+const MAX_HEAD: usize = 32 * 1024;
+pub const MAX_BODY: usize = 1024 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Request {
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    pub authorization: Option<String>,
+    pub body: Vec<u8>,
+    /// The client: the last `X-Forwarded-For` hop when the request came through the data
+    /// plane on loopback, else the peer.
+    pub client: IpAddr,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn json(status: u16, value: &serde_json::Value) -> Reply {
+        Reply {
+            status,
+            body: serde_json::to_vec(value).unwrap_or_default(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            body: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+pub type Handler = Arc<dyn Fn(Request) -> Reply + Send + Sync>;
+
+/// Accepts connections forever (the thread is detached).
+pub fn serve(listener: TcpListener, handler: Handler) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(mut stream) = conn else { continue };
+        if active.load(Ordering::Relaxed) >= MAX_CONCURRENT {
+            let _ = write_reply(
+                &mut stream,
+                &error_reply(503, "busy", "the management API is busy; retry shortly"),
+            );
+            continue;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        let (handler, active) = (handler.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("cubegate-mgmt".into())
+            .spawn(move || {
+                handle(stream, &handler);
+                active.fetch_sub(1, Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            tracing::error!("cannot start a management thread");
+        }
+    }
+}
+
+fn handle(mut stream: TcpStream, handler: &Handler) {
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let reply = match read_request(&mut stream, peer) {
+        Ok(req) => handler(req),
+        Err((status, why)) => error_reply(status, "invalid_request", why),
+    };
+    let _ = write_reply(&mut stream, &reply);
+}
+
+pub fn error_reply(status: u16, code: &str, message: &str) -> Reply {
+    let kind = match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        429 => "rate_limit_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    };
+    Reply::json(
+        status,
+        &serde_json::json!({"error": {"message": message, "type": kind, "code": code}}),
+    )
+}
+
+fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, (u16, &'static str)> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 8192];
+    let head_len = loop {
+        let n = stream
+            .read(&mut chunk)
+            .map_err(|_| (408, "timed out reading the request"))?;
+        if n == 0 {
+            return Err((400, "connection closed inside the request"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = memchr::memmem::find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err((431, "request head too large"));
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&buf[..head_len]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err((400, "malformed request head")),
+    }
+    let method = req.method.unwrap_or("").to_string();
+    let path = req
+        .path
+        .unwrap_or("/")
+        .split('?')
+        .next()
+        .unwrap_or("/")
+        .to_string();
+    let mut authorization = None;
+    let mut length: Option<usize> = None;
+    let mut chunked = false;
+    let mut forwarded_for = None;
+    for h in req.headers.iter() {
+        let value = String::from_utf8_lossy(h.value).trim().to_string();
+        match h.name.to_ascii_lowercase().as_str() {
+            "authorization" => authorization = Some(value),
+            "content-length" => {
+                length = Some(value.parse().map_err(|_| (400, "invalid Content-Length"))?)
+            }
+            "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+            "x-forwarded-for" => forwarded_for = Some(value),
+            _ => {}
+        }
+    }
+    let mut rest = buf.split_off(head_len);
+    let body = if chunked {
+        let mut body = Vec::new();
+        let mut decoder = ChunkedDecoder::new();
+        loop {
+            decoder
+                .feed(&rest, |p| body.extend_from_slice(p))
+                .map_err(|_| (400, "malformed chunked body"))?;
+            if decoder.is_done() {
+                break body;
+            }
+            if body.len() > MAX_BODY {
+                return Err((413, "request body too large (limit 1 MiB)"));
+            }
+            let n = stream
+                .read(&mut chunk)
+                .map_err(|_| (408, "timed out reading the body"))?;
+            if n == 0 {
+                return Err((400, "connection closed inside the body"));
+            }
+            rest = chunk[..n].to_vec();
+        }
+    } else {
+        let want = length.unwrap_or(0);
+        if want > MAX_BODY {
+            return Err((413, "request body too large (limit 1 MiB)"));
+        }
+        while rest.len() < want {
+            let n = stream
+                .read(&mut chunk)
+                .map_err(|_| (408, "timed out reading the body"))?;
+            if n == 0 {
+                return Err((400, "connection closed inside the body"));
+            }
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        rest.truncate(want);
+        rest
+    };
+    let client = match forwarded_for {
+        Some(xff) if peer.is_loopback() => xff
+            .rsplit(',')
+            .next()
+            .and_then(|ip| ip.trim().parse().ok())
+            .unwrap_or(peer),
+        _ => peer,
+    };
+    Ok(Request {
+        method,
+        path,
+        authorization,
+        body,
+        client,
+    })
+}
+
+fn write_reply(stream: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reply.status,
+        crate::http::response::reason_phrase(reply.status),
+        reply.body.len()
+    );
+    if !reply.body.is_empty() {
+        out.push_str("Content-Type: application/json\r\n");
+    }
+    for (n, v) in &reply.headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&reply.body);
+    stream.write_all(&bytes)?;
+    stream.flush()
+}
