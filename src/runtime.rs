@@ -321,6 +321,11 @@ fn reload(running: &Config, path: &Path, published: &Published) {
                 s.keys = Arc::new(keys);
                 s.revocation_epoch = old.revocation_epoch;
                 s.members = old.members.clone();
+                // Domains whose backends the management API set stay, unless the file
+                // now defines the same id (the file wins).
+                for (id, d) in old.domains.iter().filter(|(_, d)| d.from_api) {
+                    s.domains.entry(id.clone()).or_insert_with(|| d.clone());
+                }
                 outcome = Ok(s.domains.len());
                 s
             }

@@ -8,7 +8,7 @@
 //! shared. A request in flight keeps the `Arc` it started with, so reload never disturbs it.
 
 use crate::auth::keys::KeyStore;
-use crate::config::{parse_backend_url, BackendKind, Config, ConfigError};
+use crate::config::{parse_backend_url, BackendConfig, BackendKind, Config, ConfigError};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,6 +46,8 @@ pub struct Domain {
     pub models_json: Vec<u8>,
     /// `GET /api/tags` answer, Ollama format (models of Ollama backends).
     pub tags_json: Vec<u8>,
+    /// Backends set through the management API (not the config file).
+    pub from_api: bool,
 }
 
 impl Domain {
@@ -87,6 +89,17 @@ pub struct Members {
     /// domain id → user id → is a domain admin.
     pub by_domain: HashMap<String, HashMap<String, bool>>,
     pub disabled: std::collections::HashSet<String>,
+    /// SHA-256 of each live API key → what it grants.
+    pub api_keys: HashMap<Vec<u8>, ApiKey>,
+}
+
+/// An API key: scoped to one domain, acting for the user who made it.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub id: String,
+    pub domain: String,
+    pub user: String,
+    pub expires_at: Option<i64>,
 }
 
 impl Members {
@@ -96,33 +109,49 @@ impl Members {
     }
 }
 
+impl Domain {
+    /// Builds a domain from backend declarations (the config file's or the management
+    /// API's); `key` names where they came from in errors.
+    pub fn build(
+        key: &str,
+        id: &str,
+        name: &str,
+        declared: &[BackendConfig],
+        from_api: bool,
+    ) -> Result<Domain, ConfigError> {
+        let mut backends = Vec::new();
+        for (j, b) in declared.iter().enumerate() {
+            let url = parse_backend_url(&format!("{key}.backends[{j}].url"), &b.url)?;
+            backends.push(Backend {
+                kind: b.kind,
+                addr: url.addr,
+                authority: url.authority,
+                base_path: url.base_path,
+                any_model: b.models.iter().any(|m| m == "*"),
+                models: b.models.clone(),
+            });
+        }
+        let passthrough = backends.len() == 1 && backends[0].any_model;
+        let models_json = render_models(&backends);
+        let tags_json = render_tags(&backends);
+        Ok(Domain {
+            id: id.to_string(),
+            name: name.to_string(),
+            backends,
+            passthrough,
+            models_json,
+            tags_json,
+            from_api,
+        })
+    }
+}
+
 impl Snapshot {
     pub fn from_config(config: &Config, generation: u64) -> Result<Snapshot, ConfigError> {
         let mut domains = HashMap::new();
         for (i, d) in config.domains.iter().enumerate() {
-            let mut backends = Vec::new();
-            for (j, b) in d.backends.iter().enumerate() {
-                let url = parse_backend_url(&format!("domains[{i}].backends[{j}].url"), &b.url)?;
-                backends.push(Backend {
-                    kind: b.kind,
-                    addr: url.addr,
-                    authority: url.authority,
-                    base_path: url.base_path,
-                    any_model: b.models.iter().any(|m| m == "*"),
-                    models: b.models.clone(),
-                });
-            }
-            let passthrough = backends.len() == 1 && backends[0].any_model;
-            let models_json = render_models(&backends);
-            let tags_json = render_tags(&backends);
-            let domain = Domain {
-                id: d.id.clone(),
-                name: d.name.clone(),
-                backends,
-                passthrough,
-                models_json,
-                tags_json,
-            };
+            let domain =
+                Domain::build(&format!("domains[{i}]"), &d.id, &d.name, &d.backends, false)?;
             domains.insert(d.id.clone(), Arc::new(domain));
         }
         Ok(Snapshot {

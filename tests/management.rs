@@ -243,8 +243,184 @@ fn first_start_needs_the_admin_password(_driver: &str) {
     assert!(err.contains("CUBEGATE_ADMIN_PASSWORD"), "{err}");
 }
 
+fn api_keys_backends_and_disabling(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let body = domains_config(&[("cfg", &[("vllm", vllm.addr, &[VLLM_MODEL])])])
+        .replace("mode = \"none\"", "mode = \"jwt\"");
+    let gw = gateway(driver, &body);
+    let (admin, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let created = call(
+        &gw,
+        "POST",
+        "/domains",
+        Some(&admin),
+        Some(json!({"name": "lab", "id": "lab"})),
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    // No backends yet: the data plane does not know the domain.
+    assert_eq!(get_with(&gw, "/proxy/lab/v1/models", &admin).status, 404);
+    // Backends are validated like the config file's; the file's domains are not editable.
+    let bad = call(
+        &gw,
+        "PUT",
+        "/domains/lab/backends",
+        Some(&admin),
+        Some(json!([{"kind": "vllm", "url": "ftp://x", "models": ["m"]}])),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let typo = call(
+        &gw,
+        "PUT",
+        "/domains/lab/backends",
+        Some(&admin),
+        Some(json!([{"kind": "vllm", "uri": "http://127.0.0.1:1", "models": ["m"]}])),
+    );
+    assert_eq!(typo.status, 400);
+    let sim_url = format!("http://{}", vllm.addr);
+    let owned = call(
+        &gw,
+        "PUT",
+        "/domains/cfg/backends",
+        Some(&admin),
+        Some(json!([{"kind": "vllm", "url": sim_url, "models": ["*"]}])),
+    );
+    assert_eq!(owned.status, 409);
+    let set = call(
+        &gw,
+        "PUT",
+        "/domains/lab/backends",
+        Some(&admin),
+        Some(json!([{"kind": "vllm", "url": sim_url, "models": [VLLM_MODEL]}])),
+    );
+    assert_eq!(set.status, 200, "{}", set.text());
+    assert_eq!(get_with(&gw, "/proxy/lab/v1/models", &admin).status, 200);
+
+    // An API key works as a bearer token in its one domain, and stops when revoked.
+    let k = call(
+        &gw,
+        "POST",
+        "/domains/lab/keys",
+        Some(&admin),
+        Some(json!({"name": "ci"})),
+    );
+    assert_eq!(k.status, 201, "{}", k.text());
+    let key = k.json()["key"].as_str().unwrap().to_string();
+    let key_id = k.json()["id"].as_str().unwrap().to_string();
+    assert!(key.starts_with("cg_") && key.len() > 40);
+    let chat_in = |domain: &str, bearer: &str| {
+        let auth = format!("Bearer {bearer}");
+        post_with(
+            gw.addr,
+            &format!("/proxy/{domain}/v1/chat/completions"),
+            &[("Authorization", &auth)],
+            &chat_body(VLLM_MODEL, true, ""),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(chat_in("lab", &key).status, 200);
+    }
+    assert_eq!(
+        chat_in("cfg", &key).status,
+        403,
+        "a key is scoped to its domain"
+    );
+    let pull = call(
+        &gw,
+        "POST",
+        "/proxy/lab/api/pull",
+        Some(&key),
+        Some(json!({"model": "x"})),
+    );
+    assert_eq!(pull.status, 403);
+    let r = call(
+        &gw,
+        "DELETE",
+        &format!("/domains/lab/keys/{key_id}"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    let r = chat_in("lab", &key);
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").unwrap().contains("API key"));
+    // A key that expires.
+    let short = call(
+        &gw,
+        "POST",
+        "/domains/lab/keys",
+        Some(&admin),
+        Some(json!({"name": "short", "expires_in_s": 1})),
+    )
+    .json();
+    let short = short["key"].as_str().unwrap().to_string();
+    assert!(eventually(std::time::Duration::from_secs(5), || chat_in(
+        "lab", &short
+    )
+    .status
+        == 401));
+
+    // Disabling a user stops their tokens at once, cached or not, and their logins.
+    let bob_pw = "bob's long passphrase 77";
+    let bob = call(
+        &gw,
+        "POST",
+        "/users",
+        Some(&admin),
+        Some(json!({"email": "bob@example.com", "password": bob_pw})),
+    )
+    .json();
+    let bob_id = bob["id"].as_str().unwrap().to_string();
+    call(
+        &gw,
+        "PUT",
+        &format!("/domains/lab/members/{bob_id}"),
+        Some(&admin),
+        Some(json!({"role": "member"})),
+    );
+    let (bob_token, _) = tokens(&login(&gw, "bob@example.com", bob_pw));
+    assert_eq!(chat_in("lab", &bob_token).status, 200);
+    let r = call(
+        &gw,
+        "POST",
+        &format!("/users/{bob_id}/disable"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(chat_in("lab", &bob_token).status, 401);
+    assert_eq!(login(&gw, "bob@example.com", bob_pw).status, 401);
+
+    // A key made before a restart still works after it, and the API domain is back.
+    let k2 = call(
+        &gw,
+        "POST",
+        "/domains/lab/keys",
+        Some(&admin),
+        Some(json!({"name": "kept"})),
+    )
+    .json();
+    let k2 = k2["key"].as_str().unwrap().to_string();
+    let path = gw.config_path.clone();
+    drop(gw);
+    let gw = gateway_from(&path);
+    let kept = get_with(&gw, "/proxy/lab/v1/models", &k2);
+    assert_eq!(kept.status, 200, "{}", kept.text());
+    let revoked = get_with(&gw, "/proxy/lab/v1/models", &key);
+    assert_eq!(revoked.status, 401, "a revoked key stays revoked");
+}
+
+fn get_with(gw: &Gateway, path: &str, bearer: &str) -> Response {
+    let auth = format!("Bearer {bearer}");
+    raw(
+        gw.addr,
+        &request_bytes("GET", path, &[("Authorization", &auth)], b""),
+    )
+    .expect("an answer")
+}
+
 for_each_driver!(
     journey,
+    api_keys_backends_and_disabling,
     brute_force_is_limited,
     first_start_needs_the_admin_password
 );

@@ -172,6 +172,7 @@ mod tests {
             nbf: None,
             domains: None,
             admin: false,
+            exact_exp: false,
         }))
     }
 

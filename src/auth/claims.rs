@@ -23,6 +23,8 @@ pub struct VerifiedClaims {
     pub domains: Option<Vec<String>>,
     /// `role` = "admin": a platform admin.
     pub admin: bool,
+    /// Expiry without leeway (API keys: no clock of another party is involved).
+    pub exact_exp: bool,
 }
 
 /// Validation settings shared by every issuer.
@@ -112,11 +114,13 @@ pub fn validate(
         nbf,
         domains,
         admin,
+        exact_exp: false,
     })
 }
 
 /// Re-checks the time claims of a cached verdict.
 pub fn still_valid(c: &VerifiedClaims, leeway_s: f64, now: f64) -> Result<(), TokenError> {
+    let leeway_s = if c.exact_exp { 0.0 } else { leeway_s };
     if c.exp.is_some_and(|e| now > e + leeway_s) {
         return Err(TokenError::Expired);
     }

@@ -32,6 +32,11 @@ pub fn route(m: &Management, req: Request) -> Reply {
         ("GET", ["domains", id]) => get_domain(m, &req, id),
         ("PUT", ["domains", id, "members", user]) => set_member(m, &req, id, user),
         ("DELETE", ["domains", id, "members", user]) => remove_member(m, &req, id, user),
+        ("POST", ["users", id, "disable"]) => super::access::set_disabled(m, &req, id, true),
+        ("POST", ["users", id, "enable"]) => super::access::set_disabled(m, &req, id, false),
+        ("PUT", ["domains", id, "backends"]) => super::access::set_backends(m, &req, id),
+        ("POST", ["domains", id, "keys"]) => super::access::create_key(m, &req, id),
+        ("DELETE", ["domains", id, "keys", key]) => super::access::revoke_key(m, &req, id, key),
         ("GET", ["keys", ".well-known", "jwks.json"]) => Ok(Reply::json(
             200,
             &json!({"keys": m.keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}),
@@ -46,14 +51,14 @@ pub fn route(m: &Management, req: Request) -> Reply {
     result.unwrap_or_else(|e| e)
 }
 
-type Answer = Result<Reply, Reply>;
+pub(super) type Answer = Result<Reply, Reply>;
 
-fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Reply> {
+pub(super) fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Reply> {
     serde_json::from_slice(&req.body)
         .map_err(|e| error_reply(400, "invalid_body", &format!("invalid JSON body: {e}")))
 }
 
-fn store_error(e: StoreError) -> Reply {
+pub(super) fn store_error(e: StoreError) -> Reply {
     match e {
         StoreError::Conflict(_) => error_reply(409, "conflict", &e.to_string()),
         StoreError::NotFound(_) => error_reply(404, "not_found", &e.to_string()),
@@ -64,7 +69,7 @@ fn store_error(e: StoreError) -> Reply {
     }
 }
 
-fn user_json(u: &User) -> serde_json::Value {
+pub(super) fn user_json(u: &User) -> serde_json::Value {
     json!({
         "id": u.id, "email": u.email, "first_name": u.first_name, "last_name": u.last_name,
         "role": u.role, "status": if u.disabled { "disabled" } else { "enabled" },
@@ -122,7 +127,7 @@ fn check_email(e: &str) -> Result<(), Reply> {
 }
 
 /// The authenticated caller of a management request: a live user of this box.
-fn caller(m: &Management, req: &Request) -> Result<User, Reply> {
+pub(super) fn caller(m: &Management, req: &Request) -> Result<User, Reply> {
     let unauthorized = |why: &str| {
         let mut r = error_reply(401, "invalid_token", why);
         r.headers
@@ -153,7 +158,7 @@ fn caller(m: &Management, req: &Request) -> Result<User, Reply> {
     }
 }
 
-fn admin(m: &Management, req: &Request) -> Result<User, Reply> {
+pub(super) fn admin(m: &Management, req: &Request) -> Result<User, Reply> {
     let u = caller(m, req)?;
     if u.role == "admin" {
         Ok(u)
@@ -436,7 +441,7 @@ fn get_domain(m: &Management, req: &Request, id: &str) -> Answer {
 }
 
 /// The platform admin, or an admin member of the domain.
-fn domain_admin(m: &Management, req: &Request, domain: &str) -> Result<User, Reply> {
+pub(super) fn domain_admin(m: &Management, req: &Request, domain: &str) -> Result<User, Reply> {
     let u = caller(m, req)?;
     if u.role == "admin" {
         return Ok(u);

@@ -7,6 +7,7 @@
 //! next request and empty their token caches on the epoch change, so a revoked membership
 //! or a disabled user stops working within one request, cached tokens included.
 
+pub mod access;
 pub mod api;
 pub mod server;
 pub mod store;
@@ -91,7 +92,7 @@ pub fn start(
 }
 
 impl Management {
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    pub(crate) fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -143,6 +144,9 @@ impl Management {
                     .insert_domain(&domain, unix_now())
                     .map_err(|e| format!("domains: {e}"))?;
             }
+            store
+                .mark_config_domain(&d.id)
+                .map_err(|e| format!("domains: {e}"))?;
         }
         Ok(())
     }
@@ -150,13 +154,28 @@ impl Management {
     /// Publishes this plane's keys, memberships and disabled users, with a new revocation
     /// epoch (workers empty their token caches on it).
     pub fn publish(&self) {
-        let (memberships, disabled) = {
+        let (memberships, disabled, keys, backends) = {
             let store = self.store();
             (
                 store.memberships().unwrap_or_default(),
                 store.disabled_users().unwrap_or_default(),
+                store.live_api_keys(unix_now()).unwrap_or_default(),
+                store.api_backends().unwrap_or_default(),
             )
         };
+        let mut api_domains = Vec::new();
+        for (id, name, json) in backends {
+            let built = serde_json::from_str::<Vec<crate::config::BackendConfig>>(&json)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    crate::snapshot::Domain::build("backends", &id, &name, &b, true)
+                        .map_err(|e| e.to_string())
+                });
+            match built {
+                Ok(d) => api_domains.push(Arc::new(d)),
+                Err(e) => tracing::error!(domain = %id, "stored backends unusable: {e}"),
+            }
+        }
         let mut members = Members::default();
         for (domain, user, role) in memberships {
             members
@@ -166,6 +185,15 @@ impl Management {
                 .insert(user, role == "admin");
         }
         members.disabled = disabled.into_iter().collect();
+        for k in keys {
+            let key = crate::snapshot::ApiKey {
+                id: k.id,
+                domain: k.domain_id,
+                user: k.created_by,
+                expires_at: k.expires_at,
+            };
+            members.api_keys.insert(k.digest, key);
+        }
         let members = Arc::new(members);
         let own_keys: Vec<_> = self.keys.iter().map(SigningKey::verifying_key).collect();
         self.published.replace(|old, generation| {
@@ -174,9 +202,19 @@ impl Management {
             if let Some(own) = keys.issuers.iter_mut().find(|i| i.own) {
                 own.keys = own_keys;
             }
+            // Config domains as they are; API domains as the store has them now.
+            let mut domains: HashMap<String, Arc<crate::snapshot::Domain>> = old
+                .domains
+                .iter()
+                .filter(|(_, d)| !d.from_api)
+                .map(|(id, d)| (id.clone(), d.clone()))
+                .collect();
+            for d in api_domains {
+                domains.entry(d.id.clone()).or_insert(d);
+            }
             Snapshot {
                 generation,
-                domains: old.domains.clone(),
+                domains,
                 keys: Arc::new(keys),
                 revocation_epoch: old.revocation_epoch + 1,
                 members,

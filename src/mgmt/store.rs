@@ -42,7 +42,34 @@ const MIGRATIONS: &[&str] = &[
         role TEXT NOT NULL CHECK (role IN ('admin', 'member')),
         PRIMARY KEY (domain_id, user_id)
     );",
+    // 2: API keys, backends set through the API, which domains the config file owns.
+    "CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        domain_id TEXT NOT NULL REFERENCES domains(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        digest BLOB NOT NULL UNIQUE,
+        created_by TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        expires_at INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE domain_backends (
+        domain_id TEXT PRIMARY KEY REFERENCES domains(id) ON DELETE CASCADE,
+        backends TEXT NOT NULL
+    );
+    ALTER TABLE domains ADD COLUMN from_config INTEGER NOT NULL DEFAULT 0;",
 ];
+
+/// A stored API key (never the key itself: only its SHA-256).
+#[derive(Debug, Clone)]
+pub struct ApiKeyRow {
+    pub id: String,
+    pub domain_id: String,
+    pub name: String,
+    pub digest: Vec<u8>,
+    pub created_by: String,
+    pub expires_at: Option<i64>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -299,6 +326,100 @@ impl Store {
             .prepare("SELECT domain_id, user_id, role FROM memberships")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn mark_config_domain(&self, id: &str) -> Result<(), StoreError> {
+        self.db
+            .execute("UPDATE domains SET from_config = 1 WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub fn domain_from_config(&self, id: &str) -> Result<Option<bool>, StoreError> {
+        Ok(self
+            .db
+            .query_row("SELECT from_config FROM domains WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Sets a domain's backends (JSON, validated by the caller).
+    pub fn set_backends(&self, domain: &str, backends_json: &str) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO domain_backends (domain_id, backends) VALUES (?1, ?2)
+             ON CONFLICT (domain_id) DO UPDATE SET backends = excluded.backends",
+            params![domain, backends_json],
+        )?;
+        Ok(())
+    }
+
+    /// (domain id, name, backends JSON) of every domain whose backends the API set.
+    pub fn api_backends(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut st = self.db.prepare(
+            "SELECT d.id, d.name, b.backends FROM domain_backends b JOIN domains d ON d.id = b.domain_id WHERE d.from_config = 0",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn insert_api_key(&self, k: &ApiKeyRow, now: i64) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO api_keys (id, domain_id, name, digest, created_by, expires_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                k.id,
+                k.domain_id,
+                k.name,
+                k.digest,
+                k.created_by,
+                k.expires_at,
+                now
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn revoke_api_key(&self, domain: &str, id: &str) -> Result<bool, StoreError> {
+        let n = self.db.execute(
+            "UPDATE api_keys SET revoked = 1 WHERE id = ?1 AND domain_id = ?2 AND revoked = 0",
+            params![id, domain],
+        )?;
+        Ok(n > 0)
+    }
+
+    pub fn live_api_keys(&self, now: i64) -> Result<Vec<ApiKeyRow>, StoreError> {
+        let mut st = self.db.prepare(
+            "SELECT id, domain_id, name, digest, created_by, expires_at FROM api_keys
+             WHERE revoked = 0 AND (expires_at IS NULL OR expires_at > ?1)",
+        )?;
+        let rows = st.query_map([now], |r| {
+            Ok(ApiKeyRow {
+                id: r.get(0)?,
+                domain_id: r.get(1)?,
+                name: r.get(2)?,
+                digest: r.get(3)?,
+                created_by: r.get(4)?,
+                expires_at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Disables or enables a user; disabling also revokes every refresh token of theirs.
+    pub fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError> {
+        let tx = self.db.transaction()?;
+        let n = tx.execute(
+            "UPDATE users SET disabled = ?2 WHERE id = ?1",
+            params![user, disabled],
+        )?;
+        if disabled {
+            tx.execute(
+                "UPDATE refresh_tokens SET revoked = 1 WHERE user_id = ?1",
+                [user],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
     }
 
     /// Ids of disabled users (their cached tokens must stop working).

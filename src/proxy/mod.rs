@@ -218,6 +218,7 @@ fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
         passthrough: true,
         models_json: Vec::new(),
         tags_json: Vec::new(),
+        from_api: false,
     }
 }
 
