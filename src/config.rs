@@ -113,6 +113,8 @@ pub struct AuthConfig {
     pub domains_claim: String,
     /// Verified tokens remembered per worker.
     pub token_cache_entries: usize,
+    /// Claim name → header sent upstream with its value (e.g. "email" = "X-User-Email").
+    pub claim_headers: std::collections::BTreeMap<String, String>,
     pub trusted: Vec<TrustedIssuer>,
 }
 
@@ -125,6 +127,7 @@ impl Default for AuthConfig {
             claims_namespace: String::new(),
             domains_claim: "domains".into(),
             token_cache_entries: 65536,
+            claim_headers: Default::default(),
             trusted: Vec::new(),
         }
     }
@@ -400,6 +403,22 @@ impl Config {
         )?;
         for (i, t) in self.auth.trusted.iter().enumerate() {
             validate_trusted(i, t)?;
+        }
+        for (claim, header) in &self.auth.claim_headers {
+            let key = format!("auth.claim_headers.{claim:?}");
+            let token = !header.is_empty()
+                && header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !token {
+                return Err(err(key, format!("{header:?} is not a header name")));
+            }
+            if crate::http::headers::is_hop_by_hop_request(header.as_bytes()) {
+                return Err(err(
+                    key,
+                    format!("{header:?} is a header cubegate sets or drops itself"),
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, d) in self.domains.iter().enumerate() {

@@ -340,7 +340,54 @@ fn trickled_body_hits_the_total_deadline(driver: &str) {
     assert!(seen.lock().unwrap().is_empty());
 }
 
+/// `[auth] claim_headers`: a verified claim travels upstream as a header, and a client
+/// cannot send that header itself.
+fn claims_become_headers_and_cannot_be_spoofed(driver: &str) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let (backend, seen) = scripted_backend(1, None);
+    let secret = "a shared secret of more than thirty-two bytes";
+    let body = format!(
+        "{}\n[[auth.trusted]]\nissuer = \"https://idp.test/\"\nhs_secret_env = \"TEST_HS_SECRET\"\n",
+        domains_config(&[(D, &[("vllm", backend, &["m"])])])
+            .replace("mode = \"none\"", "mode = \"jwt\"\nclaim_headers = { \"email\" = \"X-User-Email\" }")
+    );
+    let gw = gateway_env(driver, &body, &[("TEST_HS_SECRET", secret)]);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = serde_json::json!({"iss": "https://idp.test/", "sub": "u1", "exp": exp, "email": "alice@example.com", "domains": [D]});
+    let input = format!(
+        "{}.{}",
+        B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+        B64.encode(claims.to_string())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let token = format!(
+        "{input}.{}",
+        B64.encode(ring::hmac::sign(&key, input.as_bytes()).as_ref())
+    );
+    let auth = format!("Bearer {token}");
+    let r = post_with(
+        gw.addr,
+        &format!("/proxy/{D}/v1/chat/completions"),
+        &[
+            ("Authorization", &auth),
+            ("X-User-Email", "mallory@example.com"),
+        ],
+        r#"{"model":"m"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = String::from_utf8_lossy(&seen.lock().unwrap()[0]).into_owned();
+    assert!(got.contains("X-User-Email: alice@example.com\r\n"), "{got}");
+    assert!(!got.contains("mallory"), "{got}");
+    assert!(got.contains("X-User-Id: u1\r\n"), "{got}");
+}
+
 for_each_driver!(
+    claims_become_headers_and_cannot_be_spoofed,
     connection_cap_holds_new_connections_back,
     trickled_body_hits_the_total_deadline,
     no_response_desync_on_pooled_connections,

@@ -216,6 +216,7 @@ fn rules() -> ClaimRules {
         leeway_s: LEEWAY as f64,
         namespace: String::new(),
         domains_claim: "domains".into(),
+        claim_headers: Vec::new(),
     }
 }
 

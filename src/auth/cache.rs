@@ -173,6 +173,7 @@ mod tests {
             domains: None,
             admin: false,
             exact_exp: false,
+            headers: Vec::new(),
         }))
     }
 

@@ -25,6 +25,8 @@ pub struct VerifiedClaims {
     pub admin: bool,
     /// Expiry without leeway (API keys: no clock of another party is involved).
     pub exact_exp: bool,
+    /// (header, value) for `[auth] claim_headers`: sent upstream with each request.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Validation settings shared by every issuer.
@@ -33,6 +35,8 @@ pub struct ClaimRules {
     pub leeway_s: f64,
     pub namespace: String,
     pub domains_claim: String,
+    /// (claim name, upstream header): claims passed to backends as headers.
+    pub claim_headers: Vec<(String, String)>,
 }
 
 impl ClaimRules {
@@ -107,6 +111,21 @@ pub fn validate(
         Some(_) => return Err(TokenError::Malformed("the domains claim must list strings")),
     };
     let admin = rules.custom(payload, "role").and_then(Value::as_str) == Some("admin");
+    // Claims mapped to headers: only values that can travel as a header value unchanged.
+    let headers = rules
+        .claim_headers
+        .iter()
+        .filter_map(|(claim, header)| {
+            let value = match payload.get(claim)? {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => return None,
+            };
+            let safe = value.len() <= 1024 && value.bytes().all(|b| (0x20..0x7f).contains(&b));
+            safe.then(|| (header.clone(), value))
+        })
+        .collect();
     Ok(VerifiedClaims {
         sub,
         issuer: issuer_index,
@@ -115,6 +134,7 @@ pub fn validate(
         domains,
         admin,
         exact_exp: false,
+        headers,
     })
 }
 
@@ -168,6 +188,7 @@ mod tests {
             leeway_s: 30.0,
             namespace: "https://cube/".into(),
             domains_claim: "domains".into(),
+            claim_headers: vec![("email".into(), "X-User-Email".into())],
         }
     }
 
@@ -191,6 +212,26 @@ mod tests {
         assert_eq!(c.sub, "u1");
         assert_eq!(c.domains.as_deref(), Some(&["d1".to_string()][..]));
         assert!(c.admin);
+        assert!(c.headers.is_empty());
+        let mut with_email = ok.clone();
+        with_email["email"] = "a@b.c".into();
+        let c = validate(
+            &obj(with_email),
+            0,
+            &issuer(&["cubegate"]),
+            true,
+            &rules(),
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            c.headers,
+            vec![("X-User-Email".to_string(), "a@b.c".to_string())]
+        );
+        let mut evil = ok.clone();
+        evil["email"] = "a\r\nX-Evil: 1".into();
+        let c = validate(&obj(evil), 0, &issuer(&["cubegate"]), true, &rules(), now).unwrap();
+        assert!(c.headers.is_empty(), "unsafe values are not forwarded");
         let cases = [
             (
                 serde_json::json!({"iss":"https://idp/","sub":"u","exp":now-31.0}),

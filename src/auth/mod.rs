@@ -140,6 +140,11 @@ impl Authenticator {
                 leeway_s: config.leeway_s as f64,
                 namespace: config.claims_namespace.clone(),
                 domains_claim: config.domains_claim.clone(),
+                claim_headers: config
+                    .claim_headers
+                    .iter()
+                    .map(|(c, h)| (c.clone(), h.clone()))
+                    .collect(),
             },
         }
     }
@@ -276,6 +281,7 @@ fn api_key_claims(
         domains: Some(vec![key.domain.clone()]),
         admin: false,
         exact_exp: true,
+        headers: Vec::new(),
     })
 }
 

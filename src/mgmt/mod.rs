@@ -71,6 +71,7 @@ pub fn start(
             leeway_s: config.auth.leeway_s as f64,
             namespace: String::new(),
             domains_claim: config.auth.domains_claim.clone(),
+            claim_headers: Vec::new(),
         },
         failures: Mutex::new(HashMap::new()),
         dummy_hash: std::sync::OnceLock::new(),

@@ -383,6 +383,7 @@ async fn dispatch(
         tracker: model.tracker,
         scanner: model.scanner,
         management: false,
+        claim_header_names: &worker.claim_header_names,
     };
     let keep_alive = forward(worker, conn, &mut req, &order).await?;
     conn.body_pending = false;
@@ -409,6 +410,7 @@ async fn forward_to_management(
         tracker: model.tracker,
         scanner: None,
         management: true,
+        claim_header_names: &[],
     };
     let keep_alive = forward(worker, conn, &mut req, &[0]).await?;
     conn.body_pending = false;

@@ -46,6 +46,8 @@ pub struct ForwardRequest<'a> {
     /// To the management listener: the client's Authorization goes along (the management
     /// API authenticates itself) and no identity headers are added.
     pub management: bool,
+    /// `[auth] claim_headers` names: dropped from the client's headers.
+    pub claim_header_names: &'a [String],
 }
 
 /// Forwards the request to the first backend of `order` that takes it, and streams the
@@ -255,6 +257,15 @@ fn write_upstream_head(
         if (is_hop_by_hop_request(n) && !credential) || listed_in_connection(n) {
             continue;
         }
+        // Headers that carry verified claims come from the token only.
+        if !req.management
+            && req
+                .claim_header_names
+                .iter()
+                .any(|h| eq_ignore_case(n, h.as_bytes()))
+        {
+            continue;
+        }
         out.extend_from_slice(n);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.of(buf));
@@ -275,6 +286,14 @@ fn write_upstream_head(
         out.extend_from_slice(b"\r\nX-User-Id: ");
         out.extend_from_slice(req.identity.user_id().as_bytes());
         out.extend_from_slice(b"\r\n");
+        if let crate::auth::Identity::Token(claims) = req.identity {
+            for (name, value) in &claims.headers {
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
     }
     match head.framing {
         BodyFraming::None => {

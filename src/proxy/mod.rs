@@ -67,6 +67,8 @@ pub struct Worker {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub auth: Authenticator,
+    /// `[auth] claim_headers` header names (a client may not send them).
+    pub claim_header_names: Vec<String>,
     /// This worker's verified-token cache.
     pub tokens: RefCell<TokenCache>,
     /// This worker's counters, and everyone's (for `/metrics`).
@@ -110,6 +112,7 @@ impl Worker {
             limits: config.limits.clone(),
             timeouts: config.timeouts.clone(),
             auth: Authenticator::new(&config.auth),
+            claim_header_names: config.auth.claim_headers.values().cloned().collect(),
             tokens: RefCell::new(TokenCache::new(
                 config.auth.token_cache_entries,
                 registry[id].clone(),
