@@ -1456,6 +1456,7 @@ fn verified_claims_carry_identity_domains_and_role() {
         leeway_s: 30.0,
         namespace: "https://cube.example/".into(),
         domains_claim: "domains".into(),
+        claim_headers: Vec::new(),
     };
     let c = with(
         good_claims(now, ISS),
@@ -1483,6 +1484,7 @@ fn verified_claims_carry_identity_domains_and_role() {
         leeway_s: 30.0,
         namespace: String::new(),
         domains_claim: "tenants".into(),
+        claim_headers: Vec::new(),
     };
     let c = with(
         good_claims(now, ISS),
