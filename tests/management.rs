@@ -418,7 +418,84 @@ fn get_with(gw: &Gateway, path: &str, bearer: &str) -> Response {
     .expect("an answer")
 }
 
+/// A new signing key signs from now on; tokens of the old one keep working, and the JWKS
+/// lists both.
+fn signing_key_rotation(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let body = domains_config(&[(D, &[("vllm", vllm.addr, &[VLLM_MODEL])])])
+        .replace("mode = \"none\"", "mode = \"jwt\"");
+    let gw = gateway(driver, &body);
+    let (before, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let kid_of = |t: &str| {
+        let h = jsonwebtoken::decode_header(t).unwrap();
+        h.kid.unwrap()
+    };
+    let user = call(
+        &gw,
+        "POST",
+        "/users",
+        Some(&before),
+        Some(json!({"email": "u@example.com", "password": "some long passphrase"})),
+    )
+    .json();
+    assert_eq!(user["email"], "u@example.com");
+    let r = call(&gw, "POST", "/keys/rotate", Some(&before), None);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let new_kid = r.json()["kid"].as_str().unwrap().to_string();
+    let (after, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    assert_eq!(kid_of(&after), new_kid);
+    assert_ne!(kid_of(&before), new_kid);
+    let jwks = call(&gw, "GET", "/keys/.well-known/jwks.json", None, None).json();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    for t in [&before, &after] {
+        assert_eq!(chat(&gw, t).status, 200, "a token of either key works");
+    }
+    // Only the platform admin rotates.
+    let (u, _) = tokens(&login(&gw, "u@example.com", "some long passphrase"));
+    assert_eq!(
+        call(&gw, "POST", "/keys/rotate", Some(&u), None).status,
+        403
+    );
+}
+
+/// Concurrent writers: many users created at once all land; the same email at once lands
+/// exactly once.
+fn concurrent_writers(driver: &str) {
+    let gw = gateway(driver, "[auth]\nmode = \"jwt\"\n");
+    let (admin, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let statuses = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for t in 0..6 {
+            let (gw, admin, statuses) = (&gw, &admin, &statuses);
+            scope.spawn(move || {
+                for i in 0..5 {
+                    let email = format!("user{t}-{i}@example.com");
+                    let r = call(gw, "POST", "/users", Some(admin), Some(json!({"email": email, "password": "a long enough passphrase"})));
+                    statuses.lock().unwrap().push(r.status);
+                    let r = call(gw, "POST", "/users", Some(admin), Some(json!({"email": "same@example.com", "password": "a long enough passphrase"})));
+                    statuses.lock().unwrap().push(r.status);
+                }
+            });
+        }
+    });
+    let statuses = statuses.into_inner().unwrap();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        31,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        29,
+        "{statuses:?}"
+    );
+    let users = call(&gw, "GET", "/users", Some(&admin), None).json();
+    assert_eq!(users["total"], 32);
+}
+
 for_each_driver!(
+    signing_key_rotation,
+    concurrent_writers,
     journey,
     api_keys_backends_and_disabling,
     brute_force_is_limited,

@@ -37,9 +37,14 @@ pub fn route(m: &Management, req: Request) -> Reply {
         ("PUT", ["domains", id, "backends"]) => super::access::set_backends(m, &req, id),
         ("POST", ["domains", id, "keys"]) => super::access::create_key(m, &req, id),
         ("DELETE", ["domains", id, "keys", key]) => super::access::revoke_key(m, &req, id, key),
+        ("POST", ["keys", "rotate"]) => admin(m, &req).and_then(|_| {
+            m.rotate_key(&m.data_dir)
+                .map(|kid| Reply::json(201, &json!({"kid": kid})))
+                .map_err(|e| error_reply(500, "rotation_failed", &e))
+        }),
         ("GET", ["keys", ".well-known", "jwks.json"]) => Ok(Reply::json(
             200,
-            &json!({"keys": m.keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}),
+            &json!({"keys": m.keys().iter().map(|k| k.jwk()).collect::<Vec<_>>()}),
         )),
         (_, ["users" | "domains" | "keys", ..]) => Err(error_reply(
             404,
@@ -212,15 +217,14 @@ fn own_refresh_claims(m: &Management, token: &[u8]) -> Result<(String, JsonObjec
 
 fn issue_pair(m: &Management, user: &User, family: Option<String>) -> Answer {
     let now = unix_now();
-    let key = m.signing_key();
-    let access = key.sign(&json!({
+    let access = m.sign(&json!({
         "iss": m.issuer, "sub": user.id, "iat": now, "exp": now + m.access_ttl as i64,
         "jti": random_id(), "type": "access", "role": user.role,
     }));
     let family = family.unwrap_or_else(random_id);
     let jti = random_id();
     let exp = now + m.refresh_ttl as i64;
-    let refresh = key.sign(&json!({
+    let refresh = m.sign(&json!({
         "iss": m.issuer, "sub": user.id, "iat": now, "exp": exp,
         "jti": jti, "type": "refresh", "fam": family,
     }));

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use store::{Store, User};
+use store::{Storage, Store, User};
 use tokens::SigningKey;
 
 /// Failed logins allowed per account and per client address in `LOGIN_WINDOW`.
@@ -28,9 +28,10 @@ const LOGIN_FAILURES: u32 = 5;
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Management {
-    store: Mutex<Store>,
+    store: Mutex<Box<dyn Storage>>,
+    data_dir: std::path::PathBuf,
     /// Oldest first; the last one signs.
-    keys: Vec<SigningKey>,
+    keys: std::sync::RwLock<Vec<SigningKey>>,
     published: Arc<Published>,
     issuer: String,
     access_ttl: u64,
@@ -61,8 +62,9 @@ pub fn start(
         .map_err(|e| format!("management.data_dir: cannot open the store: {e}"))?;
     let keys = tokens::load_or_create_keys(&m.data_dir)?;
     let mgmt = Arc::new(Management {
-        store: Mutex::new(store),
-        keys,
+        store: Mutex::new(Box::new(store)),
+        data_dir: m.data_dir.clone(),
+        keys: std::sync::RwLock::new(keys),
         published,
         issuer: config.auth.issuer.clone(),
         access_ttl: m.access_token_ttl_s,
@@ -88,12 +90,12 @@ pub fn start(
         .name("cubegate-mgmt-accept".into())
         .spawn(move || server::serve(listener, handler))
         .map_err(|e| format!("cannot start the management listener: {e}"))?;
-    tracing::info!(listen = %addr, keys = mgmt.keys.len(), "management API listening");
+    tracing::info!(listen = %addr, keys = mgmt.keys().len(), "management API listening");
     Ok((mgmt, addr))
 }
 
 impl Management {
-    pub(crate) fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    pub(crate) fn store(&self) -> std::sync::MutexGuard<'_, Box<dyn Storage>> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -196,7 +198,7 @@ impl Management {
             members.api_keys.insert(k.digest, key);
         }
         let members = Arc::new(members);
-        let own_keys: Vec<_> = self.keys.iter().map(SigningKey::verifying_key).collect();
+        let own_keys: Vec<_> = self.keys().iter().map(SigningKey::verifying_key).collect();
         self.published.replace(|old, generation| {
             let mut keys = old.keys.rebuilt();
             keys.generation = generation;
@@ -229,9 +231,30 @@ impl Management {
         })
     }
 
-    fn signing_key(&self) -> &SigningKey {
-        // `load_or_create_keys` never returns an empty list.
-        &self.keys[self.keys.len() - 1]
+    pub(crate) fn keys(&self) -> std::sync::RwLockReadGuard<'_, Vec<SigningKey>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Signs with the newest key (`load_or_create_keys` never returns an empty list).
+    pub(crate) fn sign(&self, claims: &serde_json::Value) -> String {
+        let keys = self.keys();
+        keys[keys.len() - 1].sign(claims)
+    }
+
+    /// Adds a new signing key: it signs from now on, the older ones keep verifying (and stay
+    /// in the JWKS) so tokens they issued live out their time.
+    pub fn rotate_key(&self, data_dir: &std::path::Path) -> Result<String, String> {
+        let path = tokens::create_key(&data_dir.join("keys"))?;
+        let fresh = tokens::load_or_create_keys(data_dir)?;
+        let kid = fresh
+            .iter()
+            .last()
+            .map(|k| k.kid.clone())
+            .ok_or("no key after rotation")?;
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        self.publish();
+        tracing::info!(kid, path = %path.display(), "signing key rotated");
+        Ok(kid)
     }
 
     /// Counts a failed login; `Some(retry_after)` once the limit is reached.

@@ -147,23 +147,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn user_count(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
-    }
-
-    pub fn insert_user(&self, u: &User) -> Result<(), StoreError> {
-        self.db
-            .execute(
-                "INSERT INTO users (id, email, password_hash, first_name, last_name, role, disabled, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![u.id, u.email, u.password_hash, u.first_name, u.last_name, u.role, u.disabled, u.created_at],
-            )
-            .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict("a user with this email") } else { e.into() })?;
-        Ok(())
-    }
-
     fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
         Ok(User {
             id: r.get(0)?,
@@ -179,8 +162,94 @@ impl Store {
 
     const USER_COLUMNS: &'static str =
         "id, email, password_hash, first_name, last_name, role, disabled, created_at";
+}
 
-    pub fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError> {
+/// What the management plane needs from a store. SQLite ([`Store`]) backs one box; a shared
+/// database can implement the same trait to back a fleet.
+pub trait Storage: Send {
+    fn user_count(&self) -> Result<u64, StoreError>;
+
+    fn insert_user(&self, u: &User) -> Result<(), StoreError>;
+
+    fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError>;
+
+    fn user_by_id(&self, id: &str) -> Result<Option<User>, StoreError>;
+
+    fn users(&self) -> Result<Vec<User>, StoreError>;
+
+    fn insert_refresh(
+        &self,
+        jti: &str,
+        family: &str,
+        user_id: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Spends a refresh token. `Ok(Some(family))` when it was live; `Ok(None)` when it was
+    /// spent or revoked already — then its whole family is revoked (a spent refresh token
+    /// presented again means it was stolen, or the legitimate one was).
+    fn spend_refresh(
+        &mut self,
+        jti: &str,
+        now: i64,
+    ) -> Result<Option<(String, String)>, StoreError>;
+
+    /// Revokes the family of a refresh token. Returns whether the token was known.
+    fn revoke_family_of(&self, jti: &str) -> Result<bool, StoreError>;
+
+    fn insert_domain(&self, d: &Domain, now: i64) -> Result<(), StoreError>;
+
+    fn domains(&self) -> Result<Vec<Domain>, StoreError>;
+
+    fn set_membership(&self, domain: &str, user: &str, role: &str) -> Result<(), StoreError>;
+
+    fn remove_membership(&self, domain: &str, user: &str) -> Result<bool, StoreError>;
+
+    /// (domain id, user id, role) of every membership.
+    fn memberships(&self) -> Result<Vec<(String, String, String)>, StoreError>;
+
+    fn mark_config_domain(&self, id: &str) -> Result<(), StoreError>;
+
+    fn domain_from_config(&self, id: &str) -> Result<Option<bool>, StoreError>;
+
+    /// Sets a domain's backends (JSON, validated by the caller).
+    fn set_backends(&self, domain: &str, backends_json: &str) -> Result<(), StoreError>;
+
+    /// (domain id, name, backends JSON) of every domain whose backends the API set.
+    fn api_backends(&self) -> Result<Vec<(String, String, String)>, StoreError>;
+
+    fn insert_api_key(&self, k: &ApiKeyRow, now: i64) -> Result<(), StoreError>;
+
+    fn revoke_api_key(&self, domain: &str, id: &str) -> Result<bool, StoreError>;
+
+    fn live_api_keys(&self, now: i64) -> Result<Vec<ApiKeyRow>, StoreError>;
+
+    /// Disables or enables a user; disabling also revokes every refresh token of theirs.
+    fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError>;
+
+    /// Ids of disabled users (their cached tokens must stop working).
+    fn disabled_users(&self) -> Result<Vec<String>, StoreError>;
+}
+
+impl Storage for Store {
+    fn user_count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
+    }
+
+    fn insert_user(&self, u: &User) -> Result<(), StoreError> {
+        self.db
+            .execute(
+                "INSERT INTO users (id, email, password_hash, first_name, last_name, role, disabled, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![u.id, u.email, u.password_hash, u.first_name, u.last_name, u.role, u.disabled, u.created_at],
+            )
+            .map_err(|e| if is_unique_violation(&e) { StoreError::Conflict("a user with this email") } else { e.into() })?;
+        Ok(())
+    }
+
+    fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError> {
         let sql = format!("SELECT {} FROM users WHERE email = ?1", Self::USER_COLUMNS);
         Ok(self
             .db
@@ -188,7 +257,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn user_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
+    fn user_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
         let sql = format!("SELECT {} FROM users WHERE id = ?1", Self::USER_COLUMNS);
         Ok(self
             .db
@@ -196,7 +265,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn users(&self) -> Result<Vec<User>, StoreError> {
+    fn users(&self) -> Result<Vec<User>, StoreError> {
         let sql = format!(
             "SELECT {} FROM users ORDER BY created_at, email",
             Self::USER_COLUMNS
@@ -206,7 +275,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn insert_refresh(
+    fn insert_refresh(
         &self,
         jti: &str,
         family: &str,
@@ -220,10 +289,7 @@ impl Store {
         Ok(())
     }
 
-    /// Spends a refresh token. `Ok(Some(family))` when it was live; `Ok(None)` when it was
-    /// spent or revoked already — then its whole family is revoked (a spent refresh token
-    /// presented again means it was stolen, or the legitimate one was).
-    pub fn spend_refresh(
+    fn spend_refresh(
         &mut self,
         jti: &str,
         now: i64,
@@ -255,8 +321,7 @@ impl Store {
         Ok(Some((family, user_id)))
     }
 
-    /// Revokes the family of a refresh token. Returns whether the token was known.
-    pub fn revoke_family_of(&self, jti: &str) -> Result<bool, StoreError> {
+    fn revoke_family_of(&self, jti: &str) -> Result<bool, StoreError> {
         let n = self.db.execute(
             "UPDATE refresh_tokens SET revoked = 1 WHERE family = (SELECT family FROM refresh_tokens WHERE jti = ?1)",
             [jti],
@@ -264,7 +329,7 @@ impl Store {
         Ok(n > 0)
     }
 
-    pub fn insert_domain(&self, d: &Domain, now: i64) -> Result<(), StoreError> {
+    fn insert_domain(&self, d: &Domain, now: i64) -> Result<(), StoreError> {
         self.db
             .execute(
                 "INSERT INTO domains (id, name, created_at) VALUES (?1, ?2, ?3)",
@@ -280,7 +345,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn domains(&self) -> Result<Vec<Domain>, StoreError> {
+    fn domains(&self) -> Result<Vec<Domain>, StoreError> {
         let mut st = self
             .db
             .prepare("SELECT id, name FROM domains ORDER BY created_at, id")?;
@@ -293,7 +358,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn set_membership(&self, domain: &str, user: &str, role: &str) -> Result<(), StoreError> {
+    fn set_membership(&self, domain: &str, user: &str, role: &str) -> Result<(), StoreError> {
         self.db
             .execute(
                 "INSERT INTO memberships (domain_id, user_id, role) VALUES (?1, ?2, ?3)
@@ -311,7 +376,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn remove_membership(&self, domain: &str, user: &str) -> Result<bool, StoreError> {
+    fn remove_membership(&self, domain: &str, user: &str) -> Result<bool, StoreError> {
         let n = self.db.execute(
             "DELETE FROM memberships WHERE domain_id = ?1 AND user_id = ?2",
             params![domain, user],
@@ -319,8 +384,7 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// (domain id, user id, role) of every membership.
-    pub fn memberships(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+    fn memberships(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut st = self
             .db
             .prepare("SELECT domain_id, user_id, role FROM memberships")?;
@@ -328,13 +392,13 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn mark_config_domain(&self, id: &str) -> Result<(), StoreError> {
+    fn mark_config_domain(&self, id: &str) -> Result<(), StoreError> {
         self.db
             .execute("UPDATE domains SET from_config = 1 WHERE id = ?1", [id])?;
         Ok(())
     }
 
-    pub fn domain_from_config(&self, id: &str) -> Result<Option<bool>, StoreError> {
+    fn domain_from_config(&self, id: &str) -> Result<Option<bool>, StoreError> {
         Ok(self
             .db
             .query_row("SELECT from_config FROM domains WHERE id = ?1", [id], |r| {
@@ -343,8 +407,7 @@ impl Store {
             .optional()?)
     }
 
-    /// Sets a domain's backends (JSON, validated by the caller).
-    pub fn set_backends(&self, domain: &str, backends_json: &str) -> Result<(), StoreError> {
+    fn set_backends(&self, domain: &str, backends_json: &str) -> Result<(), StoreError> {
         self.db.execute(
             "INSERT INTO domain_backends (domain_id, backends) VALUES (?1, ?2)
              ON CONFLICT (domain_id) DO UPDATE SET backends = excluded.backends",
@@ -353,8 +416,7 @@ impl Store {
         Ok(())
     }
 
-    /// (domain id, name, backends JSON) of every domain whose backends the API set.
-    pub fn api_backends(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+    fn api_backends(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut st = self.db.prepare(
             "SELECT d.id, d.name, b.backends FROM domain_backends b JOIN domains d ON d.id = b.domain_id WHERE d.from_config = 0",
         )?;
@@ -362,7 +424,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn insert_api_key(&self, k: &ApiKeyRow, now: i64) -> Result<(), StoreError> {
+    fn insert_api_key(&self, k: &ApiKeyRow, now: i64) -> Result<(), StoreError> {
         self.db.execute(
             "INSERT INTO api_keys (id, domain_id, name, digest, created_by, expires_at, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -379,7 +441,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn revoke_api_key(&self, domain: &str, id: &str) -> Result<bool, StoreError> {
+    fn revoke_api_key(&self, domain: &str, id: &str) -> Result<bool, StoreError> {
         let n = self.db.execute(
             "UPDATE api_keys SET revoked = 1 WHERE id = ?1 AND domain_id = ?2 AND revoked = 0",
             params![id, domain],
@@ -387,7 +449,7 @@ impl Store {
         Ok(n > 0)
     }
 
-    pub fn live_api_keys(&self, now: i64) -> Result<Vec<ApiKeyRow>, StoreError> {
+    fn live_api_keys(&self, now: i64) -> Result<Vec<ApiKeyRow>, StoreError> {
         let mut st = self.db.prepare(
             "SELECT id, domain_id, name, digest, created_by, expires_at FROM api_keys
              WHERE revoked = 0 AND (expires_at IS NULL OR expires_at > ?1)",
@@ -405,8 +467,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Disables or enables a user; disabling also revokes every refresh token of theirs.
-    pub fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError> {
+    fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError> {
         let tx = self.db.transaction()?;
         let n = tx.execute(
             "UPDATE users SET disabled = ?2 WHERE id = ?1",
@@ -422,8 +483,7 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Ids of disabled users (their cached tokens must stop working).
-    pub fn disabled_users(&self) -> Result<Vec<String>, StoreError> {
+    fn disabled_users(&self) -> Result<Vec<String>, StoreError> {
         let mut st = self.db.prepare("SELECT id FROM users WHERE disabled = 1")?;
         let rows = st.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
