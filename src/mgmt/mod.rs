@@ -9,18 +9,21 @@
 
 pub mod access;
 pub mod api;
+pub mod login;
 pub mod server;
+pub mod sqlite;
 pub mod store;
 pub mod tokens;
 
 use crate::auth::claims::ClaimRules;
 use crate::config::Config;
 use crate::snapshot::{Members, Published, Snapshot};
+use sqlite::Store;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use store::{Storage, Store, User};
+use store::{Storage, User};
 use tokens::SigningKey;
 
 /// Failed logins allowed per account and per client address in `LOGIN_WINDOW`.
@@ -107,11 +110,11 @@ impl Management {
         let password = std::env::var(var).map_err(|_| {
             format!("first start: set the platform admin's password in the environment variable {var} (management.admin_password_env)")
         })?;
-        api::check_password_strength(&password).map_err(|why| format!("{var}: {why}"))?;
+        login::check_password_strength(&password).map_err(|why| format!("{var}: {why}"))?;
         let user = User {
             id: tokens::random_id(),
             email: config.management.admin_email.clone(),
-            password_hash: api::hash_password(&password)?,
+            password_hash: login::hash_password(&password)?,
             first_name: String::new(),
             last_name: String::new(),
             role: "admin".into(),
@@ -227,7 +230,7 @@ impl Management {
 
     fn dummy_hash(&self) -> &str {
         self.dummy_hash.get_or_init(|| {
-            api::hash_password("not a real password, only for timing").unwrap_or_default()
+            login::hash_password("not a real password, only for timing").unwrap_or_default()
         })
     }
 

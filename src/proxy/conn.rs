@@ -7,12 +7,12 @@
 //! holds the head at offset 0 and grows behind it with body bytes while the model is
 //! sought; it is bounded by the head and body limits.
 
-use super::body::{BodyError, BodyTracker};
 use super::error::GatewayError;
 use super::forward::{forward, ForwardRequest};
 use super::local;
-use super::model_scan::ModelScanner;
+use super::read_model::read_model;
 use super::route::{classify, Api, Endpoint, Route};
+use super::upstream::pick_backends;
 use super::{RequestId, Worker};
 use crate::auth::{AuthError, TokenError};
 use crate::http::head::{
@@ -20,7 +20,7 @@ use crate::http::head::{
 };
 use crate::http::headers::is_acceptable_request_id;
 use crate::http::response::write_local_response;
-use crate::snapshot::{Domain, SnapshotRef};
+use crate::snapshot::SnapshotRef;
 use monoio::buf::IoBufMut;
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, OwnedReadHalf,
@@ -45,9 +45,9 @@ pub struct ClientConn {
     /// Scratch for heads and local answers.
     pub out: Vec<u8>,
     /// Bytes of `rbuf` that belong to the current request (head + body read so far).
-    consumed: usize,
+    pub(super) consumed: usize,
     /// The current request's body has not been read to its end.
-    body_pending: bool,
+    pub(super) body_pending: bool,
     /// When the current request's body must be complete.
     body_deadline: Instant,
 }
@@ -423,147 +423,6 @@ fn span_in(buf: &[u8], part: &str) -> Span {
         start: start as u32,
         end: (start + part.len()) as u32,
     }
-}
-
-/// The body as far as routing needed it.
-pub struct ModelRead {
-    /// The body's end is still ahead (`None` = no body).
-    tracker: Option<BodyTracker>,
-    /// Still scanning, for a second "model" in the part not yet read.
-    scanner: Option<ModelScanner>,
-}
-
-impl ModelRead {
-    fn model(&self) -> Option<&str> {
-        self.scanner.as_ref().and_then(ModelScanner::model)
-    }
-}
-
-/// Phase `read_model`: reads the body until its top-level `"model"` is known. Domains that
-/// pass everything to one backend skip this entirely.
-async fn read_model(
-    worker: &Worker,
-    conn: &mut ClientConn,
-    domain: &Domain,
-    endpoint: Endpoint,
-) -> Result<ModelRead, GatewayError> {
-    let max_body = worker.limits.max_body_bytes;
-    let mut tracker = match conn.head.framing {
-        BodyFraming::None => {
-            return Ok(ModelRead {
-                tracker: None,
-                scanner: None,
-            })
-        }
-        BodyFraming::Length(n) if n > max_body => return Err(GatewayError::BodyTooLarge(max_body)),
-        BodyFraming::Length(n) => BodyTracker::length(n),
-        BodyFraming::Chunked => BodyTracker::chunked(),
-    };
-    // The client waits for this before sending a body it announced with Expect.
-    if conn.head.expect_continue && conn.head.minor_version == 1 && conn.rbuf.len() == conn.head.len
-    {
-        let interim = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
-        let limit = worker.timeouts.between_chunks();
-        if write_to_client(conn, interim, limit).await.is_none() {
-            return Err(GatewayError::BodyIncomplete);
-        }
-    }
-    let scan = !domain.passthrough;
-    let mut scanner = ModelScanner::new();
-    loop {
-        let mut scan_error = None;
-        let used = tracker
-            .feed(&conn.rbuf[conn.consumed..], max_body, |payload| {
-                if scan && scan_error.is_none() {
-                    if let Err(e) = scanner.feed(payload) {
-                        scan_error = Some(e);
-                    }
-                }
-            })
-            .map_err(|e| match e {
-                BodyError::Chunk(c) => GatewayError::BadChunkedBody(c),
-                BodyError::TooLarge => GatewayError::BodyTooLarge(max_body),
-            })?;
-        conn.consumed += used;
-        // Chunk framing around tiny chunks must not let the buffer outgrow the body limit.
-        if conn.consumed - conn.head.len > max_body.saturating_mul(2).saturating_add(65536) as usize
-        {
-            return Err(GatewayError::BodyTooLarge(max_body));
-        }
-        if let Some(e) = scan_error {
-            return Err(GatewayError::InvalidBody(e));
-        }
-        let done = tracker.is_done();
-        if done {
-            conn.body_pending = false;
-        }
-        if done || !scan || scanner.model().is_some() || scanner.finished() {
-            break;
-        }
-        // Only the current request's bytes are in the buffer from `consumed` on, since
-        // the body has not ended: append more.
-        let buf = std::mem::take(&mut conn.rbuf);
-        let read = monoio::time::timeout(
-            conn.body_wait(worker),
-            read_more(&mut conn.rd, buf, READ_SIZE),
-        )
-        .await;
-        let Ok((res, buf)) = read else {
-            return Err(GatewayError::BodyReadTimeout);
-        };
-        conn.rbuf = buf;
-        match res {
-            Ok(0) | Err(_) => return Err(GatewayError::BodyIncomplete),
-            Ok(_) => {}
-        }
-    }
-    if scan {
-        match scanner.model() {
-            Some("") => return Err(GatewayError::InvalidModel("it is empty")),
-            Some(_) => {}
-            None if endpoint.is_admin() => {}
-            None => return Err(GatewayError::MissingModel),
-        }
-    }
-    let done = tracker.is_done();
-    Ok(ModelRead {
-        tracker: (!done).then_some(tracker),
-        scanner: scan.then_some(scanner),
-    })
-}
-
-/// Phase `pick_backends`: the backends that may serve this model on this route, in the
-/// order to try them.
-fn pick_backends(
-    worker: &Worker,
-    domain: &Domain,
-    model: Option<&str>,
-    ollama_only: bool,
-    endpoint: Endpoint,
-) -> Result<Vec<usize>, GatewayError> {
-    let mut candidates: Vec<(usize, SocketAddr)> = domain
-        .candidates(model, ollama_only)
-        .map(|i| (i, domain.backends[i].addr))
-        .collect();
-    if candidates.is_empty() && model.is_some() && endpoint.is_admin() {
-        // Admin operations may name a model the domain does not list yet (a pull).
-        candidates = domain
-            .candidates(None, ollama_only)
-            .map(|i| (i, domain.backends[i].addr))
-            .collect();
-    }
-    if candidates.is_empty() {
-        return Err(match model {
-            Some(m) => GatewayError::UnknownModel {
-                domain: domain.id.clone(),
-                model: m.to_string(),
-            },
-            None => GatewayError::NoOllamaBackend(domain.id.clone()),
-        });
-    }
-    let mut order = Vec::with_capacity(candidates.len());
-    worker.pools.borrow_mut().order(&candidates, &mut order);
-    Ok(order)
 }
 
 /// Writes an error in the contract's JSON shape. Returns whether the connection stays.

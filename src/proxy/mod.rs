@@ -14,6 +14,7 @@ pub mod error;
 pub mod forward;
 pub mod local;
 pub mod model_scan;
+pub mod read_model;
 pub mod route;
 pub mod splice;
 pub mod stream;

@@ -12,6 +12,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::error::GatewayError;
+use super::route::Endpoint;
+use super::Worker;
+use crate::snapshot::Domain;
 
 /// uvicorn (vLLM) closes idle keep-alive connections after 5 s; stay under it.
 const IDLE_TTL: Duration = Duration::from_secs(4);
@@ -101,6 +104,40 @@ impl Pools {
                 .map(|(i, _)| *i),
         );
     }
+}
+
+/// Phase `pick_backends`: the backends that may serve this model on this route, in the
+/// order to try them.
+pub fn pick_backends(
+    worker: &Worker,
+    domain: &Domain,
+    model: Option<&str>,
+    ollama_only: bool,
+    endpoint: Endpoint,
+) -> Result<Vec<usize>, GatewayError> {
+    let mut candidates: Vec<(usize, SocketAddr)> = domain
+        .candidates(model, ollama_only)
+        .map(|i| (i, domain.backends[i].addr))
+        .collect();
+    if candidates.is_empty() && model.is_some() && endpoint.is_admin() {
+        // Admin operations may name a model the domain does not list yet (a pull).
+        candidates = domain
+            .candidates(None, ollama_only)
+            .map(|i| (i, domain.backends[i].addr))
+            .collect();
+    }
+    if candidates.is_empty() {
+        return Err(match model {
+            Some(m) => GatewayError::UnknownModel {
+                domain: domain.id.clone(),
+                model: m.to_string(),
+            },
+            None => GatewayError::NoOllamaBackend(domain.id.clone()),
+        });
+    }
+    let mut order = Vec::with_capacity(candidates.len());
+    worker.pools.borrow_mut().order(&candidates, &mut order);
+    Ok(order)
 }
 
 /// An idle connection must have nothing to read. Bytes there are an answer nobody asked

@@ -1,0 +1,211 @@
+//! Logging in and tokens: `POST /users/tokens/issue`, `refresh` and `revoke`, and the
+//! password handling behind them.
+//!
+//! Passwords are hashed with argon2id (m = 19 MiB, t = 2, p = 1, the OWASP baseline); a
+//! wrong password and an unknown account cost the same hash and get the same answer;
+//! failed logins are limited per account and per client address. Refresh tokens rotate:
+//! each refresh spends the old one, and presenting a spent one revokes its whole family.
+
+use super::api::{body, store_error, Answer};
+use super::server::{error_reply, Reply, Request};
+use super::store::User;
+use super::tokens::random_id;
+use super::{unix_now, Management};
+use crate::auth::jws::{self, JsonObject};
+use crate::auth::{bearer_token, TokenError};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use serde::Deserialize;
+use serde_json::json;
+
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let mut salt = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        .map_err(|_| "no randomness for a salt")?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn password_matches(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+pub fn check_password_strength(p: &str) -> Result<(), &'static str> {
+    const WEAK: &[&str] = &[
+        "password", "changeme", "admin", "12345678", "qwerty", "letmein", "secret",
+    ];
+    if p.chars().count() < 12 {
+        return Err("the password must have at least 12 characters");
+    }
+    let lower = p.to_lowercase();
+    if WEAK.iter().any(|w| lower.contains(w)) || p.chars().all(|c| p.starts_with(c)) {
+        return Err("the password is too easy to guess");
+    }
+    Ok(())
+}
+
+/// A refresh token of this box, signature and expiry checked.
+fn own_refresh_claims(m: &Management, token: &[u8]) -> Result<(String, JsonObject), TokenError> {
+    let parsed = jws::parse(token)?;
+    let snapshot = m.published.load();
+    let own = snapshot
+        .keys
+        .issuers
+        .iter()
+        .find(|i| i.own)
+        .ok_or(TokenError::UnknownIssuer)?;
+    if parsed.payload.get("iss").and_then(|v| v.as_str()) != Some(own.issuer.as_str()) {
+        return Err(TokenError::WrongIssuer);
+    }
+    let verified = own.candidates(parsed.kid.as_deref()).any(|k| {
+        k.verify(parsed.alg, parsed.signing_input, &parsed.signature)
+            .is_ok()
+    });
+    if !verified {
+        return Err(TokenError::BadSignature);
+    }
+    let exp = parsed
+        .payload
+        .get("exp")
+        .and_then(|v| v.as_f64())
+        .ok_or(TokenError::MissingExp)?;
+    if (unix_now() as f64) > exp {
+        return Err(TokenError::Expired);
+    }
+    if parsed.payload.get("type").and_then(|v| v.as_str()) != Some("refresh") {
+        return Err(TokenError::Malformed("not a refresh token"));
+    }
+    let jti = parsed
+        .payload
+        .get("jti")
+        .and_then(|v| v.as_str())
+        .ok_or(TokenError::Malformed("no jti"))?;
+    Ok((jti.to_string(), parsed.payload))
+}
+
+fn issue_pair(m: &Management, user: &User, family: Option<String>) -> Answer {
+    let now = unix_now();
+    let access = m.sign(&json!({
+        "iss": m.issuer, "sub": user.id, "iat": now, "exp": now + m.access_ttl as i64,
+        "jti": random_id(), "type": "access", "role": user.role,
+    }));
+    let family = family.unwrap_or_else(random_id);
+    let jti = random_id();
+    let exp = now + m.refresh_ttl as i64;
+    let refresh = m.sign(&json!({
+        "iss": m.issuer, "sub": user.id, "iat": now, "exp": exp,
+        "jti": jti, "type": "refresh", "fam": family,
+    }));
+    m.store()
+        .insert_refresh(&jti, &family, &user.id, exp)
+        .map_err(store_error)?;
+    Ok(Reply::json(
+        201,
+        &json!({"access_token": access, "refresh_token": refresh}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+pub(super) fn issue(m: &Management, req: &Request) -> Answer {
+    let login: Login = body(req)?;
+    let too_many = |secs: u64| {
+        let mut r = error_reply(
+            429,
+            "too_many_attempts",
+            "too many failed logins; retry later",
+        );
+        r.headers.push(("Retry-After", secs.to_string()));
+        r
+    };
+    if let Some(secs) = m.login_limited(&login.username, req.client, false) {
+        return Err(too_many(secs));
+    }
+    let user = m
+        .store()
+        .user_by_email(&login.username)
+        .map_err(store_error)?;
+    // The same argon2 cost whether or not the account exists.
+    let hash = user
+        .as_ref()
+        .map_or(m.dummy_hash(), |u| u.password_hash.as_str());
+    let matches = password_matches(hash, &login.password);
+    match user {
+        Some(u) if matches && !u.disabled => issue_pair(m, &u, None),
+        _ => Err(match m.login_limited(&login.username, req.client, true) {
+            Some(secs) => too_many(secs),
+            None => error_reply(401, "invalid_credentials", "wrong email or password"),
+        }),
+    }
+}
+
+pub(super) fn refresh(m: &Management, req: &Request) -> Answer {
+    let token = req
+        .authorization
+        .as_deref()
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .ok_or_else(|| {
+            error_reply(
+                401,
+                "invalid_token",
+                "send the refresh token as Authorization: Bearer <refresh token>",
+            )
+        })?;
+    let (jti, _) = own_refresh_claims(m, token)
+        .map_err(|e| error_reply(401, "invalid_token", &e.to_string()))?;
+    let spent = m
+        .store()
+        .spend_refresh(&jti, unix_now())
+        .map_err(store_error)?;
+    let Some((family, user_id)) = spent else {
+        return Err(error_reply(
+            401,
+            "invalid_token",
+            "refresh token already used or revoked; every token of its family is revoked now",
+        ));
+    };
+    // Bound first: a guard in the match head would live into `issue_pair` (deadlock).
+    let user = m.store().user_by_id(&user_id).map_err(store_error)?;
+    match user {
+        Some(u) if !u.disabled => issue_pair(m, &u, Some(family)),
+        _ => Err(error_reply(
+            401,
+            "invalid_token",
+            "the user of this token is unknown or disabled",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    refresh_token: String,
+}
+
+pub(super) fn revoke(m: &Management, req: &Request) -> Answer {
+    let from_header = req
+        .authorization
+        .as_deref()
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .map(<[u8]>::to_vec);
+    let token = match from_header {
+        Some(t) => t,
+        None => body::<RevokeBody>(req)?.refresh_token.into_bytes(),
+    };
+    let (jti, _) = own_refresh_claims(m, &token)
+        .map_err(|e| error_reply(401, "invalid_token", &e.to_string()))?;
+    m.store().revoke_family_of(&jti).map_err(store_error)?;
+    Ok(Reply::empty(204))
+}
