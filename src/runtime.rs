@@ -89,8 +89,8 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
     };
     let published = Arc::new(Published::new(snapshot));
     // The management plane publishes its keys and memberships before any worker serves.
-    let mgmt_addr = match crate::mgmt::start(&config, published.clone()) {
-        Ok((_, addr)) => addr,
+    let (mgmt, mgmt_addr) = match crate::mgmt::start(&config, published.clone()) {
+        Ok(started) => started,
         Err(e) => {
             tracing::error!("{e}");
             return 2;
@@ -174,7 +174,14 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         pinned = !cores.is_empty(),
         "cubegate listening on {addr}"
     );
-    let code = handle_signals(signals, &config, &config_path, &published, &remaining);
+    let code = handle_signals(
+        signals,
+        &config,
+        &config_path,
+        &published,
+        &mgmt,
+        &remaining,
+    );
     for t in threads {
         let _ = t.join();
     }
@@ -271,6 +278,7 @@ fn handle_signals(
     config: &Config,
     path: &Path,
     published: &Published,
+    mgmt: &crate::mgmt::Management,
     remaining: &AtomicU64,
 ) -> i32 {
     use signal_hook::consts::SIGHUP;
@@ -281,7 +289,16 @@ fn handle_signals(
         }
         for signal in signals.pending() {
             match signal {
-                SIGHUP => reload(config, path, published),
+                SIGHUP => {
+                    if let Some(reloaded) = reload(config, path, published) {
+                        // Domains the file now declares exist in the store too, so members
+                        // can be added to them without a restart.
+                        if let Err(e) = mgmt.sync_config_domains(&reloaded) {
+                            tracing::error!("reload: {e}");
+                        }
+                        mgmt.publish();
+                    }
+                }
                 _ => {
                     if !DRAIN.swap(true, Ordering::Relaxed) {
                         tracing::info!(
@@ -298,12 +315,12 @@ fn handle_signals(
 
 /// SIGHUP: re-read the file and publish its domain map. Listener, worker, limit and
 /// timeout changes need a restart; a broken file keeps the running map.
-fn reload(running: &Config, path: &Path, published: &Published) {
+fn reload(running: &Config, path: &Path, published: &Published) -> Option<Config> {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("reload refused, keeping the running configuration: {e}");
-            return;
+            return None;
         }
     };
     if config.proxy.listen != running.proxy.listen || config.proxy.workers != running.proxy.workers
@@ -343,8 +360,14 @@ fn reload(running: &Config, path: &Path, published: &Published) {
         },
     );
     match outcome {
-        Ok(domains) => tracing::info!(domains, "reloaded the domain map"),
-        Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
+        Ok(domains) => {
+            tracing::info!(domains, "reloaded the domain map");
+            Some(config)
+        }
+        Err(e) => {
+            tracing::error!("reload refused, keeping the running configuration: {e}");
+            None
+        }
     }
 }
 

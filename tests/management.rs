@@ -493,7 +493,45 @@ fn concurrent_writers(driver: &str) {
     assert_eq!(users["total"], 32);
 }
 
+/// A domain added to the file and reloaded with SIGHUP can take members at once.
+fn reloaded_config_domains_take_members(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let body = |ids: &[&str]| {
+        let mut text = String::from("[auth]\nmode = \"jwt\"\n");
+        for id in ids {
+            text.push_str(&format!(
+                "[[domains]]\nid = \"{id}\"\n[[domains.backends]]\nkind = \"vllm\"\nurl = \"http://{}\"\nmodels = [\"*\"]\n",
+                vllm.addr
+            ));
+        }
+        text
+    };
+    let gw = gateway(driver, &body(&["first"]));
+    let (admin, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let me = call(&gw, "GET", "/users/profile", Some(&admin), None).json();
+    let id = me["id"].as_str().unwrap().to_string();
+    let put = |d: &str| {
+        call(
+            &gw,
+            "PUT",
+            &format!("/domains/{d}/members/{id}"),
+            Some(&admin),
+            Some(json!({"role": "admin"})),
+        )
+        .status
+    };
+    assert_eq!(put("second"), 404);
+    // Rewrite the file (keeping its [management] section, hence its store) and reload.
+    let old = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::write(&gw.config_path, format!("{old}\n[[domains]]\nid = \"second\"\n[[domains.backends]]\nkind = \"vllm\"\nurl = \"http://{}\"\nmodels = [\"*\"]\n", vllm.addr)).unwrap();
+    gw.signal("HUP");
+    assert!(eventually(std::time::Duration::from_secs(5), || put(
+        "second"
+    ) == 200));
+}
+
 for_each_driver!(
+    reloaded_config_domains_take_members,
     signing_key_rotation,
     concurrent_writers,
     journey,

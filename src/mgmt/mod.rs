@@ -127,7 +127,7 @@ impl Management {
     }
 
     /// Domains of the config file exist in the store too, so members can be added to them.
-    fn sync_config_domains(&self, config: &Config) -> Result<(), String> {
+    pub fn sync_config_domains(&self, config: &Config) -> Result<(), String> {
         let store = self.store();
         let known: Vec<String> = store
             .domains()
