@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod mgmt;
+pub mod notify;
 pub mod proxy;
 pub mod runtime;
 pub mod snapshot;

@@ -9,6 +9,7 @@
 
 use crate::auth::keys::KeyStore;
 use crate::config::{AuthMode, Config, Driver};
+use crate::notify::{Heartbeats, Notifier};
 use crate::proxy::conn::{serve_connection, OpenConnection};
 use crate::proxy::Worker;
 use crate::snapshot::{Published, Snapshot};
@@ -138,6 +139,8 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
     let remaining = Arc::new(AtomicU64::new(workers as u64));
     let registry: crate::metrics::Registry =
         Arc::new((0..workers).map(|_| Arc::default()).collect());
+    let heartbeats = Arc::new(Heartbeats::new(workers));
+    let notifier = Notifier::from_env();
     let mut threads = Vec::with_capacity(workers);
     for (i, listener) in listeners.into_iter().enumerate() {
         let config = config.clone();
@@ -146,6 +149,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         let remaining = remaining.clone();
         let registry = registry.clone();
         let refresh = refresh.clone();
+        let heartbeats = heartbeats.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("cubegate-w{i}"))
             .spawn(move || {
@@ -154,7 +158,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
                 }
                 let worker =
                     Worker::new(i, &config, published, registry, refresh, mgmt_addr, run_id);
-                if let Err(e) = run_worker(driver, worker, listener) {
+                if let Err(e) = run_worker(driver, worker, listener, heartbeats) {
                     tracing::error!(worker = i, "worker failed: {e}");
                 }
                 remaining.fetch_sub(1, Ordering::Release);
@@ -167,6 +171,10 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
             }
         }
     }
+    if !heartbeats.wait_all_listening(Duration::from_secs(30)) {
+        tracing::error!("workers did not start listening");
+        DRAIN.store(true, Ordering::Relaxed);
+    }
     tracing::info!(
         workers,
         driver = ?driver,
@@ -174,6 +182,11 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         pinned = !cores.is_empty(),
         "cubegate listening on {addr}"
     );
+    notifier.send("READY=1");
+    let watch = Watchdog {
+        notifier: &notifier,
+        heartbeats: &heartbeats,
+    };
     let code = handle_signals(
         signals,
         &config,
@@ -181,6 +194,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         &published,
         &mgmt,
         &remaining,
+        &watch,
     );
     for t in threads {
         let _ = t.join();
@@ -192,29 +206,38 @@ fn run_worker(
     driver: Driver,
     worker: Worker,
     listener: std::net::TcpListener,
+    heartbeats: Arc<Heartbeats>,
 ) -> std::io::Result<()> {
     match driver {
         Driver::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .with_entries(4096)
             .enable_timer()
             .build()?
-            .block_on(worker_main(worker, listener)),
+            .block_on(worker_main(worker, listener, heartbeats)),
         _ => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()?
-            .block_on(worker_main(worker, listener)),
+            .block_on(worker_main(worker, listener, heartbeats)),
     }
 }
 
-async fn worker_main(worker: Worker, listener: std::net::TcpListener) -> std::io::Result<()> {
+async fn worker_main(
+    worker: Worker,
+    listener: std::net::TcpListener,
+    heartbeats: Arc<Heartbeats>,
+) -> std::io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let worker = Rc::new(worker);
     let drain_timeout = worker.timeouts.drain();
-    // The drain flag is set by another thread; look at it a few times a second.
+    heartbeats.beat(worker.id);
+    heartbeats.listening();
+    // The drain flag is set by another thread; look at it a few times a second. The same
+    // task stamps this worker's heartbeat: it runs only while the event loop does.
     monoio::spawn({
         let worker = worker.clone();
         async move {
             while !DRAIN.load(Ordering::Relaxed) {
+                heartbeats.beat(worker.id);
                 monoio::time::sleep(Duration::from_millis(100)).await;
             }
             worker.start_drain();
@@ -280,9 +303,18 @@ fn handle_signals(
     published: &Published,
     mgmt: &crate::mgmt::Management,
     remaining: &AtomicU64,
+    watch: &Watchdog<'_>,
 ) -> i32 {
     use signal_hook::consts::SIGHUP;
+    let mut fed = Instant::now();
     loop {
+        if let Some(every) = watch.notifier.watchdog_every {
+            // Fed only while every worker's loop is turning (see `notify`).
+            if fed.elapsed() >= every && watch.heartbeats.all_fresh(every) {
+                watch.notifier.send("WATCHDOG=1");
+                fed = Instant::now();
+            }
+        }
         if remaining.load(Ordering::Acquire) == 0 {
             // Every worker ended on its own (a fatal error): nothing left to serve.
             return if DRAIN.load(Ordering::Relaxed) { 0 } else { 1 };
@@ -290,7 +322,10 @@ fn handle_signals(
         for signal in signals.pending() {
             match signal {
                 SIGHUP => {
-                    if let Some(reloaded) = reload(config, path, published) {
+                    watch.notifier.send("RELOADING=1");
+                    let reloaded = reload(config, path, published);
+                    watch.notifier.send("READY=1");
+                    if let Some(reloaded) = reloaded {
                         // Domains the file now declares exist in the store too, so members
                         // can be added to them without a restart.
                         if let Err(e) = mgmt.sync_config_domains(&reloaded) {
@@ -300,6 +335,7 @@ fn handle_signals(
                     }
                 }
                 _ => {
+                    watch.notifier.send("STOPPING=1");
                     if !DRAIN.swap(true, Ordering::Relaxed) {
                         tracing::info!(
                             "shutting down: draining in-flight requests (up to {}s)",
@@ -311,6 +347,12 @@ fn handle_signals(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// What feeds systemd's watchdog: the notifier and the workers' heartbeats.
+struct Watchdog<'a> {
+    notifier: &'a Notifier,
+    heartbeats: &'a Heartbeats,
 }
 
 /// SIGHUP: re-read the file and publish its domain map. Listener, worker, limit and

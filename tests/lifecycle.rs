@@ -447,3 +447,69 @@ for_each_driver!(
     signal_right_after_startup_is_handled,
     jwt_mode_requires_a_token,
 );
+
+/// systemd's notify protocol: READY=1 once listening, WATCHDOG=1 while the workers run,
+/// RELOADING=1 / READY=1 around a SIGHUP, STOPPING=1 on SIGTERM.
+fn systemd_notify(driver: &str) {
+    use std::os::unix::net::UnixDatagram;
+    let dir = unique_dir("notify");
+    let path = dir.join("notify.sock");
+    let server = UnixDatagram::bind(&path).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let socket = path.display().to_string();
+    let mut gw = gateway_env(
+        driver,
+        "[auth]\nmode = \"none\"\n",
+        &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "400000")],
+    );
+    let mut seen = Vec::new();
+    let mut next = |seen: &mut Vec<String>| {
+        let mut buf = [0u8; 256];
+        let n = server.recv(&mut buf).expect("a notification");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    };
+    for _ in 0..4 {
+        next(&mut seen);
+    }
+    assert_eq!(seen[0], "READY=1", "{seen:?}");
+    assert!(seen[1..].iter().all(|m| m == "WATCHDOG=1"), "{seen:?}");
+    gw.signal("HUP");
+    for _ in 0..8 {
+        next(&mut seen);
+        if seen.last().is_some_and(|m| m == "READY=1") {
+            break;
+        }
+    }
+    let reloading = seen
+        .iter()
+        .position(|m| m == "RELOADING=1")
+        .expect("RELOADING=1");
+    assert!(seen[reloading..].iter().any(|m| m == "READY=1"), "{seen:?}");
+    gw.signal("TERM");
+    for _ in 0..8 {
+        next(&mut seen);
+        if seen.last().is_some_and(|m| m == "STOPPING=1") {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("STOPPING=1"),
+        "{seen:?}"
+    );
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+mod notify {
+    use super::*;
+    #[test]
+    fn uring() {
+        systemd_notify("uring")
+    }
+    #[test]
+    fn legacy() {
+        systemd_notify("legacy")
+    }
+}
