@@ -465,7 +465,7 @@ fn systemd_notify(driver: &str) {
         &[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "400000")],
     );
     let mut seen = Vec::new();
-    let mut next = |seen: &mut Vec<String>| {
+    let next = |seen: &mut Vec<String>| {
         let mut buf = [0u8; 256];
         let n = server.recv(&mut buf).expect("a notification");
         seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
