@@ -90,7 +90,9 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
     };
     let published = Arc::new(Published::new(snapshot));
     // The management plane publishes its keys and memberships before any worker serves.
-    let (mgmt, mgmt_addr) = match crate::mgmt::start(&config, published.clone()) {
+    let registry: crate::metrics::Registry =
+        Arc::new((0..workers).map(|_| Arc::default()).collect());
+    let (mgmt, mgmt_addr) = match crate::mgmt::start(&config, published.clone(), registry.clone()) {
         Ok(started) => started,
         Err(e) => {
             tracing::error!("{e}");
@@ -137,8 +139,6 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         Vec::new()
     };
     let remaining = Arc::new(AtomicU64::new(workers as u64));
-    let registry: crate::metrics::Registry =
-        Arc::new((0..workers).map(|_| Arc::default()).collect());
     let heartbeats = Arc::new(Heartbeats::new(workers));
     let notifier = Notifier::from_env();
     let mut threads = Vec::with_capacity(workers);

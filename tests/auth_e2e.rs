@@ -731,10 +731,11 @@ fn duplicate_authorization_headers_are_refused(driver: &str) {
 fn cache_verifies_once_per_worker(driver: &str) {
     let env = start(driver, "");
     let addr = env.gw.addr;
+    let mgmt = management_addr(&env.gw);
     let hits = "cubegate_token_cache_hits_total";
     let neg = "cubegate_token_cache_negative_hits_total";
     let ver = "cubegate_token_verifications_total";
-    let (h0, n0, v0) = (metric(addr, hits), metric(addr, neg), metric(addr, ver));
+    let (h0, n0, v0) = (metric(mgmt, hits), metric(mgmt, neg), metric(mgmt, ver));
     assert_eq!(v0, 0, "no token seen yet");
     let token = ed_token(json!({}));
     // Twenty requests, each on a new connection (spread over the workers).
@@ -748,7 +749,7 @@ fn cache_verifies_once_per_worker(driver: &str) {
         );
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
     }
-    let (h1, n1, v1) = (metric(addr, hits), metric(addr, neg), metric(addr, ver));
+    let (h1, n1, v1) = (metric(mgmt, hits), metric(mgmt, neg), metric(mgmt, ver));
     assert!(
         v1 - v0 >= 1 && v1 - v0 <= 2,
         "verifications {} (2 workers)",
@@ -777,7 +778,7 @@ fn cache_verifies_once_per_worker(driver: &str) {
         let r = reader.response().expect("response");
         assert_eq!(r.status, 200, "keep-alive request {i}");
     }
-    let (h2, v2) = (metric(addr, hits), metric(addr, ver));
+    let (h2, v2) = (metric(mgmt, hits), metric(mgmt, ver));
     assert!(
         v2 - v1 <= 1,
         "the keep-alive worker may not have seen it yet: {}",
@@ -800,7 +801,7 @@ fn cache_verifies_once_per_worker(driver: &str) {
             .header("www-authenticate")
             .is_some_and(|c| c.contains("signature")));
     }
-    let (h3, n3, v3) = (metric(addr, hits), metric(addr, neg), metric(addr, ver));
+    let (h3, n3, v3) = (metric(mgmt, hits), metric(mgmt, neg), metric(mgmt, ver));
     assert!(
         v3 - v2 >= 1 && v3 - v2 <= 2,
         "forged verifications {}",
@@ -819,7 +820,7 @@ fn cache_verifies_once_per_worker(driver: &str) {
         "",
     );
     assert_eq!(r.status, 200);
-    assert_eq!(metric(addr, ver), v3 + 1);
+    assert_eq!(metric(mgmt, ver), v3 + 1);
 }
 
 /// Repeated requests (answered from the cache after the first) get the verifier's verdict:

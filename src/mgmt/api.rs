@@ -39,6 +39,11 @@ pub fn route(m: &Management, req: Request) -> Reply {
                 .map(|kid| Reply::json(201, &json!({"kid": kid})))
                 .map_err(|e| error_reply(500, "rotation_failed", &e))
         }),
+        ("GET", ["metrics"]) => Ok(Reply {
+            status: 200,
+            body: crate::metrics::render(&m.registry).into_bytes(),
+            headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
+        }),
         ("GET", ["keys", ".well-known", "jwks.json"]) => Ok(Reply::json(
             200,
             &json!({"keys": m.keys().iter().map(|k| k.jwk()).collect::<Vec<_>>()}),

@@ -33,6 +33,8 @@ const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 pub struct Management {
     store: Mutex<Box<dyn Storage>>,
     data_dir: std::path::PathBuf,
+    /// Every worker's counters, for `GET /metrics`.
+    registry: crate::metrics::Registry,
     /// Oldest first; the last one signs.
     keys: std::sync::RwLock<Vec<SigningKey>>,
     published: Arc<Published>,
@@ -53,6 +55,7 @@ pub struct Management {
 pub fn start(
     config: &Config,
     published: Arc<Published>,
+    registry: crate::metrics::Registry,
 ) -> Result<(Arc<Management>, std::net::SocketAddr), String> {
     let m = &config.management;
     std::fs::create_dir_all(&m.data_dir).map_err(|e| {
@@ -67,6 +70,7 @@ pub fn start(
     let mgmt = Arc::new(Management {
         store: Mutex::new(Box::new(store)),
         data_dir: m.data_dir.clone(),
+        registry,
         keys: std::sync::RwLock::new(keys),
         published,
         issuer: config.auth.issuer.clone(),

@@ -268,18 +268,6 @@ async fn dispatch(
             )
             .await
         }
-        Route::Metrics => {
-            let text = crate::metrics::render(&worker.registry);
-            return local::respond(
-                worker.timeouts.between_chunks(),
-                conn,
-                200,
-                text.as_bytes(),
-                "text/plain; version=0.0.4",
-                request_id,
-            )
-            .await;
-        }
         Route::Management => {
             let target = Span {
                 start: conn.head.target.start,

@@ -72,9 +72,8 @@ pub struct Worker {
     pub claim_header_names: Vec<String>,
     /// This worker's verified-token cache.
     pub tokens: RefCell<TokenCache>,
-    /// This worker's counters, and everyone's (for `/metrics`).
+    /// This worker's counters (summed with the others' at scrape time).
     pub metrics: Arc<WorkerMetrics>,
-    pub registry: Registry,
     /// Asks the JWKS fetcher to refresh now (a token named an unknown key).
     pub jwks_refresh: RefreshHandle,
     /// The management listener, as a pass-through "domain" for `/users`, `/domains` and
@@ -119,7 +118,6 @@ impl Worker {
                 registry[id].clone(),
             )),
             metrics: registry[id].clone(),
-            registry,
             jwks_refresh,
             management: management_domain(mgmt_addr),
             splice: config.proxy.splice_bodies,

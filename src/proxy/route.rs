@@ -44,8 +44,6 @@ impl Endpoint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
     Health,
-    /// `GET /metrics`: Prometheus text.
-    Metrics,
     /// `/users/*`, `/domains/*`, `/keys/*`.
     Management,
     Proxy {
@@ -64,9 +62,6 @@ pub fn classify(method: Method, target: &str) -> Route<'_> {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     if path == "/health" {
         return Route::Health;
-    }
-    if path == "/metrics" {
-        return Route::Metrics;
     }
     for prefix in ["/users", "/domains", "/keys"] {
         if path == prefix || path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/' {

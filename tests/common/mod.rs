@@ -214,6 +214,22 @@ pub fn gateway_env(driver: &str, body: &str, envs: &[(&str, &str)]) -> Gateway {
     }
 }
 
+/// The management listener of a gateway (its port is chosen at start; the log says it).
+pub fn management_addr(gw: &Gateway) -> SocketAddr {
+    let log = gw.log();
+    log.lines()
+        .filter(|l| l.contains("management API listening"))
+        .find_map(|l| {
+            l.split("listen=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no management address in the log:\n{log}"))
+}
+
 /// Starts `cubegate serve` on an existing config file (a restart keeps its store).
 pub fn gateway_from(config_path: &std::path::Path) -> Gateway {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
