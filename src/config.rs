@@ -57,6 +57,8 @@ pub struct ProxyConfig {
     pub tls_key: Option<PathBuf>,
     /// Move bodies that need no inspection with splice(2) instead of a userspace copy.
     pub splice_bodies: bool,
+    /// One access record per request (target `cubegate::access`, info level).
+    pub access_log: bool,
     /// Idle keep-alive connections kept per backend per worker.
     pub upstream_idle_per_backend: usize,
 }
@@ -71,6 +73,7 @@ impl Default for ProxyConfig {
             tls_cert: None,
             tls_key: None,
             splice_bodies: false,
+            access_log: true,
             upstream_idle_per_backend: 64,
         }
     }

@@ -39,15 +39,26 @@ enum Command {
     },
 }
 
+/// Human-readable lines on a terminal; JSON lines under systemd (journald sets
+/// `JOURNAL_STREAM`) or when `CUBEGATE_LOG_FORMAT=json`. `CUBEGATE_LOG` filters
+/// (`info` by default; `cubegate::access=off` silences the access records).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUBEGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let format = std::env::var("CUBEGATE_LOG_FORMAT").unwrap_or_default();
+    let json =
+        format == "json" || (format != "text" && std::env::var_os("JOURNAL_STREAM").is_some());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .init();
+    }
 }
 
 fn main() -> ExitCode {

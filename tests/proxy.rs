@@ -482,3 +482,69 @@ for_each_driver!(
     expect_continue_and_chunked_bodies,
     identity_headers_upstream,
 );
+
+/// One access record per request, with every field, and never the token; JSON lines when
+/// asked for (as under journald).
+fn access_records(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let body = domains_config(&[(D, &[("vllm", vllm.addr, &[VLLM_MODEL])])]);
+    let gw = gateway_env(driver, &body, &[("CUBEGATE_LOG_FORMAT", "json")]);
+    let r = post_with(
+        gw.addr,
+        &format!("/proxy/{D}/v1/chat/completions?secret=q"),
+        &[
+            ("X-Request-Id", "audit-1"),
+            ("Authorization", "Bearer not-logged-ever"),
+        ],
+        &chat_body(VLLM_MODEL, true, ""),
+    );
+    assert_eq!(r.status, 200);
+    assert!(eventually(std::time::Duration::from_secs(5), || gw
+        .log()
+        .contains("audit-1")));
+    let log = gw.log();
+    assert!(
+        !log.contains("not-logged-ever"),
+        "the token reached the log"
+    );
+    assert!(!log.contains("secret=q"), "the query reached the log");
+    assert!(
+        !log.contains("tell me about gateways"),
+        "the prompt reached the log"
+    );
+    let record: serde_json::Value = log
+        .lines()
+        .filter(|l| l.contains("audit-1"))
+        .map(|l| serde_json::from_str(l).expect("a JSON log line"))
+        .next()
+        .unwrap();
+    let f = &record["fields"];
+    assert_eq!(record["target"], "cubegate::access");
+    assert_eq!(f["request_id"], "audit-1");
+    assert_eq!(f["method"], "POST");
+    assert_eq!(f["path"], format!("/proxy/{D}/v1/chat/completions"));
+    assert_eq!(f["domain"], D);
+    assert_eq!(f["user"], "anonymous");
+    assert_eq!(f["model"], VLLM_MODEL);
+    assert_eq!(f["status"], 200);
+    assert!(f["bytes"].as_u64().unwrap() > 100);
+    assert!(f["ttfb_ms"].as_f64().unwrap() >= 0.0);
+    assert!(f["duration_ms"].as_f64().unwrap() >= f["ttfb_ms"].as_f64().unwrap());
+    assert_eq!(f["backend"], vllm.addr.to_string());
+    // Every line is JSON.
+    for line in log.lines() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    }
+}
+
+mod access {
+    use super::*;
+    #[test]
+    fn uring() {
+        access_records("uring")
+    }
+    #[test]
+    fn legacy() {
+        access_records("legacy")
+    }
+}

@@ -41,6 +41,8 @@ pub struct ClientConn {
     /// Head of the current request at offset 0, then whatever followed it.
     pub rbuf: Vec<u8>,
     pub head: RequestHead,
+    /// What the access record of the current request says.
+    pub log: RequestLog,
     pub peer: SocketAddr,
     /// Scratch for heads and local answers.
     pub out: Vec<u8>,
@@ -99,6 +101,7 @@ pub async fn serve_connection(
         wr,
         rbuf: Vec::with_capacity(READ_SIZE),
         head: RequestHead::default(),
+        log: RequestLog::default(),
         peer,
         out: Vec::with_capacity(4096),
         consumed: 0,
@@ -121,6 +124,47 @@ pub async fn serve_connection(
         }
     }
     let _ = conn.wr.shutdown().await;
+}
+
+/// The facts of one request for its access record. Never a token, a password or a prompt:
+/// the path is logged without its query, the user by id.
+#[derive(Default)]
+pub struct RequestLog {
+    pub status: u16,
+    /// Body bytes sent to the client.
+    pub bytes: u64,
+    /// From the request's start to the answer's head going out.
+    pub first_byte: Option<std::time::Duration>,
+    pub backend: Option<SocketAddr>,
+    pub user: Option<String>,
+    pub model: Option<String>,
+    pub domain: Option<Span>,
+    /// When the request's head was complete.
+    pub started: Option<Instant>,
+}
+
+fn write_access_record(conn: &ClientConn, request_id: &RequestId, started: Instant) {
+    let buf = &conn.rbuf;
+    let text = |s: Span| std::str::from_utf8(s.of(buf)).unwrap_or("");
+    let target = text(conn.head.target);
+    let path = target.split('?').next().unwrap_or("");
+    let log = &conn.log;
+    tracing::info!(
+        target: "cubegate::access",
+        request_id = request_id.as_str(),
+        client = %conn.peer.ip(),
+        method = text(conn.head.method_span),
+        path,
+        domain = log.domain.map(text).unwrap_or("-"),
+        user = log.user.as_deref().unwrap_or("-"),
+        model = log.model.as_deref().unwrap_or("-"),
+        status = log.status,
+        bytes = log.bytes,
+        ttfb_ms = log.first_byte.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        backend = %log.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+        "access"
+    );
 }
 
 /// Counts an open connection (for the connection cap and for draining) from the moment
@@ -212,6 +256,10 @@ async fn handle_request(worker: &Worker, conn: &mut ClientConn) -> bool {
         _ => worker.next_request_id(),
     };
     worker.metrics.requests.inc();
+    conn.log = RequestLog {
+        started: Some(started),
+        ..RequestLog::default()
+    };
     let snapshot = worker.snapshot.borrow_mut().current();
     let outcome = dispatch(worker, conn, &snapshot, &request_id).await;
     let keep_alive = match outcome {
@@ -229,12 +277,9 @@ async fn handle_request(worker: &Worker, conn: &mut ClientConn) -> bool {
             .await
         }
     };
-    tracing::debug!(
-        request_id = request_id.as_str(),
-        micros = started.elapsed().as_micros() as u64,
-        keep_alive,
-        "request done"
-    );
+    if worker.access_log {
+        write_access_record(conn, &request_id, started);
+    }
     // A failed write may have taken the read buffer with it: then the connection ends.
     let keep_alive = keep_alive && conn.head.keep_alive && conn.rbuf.len() >= conn.consumed;
     if keep_alive {
@@ -292,6 +337,7 @@ async fn dispatch(
 
     // authenticate → domain → authorize. Authentication comes first so an anonymous
     // caller cannot probe which domains exist.
+    conn.log.domain = Some(domain_span);
     let auth_header = conn.head.authorization.map(|s| s.of(&conn.rbuf));
     let tokens = &worker.tokens;
     let first = worker
@@ -359,6 +405,10 @@ async fn dispatch(
         .and_then(|t| t.strip_prefix("/v1/models/"))
         .map(|rest| rest.split('?').next().unwrap_or("").to_string());
     let model = read_model(worker, conn, domain, endpoint).await?;
+    if worker.access_log {
+        conn.log.model = model.model().map(str::to_string);
+        conn.log.user = Some(identity.user_id().to_string());
+    }
     let named = path_model.as_deref().or(model.model());
     let order = pick_backends(worker, domain, named, ollama_only, endpoint)?;
     let body_in_buf = conn.consumed - conn.head.len;
@@ -422,6 +472,8 @@ pub async fn send_error(
     keep_alive: bool,
 ) -> bool {
     let body = e.to_json();
+    conn.log.status = e.status();
+    conn.log.bytes = body.len() as u64;
     let challenge;
     let mut extra: Vec<(&str, &str)> = Vec::new();
     if let GatewayError::Unauthorized(why) = e {

@@ -117,6 +117,7 @@ async fn attempt(
     backend: &Backend,
     mut up: Upstream,
 ) -> Result<bool, Attempt> {
+    conn.log.backend = Some(up.addr);
     let body_complete_in_buf = req.tracker.as_ref().is_none_or(BodyTracker::is_done);
     // A send that fails on a reused socket never reached a live backend: resend. A reused
     // socket that closes without a byte of answer may have been acted on, so only requests

@@ -18,6 +18,8 @@ pub async fn respond(
     content_type: &str,
     request_id: &RequestId,
 ) -> Result<bool, GatewayError> {
+    conn.log.status = status;
+    conn.log.bytes = body.len() as u64;
     let keep_alive =
         conn.head.keep_alive && conn.head.framing == crate::http::head::BodyFraming::None;
     let mut out = std::mem::take(&mut conn.out);

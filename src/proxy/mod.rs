@@ -81,6 +81,8 @@ pub struct Worker {
     pub management: crate::snapshot::Domain,
     /// Move uninspected Content-Length bodies with splice(2).
     pub splice: bool,
+    /// Write an access record per request.
+    pub access_log: bool,
     /// The worker's reusable pipe for splice (taken while in use).
     pipe: RefCell<Option<splice::SplicePipe>>,
     pub snapshot: RefCell<LocalSnapshot>,
@@ -121,6 +123,7 @@ impl Worker {
             jwks_refresh,
             management: management_domain(mgmt_addr),
             splice: config.proxy.splice_bodies,
+            access_log: config.proxy.access_log,
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
             pools: RefCell::new(upstream::Pools::new(config.proxy.upstream_idle_per_backend)),

@@ -12,7 +12,7 @@
 //! the cancellation instead of losing it.
 
 use super::body::BodyTracker;
-use super::conn::{read_more, ClientConn};
+use super::conn::{read_more, ClientConn, RequestLog};
 use super::error::GatewayError;
 use super::splice::splice_exact;
 use super::upstream::Upstream;
@@ -79,6 +79,7 @@ pub async fn stream_response(
         rbuf,
         head,
         out,
+        log,
         ..
     } = conn;
     let watch_fut = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
@@ -99,6 +100,7 @@ pub async fn stream_response(
         is_head,
         client_minor,
         client_wants_keep_alive,
+        log,
     )
     .await;
     // Stop watching; keep whatever the client sent meanwhile (a pipelined request).
@@ -129,6 +131,7 @@ async fn relay<W>(
     is_head: bool,
     client_minor: u8,
     client_wants_keep_alive: bool,
+    log: &mut RequestLog,
 ) -> Result<StreamEnd, StreamError>
 where
     W: Future<Output = BufResult<usize, Vec<u8>>>,
@@ -199,6 +202,7 @@ where
     };
     let decode = framing == ClientFraming::Close && head.framing == ResponseFraming::Chunked;
     let backend_keep_alive = head.keep_alive;
+    let status = head.status;
     let head_len = head.len;
     drop(head);
 
@@ -216,10 +220,14 @@ where
         None => extra |= !rest.is_empty(),
     }
     let between = worker.timeouts.between_chunks();
+    log.status = status;
+    let sent = out.len() as u64;
     let Some(back) = write_client(wr, std::mem::take(out), between).await else {
         return Ok(StreamEnd::Aborted);
     };
     *out = back;
+    log.first_byte = log.started.map(|s| s.elapsed());
+    log.bytes += sent;
 
     // A plain Content-Length answer needs no look at its bytes: splice it when enabled.
     if let Some(BodyTracker::Length { remaining }) = tracker.as_mut() {
@@ -234,6 +242,7 @@ where
                 return Ok(StreamEnd::Aborted);
             }
             worker.return_pipe(pipe);
+            log.bytes += *remaining;
             *remaining = 0;
         }
     }
@@ -267,16 +276,19 @@ where
         };
         extra |= used < ubuf.len();
         if decode {
+            let sent = out.len() as u64;
             let Some(back) = write_client(wr, std::mem::take(out), between).await else {
                 return Ok(StreamEnd::Aborted);
             };
             *out = back;
+            log.bytes += sent;
         } else {
             let Some(back) = write_client(wr, std::mem::take(ubuf).slice(..used), between).await
             else {
                 return Ok(StreamEnd::Aborted);
             };
             *ubuf = back.into_inner();
+            log.bytes += used as u64;
         }
     }
     let until_close = matches!(tracker, Some(BodyTracker::UntilClose));

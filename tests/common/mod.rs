@@ -84,7 +84,12 @@ fn spawn_and_wait(mut cmd: Command, marker: &str) -> Proc {
             if !sent {
                 if let Some(i) = line.find(&marker) {
                     let rest = &line[i + marker.len()..];
-                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    // Plain or JSON log lines: the address runs until a character that
+                    // cannot be in one.
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+                        .collect();
                     if let Ok(a) = addr.parse::<SocketAddr>() {
                         let _ = tx.send(a);
                         sent = true;
