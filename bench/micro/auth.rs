@@ -150,6 +150,7 @@ fn rules() -> ClaimRules {
         leeway_s: 30.0,
         namespace: String::new(),
         domains_claim: "domains".into(),
+        claim_headers: Vec::new(),
     }
 }
 
