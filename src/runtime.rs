@@ -404,6 +404,7 @@ fn reload(running: &Config, path: &Path, published: &Published) -> Option<Config
     match outcome {
         Ok(domains) => {
             tracing::info!(domains, "reloaded the domain map");
+            crate::metrics::GLOBAL.reloads.inc();
             Some(config)
         }
         Err(e) => {

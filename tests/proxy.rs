@@ -548,3 +548,63 @@ mod access {
         access_records("legacy")
     }
 }
+
+/// `/metrics` on the management listener after a known mix of traffic: exact counts.
+fn metrics_after_known_traffic(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let gw = gateway(
+        driver,
+        &domains_config(&[(D, &[("vllm", vllm.addr, &[VLLM_MODEL])])]),
+    );
+    let path = format!("/proxy/{D}/v1/chat/completions");
+    for _ in 0..3 {
+        assert_eq!(
+            post(gw.addr, &path, &chat_body(VLLM_MODEL, true, "")).status,
+            200
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            post(gw.addr, &path, &chat_body("nope", false, "")).status,
+            404
+        );
+    }
+    assert_eq!(get(gw.addr, &format!("/proxy/{D}/v1/models")).status, 200);
+    let mgmt = management_addr(&gw);
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    let mut text = String::new();
+    // The last request's record lands just after its answer: give it a moment.
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || {
+            text = get(mgmt, "/metrics").text();
+            value(&text, "cubegate_request_duration_seconds_count") == 6.0
+                && value(&text, "cubegate_connections") == 0.0
+        }),
+        "{text}"
+    );
+    assert_eq!(value(&text, "cubegate_requests_total"), 6.0);
+    assert_eq!(value(&text, "cubegate_responses_total{class=\"2xx\"}"), 4.0);
+    assert_eq!(value(&text, "cubegate_responses_total{class=\"4xx\"}"), 2.0);
+    assert_eq!(value(&text, "cubegate_responses_total{class=\"5xx\"}"), 0.0);
+    assert_eq!(value(&text, "cubegate_first_byte_seconds_count"), 3.0);
+    assert_eq!(value(&text, "cubegate_streams"), 0.0);
+    let connects = value(&text, "cubegate_upstream_connects_total");
+    let reuses = value(&text, "cubegate_upstream_reuses_total");
+    assert_eq!(connects + reuses, 3.0, "three requests reached the backend");
+}
+
+mod metrics {
+    use super::*;
+    #[test]
+    fn uring() {
+        metrics_after_known_traffic("uring")
+    }
+    #[test]
+    fn legacy() {
+        metrics_after_known_traffic("legacy")
+    }
+}

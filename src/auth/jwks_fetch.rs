@@ -107,9 +107,11 @@ pub fn run(published: Arc<Published>, wakeups: Receiver<()>) {
 
 /// Fetches one JWKS and publishes its keys. Returns when to fetch it next.
 fn refresh(published: &Published, url: &str) -> Duration {
+    crate::metrics::GLOBAL.jwks_fetches.inc();
     let (body, max_age) = match fetch(url) {
         Ok(r) => r,
         Err(e) => {
+            crate::metrics::GLOBAL.jwks_fetch_failures.inc();
             tracing::error!(url, "JWKS fetch failed, keeping the last good keys: {e}");
             return RETRY_AFTER_FAILURE;
         }

@@ -174,6 +174,7 @@ pub struct OpenConnection(Rc<Worker>);
 impl OpenConnection {
     pub fn new(worker: Rc<Worker>) -> Self {
         worker.connections.set(worker.connections.get() + 1);
+        worker.metrics.connections.up();
         OpenConnection(worker)
     }
 }
@@ -181,6 +182,7 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.connections.set(self.0.connections.get() - 1);
+        self.0.metrics.connections.down();
     }
 }
 
@@ -277,6 +279,12 @@ async fn handle_request(worker: &Worker, conn: &mut ClientConn) -> bool {
             .await
         }
     };
+    let m = &worker.metrics;
+    m.response(conn.log.status);
+    if let Some(first_byte) = conn.log.first_byte {
+        m.first_byte.observe(first_byte);
+    }
+    m.duration.observe(started.elapsed());
     if worker.access_log {
         write_access_record(conn, &request_id, started);
     }

@@ -63,18 +63,25 @@ pub async fn forward(
         let backend = &req.domain.backends[index];
         let pooled = worker.pools.borrow_mut().take(backend.addr);
         let up = match pooled {
-            Some(stream) => Upstream {
-                stream,
-                addr: backend.addr,
-                reused: true,
-            },
-            None => match connect(backend.addr, worker.timeouts.upstream_connect()).await {
-                Ok(stream) => Upstream {
+            Some(stream) => {
+                worker.metrics.upstream_reuses.inc();
+                Upstream {
                     stream,
                     addr: backend.addr,
-                    reused: false,
-                },
+                    reused: true,
+                }
+            }
+            None => match connect(backend.addr, worker.timeouts.upstream_connect()).await {
+                Ok(stream) => {
+                    worker.metrics.upstream_connects.inc();
+                    Upstream {
+                        stream,
+                        addr: backend.addr,
+                        reused: false,
+                    }
+                }
                 Err(e) => {
+                    worker.metrics.upstream_connect_failures.inc();
                     tracing::warn!(backend = %backend.addr, error = %e, "backend connect failed");
                     worker.pools.borrow_mut().mark_down(backend.addr);
                     last_error = e;

@@ -68,6 +68,7 @@ pub async fn stream_response(
     up: &mut Upstream,
     request_id: &RequestId,
 ) -> Result<StreamEnd, StreamError> {
+    worker.metrics.streams.up();
     let canceller = Canceller::new();
     let watch_buf = worker.buffer().take();
     // A client already far ahead with pipelined requests is alive and needs no watch; not
@@ -117,6 +118,7 @@ pub async fn stream_response(
         rbuf.extend_from_slice(&buf[..n]);
         worker.recycle(buf);
     }
+    worker.metrics.streams.down();
     result
 }
 
