@@ -42,7 +42,16 @@ enum Command {
 /// Human-readable lines on a terminal; JSON lines under systemd (journald sets
 /// `JOURNAL_STREAM`) or when `CUBEGATE_LOG_FORMAT=json`. `CUBEGATE_LOG` filters
 /// (`info` by default; `cubegate::access=off` silences the access records).
-fn init_logging() {
+///
+/// Records go through a bounded in-memory queue to a writer thread: a worker never waits
+/// on a slow stderr (journald under load). If the queue is full, records are dropped
+/// rather than stalling requests. The returned guard flushes the queue when dropped.
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(64 * 1024)
+        .lossy(true)
+        .thread_name("cubegate-log")
+        .finish(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUBEGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let format = std::env::var("CUBEGATE_LOG_FORMAT").unwrap_or_default();
@@ -50,7 +59,7 @@ fn init_logging() {
         format == "json" || (format != "text" && std::env::var_os("JOURNAL_STREAM").is_some());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if json {
         builder.json().with_current_span(false).init();
     } else {
@@ -59,13 +68,14 @@ fn init_logging() {
             .with_target(false)
             .init();
     }
+    guard
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
-            init_logging();
+            let _log_flush = init_logging();
             let parsed = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
