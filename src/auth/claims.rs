@@ -40,13 +40,15 @@ pub struct ClaimRules {
 }
 
 impl ClaimRules {
-    fn custom<'a>(&self, payload: &'a JsonObject, name: &str) -> Option<&'a Value> {
-        if !self.namespace.is_empty() {
-            if let Some(v) = payload.get(&format!("{}{name}", self.namespace)) {
-                return Some(v);
-            }
+    /// A custom claim (`domains`, `role`). This box's own tokens use plain names; an outside
+    /// issuer's are read under `claims_namespace` only, when one is set, so a plain `role`
+    /// from another identity provider never makes anyone an admin here.
+    fn custom<'a>(&self, payload: &'a JsonObject, name: &str, own: bool) -> Option<&'a Value> {
+        if own || self.namespace.is_empty() {
+            payload.get(name)
+        } else {
+            payload.get(&format!("{}{name}", self.namespace))
         }
-        payload.get(name)
     }
 }
 
@@ -99,7 +101,7 @@ pub fn validate(
     if payload.get("type").and_then(Value::as_str) == Some("refresh") {
         return Err(TokenError::WrongType);
     }
-    let domains = match rules.custom(payload, &rules.domains_claim) {
+    let domains = match rules.custom(payload, &rules.domains_claim, issuer.own) {
         None => None,
         Some(Value::String(d)) => Some(vec![d.clone()]),
         Some(Value::Array(list)) => Some(
@@ -110,7 +112,7 @@ pub fn validate(
         ),
         Some(_) => return Err(TokenError::Malformed("the domains claim must list strings")),
     };
-    let admin = rules.custom(payload, "role").and_then(Value::as_str) == Some("admin");
+    let admin = rules.custom(payload, "role", issuer.own).and_then(Value::as_str) == Some("admin");
     // Claims mapped to headers: only values that can travel as a header value unchanged.
     let headers = rules
         .claim_headers

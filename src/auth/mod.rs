@@ -227,7 +227,12 @@ impl Authenticator {
         if who.platform_admin() {
             return Ok(());
         }
-        let membership = snapshot.members.role(&domain.id, &claims.sub);
+        // Memberships belong to this box's users: only its own tokens and API keys use them
+        // (an outside issuer's `sub` is another namespace of ids).
+        let own = snapshot.keys.issuers.get(claims.issuer).is_some_and(|i| i.own);
+        let membership = own
+            .then(|| snapshot.members.role(&domain.id, &claims.sub))
+            .flatten();
         let listed = claims
             .domains
             .as_ref()

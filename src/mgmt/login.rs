@@ -8,7 +8,7 @@
 
 use super::api::{body, store_error, Answer};
 use super::server::{error_reply, Reply, Request};
-use super::store::User;
+use super::store::{Rotation, User};
 use super::tokens::random_id;
 use super::{unix_now, Management};
 use crate::auth::jws::{self, JsonObject};
@@ -90,26 +90,49 @@ fn own_refresh_claims(m: &Management, token: &[u8]) -> Result<(String, JsonObjec
     Ok((jti.to_string(), parsed.payload))
 }
 
-fn issue_pair(m: &Management, user: &User, family: Option<String>) -> Answer {
+/// A signed access + refresh pair, not yet stored: the refresh token is usable only once
+/// its `jti` is in the store (the family lives there, not in the token).
+struct Pair {
+    access: String,
+    refresh: String,
+    jti: String,
+    expires_at: i64,
+}
+
+fn sign_pair(m: &Management, user: &User) -> Pair {
     let now = unix_now();
     let access = m.sign(&json!({
         "iss": m.issuer, "sub": user.id, "iat": now, "exp": now + m.access_ttl as i64,
         "jti": random_id(), "type": "access", "role": user.role,
     }));
-    let family = family.unwrap_or_else(random_id);
     let jti = random_id();
-    let exp = now + m.refresh_ttl as i64;
+    let expires_at = now + m.refresh_ttl as i64;
     let refresh = m.sign(&json!({
-        "iss": m.issuer, "sub": user.id, "iat": now, "exp": exp,
-        "jti": jti, "type": "refresh", "fam": family,
+        "iss": m.issuer, "sub": user.id, "iat": now, "exp": expires_at,
+        "jti": jti, "type": "refresh",
     }));
-    m.store()
-        .insert_refresh(&jti, &family, &user.id, exp)
-        .map_err(store_error)?;
-    Ok(Reply::json(
+    Pair {
+        access,
+        refresh,
+        jti,
+        expires_at,
+    }
+}
+
+fn pair_reply(p: Pair) -> Reply {
+    Reply::json(
         201,
-        &json!({"access_token": access, "refresh_token": refresh}),
-    ))
+        &json!({"access_token": p.access, "refresh_token": p.refresh}),
+    )
+}
+
+/// A new login: a new refresh family.
+fn issue_pair(m: &Management, user: &User) -> Answer {
+    let pair = sign_pair(m, user);
+    m.store()
+        .insert_refresh(&pair.jti, &random_id(), &user.id, pair.expires_at)
+        .map_err(store_error)?;
+    Ok(pair_reply(pair))
 }
 
 #[derive(Deserialize)]
@@ -143,7 +166,7 @@ pub(super) fn issue(m: &Management, req: &Request) -> Answer {
         .map_or(m.dummy_hash(), |u| u.password_hash.as_str());
     let matches = password_matches(hash, &login.password);
     match user {
-        Some(u) if matches && !u.disabled => issue_pair(m, &u, None),
+        Some(u) if matches && !u.disabled => issue_pair(m, &u),
         _ => Err(match m.login_limited(&login.username, req.client, true) {
             Some(secs) => too_many(secs),
             None => error_reply(401, "invalid_credentials", "wrong email or password"),
@@ -163,28 +186,28 @@ pub(super) fn refresh(m: &Management, req: &Request) -> Answer {
                 "send the refresh token as Authorization: Bearer <refresh token>",
             )
         })?;
-    let (jti, _) = own_refresh_claims(m, token)
+    let (jti, claims) = own_refresh_claims(m, token)
         .map_err(|e| error_reply(401, "invalid_token", &e.to_string()))?;
-    let spent = m
-        .store()
-        .spend_refresh(&jti, unix_now())
-        .map_err(store_error)?;
-    let Some((family, user_id)) = spent else {
-        return Err(error_reply(
-            401,
-            "invalid_token",
-            "refresh token already used or revoked; every token of its family is revoked now",
-        ));
+    let user_id = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("");
+    let user = m.store().user_by_id(user_id).map_err(store_error)?;
+    let refused = |why: &str| error_reply(401, "invalid_token", why);
+    let Some(user) = user.filter(|u| !u.disabled) else {
+        return Err(refused("the user of this token is unknown or disabled"));
     };
-    // Bound first: a guard in the match head would live into `issue_pair` (deadlock).
-    let user = m.store().user_by_id(&user_id).map_err(store_error)?;
-    match user {
-        Some(u) if !u.disabled => issue_pair(m, &u, Some(family)),
-        _ => Err(error_reply(
-            401,
-            "invalid_token",
-            "the user of this token is unknown or disabled",
+    // Spending the old token and storing the new one is one transaction, which also
+    // re-checks the family and the user: a racing replay, revoke or disable wins or loses
+    // as a whole, never leaving a live token behind.
+    let pair = sign_pair(m, &user);
+    let rotated = m
+        .store()
+        .rotate_refresh(&jti, &pair.jti, pair.expires_at, unix_now())
+        .map_err(store_error)?;
+    match rotated {
+        Rotation::Rotated => Ok(pair_reply(pair)),
+        Rotation::Reused => Err(refused(
+            "refresh token already used or revoked; every token of its family is revoked now",
         )),
+        Rotation::Invalid => Err(refused("refresh token unknown, expired, or its user is disabled")),
     }
 }
 

@@ -6,7 +6,7 @@
 //! change runs in a transaction, so an error leaves nothing half-written. The store is
 //! used only from management threads, never from a data-plane worker.
 
-use super::store::{ApiKeyRow, Domain, Storage, StoreError, User};
+use super::store::{ApiKeyRow, Domain, Rotation, Storage, StoreError, User};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
@@ -171,36 +171,40 @@ impl Storage for Store {
         Ok(())
     }
 
-    fn spend_refresh(
+    fn rotate_refresh(
         &mut self,
-        jti: &str,
+        old: &str,
+        new: &str,
+        new_expires_at: i64,
         now: i64,
-    ) -> Result<Option<(String, String)>, StoreError> {
+    ) -> Result<Rotation, StoreError> {
         let tx = self.db.transaction()?;
-        let row: Option<(String, String, i64, bool, bool)> = tx
+        let row: Option<(String, String, i64, bool, bool, bool)> = tx
             .query_row(
-                "SELECT family, user_id, expires_at, spent, revoked FROM refresh_tokens WHERE jti = ?1",
-                [jti],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                "SELECT t.family, t.user_id, t.expires_at, t.spent, t.revoked, u.disabled
+                 FROM refresh_tokens t JOIN users u ON u.id = t.user_id WHERE t.jti = ?1",
+                [old],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()?;
-        let Some((family, user_id, expires_at, spent, revoked)) = row else {
-            return Ok(None);
+        let Some((family, user_id, expires_at, spent, revoked, disabled)) = row else {
+            return Ok(Rotation::Invalid);
         };
         if spent || revoked {
-            tx.execute(
-                "UPDATE refresh_tokens SET revoked = 1 WHERE family = ?1",
-                [&family],
-            )?;
+            tx.execute("UPDATE refresh_tokens SET revoked = 1 WHERE family = ?1", [&family])?;
             tx.commit()?;
-            return Ok(None);
+            return Ok(Rotation::Reused);
         }
-        if expires_at < now {
-            return Ok(None);
+        if expires_at < now || disabled {
+            return Ok(Rotation::Invalid);
         }
-        tx.execute("UPDATE refresh_tokens SET spent = 1 WHERE jti = ?1", [jti])?;
+        tx.execute("UPDATE refresh_tokens SET spent = 1 WHERE jti = ?1", [old])?;
+        tx.execute(
+            "INSERT INTO refresh_tokens (jti, family, user_id, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![new, family, user_id, new_expires_at],
+        )?;
         tx.commit()?;
-        Ok(Some((family, user_id)))
+        Ok(Rotation::Rotated)
     }
 
     fn revoke_family_of(&self, jti: &str) -> Result<bool, StoreError> {
@@ -422,11 +426,11 @@ mod tests {
                 vec![("d1".into(), "u1".into(), "admin".into())]
             );
             s.insert_refresh("r1", "f1", "u1", 100).unwrap();
-            assert!(s.spend_refresh("r1", 10).unwrap().is_some());
-            // Presented again: refused, and the family is revoked.
-            s.insert_refresh("r2", "f1", "u1", 100).unwrap();
-            assert!(s.spend_refresh("r1", 10).unwrap().is_none());
-            assert!(s.spend_refresh("r2", 10).unwrap().is_none());
+            assert_eq!(s.rotate_refresh("r1", "r2", 100, 10).unwrap(), Rotation::Rotated);
+            // r1 presented again: refused, and the whole family (r2 too) is revoked.
+            assert_eq!(s.rotate_refresh("r1", "r3", 100, 10).unwrap(), Rotation::Reused);
+            assert_eq!(s.rotate_refresh("r2", "r4", 100, 10).unwrap(), Rotation::Reused);
+            assert_eq!(s.rotate_refresh("nope", "r5", 100, 10).unwrap(), Rotation::Invalid);
         }
         // Reopening keeps everything (and migrations are not re-run).
         let s = Store::open(&path).unwrap();

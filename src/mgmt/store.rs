@@ -33,6 +33,17 @@ pub struct Domain {
     pub name: String,
 }
 
+/// What spending a refresh token did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// The old token is spent and the new one stored, in its family.
+    Rotated,
+    /// The old token was spent or revoked already: its family is revoked now.
+    Reused,
+    /// Unknown, expired, or its user is disabled: nothing changed.
+    Invalid,
+}
+
 #[derive(Debug)]
 pub enum StoreError {
     Conflict(&'static str),
@@ -77,14 +88,15 @@ pub trait Storage: Send {
         expires_at: i64,
     ) -> Result<(), StoreError>;
 
-    /// Spends a refresh token. `Ok(Some(family))` when it was live; `Ok(None)` when it was
-    /// spent or revoked already — then its whole family is revoked (a spent refresh token
-    /// presented again means it was stolen, or the legitimate one was).
-    fn spend_refresh(
+    /// In one transaction: spends `old` and stores `new` in its family, if `old` is live and
+    /// its user enabled; revokes the family if `old` was spent or revoked already.
+    fn rotate_refresh(
         &mut self,
-        jti: &str,
+        old: &str,
+        new: &str,
+        new_expires_at: i64,
         now: i64,
-    ) -> Result<Option<(String, String)>, StoreError>;
+    ) -> Result<Rotation, StoreError>;
 
     /// Revokes the family of a refresh token. Returns whether the token was known.
     fn revoke_family_of(&self, jti: &str) -> Result<bool, StoreError>;
