@@ -2,10 +2,11 @@
 //!
 //! - `backend`: a deterministic simulator of vLLM's or Ollama's HTTP API (see `sim/`).
 //! - `load`: a load generator with its own HTTP client (see `load/`).
-//! - `compare`: the side-by-side comparison (not yet).
+//! - `compare`: the side-by-side comparison with peer proxies (see `compare/`).
 //!
 //! This binary shares no code with `src/`: a parser bug in one must not hide in the other.
 
+mod compare;
 mod load;
 mod sim;
 
@@ -33,11 +34,9 @@ enum Cmd {
     Backend(BackendArgs),
     /// Drive load against a gateway or backend; report latency percentiles and throughput.
     Load(load::LoadArgs),
-    /// Side-by-side comparison with peer gateways (not implemented yet).
-    Compare {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// Side-by-side comparison with peer proxies (nginx, HAProxy, LiteLLM) on the same
+    /// simulated backend: table on stdout, results.md/.json and SVG charts in --out.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,10 +79,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Backend(a) => backend(a),
         Cmd::Load(a) => load_cmd(a),
-        Cmd::Compare { .. } => {
-            eprintln!("cubegate-bench compare: not implemented yet");
-            ExitCode::from(2)
-        }
+        Cmd::Compare(a) => compare::command(&a),
     }
 }
 

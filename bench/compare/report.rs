@@ -1,0 +1,653 @@
+//! What compare found, and how it is shown: a Markdown report (stdout and `results.md`),
+//! `results.json`, and two hand-written SVG charts: `latency.svg` (p50/p90/p99 per system at
+//! the fixed open-loop rate) and `cpu.svg` (proxy CPU seconds per 1,000 requests).
+
+use crate::load::report::Summary;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One measurement of one system.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Phase {
+    pub requests_per_s: f64,
+    pub sent: u64,
+    /// Answered with a 2xx.
+    pub ok: u64,
+    /// Non-2xx answers, failed requests and (open loop) requests never sent.
+    pub bad: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// Streams: time to the first event (token), from the intended send time.
+    pub ttft_p50_us: u64,
+    pub ttft_p99_us: u64,
+    /// Streams: time between consecutive events.
+    pub gap_p50_us: u64,
+    pub gap_p99_us: u64,
+    /// CPU seconds of the proxy's processes during this measurement.
+    pub cpu_s: Option<f64>,
+}
+
+impl Phase {
+    pub fn of(s: &Summary, cpu_s: Option<f64>) -> Phase {
+        let l = &s.latency_us;
+        Phase {
+            requests_per_s: s.requests_per_s,
+            sent: s.sent,
+            ok: s.ok,
+            bad: (s.completed - s.ok.min(s.completed)) + s.errors_total + s.unsent,
+            p50_us: l.total.p50,
+            p90_us: l.total.p90,
+            p99_us: l.total.p99,
+            max_us: l.total.max,
+            ttft_p50_us: l.first_event.p50,
+            ttft_p99_us: l.first_event.p99,
+            gap_p50_us: l.between_events.p50,
+            gap_p99_us: l.between_events.p99,
+            cpu_s,
+        }
+    }
+}
+
+/// One system's row.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SystemResult {
+    pub name: String,
+    pub label: String,
+    /// "ok", "skipped (…)" or "failed: …".
+    pub status: String,
+    pub version: Option<String>,
+    pub notes: Vec<String>,
+    /// Closed loop, `connections` connections.
+    pub closed: Option<Phase>,
+    /// Open loop at `rate`.
+    pub open: Option<Phase>,
+    /// One connection, closed loop.
+    pub single: Option<Phase>,
+    /// Streams, open loop at `stream_rate`.
+    pub stream: Option<Phase>,
+    /// Proxy CPU seconds per 1,000 requests (closed loop).
+    pub cpu_s_per_1k: Option<f64>,
+    /// Peak RSS of the proxy's processes, KiB (sum of VmHWM).
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl SystemResult {
+    fn measured(&self) -> bool {
+        self.status == "ok"
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub proxy_cpus: Option<Vec<usize>>,
+    pub load_cpus: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub rate: f64,
+    pub stream_rate: f64,
+    pub connections: usize,
+    pub tokens: u64,
+    pub stream_tokens: u64,
+    pub token_delay_us: u64,
+    pub proxy_workers: usize,
+    pub load_threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub commit: Option<String>,
+    pub machine: Machine,
+    pub cubegate_driver: Option<String>,
+    pub settings: Settings,
+    pub systems: Vec<SystemResult>,
+}
+
+impl Report {
+    fn system(&self, name: &str) -> Option<&SystemResult> {
+        self.systems.iter().find(|s| s.name == name && s.measured())
+    }
+}
+
+/// `YYYY-MM-DD HH:MM UTC` of a Unix time.
+pub fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+const DASH: &str = "—";
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn added(v: u64, base: u64) -> String {
+    let d = v as i64 - base as i64;
+    if d >= 0 {
+        format!("+{d}")
+    } else {
+        format!("−{}", -d)
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && a > 0.0 && b > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        DASH.into()
+    }
+}
+
+fn row(cells: &[String]) -> String {
+    format!("| {} |\n", cells.join(" | "))
+}
+
+fn header(cols: &[&str]) -> String {
+    let mut s = row(&cols.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+    let align: Vec<String> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, _)| if i == 0 { "---".into() } else { "---:".into() })
+        .collect();
+    s.push_str(&row(&align));
+    s
+}
+
+/// A row for a system that was not measured: its status, then dashes.
+fn unmeasured(s: &SystemResult, cols: usize) -> String {
+    let mut cells = vec![s.name.clone(), s.status.replace('|', "/")];
+    cells.resize(cols, DASH.into());
+    row(&cells)
+}
+
+/// The whole Markdown report.
+pub fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let st = &r.settings;
+    let m = &r.machine;
+    let _ = writeln!(
+        s,
+        "## cubegate-bench compare — {}{}\n",
+        r.date,
+        r.commit
+            .as_deref()
+            .map(|c| format!(", commit {c}"))
+            .unwrap_or_default()
+    );
+    let pin = match &m.proxy_cpus {
+        Some(p) => format!(
+            "proxy pinned to CPU {:?}, load generator and simulators to CPU {:?}",
+            p, m.load_cpus
+        ),
+        None => "nothing pinned".into(),
+    };
+    let _ = writeln!(
+        s,
+        "- Machine: {} CPUs ({}), Linux {}; {pin}.",
+        m.nproc, m.cpu_model, m.kernel
+    );
+    let _ = writeln!(
+        s,
+        "- cubegate driver: {}.",
+        r.cubegate_driver.as_deref().unwrap_or("not run")
+    );
+    let versions: Vec<String> = r
+        .systems
+        .iter()
+        .filter_map(|x| x.version.as_ref().map(|v| format!("{}: {v}", x.name)))
+        .collect();
+    if !versions.is_empty() {
+        let _ = writeln!(s, "- Versions: {}.", versions.join("; "));
+    }
+    let _ = writeln!(
+        s,
+        "- Load: vLLM simulator; whole answers of {} tokens; {} s per measurement after {} s \
+         warmup; each proxy has {} worker(s); throughput closed loop with {} connections; \
+         latency open loop at {} requests/s and at concurrency 1; streams of {} tokens {} µs \
+         apart, open loop at {} streams/s.",
+        st.tokens,
+        st.duration_s,
+        st.warmup_s,
+        st.proxy_workers,
+        st.connections,
+        st.rate,
+        st.stream_tokens,
+        st.token_delay_us,
+        st.stream_rate
+    );
+    let _ = writeln!(
+        s,
+        "- Latencies in ms; \"added\" = this system minus direct, in µs. CPU = the proxy's own \
+         CPU seconds (/proc utime+stime) per 1,000 requests in the closed loop. RSS = peak \
+         (VmHWM, summed over the proxy's processes). Errors = non-2xx, failed or unsent \
+         requests over all measurements.\n"
+    );
+
+    let rate = st.rate;
+    let direct = r.system("direct");
+    let cols = [
+        "system",
+        "req/s",
+        &format!("p50 @{rate}/s"),
+        &format!("p99 @{rate}/s"),
+        "added p50",
+        "added p99",
+        "p50 @c1",
+        "p99 @c1",
+        "added p50 @c1",
+        "added p99 @c1",
+        "CPU s / 1k req",
+        "peak RSS MiB",
+        "errors",
+    ]
+    .map(|c| c.to_string());
+    let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+    let _ = writeln!(s, "### Whole answers\n");
+    s.push_str(&header(&cols));
+    for x in &r.systems {
+        let (Some(c), Some(o), Some(one)) = (&x.closed, &x.open, &x.single) else {
+            s.push_str(&unmeasured(x, cols.len()));
+            continue;
+        };
+        let base = |f: fn(&SystemResult) -> Option<u64>, v: u64| match direct.and_then(f) {
+            Some(b) => added(v, b),
+            None => DASH.into(),
+        };
+        let errors: u64 = [&x.closed, &x.open, &x.single, &x.stream]
+            .iter()
+            .filter_map(|p| p.as_ref().map(|p| p.bad))
+            .sum();
+        s.push_str(&row(&[
+            x.name.clone(),
+            format!("{:.0}", c.requests_per_s),
+            ms(o.p50_us),
+            ms(o.p99_us),
+            base(|d| d.open.as_ref().map(|p| p.p50_us), o.p50_us),
+            base(|d| d.open.as_ref().map(|p| p.p99_us), o.p99_us),
+            ms(one.p50_us),
+            ms(one.p99_us),
+            base(|d| d.single.as_ref().map(|p| p.p50_us), one.p50_us),
+            base(|d| d.single.as_ref().map(|p| p.p99_us), one.p99_us),
+            x.cpu_s_per_1k.map_or(DASH.into(), |c| format!("{c:.3}")),
+            x.peak_rss_kib
+                .map_or(DASH.into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            errors.to_string(),
+        ]));
+    }
+
+    let _ = writeln!(s, "\n### Streams\n");
+    let cols = [
+        "system",
+        "TTFT p50",
+        "TTFT p99",
+        "added TTFT p50",
+        "added TTFT p99",
+        "chunk gap p50",
+        "chunk gap p99",
+        "added gap p50",
+        "added gap p99",
+    ];
+    s.push_str(&header(&cols));
+    for x in &r.systems {
+        let Some(p) = &x.stream else {
+            s.push_str(&unmeasured(x, cols.len()));
+            continue;
+        };
+        let ds = direct.and_then(|d| d.stream.as_ref());
+        let base = |f: fn(&Phase) -> u64| match ds {
+            Some(b) => added(f(p), f(b)),
+            None => DASH.into(),
+        };
+        s.push_str(&row(&[
+            x.name.clone(),
+            ms(p.ttft_p50_us),
+            ms(p.ttft_p99_us),
+            base(|q| q.ttft_p50_us),
+            base(|q| q.ttft_p99_us),
+            ms(p.gap_p50_us),
+            ms(p.gap_p99_us),
+            base(|q| q.gap_p50_us),
+            base(|q| q.gap_p99_us),
+        ]));
+    }
+
+    if let Some(cg) = r.system("cubegate") {
+        let peers: Vec<&SystemResult> = r
+            .systems
+            .iter()
+            .filter(|x| x.measured() && x.name != "cubegate" && x.name != "direct")
+            .collect();
+        if !peers.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### cubegate / peer\n\nBelow 1× is better for cubegate, except req/s. Added \
+                 latency ratios compare what each adds over direct (— when the peer adds \
+                 nothing measurable).\n"
+            );
+            let cols = [
+                "peer",
+                "req/s",
+                "added p50",
+                "added p99",
+                "added p50 @c1",
+                "CPU / 1k req",
+                "peak RSS",
+                "added TTFT p50",
+            ];
+            s.push_str(&header(&cols));
+            let add = |x: &SystemResult, f: fn(&SystemResult) -> Option<u64>| -> f64 {
+                match (f(x), direct.and_then(f)) {
+                    (Some(v), Some(b)) => v as f64 - b as f64,
+                    _ => f64::NAN,
+                }
+            };
+            let fns: [fn(&SystemResult) -> Option<u64>; 4] = [
+                |x| x.open.as_ref().map(|p| p.p50_us),
+                |x| x.open.as_ref().map(|p| p.p99_us),
+                |x| x.single.as_ref().map(|p| p.p50_us),
+                |x| x.stream.as_ref().map(|p| p.ttft_p50_us),
+            ];
+            for p in peers {
+                let rps =
+                    |x: &SystemResult| x.closed.as_ref().map_or(f64::NAN, |c| c.requests_per_s);
+                let mut cells = vec![p.name.clone(), ratio(rps(cg), rps(p))];
+                for f in &fns[..3] {
+                    cells.push(ratio(add(cg, *f), add(p, *f)));
+                }
+                cells.push(ratio(
+                    cg.cpu_s_per_1k.unwrap_or(f64::NAN),
+                    p.cpu_s_per_1k.unwrap_or(f64::NAN),
+                ));
+                cells.push(ratio(
+                    cg.peak_rss_kib.map_or(f64::NAN, |k| k as f64),
+                    p.peak_rss_kib.map_or(f64::NAN, |k| k as f64),
+                ));
+                cells.push(ratio(add(cg, fns[3]), add(p, fns[3])));
+                s.push_str(&row(&cells));
+            }
+        }
+    }
+    let notes: Vec<String> = r
+        .systems
+        .iter()
+        .flat_map(|x| x.notes.iter().map(move |n| format!("{}: {n}", x.name)))
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(s, "\nNotes: {}.", notes.join("; "));
+    }
+    s
+}
+
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A "nice" axis step (1, 2 or 5 × 10^k) giving about five ticks up to `max`.
+pub fn nice_step(max: f64) -> f64 {
+    if !(max.is_finite() && max > 0.0) {
+        return 1.0;
+    }
+    let raw = max / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let f = raw / mag;
+    let m = if f <= 1.0 {
+        1.0
+    } else if f <= 2.0 {
+        2.0
+    } else if f <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    m * mag
+}
+
+fn fmt_num(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+const W: f64 = 760.0;
+const H: f64 = 420.0;
+const LEFT: f64 = 80.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 50.0;
+const BOTTOM: f64 = 80.0;
+
+fn svg_open(title: &str, subtitle: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" \
+         viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(
+        s,
+        "<rect x=\"0\" y=\"0\" width=\"{W}\" height=\"{H}\" fill=\"white\"/>"
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>",
+        W / 2.0,
+        esc(title)
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"38\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+        W / 2.0,
+        esc(subtitle)
+    );
+    s
+}
+
+/// The y axis from 0 to `top` (data units) with grid lines; returns the scale.
+fn y_axis(s: &mut String, max: f64, unit: &str) -> f64 {
+    let step = nice_step(max);
+    let top = (max / step).ceil().max(1.0) * step;
+    let plot_h = H - TOP - BOTTOM;
+    let mut v = 0.0;
+    while v <= top + step / 2.0 {
+        let y = H - BOTTOM - v / top * plot_h;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>",
+            W - RIGHT
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            LEFT - 6.0,
+            y + 4.0,
+            fmt_num(v)
+        );
+        v += step;
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"16\" y=\"{:.1}\" transform=\"rotate(-90 16 {:.1})\" text-anchor=\"middle\">{}</text>",
+        TOP + plot_h / 2.0,
+        TOP + plot_h / 2.0,
+        esc(unit)
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{LEFT}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#333\"/>",
+        H - BOTTOM,
+        W - RIGHT,
+        H - BOTTOM
+    );
+    plot_h / top
+}
+
+/// Grouped bars: one group per system, one bar per series.
+fn bars(
+    title: &str,
+    subtitle: &str,
+    unit: &str,
+    series: &[(&str, &str)],
+    groups: &[(String, Vec<f64>)],
+) -> String {
+    let mut s = svg_open(title, subtitle);
+    let max = groups
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(0.0f64, f64::max);
+    let scale = y_axis(&mut s, max, unit);
+    let plot_w = W - LEFT - RIGHT;
+    let n = groups.len().max(1) as f64;
+    let group_w = plot_w / n;
+    let bar_w = (group_w * 0.8 / series.len().max(1) as f64).min(60.0);
+    for (gi, (name, vals)) in groups.iter().enumerate() {
+        let gx = LEFT + gi as f64 * group_w;
+        let x0 = gx + (group_w - bar_w * series.len() as f64) / 2.0;
+        for (si, ((key, color), v)) in series.iter().zip(vals).enumerate() {
+            let h = (v * scale).max(0.0);
+            let x = x0 + si as f64 * bar_w;
+            let y = H - BOTTOM - h;
+            let _ = writeln!(
+                s,
+                "<rect class=\"bar {key}\" data-system=\"{}\" x=\"{x:.1}\" y=\"{y:.1}\" \
+                 width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"><title>{} {key}: {} {}</title></rect>",
+                esc(name),
+                bar_w - 2.0,
+                esc(name),
+                fmt_num(*v),
+                esc(unit)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            gx + group_w / 2.0,
+            H - BOTTOM + 18.0,
+            esc(name)
+        );
+    }
+    // Legend.
+    if series.len() > 1 {
+        for (i, (key, color)) in series.iter().enumerate() {
+            let x = LEFT + i as f64 * 90.0;
+            let y = H - 28.0;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{color}\"/>",
+                y - 10.0
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{y:.1}\">{}</text>",
+                x + 16.0,
+                esc(key)
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Latency percentiles per system at the fixed open-loop rate.
+pub fn svg_latency(r: &Report) -> String {
+    let groups: Vec<(String, Vec<f64>)> = r
+        .systems
+        .iter()
+        .filter(|x| x.measured())
+        .filter_map(|x| {
+            let o = x.open.as_ref()?;
+            let v = [o.p50_us, o.p90_us, o.p99_us].map(|u| u as f64 / 1000.0);
+            Some((x.name.clone(), v.to_vec()))
+        })
+        .collect();
+    bars(
+        &format!(
+            "Latency at {} requests/s (open loop, whole answers)",
+            r.settings.rate
+        ),
+        &format!(
+            "{}{}, {} CPUs, Linux {}",
+            r.date,
+            r.commit
+                .as_deref()
+                .map(|c| format!(", commit {c}"))
+                .unwrap_or_default(),
+            r.machine.nproc,
+            r.machine.kernel
+        ),
+        "ms",
+        &[("p50", "#4e79a7"), ("p90", "#f28e2b"), ("p99", "#e15759")],
+        &groups,
+    )
+}
+
+/// Proxy CPU seconds per 1,000 requests per system.
+pub fn svg_cpu(r: &Report) -> String {
+    let groups: Vec<(String, Vec<f64>)> = r
+        .systems
+        .iter()
+        .filter(|x| x.measured())
+        .filter_map(|x| Some((x.name.clone(), vec![x.cpu_s_per_1k?])))
+        .collect();
+    bars(
+        "Proxy CPU seconds per 1,000 requests (closed loop)",
+        &format!(
+            "{}{}, {} connections, {} worker(s) per proxy",
+            r.date,
+            r.commit
+                .as_deref()
+                .map(|c| format!(", commit {c}"))
+                .unwrap_or_default(),
+            r.settings.connections,
+            r.settings.proxy_workers
+        ),
+        "CPU s / 1k requests",
+        &[("cpu", "#59a14f")],
+        &groups,
+    )
+}
+
+/// Writes results.md, results.json, latency.svg and cpu.svg into `dir`.
+pub fn write_all(r: &Report, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("results.md"), markdown(r))?;
+    let json = serde_json::to_string_pretty(r).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("results.json"), json + "\n")?;
+    std::fs::write(dir.join("latency.svg"), svg_latency(r))?;
+    std::fs::write(dir.join("cpu.svg"), svg_cpu(r))?;
+    Ok(())
+}
