@@ -530,7 +530,107 @@ fn reloaded_config_domains_take_members(driver: &str) {
     ) == 200));
 }
 
+/// Found by review: an outside issuer's token naming a local user's id gets none of that
+/// user's memberships; racing a refresh token cannot escape family revocation; an API key
+/// dies with its creator's membership; absurd usernames are refused before any work.
+fn review_regressions(driver: &str) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let vllm = sim("vllm", &[]);
+    let secret = "another shared secret, longer than thirty-two bytes";
+    let body = format!(
+        "{}\n[[auth.trusted]]\nissuer = \"https://other-idp/\"\nhs_secret_env = \"OTHER_SECRET\"\n",
+        domains_config(&[(D, &[("vllm", vllm.addr, &[VLLM_MODEL])])])
+            .replace("mode = \"none\"", "mode = \"jwt\"")
+    );
+    let gw = gateway_env(driver, &body, &[("OTHER_SECRET", secret)]);
+    let (admin, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let pw = "carol's long passphrase 9";
+    let carol = call(
+        &gw,
+        "POST",
+        "/users",
+        Some(&admin),
+        Some(json!({"email": "carol@example.com", "password": pw})),
+    )
+    .json();
+    let carol_id = carol["id"].as_str().unwrap().to_string();
+    let r = call(
+        &gw,
+        "PUT",
+        &format!("/domains/{D}/members/{carol_id}"),
+        Some(&admin),
+        Some(json!({"role": "admin"})),
+    );
+    assert_eq!(r.status, 200);
+
+    // 1. The other issuer says sub = carol's id: her memberships are not its to use.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = json!({"iss": "https://other-idp/", "sub": carol_id, "exp": exp});
+    let input = format!(
+        "{}.{}",
+        B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+        B64.encode(claims.to_string())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let forged = format!(
+        "{input}.{}",
+        B64.encode(ring::hmac::sign(&key, input.as_bytes()).as_ref())
+    );
+    assert_eq!(chat(&gw, &forged).status, 403);
+
+    // 2. The same refresh token twice at once: whatever wins, no live chain remains.
+    let (_, refresh) = tokens(&login(&gw, "carol@example.com", pw));
+    let results: Vec<Response> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| call(&gw, "POST", "/users/tokens/refresh", Some(&refresh), None))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results.iter().filter(|r| r.status == 201).count() <= 1);
+    for r in results.iter().filter(|r| r.status == 201) {
+        let next = r.json()["refresh_token"].as_str().unwrap().to_string();
+        assert_eq!(
+            call(&gw, "POST", "/users/tokens/refresh", Some(&next), None).status,
+            401
+        );
+    }
+
+    // 3. Carol's API key stops when she leaves the domain.
+    let (carol_token, _) = tokens(&login(&gw, "carol@example.com", pw));
+    let k = call(
+        &gw,
+        "POST",
+        &format!("/domains/{D}/keys"),
+        Some(&carol_token),
+        Some(json!({"name": "hers"})),
+    );
+    assert_eq!(k.status, 201, "{}", k.text());
+    let key = k.json()["key"].as_str().unwrap().to_string();
+    assert_eq!(chat(&gw, &key).status, 200);
+    let r = call(
+        &gw,
+        "DELETE",
+        &format!("/domains/{D}/members/{carol_id}"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    assert_eq!(chat(&gw, &key).status, 401);
+
+    // 4. An absurd username is refused before any hashing or bookkeeping.
+    let huge = "x".repeat(100_000);
+    assert_eq!(login(&gw, &huge, "whatever whatever").status, 400);
+}
+
 for_each_driver!(
+    review_regressions,
     reloaded_config_domains_take_members,
     signing_key_rotation,
     concurrent_writers,

@@ -112,7 +112,10 @@ pub fn validate(
         ),
         Some(_) => return Err(TokenError::Malformed("the domains claim must list strings")),
     };
-    let admin = rules.custom(payload, "role", issuer.own).and_then(Value::as_str) == Some("admin");
+    let admin = rules
+        .custom(payload, "role", issuer.own)
+        .and_then(Value::as_str)
+        == Some("admin");
     // Claims mapped to headers: only values that can travel as a header value unchanged.
     let headers = rules
         .claim_headers

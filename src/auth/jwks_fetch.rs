@@ -131,14 +131,12 @@ fn refresh(published: &Published, url: &str) -> Duration {
         return RETRY_AFTER_FAILURE;
     }
     let count = keys.len();
-    let mut keys = Some(keys);
     published.update_keys(|old| {
         let mut store = old.keys.rebuilt();
         for issuer in store.issuers.iter_mut() {
             if issuer.jwks_url.as_deref() == Some(url) {
-                if let Some(k) = keys.take() {
-                    issuer.keys = k;
-                }
+                // Several issuers may share one JWKS URL: each gets the keys.
+                issuer.keys = keys.clone();
             }
         }
         store

@@ -229,7 +229,11 @@ impl Authenticator {
         }
         // Memberships belong to this box's users: only its own tokens and API keys use them
         // (an outside issuer's `sub` is another namespace of ids).
-        let own = snapshot.keys.issuers.get(claims.issuer).is_some_and(|i| i.own);
+        let own = snapshot
+            .keys
+            .issuers
+            .get(claims.issuer)
+            .is_some_and(|i| i.own);
         let membership = own
             .then(|| snapshot.members.role(&domain.id, &claims.sub))
             .flatten();

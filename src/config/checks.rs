@@ -69,6 +69,9 @@ pub fn validate_domain_id(key: &str, id: &str) -> Result<(), ConfigError> {
     if id.is_empty() || id.len() > 128 {
         return Err(err(key, "must be 1..=128 characters"));
     }
+    if id == "." || id == ".." {
+        return Err(err(key, "\".\" and \"..\" are not domain ids"));
+    }
     if !id
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))

@@ -18,22 +18,53 @@ use argon2::Argon2;
 use serde::Deserialize;
 use serde_json::json;
 
+/// argon2 takes 19 MiB and tens of milliseconds per hash: at most one per CPU runs at
+/// once, whatever the number of connections (a login flood costs queueing, not memory).
+static HASH_SLOTS: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+const HASH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `f` in a hashing slot; `None` when none came free within `HASH_WAIT`.
+fn in_hash_slot<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let limit = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (lock, freed) = &HASH_SLOTS;
+    let taken = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut taken, timeout) = freed
+        .wait_timeout_while(taken, HASH_WAIT, |t| *t >= limit)
+        .unwrap_or_else(|p| p.into_inner());
+    if timeout.timed_out() && *taken >= limit {
+        return None;
+    }
+    *taken += 1;
+    drop(taken);
+    let out = f();
+    *lock.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+    freed.notify_one();
+    Some(out)
+}
+
 pub fn hash_password(password: &str) -> Result<String, String> {
     let mut salt = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
         .map_err(|_| "no randomness for a salt")?;
     let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| e.to_string())
+    in_hash_slot(|| {
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|| Err("too many password operations at once; retry shortly".into()))
 }
 
-fn password_matches(hash: &str, password: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| {
-        Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
+/// `None`: no hashing slot came free in time.
+fn password_matches(hash: &str, password: &str) -> Option<bool> {
+    in_hash_slot(|| {
+        PasswordHash::new(hash).is_ok_and(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
     })
 }
 
@@ -144,6 +175,13 @@ struct Login {
 
 pub(super) fn issue(m: &Management, req: &Request) -> Answer {
     let login: Login = body(req)?;
+    if login.username.len() > 254 || login.password.len() > 1024 {
+        return Err(error_reply(
+            400,
+            "invalid_body",
+            "username (at most 254 bytes) or password (at most 1024 bytes) too long",
+        ));
+    }
     let too_many = |secs: u64| {
         let mut r = error_reply(
             429,
@@ -164,7 +202,13 @@ pub(super) fn issue(m: &Management, req: &Request) -> Answer {
     let hash = user
         .as_ref()
         .map_or(m.dummy_hash(), |u| u.password_hash.as_str());
-    let matches = password_matches(hash, &login.password);
+    let Some(matches) = password_matches(hash, &login.password) else {
+        return Err(error_reply(
+            503,
+            "busy",
+            "too many logins at once; retry shortly",
+        ));
+    };
     match user {
         Some(u) if matches && !u.disabled => issue_pair(m, &u),
         _ => Err(match m.login_limited(&login.username, req.client, true) {
@@ -207,7 +251,9 @@ pub(super) fn refresh(m: &Management, req: &Request) -> Answer {
         Rotation::Reused => Err(refused(
             "refresh token already used or revoked; every token of its family is revoked now",
         )),
-        Rotation::Invalid => Err(refused("refresh token unknown, expired, or its user is disabled")),
+        Rotation::Invalid => Err(refused(
+            "refresh token unknown, expired, or its user is disabled",
+        )),
     }
 }
 
@@ -218,14 +264,16 @@ struct RevokeBody {
 }
 
 pub(super) fn revoke(m: &Management, req: &Request) -> Answer {
-    let from_header = req
-        .authorization
-        .as_deref()
-        .and_then(|v| bearer_token(v.as_bytes()))
-        .map(<[u8]>::to_vec);
-    let token = match from_header {
-        Some(t) => t,
-        None => body::<RevokeBody>(req)?.refresh_token.into_bytes(),
+    // The refresh token in the body wins (the header may carry the caller's access
+    // token); otherwise the header's.
+    let token = if req.body.is_empty() {
+        req.authorization
+            .as_deref()
+            .and_then(|v| bearer_token(v.as_bytes()))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| error_reply(401, "invalid_token", "send the refresh token to revoke"))?
+    } else {
+        body::<RevokeBody>(req)?.refresh_token.into_bytes()
     };
     let (jti, _) = own_refresh_claims(m, &token)
         .map_err(|e| error_reply(401, "invalid_token", &e.to_string()))?;

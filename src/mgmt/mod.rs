@@ -10,6 +10,7 @@
 pub mod access;
 pub mod api;
 pub mod login;
+pub mod publish;
 pub mod server;
 pub mod sqlite;
 pub mod store;
@@ -17,7 +18,7 @@ pub mod tokens;
 
 use crate::auth::claims::ClaimRules;
 use crate::config::Config;
-use crate::snapshot::{Members, Published, Snapshot};
+use crate::snapshot::Published;
 use sqlite::Store;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -29,6 +30,11 @@ use tokens::SigningKey;
 /// Failed logins allowed per account and per client address in `LOGIN_WINDOW`.
 const LOGIN_FAILURES: u32 = 5;
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Failed logins per "account:<email>" / "addr:<ip>": (count, window start).
+type FailureTable = HashMap<String, (u32, Instant)>;
+
+/// Accounts and addresses tracked at most (a flood of names cannot grow it further).
+const MAX_TRACKED: usize = 100_000;
 
 pub struct Management {
     store: Mutex<Box<dyn Storage>>,
@@ -43,7 +49,7 @@ pub struct Management {
     refresh_ttl: u64,
     rules: ClaimRules,
     /// Failed logins per "account:<email>" / "addr:<ip>": (count, window start).
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    failures: Mutex<(FailureTable, Instant)>,
     /// Verified against when the account does not exist, so both cases cost the same
     /// (made on first use: it costs a hash).
     dummy_hash: std::sync::OnceLock<String>,
@@ -82,7 +88,7 @@ pub fn start(
             domains_claim: config.auth.domains_claim.clone(),
             claim_headers: Vec::new(),
         },
-        failures: Mutex::new(HashMap::new()),
+        failures: Mutex::new((HashMap::new(), Instant::now())),
         dummy_hash: std::sync::OnceLock::new(),
     });
     mgmt.bootstrap_admin(config)?;
@@ -150,86 +156,28 @@ impl Management {
                     id: d.id.clone(),
                     name,
                 };
-                store
-                    .insert_domain(&domain, unix_now())
-                    .map_err(|e| format!("domains: {e}"))?;
+                // A name the API already gave another domain must not stop the box from
+                // starting: the file's domain then goes by its id.
+                let inserted = match store.insert_domain(&domain, unix_now()) {
+                    Err(store::StoreError::Conflict(_)) => {
+                        let by_id = store::Domain {
+                            id: d.id.clone(),
+                            name: d.id.clone(),
+                        };
+                        store.insert_domain(&by_id, unix_now())
+                    }
+                    other => other,
+                };
+                if let Err(e) = inserted {
+                    tracing::error!(domain = %d.id, "cannot record the config domain: {e}");
+                    continue;
+                }
             }
             store
                 .mark_config_domain(&d.id)
                 .map_err(|e| format!("domains: {e}"))?;
         }
         Ok(())
-    }
-
-    /// Publishes this plane's keys, memberships and disabled users, with a new revocation
-    /// epoch (workers empty their token caches on it).
-    pub fn publish(&self) {
-        let (memberships, disabled, keys, backends) = {
-            let store = self.store();
-            (
-                store.memberships().unwrap_or_default(),
-                store.disabled_users().unwrap_or_default(),
-                store.live_api_keys(unix_now()).unwrap_or_default(),
-                store.api_backends().unwrap_or_default(),
-            )
-        };
-        let mut api_domains = Vec::new();
-        for (id, name, json) in backends {
-            let built = serde_json::from_str::<Vec<crate::config::BackendConfig>>(&json)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    crate::snapshot::Domain::build("backends", &id, &name, &b, true)
-                        .map_err(|e| e.to_string())
-                });
-            match built {
-                Ok(d) => api_domains.push(Arc::new(d)),
-                Err(e) => tracing::error!(domain = %id, "stored backends unusable: {e}"),
-            }
-        }
-        let mut members = Members::default();
-        for (domain, user, role) in memberships {
-            members
-                .by_domain
-                .entry(domain)
-                .or_default()
-                .insert(user, role == "admin");
-        }
-        members.disabled = disabled.into_iter().collect();
-        for k in keys {
-            let key = crate::snapshot::ApiKey {
-                id: k.id,
-                domain: k.domain_id,
-                user: k.created_by,
-                expires_at: k.expires_at,
-            };
-            members.api_keys.insert(k.digest, key);
-        }
-        let members = Arc::new(members);
-        let own_keys: Vec<_> = self.keys().iter().map(SigningKey::verifying_key).collect();
-        self.published.replace(|old, generation| {
-            let mut keys = old.keys.rebuilt();
-            keys.generation = generation;
-            if let Some(own) = keys.issuers.iter_mut().find(|i| i.own) {
-                own.keys = own_keys;
-            }
-            // Config domains as they are; API domains as the store has them now.
-            let mut domains: HashMap<String, Arc<crate::snapshot::Domain>> = old
-                .domains
-                .iter()
-                .filter(|(_, d)| !d.from_api)
-                .map(|(id, d)| (id.clone(), d.clone()))
-                .collect();
-            for d in api_domains {
-                domains.entry(d.id.clone()).or_insert(d);
-            }
-            Snapshot {
-                generation,
-                domains,
-                keys: Arc::new(keys),
-                revocation_epoch: old.revocation_epoch + 1,
-                members,
-            }
-        });
     }
 
     fn dummy_hash(&self) -> &str {
@@ -264,24 +212,40 @@ impl Management {
         Ok(kid)
     }
 
-    /// Counts a failed login; `Some(retry_after)` once the limit is reached.
+    /// `Some(retry_after)` when the account or the address has failed too often; counts a
+    /// failure when `failed`. Only failures take room (checks do not), the table is swept
+    /// at most once a second, and when it is full every login waits (fails closed) rather
+    /// than the table growing.
     fn login_limited(&self, email: &str, client: IpAddr, failed: bool) -> Option<u64> {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (table, swept) = &mut *guard;
         let now = Instant::now();
-        f.retain(|_, (_, since)| now.duration_since(*since) < LOGIN_WINDOW);
+        if now.duration_since(*swept) >= Duration::from_secs(1) {
+            table.retain(|_, (_, since)| now.duration_since(*since) < LOGIN_WINDOW);
+            *swept = now;
+        }
         let mut limited = None;
         for key in [
             format!("account:{}", email.to_lowercase()),
             format!("addr:{client}"),
         ] {
-            let entry = f.entry(key).or_insert((0, now));
-            if failed {
-                entry.0 += 1;
-            }
-            if entry.0 >= LOGIN_FAILURES {
-                let left = LOGIN_WINDOW.saturating_sub(now.duration_since(entry.1));
+            let entry = if failed {
+                if table.len() >= MAX_TRACKED && !table.contains_key(&key) {
+                    return Some(LOGIN_WINDOW.as_secs());
+                }
+                let e = table.entry(key).or_insert((0, now));
+                e.0 += 1;
+                Some(*e)
+            } else {
+                table.get(&key).copied()
+            };
+            if let Some((_, since)) = entry.filter(|(count, _)| *count >= LOGIN_FAILURES) {
+                let left = LOGIN_WINDOW.saturating_sub(now.duration_since(since));
                 limited = Some(left.as_secs().max(1));
             }
+        }
+        if table.len() >= MAX_TRACKED {
+            return Some(LOGIN_WINDOW.as_secs());
         }
         limited
     }

@@ -17,6 +17,8 @@ const MAX_CONCURRENT: usize = 64;
 const MAX_HEAD: usize = 32 * 1024;
 pub const MAX_BODY: usize = 1024 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A whole request (head and body) must arrive within this.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
 
 pub struct Request {
     pub method: String,
@@ -111,13 +113,29 @@ pub fn error_reply(status: u16, code: &str, message: &str) -> Reply {
     )
 }
 
+/// Reads more, within what is left of the request's whole deadline (a client trickling
+/// bytes cannot hold one of the few management threads for long).
+fn read_within(
+    stream: &mut TcpStream,
+    chunk: &mut [u8],
+    deadline: std::time::Instant,
+) -> Result<usize, (u16, &'static str)> {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() {
+        return Err((408, "the request took too long to arrive"));
+    }
+    let _ = stream.set_read_timeout(Some(left.min(IO_TIMEOUT)));
+    stream
+        .read(chunk)
+        .map_err(|_| (408, "timed out reading the request"))
+}
+
 fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, (u16, &'static str)> {
+    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 8192];
     let head_len = loop {
-        let n = stream
-            .read(&mut chunk)
-            .map_err(|_| (408, "timed out reading the request"))?;
+        let n = read_within(stream, &mut chunk, deadline)?;
         if n == 0 {
             return Err((400, "connection closed inside the request"));
         }
@@ -173,9 +191,7 @@ fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, (u16, &
             if body.len() > MAX_BODY {
                 return Err((413, "request body too large (limit 1 MiB)"));
             }
-            let n = stream
-                .read(&mut chunk)
-                .map_err(|_| (408, "timed out reading the body"))?;
+            let n = read_within(stream, &mut chunk, deadline)?;
             if n == 0 {
                 return Err((400, "connection closed inside the body"));
             }
@@ -187,9 +203,7 @@ fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, (u16, &
             return Err((413, "request body too large (limit 1 MiB)"));
         }
         while rest.len() < want {
-            let n = stream
-                .read(&mut chunk)
-                .map_err(|_| (408, "timed out reading the body"))?;
+            let n = read_within(stream, &mut chunk, deadline)?;
             if n == 0 {
                 return Err((400, "connection closed inside the body"));
             }

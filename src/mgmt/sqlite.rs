@@ -184,14 +184,26 @@ impl Storage for Store {
                 "SELECT t.family, t.user_id, t.expires_at, t.spent, t.revoked, u.disabled
                  FROM refresh_tokens t JOIN users u ON u.id = t.user_id WHERE t.jti = ?1",
                 [old],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
             )
             .optional()?;
         let Some((family, user_id, expires_at, spent, revoked, disabled)) = row else {
             return Ok(Rotation::Invalid);
         };
         if spent || revoked {
-            tx.execute("UPDATE refresh_tokens SET revoked = 1 WHERE family = ?1", [&family])?;
+            tx.execute(
+                "UPDATE refresh_tokens SET revoked = 1 WHERE family = ?1",
+                [&family],
+            )?;
             tx.commit()?;
             return Ok(Rotation::Reused);
         }
@@ -426,11 +438,23 @@ mod tests {
                 vec![("d1".into(), "u1".into(), "admin".into())]
             );
             s.insert_refresh("r1", "f1", "u1", 100).unwrap();
-            assert_eq!(s.rotate_refresh("r1", "r2", 100, 10).unwrap(), Rotation::Rotated);
+            assert_eq!(
+                s.rotate_refresh("r1", "r2", 100, 10).unwrap(),
+                Rotation::Rotated
+            );
             // r1 presented again: refused, and the whole family (r2 too) is revoked.
-            assert_eq!(s.rotate_refresh("r1", "r3", 100, 10).unwrap(), Rotation::Reused);
-            assert_eq!(s.rotate_refresh("r2", "r4", 100, 10).unwrap(), Rotation::Reused);
-            assert_eq!(s.rotate_refresh("nope", "r5", 100, 10).unwrap(), Rotation::Invalid);
+            assert_eq!(
+                s.rotate_refresh("r1", "r3", 100, 10).unwrap(),
+                Rotation::Reused
+            );
+            assert_eq!(
+                s.rotate_refresh("r2", "r4", 100, 10).unwrap(),
+                Rotation::Reused
+            );
+            assert_eq!(
+                s.rotate_refresh("nope", "r5", 100, 10).unwrap(),
+                Rotation::Invalid
+            );
         }
         // Reopening keeps everything (and migrations are not re-run).
         let s = Store::open(&path).unwrap();

@@ -93,15 +93,21 @@ pub fn create_key(dir: &Path) -> Result<std::path::PathBuf, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let path = dir.join(format!("{now:032}.pk8"));
+    // Written under a temporary name, synced, then renamed: a crash never leaves a
+    // half-written key file that would stop the next start.
+    let tmp = dir.join(format!("{now:032}.pk8.tmp"));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        .open(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     file.write_all(pkcs8.as_ref())
         .and_then(|_| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .and_then(|_| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| format!("cannot install {}: {e}", path.display()))?;
     Ok(path)
 }
 

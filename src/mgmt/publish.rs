@@ -1,0 +1,114 @@
+//! Publication: what the data plane needs from the management plane, as a new snapshot.
+//!
+//! The store is read inside `Published::replace`, under the writer lock, so two changes
+//! publishing at once cannot overwrite the newer state with the older one. A failed read
+//! publishes nothing new (the running snapshot stays): an empty list of disabled users or
+//! memberships must never go out because a read failed. Every publication moves the
+//! revocation epoch, so workers empty their token caches.
+
+use super::store::{StoreError, User};
+use super::tokens::SigningKey;
+use super::{unix_now, Management};
+use crate::config::BackendConfig;
+use crate::snapshot::{ApiKey, Domain, Members, Snapshot};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+impl Management {
+    pub fn publish(&self) {
+        self.published.replace(|old, generation| {
+            let (members, api_domains) = match self.read_state() {
+                Ok(state) => state,
+                Err(e) => {
+                    tracing::error!("not publishing management changes, the store failed: {e}");
+                    return Snapshot {
+                        generation,
+                        domains: old.domains.clone(),
+                        keys: old.keys.clone(),
+                        revocation_epoch: old.revocation_epoch,
+                        members: old.members.clone(),
+                    };
+                }
+            };
+            let mut keys = old.keys.rebuilt();
+            keys.generation = generation;
+            if let Some(own) = keys.issuers.iter_mut().find(|i| i.own) {
+                own.keys = self.keys().iter().map(SigningKey::verifying_key).collect();
+            }
+            // Config domains as they are; API domains as the store has them now.
+            let mut domains: HashMap<String, Arc<Domain>> = old
+                .domains
+                .iter()
+                .filter(|(_, d)| !d.from_api)
+                .map(|(id, d)| (id.clone(), d.clone()))
+                .collect();
+            for d in api_domains {
+                domains.entry(d.id.clone()).or_insert(d);
+            }
+            Snapshot {
+                generation,
+                domains,
+                keys: Arc::new(keys),
+                revocation_epoch: old.revocation_epoch + 1,
+                members: Arc::new(members),
+            }
+        });
+    }
+
+    fn read_state(&self) -> Result<(Members, Vec<Arc<Domain>>), StoreError> {
+        let store = self.store();
+        let memberships = store.memberships()?;
+        let users: Vec<User> = store.users()?;
+        let keys = store.live_api_keys(unix_now())?;
+        let backends = store.api_backends()?;
+        drop(store);
+
+        let mut members = Members::default();
+        for (domain, user, role) in memberships {
+            members
+                .by_domain
+                .entry(domain)
+                .or_default()
+                .insert(user, role == "admin");
+        }
+        members.disabled = users
+            .iter()
+            .filter(|u| u.disabled)
+            .map(|u| u.id.clone())
+            .collect();
+        let admins: HashSet<&str> = users
+            .iter()
+            .filter(|u| u.role == "admin")
+            .map(|u| u.id.as_str())
+            .collect();
+        for k in keys {
+            // A key acts for its creator: once the creator may no longer use the domain,
+            // neither may the key.
+            let creator_may = admins.contains(k.created_by.as_str())
+                || members.role(&k.domain_id, &k.created_by).is_some();
+            if !creator_may {
+                continue;
+            }
+            let key = ApiKey {
+                id: k.id,
+                domain: k.domain_id,
+                user: k.created_by,
+                expires_at: k.expires_at,
+            };
+            members.api_keys.insert(k.digest, key);
+        }
+        let mut api_domains = Vec::new();
+        for (id, name, json) in backends {
+            let built = serde_json::from_str::<Vec<BackendConfig>>(&json)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    Domain::build("backends", &id, &name, &b, true).map_err(|e| e.to_string())
+                });
+            match built {
+                Ok(d) => api_domains.push(Arc::new(d)),
+                Err(e) => tracing::error!(domain = %id, "stored backends unusable: {e}"),
+            }
+        }
+        Ok((members, api_domains))
+    }
+}
