@@ -60,7 +60,14 @@ enum UpRead {
 struct Watch<'a, W> {
     fut: Option<Pin<&'a mut W>>,
     saved: Option<(usize, Vec<u8>)>,
+    /// The watch read has been submitted. It is armed only once the backend keeps us
+    /// waiting longer than `WATCH_GRACE`: a quick answer needs no watch (and saves the
+    /// read and its cancellation, two io_uring operations per request).
+    armed: bool,
 }
+
+/// How long a backend may keep the client waiting before the client watch is armed.
+const WATCH_GRACE: Duration = Duration::from_millis(20);
 
 pub async fn stream_response(
     worker: &Worker,
@@ -87,6 +94,7 @@ pub async fn stream_response(
     let mut watch = Watch {
         fut: arm_watch.then_some(watch_fut),
         saved: None,
+        armed: false,
     };
     let is_head = head.method == Method::Head;
     let client_minor = head.minor_version;
@@ -326,10 +334,19 @@ async fn read_upstream<W>(
 where
     W: Future<Output = BufResult<usize, Vec<u8>>>,
 {
-    let read = pin!(monoio::time::timeout(
+    let mut read = pin!(monoio::time::timeout(
         limit,
         read_more(&mut up.stream, buf, READ_SIZE)
     ));
+    if watch.fut.is_some() && !watch.armed {
+        // Give the backend a moment before arming the watch; the read stays in flight
+        // either way (select hands back the unfinished future, nothing is cancelled).
+        let grace = pin!(monoio::time::sleep(WATCH_GRACE));
+        match select(read.as_mut(), grace).await {
+            Either::Left((r, _)) => return up_read(r),
+            Either::Right(((), _)) => watch.armed = true,
+        }
+    }
     let result = match watch.fut.as_mut() {
         None => read.await,
         Some(w) => match select(read, w.as_mut()).await {
@@ -348,6 +365,12 @@ where
             }
         },
     };
+    up_read(result)
+}
+
+fn up_read(
+    result: Result<BufResult<usize, Vec<u8>>, monoio::time::error::Elapsed>,
+) -> (UpRead, Vec<u8>) {
     match result {
         Ok((Ok(0), b)) => (UpRead::Eof, b),
         Ok((Ok(_), b)) => (UpRead::Data, b),
