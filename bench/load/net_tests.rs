@@ -213,7 +213,8 @@ fn open_loop_latency_counts_from_intended_time() {
     let l = &s.latency_us;
     assert!(l.send_lag.max >= 350_000, "{:?}", l.send_lag);
     assert!(l.total.max >= 550_000, "{:?}", l.total);
-    assert!(l.total.max >= l.send_lag.max + 200_000, "{l:?}");
+    // (HDR histograms keep 3 significant digits: allow their rounding, ~0.1 %.)
+    assert!(l.total.max + 1_000 >= l.send_lag.max + 200_000, "{l:?}");
 }
 
 #[test]
