@@ -20,14 +20,24 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
-    /// The whole request, head and body.
-    pub request: Bytes,
+    /// The whole requests, head and body; sent in turn (several when they carry distinct
+    /// bearer tokens, to exercise a gateway's token cache).
+    pub requests: std::sync::Arc<[Bytes]>,
+    pub next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// How to split a 2xx body into events (None = not a stream).
     pub events: Option<EventFormat>,
     /// Limit of each connect, read and write.
     pub io_timeout: Duration,
     /// Limit of a whole request, from when it is sent.
     pub request_timeout: Duration,
+}
+
+impl Target {
+    /// The next request to send, in turn.
+    pub fn pick(&self) -> Bytes {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.requests[i % self.requests.len()].clone()
+    }
 }
 
 /// An open keep-alive connection with its read buffer.
@@ -153,11 +163,8 @@ async fn attempt(
     }
     let conn = slot.as_mut().expect("connection just set");
     conn.buf.clear();
-    let w = monoio::time::timeout_at(
-        op_deadline(deadline, t),
-        conn.stream.write_all(t.request.clone()),
-    )
-    .await;
+    let w =
+        monoio::time::timeout_at(op_deadline(deadline, t), conn.stream.write_all(t.pick())).await;
     match w {
         Ok((Ok(_), _)) => {}
         Ok((Err(e), _)) => return Err(io_failure(&e)),

@@ -18,6 +18,7 @@ mod net_tests;
 #[cfg(test)]
 mod tests;
 
+use bytes::Bytes;
 use client::{Conn, Target};
 use http::EventFormat;
 use report::{Recorder, RunInfo, Summary};
@@ -106,6 +107,20 @@ pub struct LoadArgs {
     /// Send `Authorization: Bearer TOKEN`.
     #[arg(long)]
     pub bearer: Option<String>,
+    /// Sign bearer tokens (HS256) with this shared secret instead of --bearer: claims
+    /// iss = --issuer, sub = bench-user-<i>, exp = now + 1 h, domains = [--token-domain].
+    #[arg(long, conflicts_with = "bearer")]
+    pub sign_hs256: Option<String>,
+    /// How many distinct signed tokens to send in turn (1 = every request the same token:
+    /// cache hits; as many as requests: every request a miss).
+    #[arg(long, default_value_t = 1)]
+    pub distinct_tokens: usize,
+    /// `iss` of signed tokens.
+    #[arg(long, default_value = "https://bench.cubegate/")]
+    pub issuer: String,
+    /// Domain id put in signed tokens' `domains` claim.
+    #[arg(long)]
+    pub token_domain: Option<String>,
     /// Also write the summary as JSON to FILE.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -160,8 +175,43 @@ pub fn parse_url(url: &str) -> Result<(String, SocketAddr, String), String> {
     Ok((authority.to_string(), addr, path.to_string()))
 }
 
-/// The request every connection sends.
-pub fn build_request(a: &LoadArgs, host: &str, path: &str) -> Vec<u8> {
+/// HS256-signs `n` distinct tokens (ring).
+pub fn sign_tokens(a: &LoadArgs, secret: &str, n: usize) -> Vec<String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3600;
+    let header = B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#);
+    (0..n.max(1))
+        .map(|i| {
+            let mut claims =
+                serde_json::json!({"iss": a.issuer, "sub": format!("bench-user-{i}"), "exp": exp});
+            if let Some(d) = &a.token_domain {
+                claims["domains"] = serde_json::json!([d]);
+            }
+            let input = format!("{header}.{}", B64.encode(claims.to_string()));
+            let sig = ring::hmac::sign(&key, input.as_bytes());
+            format!("{input}.{}", B64.encode(sig.as_ref()))
+        })
+        .collect()
+}
+
+/// The requests the connections send in turn: one, or one per distinct signed token.
+pub fn build_requests(a: &LoadArgs, host: &str, path: &str) -> Vec<Bytes> {
+    match &a.sign_hs256 {
+        Some(secret) => sign_tokens(a, secret, a.distinct_tokens)
+            .iter()
+            .map(|t| build_request(a, host, path, Some(t)).into())
+            .collect(),
+        None => vec![build_request(a, host, path, a.bearer.as_deref()).into()],
+    }
+}
+
+/// One request, with `bearer` as its credential.
+pub fn build_request(a: &LoadArgs, host: &str, path: &str, bearer: Option<&str>) -> Vec<u8> {
     let model = a.model.as_deref().unwrap_or(a.kind.default_model());
     let stream = a.kind.events().is_some();
     let mut body = serde_json::json!({
@@ -192,7 +242,7 @@ pub fn build_request(a: &LoadArgs, host: &str, path: &str) -> Vec<u8> {
          Content-Type: application/json\r\nAccept: {accept}\r\nContent-Length: {}\r\n",
         body.len()
     );
-    if let Some(b) = &a.bearer {
+    if let Some(b) = bearer {
         req.push_str(&format!("Authorization: Bearer {b}\r\n"));
     }
     req.push_str("\r\n");
@@ -222,7 +272,8 @@ pub fn run(a: &LoadArgs) -> Result<Summary, String> {
     let warmup = secs("warmup", a.warmup)?;
     let target = Target {
         addr,
-        request: build_request(a, &host, &path).into(),
+        requests: build_requests(a, &host, &path).into(),
+        next: Default::default(),
         events: a.kind.events(),
         io_timeout: secs("timeout", a.timeout)?.max(Duration::from_millis(1)),
         request_timeout: secs("request-timeout", a.request_timeout)?.max(Duration::from_millis(1)),
