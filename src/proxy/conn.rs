@@ -348,12 +348,15 @@ async fn dispatch(
     conn.log.domain = Some(domain_span);
     let auth_header = conn.head.authorization.map(|s| s.of(&conn.rbuf));
     let tokens = &worker.tokens;
+    let negative_before = worker.metrics.token_cache_negative_hits.get();
     let first = worker
         .auth
         .authenticate(auth_header, snapshot, &mut tokens.borrow_mut());
+    // A verdict the cache already had was waited for once; do not wait again.
+    let fresh_verdict = worker.metrics.token_cache_negative_hits.get() == negative_before;
     let identity = match first {
         Err(GatewayError::Unauthorized(AuthError::Token(TokenError::UnknownKey)))
-            if snapshot.keys.has_fetched_issuers() =>
+            if fresh_verdict && snapshot.keys.has_fetched_issuers() =>
         {
             // Perhaps the identity provider rotated its keys: ask for its JWKS now and give
             // the fetch a moment before answering.
