@@ -36,20 +36,6 @@ fn gateway_for(driver: &str, backends: &[SocketAddr], model: &str) -> Gateway {
     gateway(driver, &domains_config(&[(DOMAIN, &list)]))
 }
 
-/// Whether the peer has closed the connection: a read returns EOF (or a reset) rather
-/// than timing out (the stream's read timeout is IO_TIMEOUT).
-fn peer_closed(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 64];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Err(e) => matches!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-        ),
-        Ok(_) => false,
-    }
-}
-
 fn stat(sim: &Proc, key: &str) -> u64 {
     sim_stats(sim)[key]
         .as_u64()

@@ -343,8 +343,6 @@ fn trickled_body_hits_the_total_deadline(driver: &str) {
 /// `[auth] claim_headers`: a verified claim travels upstream as a header, and a client
 /// cannot send that header itself.
 fn claims_become_headers_and_cannot_be_spoofed(driver: &str) {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-    use base64::Engine;
     let (backend, seen) = scripted_backend(1, None);
     let secret = "a shared secret of more than thirty-two bytes";
     let body = format!(
@@ -353,22 +351,8 @@ fn claims_become_headers_and_cannot_be_spoofed(driver: &str) {
             .replace("mode = \"none\"", "mode = \"jwt\"\nclaim_headers = { \"email\" = \"X-User-Email\" }")
     );
     let gw = gateway_env(driver, &body, &[("TEST_HS_SECRET", secret)]);
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = serde_json::json!({"iss": "https://idp.test/", "sub": "u1", "exp": exp, "email": "alice@example.com", "domains": [D]});
-    let input = format!(
-        "{}.{}",
-        B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
-        B64.encode(claims.to_string())
-    );
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let token = format!(
-        "{input}.{}",
-        B64.encode(ring::hmac::sign(&key, input.as_bytes()).as_ref())
-    );
+    let claims = serde_json::json!({"iss": "https://idp.test/", "sub": "u1", "exp": unix_in(600), "email": "alice@example.com", "domains": [D]});
+    let token = hs256_token(secret, &claims);
     let auth = format!("Bearer {token}");
     let r = post_with(
         gw.addr,

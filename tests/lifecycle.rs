@@ -76,19 +76,6 @@ fn finish_stream(r: &mut Reader) -> (String, bool) {
     (String::from_utf8_lossy(&body).into_owned(), false)
 }
 
-/// Whether the peer has closed the connection (EOF or reset, not a read timeout).
-fn peer_closed(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 64];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Err(e) => matches!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
-        ),
-        Ok(_) => false,
-    }
-}
-
 /// The model ids `GET /proxy/<domain>/v1/models` lists.
 fn listed_models(addr: SocketAddr) -> Vec<String> {
     let r = get(addr, &format!("/proxy/{DOMAIN}/v1/models"));

@@ -534,8 +534,6 @@ fn reloaded_config_domains_take_members(driver: &str) {
 /// user's memberships; racing a refresh token cannot escape family revocation; an API key
 /// dies with its creator's membership; absurd usernames are refused before any work.
 fn review_regressions(driver: &str) {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-    use base64::Engine;
     let vllm = sim("vllm", &[]);
     let secret = "another shared secret, longer than thirty-two bytes";
     let body = format!(
@@ -565,22 +563,8 @@ fn review_regressions(driver: &str) {
     assert_eq!(r.status, 200);
 
     // 1. The other issuer says sub = carol's id: her memberships are not its to use.
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = json!({"iss": "https://other-idp/", "sub": carol_id, "exp": exp});
-    let input = format!(
-        "{}.{}",
-        B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
-        B64.encode(claims.to_string())
-    );
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let forged = format!(
-        "{input}.{}",
-        B64.encode(ring::hmac::sign(&key, input.as_bytes()).as_ref())
-    );
+    let claims = json!({"iss": "https://other-idp/", "sub": carol_id, "exp": unix_in(600)});
+    let forged = hs256_token(secret, &claims);
     assert_eq!(chat(&gw, &forged).status, 403);
 
     // 2. The same refresh token twice at once: whatever wins, no live chain remains.

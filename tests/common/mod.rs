@@ -531,6 +531,43 @@ pub fn send_chat(addr: SocketAddr, path: &str, model: &str, stream: bool) -> Rea
     r
 }
 
+/// Seconds since the epoch plus `secs` (for `exp` claims).
+pub fn unix_in(secs: u64) -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + secs
+}
+
+/// An HS256 token over `claims`, signed with `secret` (ring).
+pub fn hs256_token(secret: &str, claims: &serde_json::Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let input = format!(
+        "{}.{}",
+        B64.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+        B64.encode(claims.to_string())
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let sig = ring::hmac::sign(&key, input.as_bytes());
+    format!("{input}.{}", B64.encode(sig.as_ref()))
+}
+
+/// Whether the peer has closed the connection: a read returns EOF (or a reset) rather
+/// than timing out.
+pub fn peer_closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+        ),
+        Ok(_) => false,
+    }
+}
+
 /// Writes to a stream, ignoring errors (for tests that expect the peer to hang up).
 pub fn send(s: &mut TcpStream, bytes: &[u8]) {
     let _ = s.write_all(bytes);
