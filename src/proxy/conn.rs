@@ -10,7 +10,7 @@
 use super::error::GatewayError;
 use super::forward::{forward, ForwardRequest};
 use super::local;
-use super::read_model::read_model;
+use super::read_model::{read_model, read_whole_body};
 use super::route::{classify, Api, Endpoint, Route};
 use super::upstream::pick_backends;
 use super::{RequestId, Worker};
@@ -448,7 +448,7 @@ async fn forward_to_management(
     target: Span,
 ) -> Result<bool, GatewayError> {
     let domain = &worker.management;
-    let model = read_model(worker, conn, domain, Endpoint::Other).await?;
+    let model = read_whole_body(worker, conn, crate::mgmt::server::MAX_BODY as u64).await?;
     let identity = crate::auth::Identity::Development;
     let mut req = ForwardRequest {
         domain,

@@ -38,7 +38,42 @@ pub async fn read_model(
     domain: &Domain,
     endpoint: Endpoint,
 ) -> Result<ModelRead, GatewayError> {
-    let max_body = worker.limits.max_body_bytes;
+    let until = if domain.passthrough {
+        Until::Nothing
+    } else {
+        Until::Model(endpoint)
+    };
+    read_body(worker, conn, until, worker.limits.max_body_bytes).await
+}
+
+/// Reads the whole body (at most `max_body` bytes) before anything is forwarded: for the
+/// management API, whose few threads must only ever see complete requests (a client
+/// trickling a body through the public port cannot hold one of them).
+pub async fn read_whole_body(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    max_body: u64,
+) -> Result<ModelRead, GatewayError> {
+    read_body(worker, conn, Until::End, max_body).await
+}
+
+/// How far `read_body` reads.
+#[derive(Clone, Copy)]
+enum Until {
+    /// What is already buffered; the rest streams.
+    Nothing,
+    /// Until the top-level "model" is known (scanning on to the end as it streams).
+    Model(Endpoint),
+    /// The end of the body.
+    End,
+}
+
+async fn read_body(
+    worker: &Worker,
+    conn: &mut ClientConn,
+    until: Until,
+    max_body: u64,
+) -> Result<ModelRead, GatewayError> {
     let mut tracker = match conn.head.framing {
         BodyFraming::None => {
             return Ok(ModelRead {
@@ -59,7 +94,7 @@ pub async fn read_model(
             return Err(GatewayError::BodyIncomplete);
         }
     }
-    let scan = !domain.passthrough;
+    let scan = matches!(until, Until::Model(_));
     let mut scanner = ModelScanner::new();
     loop {
         let mut scan_error = None;
@@ -88,7 +123,12 @@ pub async fn read_model(
         if done {
             conn.body_pending = false;
         }
-        if done || !scan || scanner.model().is_some() || scanner.finished() {
+        let enough = match until {
+            Until::Nothing => true,
+            Until::Model(_) => scanner.model().is_some() || scanner.finished(),
+            Until::End => false,
+        };
+        if done || enough {
             break;
         }
         // Only the current request's bytes are in the buffer from `consumed` on, since
@@ -108,7 +148,7 @@ pub async fn read_model(
             Ok(_) => {}
         }
     }
-    if scan {
+    if let Until::Model(endpoint) = until {
         match scanner.model() {
             Some("") => return Err(GatewayError::InvalidModel("it is empty")),
             Some(_) => {}
