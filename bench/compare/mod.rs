@@ -233,6 +233,8 @@ fn load_args(ep: &Endpoint, bearer: Option<&str>, kind: LoadKind, tokens: u64) -
         distinct_tokens: 1,
         issuer: String::new(),
         token_domain: None,
+        source_ips: 1,
+        measure_pid: None,
         json: None,
         warmup: 0.0,
         threads: 1,

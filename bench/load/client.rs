@@ -24,12 +24,41 @@ pub struct Target {
     /// bearer tokens, to exercise a gateway's token cache).
     pub requests: std::sync::Arc<[Bytes]>,
     pub next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Connect from 127.0.0.1..=127.0.0.N in turn (N > 1: more connections than one source
+    /// address has ports for).
+    pub source_ips: u8,
+    pub next_source: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// How to split a 2xx body into events (None = not a stream).
     pub events: Option<EventFormat>,
     /// Limit of each connect, read and write.
     pub io_timeout: Duration,
     /// Limit of a whole request, from when it is sent.
     pub request_timeout: Duration,
+}
+
+/// Opens a connection, from the next source address when `source_ips` > 1.
+async fn connect(t: &Target) -> io::Result<TcpStream> {
+    if t.source_ips <= 1 || !t.addr.ip().is_loopback() {
+        return TcpStream::connect_addr(t.addr).await;
+    }
+    let i = t
+        .next_source
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        % usize::from(t.source_ips);
+    let source = SocketAddr::from(([127, 0, 0, 1 + i as u8], 0));
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&source.into())?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&t.addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    stream.writable(true).await?;
+    // Connected only if the kernel knows the peer now.
+    stream.peer_addr()?;
+    Ok(stream)
 }
 
 impl Target {
@@ -149,8 +178,7 @@ async fn attempt(
     rec: &RefCell<Recorder>,
 ) -> Result<(u16, bool), Failure> {
     if slot.is_none() {
-        let c = monoio::time::timeout_at(op_deadline(deadline, t), TcpStream::connect_addr(t.addr))
-            .await;
+        let c = monoio::time::timeout_at(op_deadline(deadline, t), connect(t)).await;
         let stream = match c {
             Ok(Ok(s)) => s,
             Ok(Err(_)) | Err(_) => return Err(Failure::Kind(ErrorKind::Connect)),

@@ -121,6 +121,14 @@ pub struct LoadArgs {
     /// Domain id put in signed tokens' `domains` claim.
     #[arg(long)]
     pub token_domain: Option<String>,
+    /// Connect from 127.0.0.1..=127.0.0.N in turn (loopback targets): for more concurrent
+    /// connections than one source address has ephemeral ports.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=250))]
+    pub source_ips: u8,
+    /// Report this process's memory: resident at the start, peak at the end, and the
+    /// difference per connection (e.g. the gateway's pid, with long-lived streams).
+    #[arg(long)]
+    pub measure_pid: Option<u32>,
     /// Also write the summary as JSON to FILE.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -274,6 +282,8 @@ pub fn run(a: &LoadArgs) -> Result<Summary, String> {
         addr,
         requests: build_requests(a, &host, &path).into(),
         next: Default::default(),
+        source_ips: a.source_ips,
+        next_source: Default::default(),
         events: a.kind.events(),
         io_timeout: secs("timeout", a.timeout)?.max(Duration::from_millis(1)),
         request_timeout: secs("request-timeout", a.request_timeout)?.max(Duration::from_millis(1)),
@@ -294,6 +304,12 @@ pub fn run(a: &LoadArgs) -> Result<Summary, String> {
         barrier: Barrier::new(threads),
         start: OnceLock::new(),
     });
+    let rss_before = match a.measure_pid {
+        Some(pid) => {
+            Some(proc_kib(pid, "VmRSS:").ok_or(format!("--measure-pid {pid}: no such process"))?)
+        }
+        None => None,
+    };
     let mut handles = Vec::new();
     for t in 0..threads {
         let conns = a.connections / threads + usize::from(t < a.connections % threads);
@@ -333,7 +349,27 @@ pub fn run(a: &LoadArgs) -> Result<Summary, String> {
         tokens: a.tokens,
         warmup_s: warmup.as_secs_f64(),
     };
-    Ok(Summary::new(info, &all, end - start, unsent))
+    let mut summary = Summary::new(info, &all, end - start, unsent);
+    if let (Some(pid), Some(before)) = (a.measure_pid, rss_before) {
+        let peak = proc_kib(pid, "VmHWM:").ok_or("cannot read the measured process's memory")?;
+        summary.memory = Some(report::Memory {
+            pid,
+            rss_start_kib: before,
+            peak_kib: peak,
+            per_connection_bytes: (peak.saturating_sub(before) * 1024) as f64
+                / a.connections.max(1) as f64,
+        });
+    }
+    Ok(summary)
+}
+
+/// A `VmRSS:`/`VmHWM:` line of /proc/PID/status, in KiB.
+fn proc_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// What all threads share.

@@ -23,6 +23,8 @@ fn args(addr: SocketAddr, kind: Kind) -> LoadArgs {
         distinct_tokens: 1,
         issuer: String::new(),
         token_domain: None,
+        source_ips: 1,
+        measure_pid: None,
         json: None,
         warmup: 0.0,
         threads: 1,
@@ -267,4 +269,36 @@ fn smoke_against_the_simulator() {
         assert_eq!(json["completed"], 40);
         assert!(s.human().contains("requests/s"));
     }
+}
+
+static SOURCES: std::sync::Mutex<Vec<std::net::IpAddr>> = std::sync::Mutex::new(Vec::new());
+
+/// Records the client's address, then answers each request at once.
+fn source_script(mut s: TcpStream) {
+    if let Ok(peer) = s.peer_addr() {
+        SOURCES.lock().unwrap().push(peer.ip());
+    }
+    while read_request(&mut s) {
+        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[test]
+fn connections_spread_over_source_addresses() {
+    let addr = scripted(6, source_script);
+    let mut a = args(addr, Kind::Chat);
+    a.connections = 6;
+    a.source_ips = 3;
+    a.requests = Some(12);
+    let s = run(&a).expect("run");
+    assert_eq!(s.ok, 12);
+    let mut seen = SOURCES.lock().unwrap().clone();
+    seen.sort();
+    seen.dedup();
+    let want: Vec<std::net::IpAddr> = (1..=3).map(|i| [127, 0, 0, i].into()).collect();
+    assert_eq!(seen, want);
 }

@@ -245,6 +245,17 @@ pub struct Summary {
     pub statuses: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
     pub latency_us: Latencies,
+    /// With `--measure-pid`: the measured process's memory.
+    pub memory: Option<Memory>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    pub pid: u32,
+    pub rss_start_kib: u64,
+    pub peak_kib: u64,
+    /// (peak − start) / connections.
+    pub per_connection_bytes: f64,
 }
 
 impl Summary {
@@ -281,6 +292,7 @@ impl Summary {
                 between_events: Percentiles::of(&r.gap),
                 send_lag: Percentiles::of(&r.send_lag),
             },
+            memory: None,
         }
     }
 
@@ -299,6 +311,13 @@ impl Summary {
             "  {} connections, {} threads, {mode}, {:.2} s measured (+{} s warmup)",
             r.connections, r.threads, self.elapsed_s, r.warmup_s
         );
+        if let Some(m) = &self.memory {
+            let _ = writeln!(
+                s,
+                "  memory of pid {}: {} KiB at start, {} KiB peak: {:.0} bytes per connection",
+                m.pid, m.rss_start_kib, m.peak_kib, m.per_connection_bytes
+            );
+        }
         let _ = writeln!(
             s,
             "  requests: {} sent, {} completed, {} 2xx, {} errors, {} unsent",

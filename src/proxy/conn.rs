@@ -32,6 +32,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 const READ_SIZE: usize = 16 * 1024;
+const INITIAL_READ: usize = 4 * 1024;
 /// How long a request with an unknown `kid` waits for a JWKS refresh.
 const JWKS_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
@@ -99,11 +100,13 @@ pub async fn serve_connection(
     let mut conn = ClientConn {
         rd,
         wr,
-        rbuf: Vec::with_capacity(READ_SIZE),
+        // Small to start (a head is rarely 1 KiB): an idle keep-alive connection should
+        // cost little; reads grow it when a body or a big head needs more.
+        rbuf: Vec::with_capacity(INITIAL_READ),
         head: RequestHead::default(),
         log: RequestLog::default(),
         peer,
-        out: Vec::with_capacity(4096),
+        out: Vec::with_capacity(1024),
         consumed: 0,
         body_pending: false,
         body_deadline: Instant::now(),

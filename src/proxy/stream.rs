@@ -66,6 +66,8 @@ struct Watch<'a, W> {
     armed: bool,
 }
 
+const WATCH_BUF: usize = 1024;
+
 /// How long a backend may keep the client waiting before the client watch is armed.
 const WATCH_GRACE: Duration = Duration::from_millis(20);
 
@@ -77,7 +79,9 @@ pub async fn stream_response(
 ) -> Result<StreamEnd, StreamError> {
     worker.metrics.streams.up();
     let canceller = Canceller::new();
-    let watch_buf = worker.buffer().take();
+    // Small: it only has to show that the client is alive or gone (pipelined bytes
+    // beyond it stay in the socket for the next head read).
+    let watch_buf = Vec::with_capacity(WATCH_BUF);
     // A client already far ahead with pipelined requests is alive and needs no watch; not
     // arming it also keeps the backlog from growing by a read per request.
     let arm_watch = conn.pending_bytes() < worker.limits.max_head_bytes;
@@ -119,12 +123,11 @@ pub async fn stream_response(
         // Ok(0) (the client half-closed) needs nothing here: the next head read sees EOF.
         match res {
             Ok(n) if n > 0 => watch.saved = Some((n, buf)),
-            _ => worker.recycle(buf),
+            _ => {}
         }
     }
     if let Some((n, buf)) = watch.saved {
         rbuf.extend_from_slice(&buf[..n]);
-        worker.recycle(buf);
     }
     worker.metrics.streams.down();
     result
