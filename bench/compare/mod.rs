@@ -42,6 +42,11 @@ pub struct CompareArgs {
     /// Directory for results.md, results.json, latency.svg and cpu.svg.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
+    /// Rounds: every system runs once per round, in the same order (so systems alternate
+    /// and a slow patch of the machine hits them all); each system's row is its round with
+    /// the median closed-loop req/s.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
     /// Systems to run, comma-separated, in this order [default: all]: direct, cubegate,
     /// nginx, haproxy-jwt, haproxy-tcp, litellm.
     #[arg(long, value_delimiter = ',')]
@@ -488,62 +493,71 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
         threads: load_cpus.len().clamp(1, 4),
     };
 
-    let mut results = Vec::new();
+    let rounds = a.repeat.clamp(1, 20);
+    let mut by_system: Vec<Vec<SystemResult>> = vec![Vec::new(); kinds.len()];
     let mut driver = None;
-    for kind in kinds {
-        progress(&format!("{}: starting", kind.name()));
-        let started = Instant::now();
-        let mut res = match systems::start(kind, &env, &probe) {
-            Err(NotRun::Skipped(why)) => SystemResult {
-                status: format!("skipped ({why})"),
-                ..SystemResult::default()
-            },
-            Err(NotRun::Failed(why)) => SystemResult {
-                status: format!("failed: {why}"),
-                ..SystemResult::default()
-            },
-            Ok(running) if running.bearer.is_some() && forged_passes(&running) => SystemResult {
-                status: "failed: accepted a token with a bad signature".into(),
-                ..SystemResult::default()
-            },
-            Ok(mut running) => {
-                if kind == Kind::Cubegate {
-                    if let Some(p) = &running.proc {
-                        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
-                        driver = systems::driver_from_log(&log);
-                        if let Some(d) = &driver {
-                            running.notes.push(format!("driver {d}"));
+    for round in 0..rounds {
+        for (slot, &kind) in kinds.iter().enumerate() {
+            if rounds > 1 {
+                progress(&format!("round {}/{rounds}", round + 1));
+            }
+            progress(&format!("{}: starting", kind.name()));
+            let started = Instant::now();
+            let mut res = match systems::start(kind, &env, &probe) {
+                Err(NotRun::Skipped(why)) => SystemResult {
+                    status: format!("skipped ({why})"),
+                    ..SystemResult::default()
+                },
+                Err(NotRun::Failed(why)) => SystemResult {
+                    status: format!("failed: {why}"),
+                    ..SystemResult::default()
+                },
+                Ok(running) if running.bearer.is_some() && forged_passes(&running) => {
+                    SystemResult {
+                        status: "failed: accepted a token with a bad signature".into(),
+                        ..SystemResult::default()
+                    }
+                }
+                Ok(mut running) => {
+                    if kind == Kind::Cubegate {
+                        if let Some(p) = &running.proc {
+                            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+                            driver = systems::driver_from_log(&log);
+                            if let Some(d) = &driver {
+                                running.notes.push(format!("driver {d}"));
+                            }
                         }
                     }
-                }
-                let mut r = match measure(&running, a, &shape, stream_rate) {
-                    Ok(r) => r,
-                    Err(e) => SystemResult {
-                        status: format!("failed: {e}"),
-                        ..SystemResult::default()
-                    },
-                };
-                if let Some(p) = running.proc.as_mut() {
-                    if let Some(st) = p.exited() {
-                        r.status = format!("failed: exited during the run ({st})");
+                    let mut r = match measure(&running, a, &shape, stream_rate) {
+                        Ok(r) => r,
+                        Err(e) => SystemResult {
+                            status: format!("failed: {e}"),
+                            ..SystemResult::default()
+                        },
+                    };
+                    if let Some(p) = running.proc.as_mut() {
+                        if let Some(st) = p.exited() {
+                            r.status = format!("failed: exited during the run ({st})");
+                        }
                     }
+                    r.version = Some(running.version.clone());
+                    r.notes = running.notes.clone();
+                    drop(running); // stops the system before the next starts
+                    r
                 }
-                r.version = Some(running.version.clone());
-                r.notes = running.notes.clone();
-                drop(running); // stops the system before the next starts
-                r
-            }
-        };
-        res.name = kind.name().to_string();
-        res.label = kind.label().to_string();
-        progress(&format!(
-            "{}: {} ({:.1} s)",
-            kind.name(),
-            res.status,
-            started.elapsed().as_secs_f64()
-        ));
-        results.push(res);
+            };
+            res.name = kind.name().to_string();
+            res.label = kind.label().to_string();
+            progress(&format!(
+                "{}: {} ({:.1} s)",
+                kind.name(),
+                res.status,
+                started.elapsed().as_secs_f64()
+            ));
+            by_system[slot].push(res);
+        }
     }
+    let results: Vec<SystemResult> = by_system.into_iter().filter_map(median_round).collect();
 
     Ok(Report {
         date: report::utc_date(unix_now()),
@@ -564,6 +578,35 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
         },
         systems: results,
     })
+}
+
+/// A system's row from its rounds: the measured round with the median closed-loop req/s
+/// (noting every round's figure), or the last round when none was measured.
+fn median_round(mut rounds: Vec<SystemResult>) -> Option<SystemResult> {
+    let rps = |r: &SystemResult| r.closed.as_ref().map_or(0.0, |p| p.requests_per_s);
+    let measured: Vec<usize> = (0..rounds.len())
+        .filter(|&i| rounds[i].measured())
+        .collect();
+    if measured.len() <= 1 {
+        return if measured.len() == 1 {
+            Some(rounds.swap_remove(measured[0]))
+        } else {
+            rounds.pop()
+        };
+    }
+    let mut order = measured.clone();
+    order.sort_by(|&x, &y| rps(&rounds[x]).total_cmp(&rps(&rounds[y])));
+    let all: Vec<String> = measured
+        .iter()
+        .map(|&i| format!("{:.0}", rps(&rounds[i])))
+        .collect();
+    let mut chosen = rounds.swap_remove(order[order.len() / 2]);
+    chosen.notes.push(format!(
+        "median of {} rounds (req/s: {})",
+        all.len(),
+        all.join(", ")
+    ));
+    Some(chosen)
 }
 
 /// `compare` as a command: runs, prints the table, writes the files.

@@ -75,7 +75,7 @@ pub struct SystemResult {
 }
 
 impl SystemResult {
-    fn measured(&self) -> bool {
+    pub fn measured(&self) -> bool {
         self.status == "ok"
     }
 }

@@ -345,3 +345,33 @@ fn smoke_compare() {
             .unwrap();
     assert_eq!(json["systems"].as_array().unwrap().len(), 6);
 }
+
+#[test]
+fn repeated_rounds_keep_the_median() {
+    use super::report::{Phase, SystemResult};
+    let round = |rps: f64| SystemResult {
+        name: "x".into(),
+        status: "ok".into(),
+        closed: Some(Phase {
+            requests_per_s: rps,
+            ..Phase::default()
+        }),
+        ..SystemResult::default()
+    };
+    let chosen = super::median_round(vec![round(30.0), round(10.0), round(20.0)]).unwrap();
+    assert_eq!(chosen.closed.unwrap().requests_per_s, 20.0);
+    assert!(chosen
+        .notes
+        .iter()
+        .any(|n| n.contains("median of 3 rounds (req/s: 30, 10, 20)")));
+    let failed = SystemResult {
+        status: "failed: x".into(),
+        ..SystemResult::default()
+    };
+    let only = super::median_round(vec![failed.clone(), round(5.0)]).unwrap();
+    assert_eq!(only.closed.unwrap().requests_per_s, 5.0);
+    assert_eq!(
+        super::median_round(vec![failed]).unwrap().status,
+        "failed: x"
+    );
+}
