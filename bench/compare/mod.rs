@@ -498,7 +498,7 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
     let mut driver = None;
     for round in 0..rounds {
         for (slot, &kind) in kinds.iter().enumerate() {
-            if rounds > 1 {
+            if rounds > 1 && slot == 0 {
                 progress(&format!("round {}/{rounds}", round + 1));
             }
             progress(&format!("{}: starting", kind.name()));
