@@ -59,3 +59,21 @@ fn unit_verifies_and_is_hardened() {
         assert!(text.contains("cubegate"), "{file}");
     }
 }
+
+/// The configuration the Debian package installs is valid as shipped and safe: tokens are
+/// required.
+#[test]
+fn packaged_config_is_valid_and_requires_tokens() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/package.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_cubegate"))
+        .args(["check-config", "--config", path])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("auth.mode = Jwt"), "{text}");
+}
