@@ -225,26 +225,14 @@ struct Shape {
 
 fn load_args(ep: &Endpoint, bearer: Option<&str>, kind: LoadKind, tokens: u64) -> LoadArgs {
     LoadArgs {
-        url: ep.url.clone(),
-        kind,
         model: Some(ep.model.clone()),
         connections: 1,
         duration: Some(1.0),
-        requests: None,
-        rate: None,
         tokens: Some(tokens),
         bearer: bearer.map(str::to_string),
-        sign_hs256: None,
-        distinct_tokens: 1,
-        issuer: String::new(),
-        token_domain: None,
-        source_ips: 1,
-        measure_pid: None,
-        json: None,
-        warmup: 0.0,
-        threads: 1,
         timeout: 5.0,
         request_timeout: 30.0,
+        ..LoadArgs::new(&ep.url, kind)
     }
 }
 

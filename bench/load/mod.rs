@@ -146,6 +146,21 @@ pub struct LoadArgs {
     pub request_timeout: f64,
 }
 
+impl LoadArgs {
+    /// The command line's defaults for `url` and `kind` (callers change what they need).
+    pub fn new(url: &str, kind: Kind) -> LoadArgs {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            a: LoadArgs,
+        }
+        let mut a = P::parse_from(["load", "--url", url]).a;
+        a.kind = kind;
+        a
+    }
+}
+
 fn secs(name: &str, v: f64) -> Result<Duration, String> {
     if (0.0..1e9).contains(&v) {
         Ok(Duration::from_secs_f64(v))

@@ -10,26 +10,11 @@ use std::time::{Duration, Instant};
 
 fn args(addr: SocketAddr, kind: Kind) -> LoadArgs {
     LoadArgs {
-        url: format!("http://{addr}/"),
-        kind,
-        model: None,
         connections: 1,
-        duration: None,
         requests: Some(1),
-        rate: None,
-        tokens: None,
-        bearer: None,
-        sign_hs256: None,
-        distinct_tokens: 1,
-        issuer: String::new(),
-        token_domain: None,
-        source_ips: 1,
-        measure_pid: None,
-        json: None,
-        warmup: 0.0,
-        threads: 1,
         timeout: 5.0,
         request_timeout: 10.0,
+        ..LoadArgs::new(&format!("http://{addr}/"), kind)
     }
 }
 

@@ -380,12 +380,6 @@ impl Storage for Store {
         tx.commit()?;
         Ok(n > 0)
     }
-
-    fn disabled_users(&self) -> Result<Vec<String>, StoreError> {
-        let mut st = self.db.prepare("SELECT id FROM users WHERE disabled = 1")?;
-        let rows = st.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
 }
 
 #[cfg(test)]

@@ -130,7 +130,4 @@ pub trait Storage: Send {
 
     /// Disables or enables a user; disabling also revokes every refresh token of theirs.
     fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError>;
-
-    /// Ids of disabled users (their cached tokens must stop working).
-    fn disabled_users(&self) -> Result<Vec<String>, StoreError>;
 }

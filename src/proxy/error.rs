@@ -40,7 +40,6 @@ pub enum GatewayError {
     UpstreamWriteTimeout,
     UpstreamBadResponse(&'static str),
     UpstreamClosed,
-    Draining,
 }
 
 impl GatewayError {
@@ -62,7 +61,6 @@ impl GatewayError {
             Forbidden(_) => 403,
             UpstreamConnect(_) | UpstreamBadResponse(_) | UpstreamClosed => 502,
             UpstreamConnectTimeout | UpstreamFirstByteTimeout | UpstreamWriteTimeout => 504,
-            Draining => 503,
         }
     }
 
@@ -111,7 +109,6 @@ impl GatewayError {
             UpstreamWriteTimeout => "backend_write_timeout",
             UpstreamBadResponse(_) => "backend_bad_response",
             UpstreamClosed => "backend_closed",
-            Draining => "shutting_down",
         }
     }
 
@@ -129,7 +126,6 @@ impl GatewayError {
                 | BodyIncomplete
                 | InvalidBody(_)
                 | UpstreamWriteTimeout
-                | Draining
         )
     }
 
@@ -187,7 +183,6 @@ impl fmt::Display for GatewayError {
             UpstreamWriteTimeout => f.write_str("the backend stopped reading the request"),
             UpstreamBadResponse(why) => write!(f, "the backend sent an invalid response: {why}"),
             UpstreamClosed => f.write_str("the backend closed the connection without answering"),
-            Draining => f.write_str("cubegate is shutting down; retry on another instance"),
         }
     }
 }

@@ -23,7 +23,7 @@ use super::{RequestId, Worker};
 use crate::auth::Identity;
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::head::{BodyFraming, Method, Span};
-use crate::http::headers::{eq_ignore_case, is_hop_by_hop_request};
+use crate::http::headers::{eq_ignore_case, has_token, is_hop_by_hop_request};
 use crate::http::response::push_u64;
 use crate::snapshot::{Backend, Domain};
 use monoio::buf::IoBuf;
@@ -250,14 +250,16 @@ fn write_upstream_head(
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(backend.authority.as_bytes());
     out.extend_from_slice(b"\r\n");
-    // Headers the client named in Connection are hop-by-hop too.
+    // Headers the client named in Connection are hop-by-hop too. Most requests carry no
+    // Connection header: then nothing is looked up per header.
+    let is_connection = |n: &Span| eq_ignore_case(n.of(buf), b"connection");
+    let has_connection = head.headers.iter().any(|(n, _)| is_connection(n));
     let listed_in_connection = |name: &[u8]| {
-        head.headers.iter().any(|(n, v)| {
-            eq_ignore_case(n.of(buf), b"connection")
-                && v.of(buf)
-                    .split(|&b| b == b',')
-                    .any(|t| eq_ignore_case(t.trim_ascii(), name))
-        })
+        has_connection
+            && head
+                .headers
+                .iter()
+                .any(|(n, v)| is_connection(n) && has_token(v.of(buf), name))
     };
     for (name, value) in &head.headers {
         let n = name.of(buf);

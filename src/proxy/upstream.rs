@@ -69,10 +69,6 @@ impl Pools {
         list.push((stream, Instant::now()));
     }
 
-    pub fn idle_count(&self) -> usize {
-        self.idle.values().map(Vec::len).sum()
-    }
-
     pub fn mark_down(&mut self, addr: SocketAddr) {
         self.down_until.insert(addr, Instant::now() + DOWN_FOR);
     }
