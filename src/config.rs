@@ -346,13 +346,6 @@ impl Config {
                 "tls_cert and tls_key must be set together (both = HTTPS, neither = HTTP)",
             ));
         }
-        if self.proxy.tls_cert.is_some() {
-            return Err(err(
-                "proxy.tls_cert",
-                "TLS on the public listener is not available in this build yet; \
-                 remove tls_cert/tls_key or terminate TLS in front of cubegate",
-            ));
-        }
         if self.proxy.workers > 1024 {
             return Err(err("proxy.workers", "at most 1024 workers"));
         }

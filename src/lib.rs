@@ -13,3 +13,4 @@ pub mod notify;
 pub mod proxy;
 pub mod runtime;
 pub mod snapshot;
+pub mod tls;

@@ -33,9 +33,32 @@ enum Command {
         config: PathBuf,
     },
     /// Validate a configuration file; exits non-zero with a message naming the key.
+    ///
+    /// Also reads the TLS certificate and key (proxy.tls_cert, proxy.tls_key) and checks
+    /// that they belong together, and resolves every backend address.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Write a self-signed certificate and its key (cert.pem, key.pem) for development.
+    ///
+    /// ECDSA P-256. Names that parse as IP addresses become IP SANs, the others DNS
+    /// names. The key file is created with mode 0600. Existing files are kept unless
+    /// --force is given. Point proxy.tls_cert and proxy.tls_key at the two files; clients
+    /// must be told to trust cert.pem (curl --cacert cert.pem).
+    GenCert {
+        /// Where to write cert.pem and key.pem (created if missing).
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+        /// A name the certificate is valid for; repeat for more.
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
+        names: Vec<String>,
+        /// Days of validity (1..=3650).
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -71,6 +94,14 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
+/// The TLS files a configuration names must load (check-config reads them as serve would).
+fn check_tls_files(config: &Config) -> Result<(), cubegate::config::ConfigError> {
+    if let Some((cert, key)) = cubegate::tls::listener_files(config) {
+        cubegate::tls::CertStore::load(&cert, &key).map_err(cubegate::config::ConfigError::from)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -86,8 +117,32 @@ fn main() -> ExitCode {
             let code = cubegate::runtime::serve(parsed, config);
             ExitCode::from(code as u8)
         }
+        Command::GenCert {
+            out_dir,
+            names,
+            days,
+            force,
+        } => {
+            let req = cubegate::tls::gen_cert::GenCert {
+                out_dir,
+                names,
+                days,
+                force,
+            };
+            match cubegate::tls::gen_cert::gen_cert(&req) {
+                Ok((cert, key)) => {
+                    println!("wrote {} and {}", cert.display(), key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cubegate gen-cert: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::CheckConfig { config } => match Config::load(&config)
             .and_then(|c| cubegate::snapshot::Snapshot::from_config(&c, 0).map(|s| (c, s)))
+            .and_then(|(c, s)| check_tls_files(&c).map(|_| (c, s)))
         {
             Ok((c, s)) => {
                 let backends: usize = s.domains.values().map(|d| d.backends.len()).sum();

@@ -77,6 +77,9 @@ pub struct WorkerMetrics {
     pub upstream_connects: Counter,
     pub upstream_connect_failures: Counter,
     pub upstream_reuses: Counter,
+    /// TLS handshakes completed with clients, and those that failed or timed out.
+    pub tls_handshakes: Counter,
+    pub tls_handshake_failures: Counter,
     pub token_cache_hits: Counter,
     pub token_cache_negative_hits: Counter,
     pub token_cache_misses: Counter,
@@ -133,6 +136,16 @@ pub fn render(registry: &Registry) -> String {
         "cubegate_upstream_connect_failures_total",
         "Backend connections that failed or timed out.",
         sum(|w| &w.upstream_connect_failures),
+    );
+    counter(
+        "cubegate_tls_handshakes_total",
+        "TLS handshakes completed with clients.",
+        sum(|w| &w.tls_handshakes),
+    );
+    counter(
+        "cubegate_tls_handshake_failures_total",
+        "Client TLS handshakes that failed or timed out.",
+        sum(|w| &w.tls_handshake_failures),
     );
     counter(
         "cubegate_upstream_reuses_total",

@@ -11,7 +11,7 @@ use crate::auth::keys::KeyStore;
 use crate::config::{AuthMode, Config, Driver};
 use crate::notify::{Heartbeats, Notifier};
 use crate::proxy::conn::{serve_connection, OpenConnection};
-use crate::proxy::Worker;
+use crate::proxy::{Worker, WorkerParts};
 use crate::snapshot::{Published, Snapshot};
 use monoio::net::TcpListener;
 use std::net::SocketAddr;
@@ -74,6 +74,18 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         }
     };
     let workers = crate::proxy::workers_of(&config);
+    // HTTPS: the certificate is loaded (and checked against its key) before anything listens.
+    let certs = match crate::tls::listener_files(&config) {
+        None => None,
+        Some((cert, key)) => match crate::tls::CertStore::load(&cert, &key) {
+            Ok(store) => Some(Arc::new(store)),
+            Err(e) => {
+                tracing::error!("{e}");
+                return 2;
+            }
+        },
+    };
+    let tls = certs.clone().map(crate::tls::server_config);
     if config.auth.mode == AuthMode::None {
         tracing::warn!(
             "!!! auth.mode = \"none\": NO TOKEN IS CHECKED. Anyone who can reach {} can use every \
@@ -142,13 +154,19 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
     let heartbeats = Arc::new(Heartbeats::new(workers));
     let notifier = Notifier::from_env();
     let mut threads = Vec::with_capacity(workers);
+    let parts = WorkerParts {
+        published: published.clone(),
+        registry: registry.clone(),
+        jwks_refresh: refresh.clone(),
+        mgmt_addr,
+        run_id,
+        tls,
+    };
     for (i, listener) in listeners.into_iter().enumerate() {
         let config = config.clone();
-        let published = published.clone();
+        let parts = parts.clone();
         let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         let remaining = remaining.clone();
-        let registry = registry.clone();
-        let refresh = refresh.clone();
         let heartbeats = heartbeats.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("cubegate-w{i}"))
@@ -156,8 +174,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
                 if let Some(core) = core {
                     core_affinity::set_for_current(core);
                 }
-                let worker =
-                    Worker::new(i, &config, published, registry, refresh, mgmt_addr, run_id);
+                let worker = Worker::new(i, &config, parts);
                 if let Err(e) = run_worker(driver, worker, listener, heartbeats) {
                     tracing::error!(worker = i, "worker failed: {e}");
                 }
@@ -187,15 +204,14 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         notifier: &notifier,
         heartbeats: &heartbeats,
     };
-    let code = handle_signals(
-        signals,
-        &config,
-        &config_path,
-        &published,
-        &mgmt,
-        &remaining,
-        &watch,
-    );
+    let state = Reloadable {
+        config: &config,
+        path: &config_path,
+        published: &published,
+        mgmt: &mgmt,
+        certs: certs.as_deref(),
+    };
+    let code = handle_signals(signals, &state, &remaining, &watch);
     for t in threads {
         let _ = t.join();
     }
@@ -296,15 +312,28 @@ async fn worker_main(
     Ok(())
 }
 
+/// What SIGHUP reloads.
+struct Reloadable<'a> {
+    config: &'a Config,
+    path: &'a Path,
+    published: &'a Published,
+    mgmt: &'a crate::mgmt::Management,
+    certs: Option<&'a crate::tls::CertStore>,
+}
+
 fn handle_signals(
     mut signals: signal_hook::iterator::Signals,
-    config: &Config,
-    path: &Path,
-    published: &Published,
-    mgmt: &crate::mgmt::Management,
+    state: &Reloadable<'_>,
     remaining: &AtomicU64,
     watch: &Watchdog<'_>,
 ) -> i32 {
+    let Reloadable {
+        config,
+        path,
+        published,
+        mgmt,
+        certs,
+    } = *state;
     use signal_hook::consts::SIGHUP;
     let mut fed = Instant::now();
     loop {
@@ -332,6 +361,7 @@ fn handle_signals(
                             tracing::error!("reload: {e}");
                         }
                         mgmt.publish();
+                        reload_certificate(certs, &reloaded);
                     }
                 }
                 _ => {
@@ -346,6 +376,22 @@ fn handle_signals(
             }
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGHUP with HTTPS on: the certificate and key files are read again, so a renewed
+/// certificate is served from the next handshake on. A bad pair keeps the running one.
+fn reload_certificate(certs: Option<&crate::tls::CertStore>, config: &Config) {
+    let files = crate::tls::listener_files(config);
+    match (certs, files) {
+        (Some(store), Some((cert, key))) => match store.reload(&cert, &key) {
+            Ok(()) => tracing::info!(cert = %cert.display(), "reloaded the TLS certificate"),
+            Err(e) => tracing::error!("reload kept the running TLS certificate: {e}"),
+        },
+        (None, None) => {}
+        _ => tracing::warn!(
+            "reload: turning HTTPS on or off (proxy.tls_cert/tls_key) takes effect at the next restart"
+        ),
     }
 }
 

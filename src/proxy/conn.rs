@@ -9,6 +9,7 @@
 
 use super::error::GatewayError;
 use super::forward::{forward, ForwardRequest};
+use super::io::{ClientRead, ClientWrite};
 use super::local;
 use super::read_model::{read_model, read_whole_body};
 use super::route::{classify, Api, Endpoint, Route};
@@ -21,11 +22,9 @@ use crate::http::head::{
 use crate::http::headers::is_acceptable_request_id;
 use crate::http::response::write_local_response;
 use crate::snapshot::SnapshotRef;
+use crate::tls::stream::{handshake, HandshakeError};
 use monoio::buf::IoBufMut;
-use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelableAsyncReadRent, OwnedReadHalf,
-    OwnedWriteHalf, Splitable,
-};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -37,8 +36,8 @@ const INITIAL_READ: usize = 4 * 1024;
 const JWKS_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
 
 pub struct ClientConn {
-    pub rd: OwnedReadHalf<TcpStream>,
-    pub wr: OwnedWriteHalf<TcpStream>,
+    pub rd: ClientRead,
+    pub wr: ClientWrite,
     /// Head of the current request at offset 0, then whatever followed it.
     pub rbuf: Vec<u8>,
     pub head: RequestHead,
@@ -96,7 +95,9 @@ pub async fn serve_connection(
     _open: OpenConnection,
 ) {
     let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    let Some((rd, wr)) = open_client(&worker, stream, peer).await else {
+        return;
+    };
     let mut conn = ClientConn {
         rd,
         wr,
@@ -127,6 +128,70 @@ pub async fn serve_connection(
         }
     }
     let _ = conn.wr.shutdown().await;
+}
+
+const PLAIN_HTTP_BODY: &[u8] = br#"{"error":{"message":"this port speaks HTTPS: use https://","type":"invalid_request_error","code":"plain_http_on_https_port"}}"#;
+
+/// The connection's two halves: as they are, or after a TLS handshake when the listener
+/// speaks HTTPS. `None` = the handshake failed or timed out (the connection just closes:
+/// there is no HTTP yet to answer in).
+async fn open_client(
+    worker: &Worker,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(ClientRead, ClientWrite)> {
+    let Some(config) = &worker.tls else {
+        let (rd, wr) = stream.into_split();
+        return Some((ClientRead::Plain(rd), ClientWrite::Plain(wr)));
+    };
+    let session = rustls::ServerConnection::new(config.clone()).ok()?;
+    let (mut reader, mut writer) = crate::tls::stream::pair(session);
+    let shake = handshake(&mut stream, &mut reader, &mut writer);
+    match monoio::time::timeout(worker.timeouts.header_read(), shake).await {
+        Ok(Ok(())) => {}
+        Ok(Err(HandshakeError::PlainHttp)) => {
+            worker.metrics.tls_handshake_failures.inc();
+            // Said in HTTP, the only language this client understands.
+            let mut answer = Vec::with_capacity(256);
+            let id = worker.next_request_id();
+            write_local_response(
+                &mut answer,
+                400,
+                &[],
+                "application/json",
+                PLAIN_HTTP_BODY,
+                id.as_bytes(),
+                false,
+            );
+            let _ =
+                monoio::time::timeout(worker.timeouts.between_chunks(), stream.write_all(answer))
+                    .await;
+            let _ = stream.shutdown().await;
+            return None;
+        }
+        Ok(Err(e)) => {
+            worker.metrics.tls_handshake_failures.inc();
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            worker.metrics.tls_handshake_failures.inc();
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return None;
+        }
+    }
+    worker.metrics.tls_handshakes.inc();
+    let (rd, wr) = stream.into_split();
+    Some((
+        ClientRead::Tls {
+            tcp: rd,
+            tls: reader,
+        },
+        ClientWrite::Tls {
+            tcp: wr,
+            tls: writer,
+        },
+    ))
 }
 
 /// The facts of one request for its access record. Never a token, a password or a prompt:
@@ -225,14 +290,14 @@ async fn read_request_head(worker: &Worker, conn: &mut ClientConn) -> Result<boo
                 let handle = worker.drain.borrow().handle();
                 monoio::time::timeout(
                     worker.timeouts.idle_keepalive(),
-                    conn.rd.cancelable_read(buf, handle),
+                    conn.rd.cancelable_read_more(buf, READ_SIZE, handle),
                 )
                 .await
                 .ok()
             }
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
-                match monoio::time::timeout(left, read_more(&mut conn.rd, buf, READ_SIZE)).await {
+                match monoio::time::timeout(left, conn.rd.read_more(buf, READ_SIZE)).await {
                     Ok(r) => Some(r),
                     Err(_) => return Err(GatewayError::HeaderReadTimeout),
                 }

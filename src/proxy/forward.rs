@@ -13,7 +13,7 @@
 //! by a fresh one, once.
 
 use super::body::{BodyError, BodyTracker};
-use super::conn::{read_more, ClientConn};
+use super::conn::ClientConn;
 use super::error::GatewayError;
 use super::model_scan::ModelScanner;
 use super::splice::{splice_exact, SpliceError};
@@ -338,10 +338,14 @@ async fn stream_request_body(
     let max_body = worker.limits.max_body_bytes;
     // Nothing left to inspect: splice the rest when enabled.
     if let BodyTracker::Length { remaining } = tracker {
-        if worker.splice && req.scanner.is_none() {
+        let limit = conn.body_wait(worker);
+        let plain = conn
+            .rd
+            .plain()
+            .filter(|_| worker.splice && req.scanner.is_none());
+        if let Some(rd) = plain {
             let mut pipe = worker.take_pipe().ok_or(GatewayError::BodyIncomplete)?;
-            let limit = conn.body_wait(worker);
-            splice_exact(&mut conn.rd, &mut up.stream, &mut pipe, *remaining, limit)
+            splice_exact(rd, &mut up.stream, &mut pipe, *remaining, limit)
                 .await
                 .map_err(|e| match e {
                     SpliceError::Source => GatewayError::BodyIncomplete,
@@ -361,7 +365,7 @@ async fn stream_request_body(
         copy.clear();
         let read = monoio::time::timeout(
             conn.body_wait(worker),
-            read_more(&mut conn.rd, std::mem::take(copy), super::BUFFER_SIZE),
+            conn.rd.read_more(std::mem::take(copy), super::BUFFER_SIZE),
         )
         .await;
         let (res, buf) = read.map_err(|_| GatewayError::BodyReadTimeout)?;

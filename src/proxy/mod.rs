@@ -12,6 +12,7 @@ pub mod body;
 pub mod conn;
 pub mod error;
 pub mod forward;
+pub mod io;
 pub mod local;
 pub mod model_scan;
 pub mod read_model;
@@ -79,6 +80,8 @@ pub struct Worker {
     /// The management listener, as a pass-through "domain" for `/users`, `/domains` and
     /// `/keys` requests that arrive on the public port.
     pub management: crate::snapshot::Domain,
+    /// HTTPS on the public listener: the rustls configuration of every handshake.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Move uninspected Content-Length bodies with splice(2).
     pub splice: bool,
     /// Write an access record per request.
@@ -99,16 +102,28 @@ pub struct Worker {
     free_buffers: RefCell<Vec<Vec<u8>>>,
 }
 
+/// What every worker is built from: the process-wide pieces each one holds a handle to.
+#[derive(Clone)]
+pub struct WorkerParts {
+    pub published: Arc<Published>,
+    pub registry: Registry,
+    pub jwks_refresh: RefreshHandle,
+    pub mgmt_addr: std::net::SocketAddr,
+    pub run_id: u32,
+    /// HTTPS on the public listener.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
 impl Worker {
-    pub fn new(
-        id: usize,
-        config: &Config,
-        published: Arc<Published>,
-        registry: Registry,
-        jwks_refresh: RefreshHandle,
-        mgmt_addr: std::net::SocketAddr,
-        run_id: u32,
-    ) -> Worker {
+    pub fn new(id: usize, config: &Config, parts: WorkerParts) -> Worker {
+        let WorkerParts {
+            published,
+            registry,
+            jwks_refresh,
+            mgmt_addr,
+            run_id,
+            tls,
+        } = parts;
         Worker {
             id,
             limits: config.limits.clone(),
@@ -122,6 +137,7 @@ impl Worker {
             metrics: registry[id].clone(),
             jwks_refresh,
             management: management_domain(mgmt_addr),
+            tls,
             splice: config.proxy.splice_bodies,
             access_log: config.proxy.access_log,
             pipe: RefCell::new(None),

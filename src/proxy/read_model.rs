@@ -6,7 +6,7 @@
 //! `Expect: 100-continue` is answered here, just before the body is needed.
 
 use super::body::{BodyError, BodyTracker};
-use super::conn::{read_more, write_to_client, ClientConn};
+use super::conn::{write_to_client, ClientConn};
 use super::error::GatewayError;
 use super::model_scan::ModelScanner;
 use super::route::Endpoint;
@@ -134,11 +134,8 @@ async fn read_body(
         // Only the current request's bytes are in the buffer from `consumed` on, since
         // the body has not ended: append more.
         let buf = std::mem::take(&mut conn.rbuf);
-        let read = monoio::time::timeout(
-            conn.body_wait(worker),
-            read_more(&mut conn.rd, buf, READ_SIZE),
-        )
-        .await;
+        let read =
+            monoio::time::timeout(conn.body_wait(worker), conn.rd.read_more(buf, READ_SIZE)).await;
         let Ok((res, buf)) = read else {
             return Err(GatewayError::BodyReadTimeout);
         };

@@ -14,6 +14,7 @@
 use super::body::BodyTracker;
 use super::conn::{read_more, ClientConn, RequestLog};
 use super::error::GatewayError;
+use super::io::{ClientWrite, OutBuf};
 use super::splice::splice_exact;
 use super::upstream::Upstream;
 use super::{RequestId, Worker};
@@ -23,7 +24,7 @@ use crate::http::response::{
 };
 use futures_util::future::{select, Either};
 use monoio::buf::IoBuf;
-use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller};
+use monoio::io::Canceller;
 use monoio::BufResult;
 use std::future::Future;
 use std::pin::{pin, Pin};
@@ -94,7 +95,7 @@ pub async fn stream_response(
         log,
         ..
     } = conn;
-    let watch_fut = pin!(rd.cancelable_read(watch_buf, canceller.handle()));
+    let watch_fut = pin!(rd.cancelable_read_more(watch_buf, WATCH_BUF, canceller.handle()));
     let mut watch = Watch {
         fut: arm_watch.then_some(watch_fut),
         saved: None,
@@ -138,7 +139,7 @@ async fn relay<W>(
     worker: &Worker,
     up: &mut Upstream,
     watch: &mut Watch<'_, W>,
-    wr: &mut monoio::io::OwnedWriteHalf<monoio::net::TcpStream>,
+    wr: &mut ClientWrite,
     out: &mut Vec<u8>,
     request_id: &RequestId,
     is_head: bool,
@@ -244,7 +245,10 @@ where
 
     // A plain Content-Length answer needs no look at its bytes: splice it when enabled.
     if let Some(BodyTracker::Length { remaining }) = tracker.as_mut() {
-        if worker.splice && !decode && *remaining > 0 {
+        let plain = wr
+            .plain()
+            .filter(|_| worker.splice && !decode && *remaining > 0);
+        if let Some(wr) = plain {
             let Some(mut pipe) = worker.take_pipe() else {
                 return Ok(StreamEnd::Aborted);
             };
@@ -384,11 +388,7 @@ fn up_read(
 
 /// Writes to the client with a timeout: a client that stops reading is treated as gone.
 /// `None` = the write failed or timed out.
-async fn write_client<B: IoBuf>(
-    wr: &mut monoio::io::OwnedWriteHalf<monoio::net::TcpStream>,
-    buf: B,
-    limit: Duration,
-) -> Option<B> {
+async fn write_client<B: OutBuf>(wr: &mut ClientWrite, buf: B, limit: Duration) -> Option<B> {
     if buf.bytes_init() == 0 {
         return Some(buf);
     }

@@ -311,13 +311,13 @@ impl Response {
 }
 
 /// Reads HTTP responses off one connection.
-pub struct Reader {
-    pub stream: TcpStream,
+pub struct Reader<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
 }
 
-impl Reader {
-    pub fn new(stream: TcpStream) -> Reader {
+impl<S: Read> Reader<S> {
+    pub fn new(stream: S) -> Reader<S> {
         Reader {
             stream,
             buf: Vec::new(),
@@ -441,6 +441,13 @@ impl Reader {
         Some(r)
     }
 
+    /// Bytes read past what was handed out.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+impl Reader<TcpStream> {
     /// Whether the peer closed the connection (reads EOF within the timeout).
     pub fn closed(&mut self) -> bool {
         if !self.buf.is_empty() {
