@@ -55,6 +55,8 @@ pub struct ProxyConfig {
     pub pin_workers: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for `https://` backends; unset = the system store.
+    pub backend_ca_file: Option<PathBuf>,
     /// Move bodies that need no inspection with splice(2) instead of a userspace copy.
     pub splice_bodies: bool,
     /// One access record per request (target `cubegate::access`, info level).
@@ -72,6 +74,7 @@ impl Default for ProxyConfig {
             pin_workers: false,
             tls_cert: None,
             tls_key: None,
+            backend_ca_file: None,
             splice_bodies: false,
             access_log: true,
             upstream_idle_per_backend: 64,
@@ -310,6 +313,8 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendUrl {
     pub addr: SocketAddr,
+    /// `https://`: the name the backend's certificate is checked against.
+    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     pub authority: String,
     pub base_path: String,
 }
@@ -499,5 +504,15 @@ mod tests {
         assert_eq!(u.authority, "[::1]");
         assert_eq!(u.base_path, "/ollama");
         assert!(parse_backend_url("k", "http://user@127.0.0.1").is_err());
+        assert!(u.tls_name.is_none());
+        let u = parse_backend_url("k", "https://127.0.0.1/v").unwrap();
+        assert_eq!(u.addr, "127.0.0.1:443".parse().unwrap());
+        assert_eq!(u.tls_name.unwrap().to_str(), "127.0.0.1");
+        let u = parse_backend_url("k", "https://[::1]:8443").unwrap();
+        assert_eq!(u.addr, "[::1]:8443".parse().unwrap());
+        assert_eq!(u.tls_name.unwrap().to_str(), "::1");
+        let u = parse_backend_url("k", "https://localhost:8443").unwrap();
+        assert_eq!(u.tls_name.unwrap().to_str(), "localhost");
+        assert!(parse_backend_url("k", "ftp://127.0.0.1").is_err());
     }
 }

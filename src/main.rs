@@ -99,6 +99,9 @@ fn check_tls_files(config: &Config) -> Result<(), cubegate::config::ConfigError>
     if let Some((cert, key)) = cubegate::tls::listener_files(config) {
         cubegate::tls::CertStore::load(&cert, &key).map_err(cubegate::config::ConfigError::from)?;
     }
+    if let Some(ca) = &config.proxy.backend_ca_file {
+        cubegate::tls::backend_config(Some(ca)).map_err(cubegate::config::ConfigError::from)?;
+    }
     Ok(())
 }
 

@@ -86,6 +86,16 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         },
     };
     let tls = certs.clone().map(crate::tls::server_config);
+    // https:// backends: a CA file that was named must load; without one, the system
+    // store is used, and its absence only matters once an https backend is configured.
+    let backend_tls = match crate::tls::backend_config(config.proxy.backend_ca_file.as_deref()) {
+        Ok(c) => Some(c),
+        Err(e) if config.proxy.backend_ca_file.is_some() || has_https_backends(&config) => {
+            tracing::error!("{e}");
+            return 2;
+        }
+        Err(_) => None,
+    };
     if config.auth.mode == AuthMode::None {
         tracing::warn!(
             "!!! auth.mode = \"none\": NO TOKEN IS CHECKED. Anyone who can reach {} can use every \
@@ -161,6 +171,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         mgmt_addr,
         run_id,
         tls,
+        backend_tls,
     };
     for (i, listener) in listeners.into_iter().enumerate() {
         let config = config.clone();
@@ -377,6 +388,14 @@ fn handle_signals(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn has_https_backends(config: &Config) -> bool {
+    config
+        .domains
+        .iter()
+        .flat_map(|d| d.backends.iter())
+        .any(|b| b.url.starts_with("https://"))
 }
 
 /// SIGHUP with HTTPS on: the certificate and key files are read again, so a renewed

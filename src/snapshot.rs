@@ -20,6 +20,8 @@ use std::sync::Arc;
 pub struct Backend {
     pub kind: BackendKind,
     pub addr: SocketAddr,
+    /// `https://` backends: the name its certificate must carry.
+    pub tls: Option<rustls::pki_types::ServerName<'static>>,
     /// What goes into the upstream `Host` header.
     pub authority: String,
     /// Prefix put before the forwarded path ("" or "/something").
@@ -125,6 +127,7 @@ impl Domain {
             backends.push(Backend {
                 kind: b.kind,
                 addr: url.addr,
+                tls: url.tls_name,
                 authority: url.authority,
                 base_path: url.base_path,
                 any_model: b.models.iter().any(|m| m == "*"),

@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,29 +28,6 @@ type Tls = StreamOwned<ClientConnection, TcpStream>;
 
 fn chat_path() -> String {
     format!("/proxy/{DOMAIN}/v1/chat/completions")
-}
-
-/// `cubegate gen-cert` into `dir` (replacing what is there).
-fn gen_cert(dir: &Path) -> (PathBuf, PathBuf) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cubegate"))
-        .args(["gen-cert", "--force", "--out-dir"])
-        .arg(dir)
-        .output()
-        .expect("run gen-cert");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (dir.join("cert.pem"), dir.join("key.pem"))
-}
-
-fn tls_lines(cert: &Path, key: &Path) -> String {
-    format!(
-        "tls_cert = \"{}\"\ntls_key = \"{}\"",
-        cert.display(),
-        key.display()
-    )
 }
 
 fn tls_gateway(driver: &str, dir: &Path, backends: &[SocketAddr]) -> Gateway {

@@ -105,18 +105,19 @@ pub(super) fn validate_models(key: &str, models: &[String]) -> Result<(), Config
     Ok(())
 }
 
-/// `http://host[:port][/base]`. The host is resolved once, here: the data plane never
-/// resolves names.
+/// `http[s]://host[:port][/base]`. The host is resolved once, here: the data plane never
+/// resolves names. For https the host is also the name the backend's certificate must
+/// carry (a DNS name, or an IP address SAN).
 pub fn parse_backend_url(key: &str, url: &str) -> Result<BackendUrl, ConfigError> {
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") {
+    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, false, 80)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, true, 443)
+    } else {
         return Err(err(
             key,
-            "https:// backends are not available in this build yet; use http://",
+            format!("{url:?} must start with http:// or https://"),
         ));
-    } else {
-        return Err(err(key, format!("{url:?} must start with http://")));
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -133,22 +134,38 @@ pub fn parse_backend_url(key: &str, url: &str) -> Result<BackendUrl, ConfigError
     }
     let with_port = if authority.starts_with('[') {
         if authority.ends_with(']') {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
         } else {
             authority.to_string()
         }
     } else if authority.contains(':') {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     let addr = with_port
         .to_socket_addrs()
         .map_err(|e| err(key, format!("cannot resolve {authority:?}: {e}")))?
         .next()
         .ok_or_else(|| err(key, format!("{authority:?} resolves to no address")))?;
+    let tls_name = if tls {
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| {
+            err(
+                key,
+                format!("{host:?} is not a name a certificate can carry"),
+            )
+        })?;
+        Some(name)
+    } else {
+        None
+    };
     Ok(BackendUrl {
         addr,
+        tls_name,
         authority: authority.to_string(),
         base_path: path.trim_end_matches('/').to_string(),
     })

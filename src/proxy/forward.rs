@@ -27,7 +27,6 @@ use crate::http::headers::{eq_ignore_case, has_token, is_hop_by_hop_request};
 use crate::http::response::push_u64;
 use crate::snapshot::{Backend, Domain};
 use monoio::buf::IoBuf;
-use monoio::io::AsyncWriteRentExt;
 use std::io::Write as _;
 
 /// What the proxy knows about a request once it has decided to forward it.
@@ -61,7 +60,10 @@ pub async fn forward(
     let mut last_error = GatewayError::UpstreamClosed;
     for &index in order {
         let backend = &req.domain.backends[index];
-        let pooled = worker.pools.borrow_mut().take(backend.addr);
+        let pooled = worker
+            .pools
+            .borrow_mut()
+            .take(backend.addr, backend.tls.is_some());
         let up = match pooled {
             Some(stream) => {
                 worker.metrics.upstream_reuses.inc();
@@ -71,7 +73,7 @@ pub async fn forward(
                     reused: true,
                 }
             }
-            None => match connect(backend.addr, worker.timeouts.upstream_connect()).await {
+            None => match connect(worker, backend).await {
                 Ok(stream) => {
                     worker.metrics.upstream_connects.inc();
                     Upstream {
@@ -93,7 +95,7 @@ pub async fn forward(
             Ok(keep) => return Ok(keep),
             Err(Attempt::Stale) => {
                 // A pooled socket the backend had already closed: once more, fresh.
-                let stream = connect(backend.addr, worker.timeouts.upstream_connect()).await?;
+                let stream = connect(worker, backend).await?;
                 let fresh = Upstream {
                     stream,
                     addr: backend.addr,
@@ -203,7 +205,7 @@ async fn send_head_and_buffered_body(
 
 /// Writes to the backend with a timeout: a backend that stops reading is a failed one.
 /// On failure the buffer is gone (the caller's connection closes).
-async fn write_upstream<B: monoio::buf::IoBuf>(
+async fn write_upstream<B: super::io::OutBuf>(
     up: &mut Upstream,
     buf: B,
     limit: std::time::Duration,
@@ -339,13 +341,12 @@ async fn stream_request_body(
     // Nothing left to inspect: splice the rest when enabled.
     if let BodyTracker::Length { remaining } = tracker {
         let limit = conn.body_wait(worker);
-        let plain = conn
-            .rd
-            .plain()
-            .filter(|_| worker.splice && req.scanner.is_none());
-        if let Some(rd) = plain {
+        let plain = (worker.splice && req.scanner.is_none())
+            .then(|| conn.rd.plain().zip(up.stream.plain_mut()))
+            .flatten();
+        if let Some((rd, up_plain)) = plain {
             let mut pipe = worker.take_pipe().ok_or(GatewayError::BodyIncomplete)?;
-            splice_exact(rd, &mut up.stream, &mut pipe, *remaining, limit)
+            splice_exact(rd, up_plain, &mut pipe, *remaining, limit)
                 .await
                 .map_err(|e| match e {
                     SpliceError::Source => GatewayError::BodyIncomplete,

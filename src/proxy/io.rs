@@ -1,9 +1,10 @@
-//! The client's socket, plain TCP or TLS, behind one read half and one write half.
+//! Sockets that are plain TCP or TLS: the client's (one read half and one write half,
+//! used concurrently) and a backend's ([`BackendStream`], used whole).
 //!
 //! The request path is written once against these types. What differs: splice(2) needs
-//! the plain socket (TLS bytes must pass through userspace to be decrypted), so
-//! [`ClientRead::plain`]/[`ClientWrite::plain`] hand it out only for plain connections.
-//! Both kinds support the cancellable read that the client watch and the drain rely on.
+//! the plain socket (TLS bytes must pass through userspace to be decrypted), so the
+//! `plain` accessors hand it out only for plain connections. Both kinds support the
+//! cancellable read that the client watch and the drain rely on.
 
 use super::conn::read_more;
 use crate::tls::stream::{TlsReader, TlsWriter};
@@ -13,8 +14,10 @@ use monoio::io::{
     OwnedWriteHalf,
 };
 use monoio::net::TcpStream;
-use rustls::ServerConnection;
+use rustls::{ClientConnection, ServerConnection};
 use std::io;
+use std::sync::Arc;
+use std::time::Duration;
 
 pub enum ClientRead {
     Plain(OwnedReadHalf<TcpStream>),
@@ -119,5 +122,92 @@ impl ClientWrite {
             ClientWrite::Plain(wr) => Some(wr),
             ClientWrite::Tls { .. } => None,
         }
+    }
+}
+
+/// A connection to a backend: plain, or TLS for `https://` backends.
+pub struct BackendStream {
+    tcp: TcpStream,
+    tls: Option<Box<BackendTls>>,
+}
+
+struct BackendTls {
+    reader: TlsReader<ClientConnection>,
+    writer: TlsWriter<ClientConnection>,
+}
+
+impl BackendStream {
+    pub fn plain(tcp: TcpStream) -> BackendStream {
+        BackendStream { tcp, tls: None }
+    }
+
+    /// Runs the TLS handshake on a fresh connection, bounded by `limit`; the backend's
+    /// certificate must chain to `config`'s roots and carry `name`.
+    pub async fn tls(
+        mut tcp: TcpStream,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+        limit: Duration,
+    ) -> io::Result<BackendStream> {
+        let session = ClientConnection::new(config, name).map_err(io::Error::other)?;
+        let (mut reader, mut writer) = crate::tls::stream::pair(session);
+        let shake = crate::tls::stream::handshake(&mut tcp, &mut reader, &mut writer);
+        match monoio::time::timeout(limit, shake).await {
+            Ok(Ok(())) => Ok(BackendStream {
+                tcp,
+                tls: Some(Box::new(BackendTls { reader, writer })),
+            }),
+            Ok(Err(e)) => Err(io::Error::other(format!("TLS handshake: {e}"))),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Reads more bytes behind what `buf` holds.
+    pub async fn read_more(&mut self, buf: Vec<u8>, want: usize) -> (io::Result<usize>, Vec<u8>) {
+        match &mut self.tls {
+            None => read_more(&mut self.tcp, buf, want).await,
+            Some(tls) => {
+                let mut buf = buf;
+                super::conn::reserve(&mut buf, want);
+                tls.reader.read_append(&mut self.tcp, buf, None).await
+            }
+        }
+    }
+
+    pub async fn write_all<B: OutBuf>(&mut self, buf: B) -> (io::Result<()>, B) {
+        match &mut self.tls {
+            None => {
+                let (res, buf) = self.tcp.write_all(buf).await;
+                (res.map(|_| ()), buf)
+            }
+            Some(tls) => {
+                let res = tls.writer.write_all(&mut self.tcp, buf.bytes()).await;
+                (res, buf)
+            }
+        }
+    }
+
+    /// The socket, for splice and for the idle check; `None` under TLS for splice.
+    pub fn plain_mut(&mut self) -> Option<&mut TcpStream> {
+        match self.tls {
+            None => Some(&mut self.tcp),
+            Some(_) => None,
+        }
+    }
+
+    pub fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Ciphertext already read and not yet decrypted: an idle connection has none.
+    pub fn has_pending(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.reader.has_pending())
     }
 }

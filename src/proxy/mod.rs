@@ -82,6 +82,7 @@ pub struct Worker {
     pub management: crate::snapshot::Domain,
     /// HTTPS on the public listener: the rustls configuration of every handshake.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Move uninspected Content-Length bodies with splice(2).
     pub splice: bool,
     /// Write an access record per request.
@@ -112,6 +113,8 @@ pub struct WorkerParts {
     pub run_id: u32,
     /// HTTPS on the public listener.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How `https://` backends are checked (`None`: no trusted CA could be loaded).
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Worker {
@@ -123,6 +126,7 @@ impl Worker {
             mgmt_addr,
             run_id,
             tls,
+            backend_tls,
         } = parts;
         Worker {
             id,
@@ -138,6 +142,7 @@ impl Worker {
             jwks_refresh,
             management: management_domain(mgmt_addr),
             tls,
+            backend_tls,
             splice: config.proxy.splice_bodies,
             access_log: config.proxy.access_log,
             pipe: RefCell::new(None),
@@ -231,6 +236,7 @@ fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
         backends: vec![crate::snapshot::Backend {
             kind: crate::config::BackendKind::Vllm,
             addr,
+            tls: None,
             authority: addr.to_string(),
             base_path: String::new(),
             models: vec!["*".into()],

@@ -12,7 +12,7 @@
 //! the cancellation instead of losing it.
 
 use super::body::BodyTracker;
-use super::conn::{read_more, ClientConn, RequestLog};
+use super::conn::{ClientConn, RequestLog};
 use super::error::GatewayError;
 use super::io::{ClientWrite, OutBuf};
 use super::splice::splice_exact;
@@ -245,14 +245,14 @@ where
 
     // A plain Content-Length answer needs no look at its bytes: splice it when enabled.
     if let Some(BodyTracker::Length { remaining }) = tracker.as_mut() {
-        let plain = wr
-            .plain()
-            .filter(|_| worker.splice && !decode && *remaining > 0);
-        if let Some(wr) = plain {
+        let plain = (worker.splice && !decode && *remaining > 0)
+            .then(|| up.stream.plain_mut().zip(wr.plain()))
+            .flatten();
+        if let Some((up_plain, wr)) = plain {
             let Some(mut pipe) = worker.take_pipe() else {
                 return Ok(StreamEnd::Aborted);
             };
-            if splice_exact(&mut up.stream, wr, &mut pipe, *remaining, between)
+            if splice_exact(up_plain, wr, &mut pipe, *remaining, between)
                 .await
                 .is_err()
             {
@@ -343,7 +343,7 @@ where
 {
     let mut read = pin!(monoio::time::timeout(
         limit,
-        read_more(&mut up.stream, buf, READ_SIZE)
+        up.stream.read_more(buf, READ_SIZE)
     ));
     if watch.fut.is_some() && !watch.armed {
         // Give the backend a moment before arming the watch; the read stays in flight

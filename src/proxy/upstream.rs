@@ -6,6 +6,7 @@
 //! likely keep-alive timeout is dropped rather than risked. Backends that refused a
 //! connection are put last in the order for a short while.
 
+use super::io::BackendStream;
 use monoio::net::TcpStream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::error::GatewayError;
 use super::route::Endpoint;
 use super::Worker;
-use crate::snapshot::Domain;
+use crate::snapshot::{Backend, Domain};
 
 /// uvicorn (vLLM) closes idle keep-alive connections after 5 s; stay under it.
 const IDLE_TTL: Duration = Duration::from_secs(4);
@@ -22,14 +23,14 @@ const IDLE_TTL: Duration = Duration::from_secs(4);
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     pub addr: SocketAddr,
     /// Came from the pool: a failure before any answer byte may be a stale socket.
     pub reused: bool,
 }
 
 pub struct Pools {
-    idle: HashMap<SocketAddr, Vec<(TcpStream, Instant)>>,
+    idle: HashMap<SocketAddr, Vec<(BackendStream, Instant)>>,
     down_until: HashMap<SocketAddr, Instant>,
     max_idle: usize,
     round_robin: usize,
@@ -46,19 +47,24 @@ impl Pools {
     }
 
     /// A pooled connection to `addr` that has not outlived the keep-alive window and is
-    /// still clean: nothing unread in it, not closed by the backend.
-    pub fn take(&mut self, addr: SocketAddr) -> Option<TcpStream> {
+    /// still clean: nothing unread in it, not closed by the backend. `tls` must match (a
+    /// backend switched between http and https on the same address gets fresh sockets).
+    pub fn take(&mut self, addr: SocketAddr, tls: bool) -> Option<BackendStream> {
         let list = self.idle.get_mut(&addr)?;
         let now = Instant::now();
         while let Some((stream, since)) = list.pop() {
-            if now.duration_since(since) < IDLE_TTL && is_clean_idle(&stream) {
+            if now.duration_since(since) < IDLE_TTL
+                && stream.is_tls() == tls
+                && !stream.has_pending()
+                && is_clean_idle(stream.socket())
+            {
                 return Some(stream);
             }
         }
         None
     }
 
-    pub fn put(&mut self, addr: SocketAddr, stream: TcpStream) {
+    pub fn put(&mut self, addr: SocketAddr, stream: BackendStream) {
         if self.max_idle == 0 {
             return;
         }
@@ -153,16 +159,34 @@ fn is_clean_idle(stream: &TcpStream) -> bool {
     }
 }
 
-/// Opens a fresh connection with the configured timeout.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, GatewayError> {
-    match monoio::time::timeout(timeout, TcpStream::connect_addr(addr)).await {
+/// Opens a fresh connection with the configured timeout, which also bounds the TLS
+/// handshake of an `https://` backend.
+pub async fn connect(worker: &Worker, backend: &Backend) -> Result<BackendStream, GatewayError> {
+    let timeout = worker.timeouts.upstream_connect();
+    let started = Instant::now();
+    let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Ok(stream)
+            stream
         }
-        Ok(Err(e)) => Err(GatewayError::UpstreamConnect(e)),
-        Err(_) => Err(GatewayError::UpstreamConnectTimeout),
-    }
+        Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(e)),
+        Err(_) => return Err(GatewayError::UpstreamConnectTimeout),
+    };
+    let Some(name) = &backend.tls else {
+        return Ok(BackendStream::plain(tcp));
+    };
+    let Some(config) = &worker.backend_tls else {
+        return Err(GatewayError::UpstreamConnect(std::io::Error::other(
+            "https:// backend, but no CA certificates are trusted: set proxy.backend_ca_file",
+        )));
+    };
+    let left = timeout.saturating_sub(started.elapsed());
+    BackendStream::tls(tcp, config.clone(), name.clone(), left)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => GatewayError::UpstreamConnectTimeout,
+            _ => GatewayError::UpstreamConnect(e),
+        })
 }
 
 #[cfg(test)]

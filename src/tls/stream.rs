@@ -287,9 +287,20 @@ where
     }
 }
 
-impl<C> TlsReader<C> {
-    /// Bytes received and not yet decrypted (a clean idle connection has none).
+impl<C, SD> TlsReader<C>
+where
+    C: DerefMut + Deref<Target = ConnectionCommon<SD>>,
+    SD: SideData,
+{
+    /// Bytes received and not handed out, ciphertext or decrypted (a clean idle
+    /// connection has none), or the peer has closed.
     pub fn has_pending(&self) -> bool {
-        !self.cipher.is_empty()
+        if !self.cipher.is_empty() || self.eof {
+            return true;
+        }
+        match self.session.borrow_mut().process_new_packets() {
+            Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
+            Err(_) => true,
+        }
     }
 }

@@ -579,3 +579,27 @@ pub fn peer_closed(s: &mut TcpStream) -> bool {
 pub fn send(s: &mut TcpStream, bytes: &[u8]) {
     let _ = s.write_all(bytes);
 }
+
+/// `cubegate gen-cert` into `dir` (replacing what is there): (cert.pem, key.pem).
+pub fn gen_cert(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cubegate"))
+        .args(["gen-cert", "--force", "--out-dir"])
+        .arg(dir)
+        .output()
+        .expect("run gen-cert");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+/// `[proxy]` lines that turn HTTPS on with these files.
+pub fn tls_lines(cert: &std::path::Path, key: &std::path::Path) -> String {
+    format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    )
+}
