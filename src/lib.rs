@@ -6,7 +6,9 @@
 
 pub mod auth;
 pub mod config;
+pub mod handover;
 pub mod http;
+pub mod listeners;
 pub mod metrics;
 pub mod mgmt;
 pub mod notify;

@@ -20,6 +20,8 @@ fn unit_under_test() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("cubegate.service");
     std::fs::write(&path, unit).unwrap();
+    let socket = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/cubegate.socket");
+    std::fs::copy(socket, dir.join("cubegate.socket")).unwrap();
     path
 }
 
@@ -35,7 +37,8 @@ fn unit_verifies_and_is_hardened() {
     }
     let path = unit_under_test();
     let p = path.to_str().unwrap();
-    let verify = analyze(&["verify", p]).unwrap();
+    let socket = path.with_file_name("cubegate.socket");
+    let verify = analyze(&["verify", p, socket.to_str().unwrap()]).unwrap();
     let stderr = String::from_utf8_lossy(&verify.stderr);
     assert!(
         verify.status.success() && stderr.trim().is_empty(),

@@ -37,6 +37,10 @@ type FailureTable = HashMap<String, (u32, Instant)>;
 const MAX_TRACKED: usize = 100_000;
 
 pub struct Management {
+    /// Pauses the API during a hand-over.
+    pub gate: Arc<server::Gate>,
+    /// The listening socket (a copy), to pass on in a hand-over.
+    pub listener: std::sync::OnceLock<std::net::TcpListener>,
     store: Mutex<Box<dyn Storage>>,
     data_dir: std::path::PathBuf,
     /// Every worker's counters, for `GET /metrics`.
@@ -58,10 +62,12 @@ pub struct Management {
 /// Opens the store, bootstraps the admin and keys on first start, publishes the first
 /// management snapshot and starts the management listener.
 /// Returns the plane and the address its listener is bound to.
+/// `inherited` = a listening socket passed by systemd or by the previous process.
 pub fn start(
     config: &Config,
     published: Arc<Published>,
     registry: crate::metrics::Registry,
+    inherited: Option<std::net::TcpListener>,
 ) -> Result<(Arc<Management>, std::net::SocketAddr), String> {
     let m = &config.management;
     std::fs::create_dir_all(&m.data_dir).map_err(|e| {
@@ -89,20 +95,30 @@ pub fn start(
             claim_headers: Vec::new(),
         },
         failures: Mutex::new((HashMap::new(), Instant::now())),
+        gate: Arc::default(),
+        listener: std::sync::OnceLock::new(),
         dummy_hash: std::sync::OnceLock::new(),
     });
     mgmt.bootstrap_admin(config)?;
     mgmt.sync_config_domains(config)?;
     mgmt.publish();
-    let listener = std::net::TcpListener::bind(&m.listen)
-        .map_err(|e| format!("management.listen: cannot listen on {}: {e}", m.listen))?;
+    let listener = match inherited {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(&m.listen)
+            .map_err(|e| format!("management.listen: cannot listen on {}: {e}", m.listen))?,
+    };
+    let listener_copy = listener
+        .try_clone()
+        .map_err(|e| format!("management.listen: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let handler_state = mgmt.clone();
     let handler: server::Handler = Arc::new(move |req| api::route(&handler_state, req));
+    let gate = mgmt.gate.clone();
     std::thread::Builder::new()
         .name("cubegate-mgmt-accept".into())
-        .spawn(move || server::serve(listener, handler))
+        .spawn(move || server::serve(listener, handler, gate))
         .map_err(|e| format!("cannot start the management listener: {e}"))?;
+    let _ = mgmt.listener.set(listener_copy);
     tracing::info!(listen = %addr, keys = mgmt.keys().len(), "management API listening");
     Ok((mgmt, addr))
 }

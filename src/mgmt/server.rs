@@ -9,7 +9,7 @@
 use crate::http::chunked::ChunkedDecoder;
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,11 +57,60 @@ impl Reply {
 
 pub type Handler = Arc<dyn Fn(Request) -> Reply + Send + Sync>;
 
-/// Accepts connections forever (the thread is detached).
-pub fn serve(listener: TcpListener, handler: Handler) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let Ok(mut stream) = conn else { continue };
+/// Lets the management API be paused: during a hand-over no request may change the store
+/// after the new process has read it.
+#[derive(Default)]
+pub struct Gate {
+    paused: AtomicBool,
+    /// The accept loop has seen the pause and accepts nothing more.
+    parked: AtomicBool,
+    /// Requests being handled.
+    active: Arc<AtomicUsize>,
+}
+
+impl Gate {
+    /// Stops accepting and waits (up to `limit`) for the requests in flight to finish.
+    /// Connections that arrive meanwhile wait in the socket's queue.
+    pub fn pause(&self, limit: Duration) -> bool {
+        self.paused.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if self.parked.load(Ordering::SeqCst) && self.active.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+}
+
+/// How long one accept waits before the loop looks at the gate again.
+const ACCEPT_SLICE: Duration = Duration::from_millis(100);
+
+/// Accepts connections for the life of the process (the thread is detached).
+pub fn serve(listener: TcpListener, handler: Handler, gate: Arc<Gate>) {
+    // Blocking accepts that give up after a slice (SO_RCVTIMEO applies to accept), so a
+    // pause takes effect without a wake-up mechanism.
+    let _ = listener.set_nonblocking(false);
+    let _ = socket2::SockRef::from(&listener).set_read_timeout(Some(ACCEPT_SLICE));
+    let active = gate.active.clone();
+    loop {
+        if gate.paused.load(Ordering::SeqCst) {
+            gate.parked.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        gate.parked.store(false, Ordering::SeqCst);
+        let Ok((mut stream, _)) = listener.accept() else {
+            continue;
+        };
+        // (An accepted socket inherits the listener's short SO_RCVTIMEO; `handle` sets
+        // its own timeouts before any read.)
+        let _ = stream.set_nonblocking(false);
         if active.load(Ordering::Relaxed) >= MAX_CONCURRENT {
             let _ = write_reply(
                 &mut stream,
@@ -69,13 +118,13 @@ pub fn serve(listener: TcpListener, handler: Handler) {
             );
             continue;
         }
-        active.fetch_add(1, Ordering::Relaxed);
+        active.fetch_add(1, Ordering::SeqCst);
         let (handler, active) = (handler.clone(), active.clone());
         let spawned = std::thread::Builder::new()
             .name("cubegate-mgmt".into())
             .spawn(move || {
                 handle(stream, &handler);
-                active.fetch_sub(1, Ordering::Relaxed);
+                active.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
             tracing::error!("cannot start a management thread");

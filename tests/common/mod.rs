@@ -69,7 +69,7 @@ impl Proc {
 
 /// Spawns `cmd`, waits (bounded) for a stderr line containing `marker` followed by an
 /// address, and returns the process with that address.
-fn spawn_and_wait(mut cmd: Command, marker: &str) -> Proc {
+pub fn spawn_and_wait(mut cmd: Command, marker: &str) -> Proc {
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     let stderr = child.stderr.take().unwrap();

@@ -7,17 +7,18 @@
 //! and SIGINT start a drain (stop accepting, finish what is in flight up to
 //! `timeouts.drain_s`, exit 0).
 
-use crate::auth::keys::KeyStore;
 use crate::config::{AuthMode, Config, Driver};
 use crate::notify::{Heartbeats, Notifier};
 use crate::proxy::conn::{serve_connection, OpenConnection};
 use crate::proxy::{Worker, WorkerParts};
 use crate::snapshot::{Published, Snapshot};
 use monoio::net::TcpListener;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+mod signals;
+use signals::{handle_signals, Reloadable, Watchdog};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,28 +44,40 @@ pub fn choose_driver(wanted: Driver) -> Result<(Driver, &'static str), String> {
     }
 }
 
-fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
-}
-
 /// `cubegate serve`. Returns the process exit code.
 pub fn serve(config: Config, config_path: PathBuf) -> i32 {
     // Signal handlers go in before anything listens: a SIGHUP or SIGTERM that arrives
     // during startup must reload or drain, not kill the process.
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let signals = match signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+    let signals = match signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR2]) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot install signal handlers: {e}");
             return 1;
         }
+    };
+    // Sockets passed by systemd or by the previous process: taken before anything else
+    // can touch their descriptor numbers.
+    let (inherited, ready_pipe) = match (
+        crate::listeners::take_inherited(),
+        crate::handover::ready_pipe(),
+    ) {
+        (Ok(i), Ok(r)) => (i, r),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("inherited sockets: {e}");
+            return 2;
+        }
+    };
+    let (inherited_proxy, inherited_management) = match inherited {
+        Some(i) => {
+            tracing::info!(
+                sockets = i.proxy.len() + usize::from(i.management.is_some()),
+                "listening sockets inherited from {}",
+                i.from
+            );
+            (Some(i.proxy), i.management)
+        }
+        None => (None, None),
     };
     let (driver, why) = match choose_driver(config.proxy.driver) {
         Ok(d) => d,
@@ -114,7 +127,12 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
     // The management plane publishes its keys and memberships before any worker serves.
     let registry: crate::metrics::Registry =
         Arc::new((0..workers).map(|_| Arc::default()).collect());
-    let (mgmt, mgmt_addr) = match crate::mgmt::start(&config, published.clone(), registry.clone()) {
+    let (mgmt, mgmt_addr) = match crate::mgmt::start(
+        &config,
+        published.clone(),
+        registry.clone(),
+        inherited_management,
+    ) {
         Ok(started) => started,
         Err(e) => {
             tracing::error!("{e}");
@@ -133,27 +151,37 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         }
     }
     // Bind every listener before starting anything, so a taken port fails at once.
-    let mut addr = match config.listen_addr() {
+    let configured = match config.listen_addr() {
         Ok(a) => a,
         Err(e) => {
             tracing::error!("{e}");
             return 2;
         }
     };
-    let mut listeners = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        match bind_listener(addr) {
-            Ok(l) => {
-                // With port 0 the first bind picks the port; the others share it.
-                addr = l.local_addr().unwrap_or(addr);
-                listeners.push(l);
-            }
+    let sockets = match inherited_proxy {
+        Some(sockets) => sockets,
+        None => match crate::listeners::bind_proxy(configured, workers) {
+            Ok(s) => s,
             Err(e) => {
-                tracing::error!("cannot listen on {addr} (proxy.listen): {e}");
+                tracing::error!("{e}");
                 return 1;
             }
-        }
+        },
+    };
+    let addr = sockets[0].local_addr().unwrap_or(configured);
+    if addr != configured && configured.port() != 0 {
+        tracing::warn!(
+            "the inherited public socket listens on {addr}, not on proxy.listen = {configured}; \
+             serving on {addr}"
+        );
     }
+    let listeners = match crate::listeners::per_worker(&sockets, workers) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot share the listening sockets among workers: {e}");
+            return 1;
+        }
+    };
     let run_id = run_id();
     let cores = if config.proxy.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -210,7 +238,12 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         pinned = !cores.is_empty(),
         "cubegate listening on {addr}"
     );
-    notifier.send("READY=1");
+    match ready_pipe {
+        // A hand-over: the previous process names this one the main process once it has
+        // stopped accepting.
+        Some(pipe) => crate::handover::say_ready(pipe),
+        None => notifier.send("READY=1"),
+    }
     let watch = Watchdog {
         notifier: &notifier,
         heartbeats: &heartbeats,
@@ -221,6 +254,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         published: &published,
         mgmt: &mgmt,
         certs: certs.as_deref(),
+        sockets: std::cell::RefCell::new(sockets),
     };
     let code = handle_signals(signals, &state, &remaining, &watch);
     for t in threads {
@@ -232,7 +266,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
 fn run_worker(
     driver: Driver,
     worker: Worker,
-    listener: std::net::TcpListener,
+    listener: Vec<std::net::TcpListener>,
     heartbeats: Arc<Heartbeats>,
 ) -> std::io::Result<()> {
     match driver {
@@ -250,10 +284,13 @@ fn run_worker(
 
 async fn worker_main(
     worker: Worker,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     heartbeats: Arc<Heartbeats>,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::from_std(listener)?;
+    let listeners = listeners
+        .into_iter()
+        .map(TcpListener::from_std)
+        .collect::<std::io::Result<Vec<_>>>()?;
     let worker = Rc::new(worker);
     let drain_timeout = worker.timeouts.drain();
     heartbeats.beat(worker.id);
@@ -270,6 +307,30 @@ async fn worker_main(
             worker.start_drain();
         }
     });
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|l| monoio::spawn(accept_loop(worker.clone(), l)))
+        .collect();
+    for accepting in loops {
+        accepting.await;
+    }
+    let deadline = Instant::now() + drain_timeout;
+    while worker.connections.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if worker.connections.get() > 0 {
+        tracing::warn!(
+            worker = worker.id,
+            open = worker.connections.get(),
+            "drain deadline reached; closing the remaining connections"
+        );
+    }
+    Ok(())
+}
+
+/// Accepts on one listening socket until draining starts; the socket is then closed here
+/// (another process may still hold it: a hand-over's successor keeps accepting on it).
+async fn accept_loop(worker: Rc<Worker>, listener: TcpListener) {
     loop {
         if worker.draining.get() {
             break;
@@ -297,96 +358,13 @@ async fn worker_main(
                     }
                 });
             }
-            Err(e) if worker.draining.get() => {
-                let _ = e;
-                break;
-            }
+            Err(_) if worker.draining.get() => break,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(worker = worker.id, "accept failed: {e}");
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-    drop(listener);
-    let deadline = Instant::now() + drain_timeout;
-    while worker.connections.get() > 0 && Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if worker.connections.get() > 0 {
-        tracing::warn!(
-            worker = worker.id,
-            open = worker.connections.get(),
-            "drain deadline reached; closing the remaining connections"
-        );
-    }
-    Ok(())
-}
-
-/// What SIGHUP reloads.
-struct Reloadable<'a> {
-    config: &'a Config,
-    path: &'a Path,
-    published: &'a Published,
-    mgmt: &'a crate::mgmt::Management,
-    certs: Option<&'a crate::tls::CertStore>,
-}
-
-fn handle_signals(
-    mut signals: signal_hook::iterator::Signals,
-    state: &Reloadable<'_>,
-    remaining: &AtomicU64,
-    watch: &Watchdog<'_>,
-) -> i32 {
-    let Reloadable {
-        config,
-        path,
-        published,
-        mgmt,
-        certs,
-    } = *state;
-    use signal_hook::consts::SIGHUP;
-    let mut fed = Instant::now();
-    loop {
-        if let Some(every) = watch.notifier.watchdog_every {
-            // Fed only while every worker's loop is turning (see `notify`).
-            if fed.elapsed() >= every && watch.heartbeats.all_fresh(every) {
-                watch.notifier.send("WATCHDOG=1");
-                fed = Instant::now();
-            }
-        }
-        if remaining.load(Ordering::Acquire) == 0 {
-            // Every worker ended on its own (a fatal error): nothing left to serve.
-            return if DRAIN.load(Ordering::Relaxed) { 0 } else { 1 };
-        }
-        for signal in signals.pending() {
-            match signal {
-                SIGHUP => {
-                    watch.notifier.send("RELOADING=1");
-                    let reloaded = reload(config, path, published);
-                    watch.notifier.send("READY=1");
-                    if let Some(reloaded) = reloaded {
-                        // Domains the file now declares exist in the store too, so members
-                        // can be added to them without a restart.
-                        if let Err(e) = mgmt.sync_config_domains(&reloaded) {
-                            tracing::error!("reload: {e}");
-                        }
-                        mgmt.publish();
-                        reload_certificate(certs, &reloaded);
-                    }
-                }
-                _ => {
-                    watch.notifier.send("STOPPING=1");
-                    if !DRAIN.swap(true, Ordering::Relaxed) {
-                        tracing::info!(
-                            "shutting down: draining in-flight requests (up to {}s)",
-                            config.timeouts.drain_s
-                        );
-                    }
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -396,87 +374,6 @@ fn has_https_backends(config: &Config) -> bool {
         .iter()
         .flat_map(|d| d.backends.iter())
         .any(|b| b.url.starts_with("https://"))
-}
-
-/// SIGHUP with HTTPS on: the certificate and key files are read again, so a renewed
-/// certificate is served from the next handshake on. A bad pair keeps the running one.
-fn reload_certificate(certs: Option<&crate::tls::CertStore>, config: &Config) {
-    let files = crate::tls::listener_files(config);
-    match (certs, files) {
-        (Some(store), Some((cert, key))) => match store.reload(&cert, &key) {
-            Ok(()) => tracing::info!(cert = %cert.display(), "reloaded the TLS certificate"),
-            Err(e) => tracing::error!("reload kept the running TLS certificate: {e}"),
-        },
-        (None, None) => {}
-        _ => tracing::warn!(
-            "reload: turning HTTPS on or off (proxy.tls_cert/tls_key) takes effect at the next restart"
-        ),
-    }
-}
-
-/// What feeds systemd's watchdog: the notifier and the workers' heartbeats.
-struct Watchdog<'a> {
-    notifier: &'a Notifier,
-    heartbeats: &'a Heartbeats,
-}
-
-/// SIGHUP: re-read the file and publish its domain map. Listener, worker, limit and
-/// timeout changes need a restart; a broken file keeps the running map.
-fn reload(running: &Config, path: &Path, published: &Published) -> Option<Config> {
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("reload refused, keeping the running configuration: {e}");
-            return None;
-        }
-    };
-    if config.proxy.listen != running.proxy.listen || config.proxy.workers != running.proxy.workers
-    {
-        tracing::warn!(
-            "reload: [proxy] listener and worker changes take effect at the next restart"
-        );
-    }
-    let mut outcome = Ok(0);
-    published.replace(
-        |old, generation| match Snapshot::from_config(&config, generation) {
-            Ok(mut s) => {
-                let mut keys = KeyStore::rebuilt(&s.keys);
-                keys.carry_fetched_keys(&old.keys);
-                s.keys = Arc::new(keys);
-                s.revocation_epoch = old.revocation_epoch;
-                s.members = old.members.clone();
-                // Domains whose backends the management API set stay, unless the file
-                // now defines the same id (the file wins).
-                for (id, d) in old.domains.iter().filter(|(_, d)| d.from_api) {
-                    s.domains.entry(id.clone()).or_insert_with(|| d.clone());
-                }
-                outcome = Ok(s.domains.len());
-                s
-            }
-            Err(e) => {
-                outcome = Err(e);
-                // Republish the running snapshot unchanged (under a new generation).
-                Snapshot {
-                    generation,
-                    domains: old.domains.clone(),
-                    keys: old.keys.clone(),
-                    revocation_epoch: old.revocation_epoch,
-                    members: old.members.clone(),
-                }
-            }
-        },
-    );
-    match outcome {
-        Ok(domains) => {
-            tracing::info!(domains, "reloaded the domain map");
-            crate::metrics::GLOBAL.reloads.inc();
-            Some(config)
-        }
-        Err(e) => {
-            tracing::error!("reload refused, keeping the running configuration: {e}");
-            None
-        }
-    }
 }
 
 /// 32 random bits per process start, so request ids do not repeat across restarts.
