@@ -31,6 +31,9 @@ impl Counter {
 pub struct Gauge(AtomicI64);
 
 impl Gauge {
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
     pub fn up(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
@@ -67,8 +70,87 @@ impl Histogram {
     }
 }
 
+/// The `route` label of per-domain request counts (the kinds of `proxy::route::Endpoint`).
+pub const ROUTES: [&str; 8] = [
+    "models",
+    "tags",
+    "chat",
+    "completions",
+    "embeddings",
+    "model_info",
+    "admin",
+    "other",
+];
+const CLASSES: usize = 6;
+/// Domains with series of their own. Slot 0 holds requests for domains that do not exist
+/// (a made-up id must not create a series: that would let anyone grow the scrape) and for
+/// domains past the limit.
+pub const DOMAIN_SLOTS: usize = 256;
+
+type DomainBlock = [Counter; ROUTES.len() * CLASSES];
+
+/// Requests by domain, route kind and status class, for one worker. A domain's block is
+/// allocated the first time it is counted, so unused slots cost a pointer.
+#[derive(Debug)]
+pub struct DomainRequests(Box<[std::sync::OnceLock<Box<DomainBlock>>]>);
+
+impl Default for DomainRequests {
+    fn default() -> Self {
+        DomainRequests(
+            (0..DOMAIN_SLOTS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+        )
+    }
+}
+
+impl DomainRequests {
+    pub fn count(&self, slot: u16, route: usize, status: u16) {
+        let Some(cell) = self.0.get(usize::from(slot)) else {
+            return;
+        };
+        let block = cell.get_or_init(|| Box::new(std::array::from_fn(|_| Counter::default())));
+        let class = usize::from(status / 100).min(CLASSES - 1);
+        block[route.min(ROUTES.len() - 1) * CLASSES + class].inc();
+    }
+
+    fn get(&self, slot: usize, route: usize, class: usize) -> u64 {
+        self.0[slot]
+            .get()
+            .map_or(0, |b| b[route * CLASSES + class].get())
+    }
+}
+
+/// Domain ids by slot, process-wide; assigned when a snapshot is built, never on the
+/// request path. Slot 0 is `_other`.
+static DOMAIN_NAMES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The metrics slot of domain `id` (the same id keeps its slot across reloads).
+pub fn domain_slot(id: &str) -> u16 {
+    let mut names = DOMAIN_NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    if names.is_empty() {
+        names.push("_other".into());
+    }
+    if let Some(i) = names.iter().position(|n| n == id) {
+        return i as u16;
+    }
+    if names.len() >= DOMAIN_SLOTS {
+        return 0;
+    }
+    names.push(id.to_string());
+    (names.len() - 1) as u16
+}
+
 #[derive(Debug, Default)]
 pub struct WorkerMetrics {
+    /// Requests for a domain, by route kind and status class.
+    pub by_domain: DomainRequests,
+    /// Signatures checked, by algorithm (`auth::jws::Alg::ALL` order).
+    pub signatures: [Counter; 12],
+    /// API keys looked up.
+    pub api_key_checks: Counter,
+    /// Idle pooled backend connections.
+    pub upstream_idle: Gauge,
     pub requests: Counter,
     /// Answers by status class: 1xx..5xx at index 1..5.
     pub responses: [Counter; 6],
@@ -203,12 +285,18 @@ pub fn render(registry: &Registry) -> String {
             "Backend answers being relayed right now.",
             gauge(|w| &w.streams),
         ),
+        (
+            "cubegate_upstream_idle_connections",
+            "Idle keep-alive connections to backends in the workers' pools.",
+            gauge(|w| &w.upstream_idle),
+        ),
     ] {
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
     }
+    render_labelled(&mut out, registry);
     for (name, help, pick) in [
         (
             "cubegate_first_byte_seconds",
@@ -244,9 +332,70 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
+/// The labelled series: requests by domain, route and status class; signature checks by
+/// algorithm. Only series that counted something are written.
+fn render_labelled(out: &mut String, registry: &Registry) {
+    let names = DOMAIN_NAMES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let _ = writeln!(out, "# HELP cubegate_domain_requests_total Requests by domain (\"_other\" = unknown or past {DOMAIN_SLOTS} domains), route kind and answer status class.\n# TYPE cubegate_domain_requests_total counter");
+    for (slot, name) in names.iter().enumerate() {
+        for (route, route_name) in ROUTES.iter().enumerate() {
+            for class in 1..CLASSES {
+                let n: u64 = registry
+                    .iter()
+                    .map(|w| w.by_domain.get(slot, route, class))
+                    .sum();
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "cubegate_domain_requests_total{{domain=\"{}\",route=\"{route_name}\",status=\"{class}xx\"}} {n}",
+                        label_value(name)
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP cubegate_token_signature_checks_total Token signatures checked (cache misses), by algorithm.\n# TYPE cubegate_token_signature_checks_total counter");
+    for (i, alg) in crate::auth::jws::Alg::ALL.iter().enumerate() {
+        let n: u64 = registry.iter().map(|w| w.signatures[i].get()).sum();
+        let _ = writeln!(
+            out,
+            "cubegate_token_signature_checks_total{{alg=\"{}\"}} {n}",
+            alg.name()
+        );
+    }
+    let n: u64 = registry.iter().map(|w| w.api_key_checks.get()).sum();
+    let _ = writeln!(out, "# HELP cubegate_api_key_checks_total API keys looked up (cache misses).\n# TYPE cubegate_api_key_checks_total counter\ncubegate_api_key_checks_total {n}");
+}
+
+/// Prometheus label values escape backslash, quote and newline.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn domain_series_are_stable_bounded_and_escaped() {
+        let a = domain_slot("slot-test-a");
+        assert_ne!(a, 0);
+        assert_eq!(domain_slot("slot-test-a"), a);
+        let w = Arc::new(WorkerMetrics::default());
+        w.by_domain.count(a, 2, 503);
+        w.by_domain.count(a, 2, 503);
+        w.by_domain.count(u16::MAX, 2, 200); // out of range: ignored, no panic
+        let text = render(&Arc::new(vec![w]));
+        assert!(text.contains(
+            "cubegate_domain_requests_total{domain=\"slot-test-a\",route=\"chat\",status=\"5xx\"} 2\n"
+        ));
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 
     #[test]
     fn renders_prometheus_text() {

@@ -50,6 +50,8 @@ pub struct Domain {
     pub tags_json: Vec<u8>,
     /// Backends set through the management API (not the config file).
     pub from_api: bool,
+    /// Where this domain's request counts go (`metrics::domain_slot`).
+    pub metrics_slot: u16,
 }
 
 impl Domain {
@@ -145,6 +147,7 @@ impl Domain {
             models_json,
             tags_json,
             from_api,
+            metrics_slot: crate::metrics::domain_slot(id),
         })
     }
 }

@@ -352,6 +352,22 @@ fn good_tokens_for_each_key_type(driver: &str) {
     )
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
+    // Signature checks by algorithm: each token is verified once per worker at most (then
+    // cached), and no algorithm that was not used shows up.
+    let mgmt = management_addr(&env.gw);
+    let checks = |alg: &str| {
+        metric(
+            mgmt,
+            &format!("cubegate_token_signature_checks_total{{alg=\"{alg}\"}}"),
+        )
+    };
+    for alg in ["HS256", "HS384", "HS512"] {
+        assert!((1..=2).contains(&checks(alg)), "{alg}: {}", checks(alg));
+    }
+    assert!(checks("RS256") >= 2 && checks("EdDSA") >= 2);
+    for alg in ["PS256", "ES256", "ES384", "RS512"] {
+        assert_eq!(checks(alg), 0, "{alg}");
+    }
     let _ = &env.ollama;
 }
 

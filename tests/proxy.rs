@@ -570,6 +570,12 @@ fn metrics_after_known_traffic(driver: &str) {
         );
     }
     assert_eq!(get(gw.addr, &format!("/proxy/{D}/v1/models")).status, 200);
+    // A domain that does not exist: counted, but under "_other" (no series per made-up id).
+    let unknown = "/proxy/made-up-domain/v1/chat/completions";
+    assert_eq!(
+        post(gw.addr, unknown, &chat_body(VLLM_MODEL, false, "")).status,
+        404
+    );
     let mgmt = management_addr(&gw);
     let value = |text: &str, name: &str| -> f64 {
         text.lines()
@@ -581,20 +587,41 @@ fn metrics_after_known_traffic(driver: &str) {
     assert!(
         eventually(std::time::Duration::from_secs(5), || {
             text = get(mgmt, "/metrics").text();
-            value(&text, "cubegate_request_duration_seconds_count") == 6.0
+            value(&text, "cubegate_request_duration_seconds_count") == 7.0
                 && value(&text, "cubegate_connections") == 0.0
         }),
         "{text}"
     );
-    assert_eq!(value(&text, "cubegate_requests_total"), 6.0);
+    assert_eq!(value(&text, "cubegate_requests_total"), 7.0);
     assert_eq!(value(&text, "cubegate_responses_total{class=\"2xx\"}"), 4.0);
-    assert_eq!(value(&text, "cubegate_responses_total{class=\"4xx\"}"), 2.0);
+    assert_eq!(value(&text, "cubegate_responses_total{class=\"4xx\"}"), 3.0);
+    let series = |route: &str, status: &str| {
+        format!("cubegate_domain_requests_total{{domain=\"{D}\",route=\"{route}\",status=\"{status}\"}}")
+    };
+    assert_eq!(value(&text, &series("chat", "2xx")), 3.0);
+    assert_eq!(value(&text, &series("chat", "4xx")), 2.0);
+    assert_eq!(value(&text, &series("models", "2xx")), 1.0);
+    assert_eq!(
+        value(
+            &text,
+            "cubegate_domain_requests_total{domain=\"_other\",route=\"chat\",status=\"4xx\"}"
+        ),
+        1.0
+    );
+    assert!(!text.contains("made-up-domain"), "{text}");
+    let labelled: usize = text
+        .lines()
+        .filter(|l| l.starts_with("cubegate_domain_requests_total{"))
+        .count();
+    assert_eq!(labelled, 4, "only series that counted something: {text}");
     assert_eq!(value(&text, "cubegate_responses_total{class=\"5xx\"}"), 0.0);
     assert_eq!(value(&text, "cubegate_first_byte_seconds_count"), 3.0);
     assert_eq!(value(&text, "cubegate_streams"), 0.0);
     let connects = value(&text, "cubegate_upstream_connects_total");
     let reuses = value(&text, "cubegate_upstream_reuses_total");
     assert_eq!(connects + reuses, 3.0, "three requests reached the backend");
+    // Every connection opened went back to its worker's pool.
+    assert_eq!(value(&text, "cubegate_upstream_idle_connections"), connects);
 }
 
 mod metrics {

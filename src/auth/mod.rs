@@ -179,11 +179,18 @@ impl Authenticator {
         if !is_token68(token) {
             return Err(not_bearer());
         }
-        cache.metrics.token_verifications.inc();
+        let metrics = &cache.metrics;
+        metrics.token_verifications.inc();
         let verdict = if token.starts_with(API_KEY_PREFIX) {
+            metrics.api_key_checks.inc();
             api_key_claims(token, snapshot, now)
         } else {
-            verify_token(token, &snapshot.keys, &self.rules, now)
+            let count = |alg: jws::Alg| {
+                if let Some(i) = jws::Alg::ALL.iter().position(|a| *a == alg) {
+                    metrics.signatures[i].inc();
+                }
+            };
+            verify_token_counted(token, &snapshot.keys, &self.rules, now, &count)
         };
         match verdict {
             Ok(claims) => {
@@ -301,6 +308,17 @@ pub fn verify_token(
     rules: &ClaimRules,
     now: f64,
 ) -> Result<VerifiedClaims, TokenError> {
+    verify_token_counted(token, keys, rules, now, &|_| {})
+}
+
+/// `verify_token`, calling `on_signature` for every signature it checks.
+pub fn verify_token_counted(
+    token: &[u8],
+    keys: &KeyStore,
+    rules: &ClaimRules,
+    now: f64,
+    on_signature: &dyn Fn(jws::Alg),
+) -> Result<VerifiedClaims, TokenError> {
     if token.starts_with(API_KEY_PREFIX) {
         // API keys are checked against the snapshot's digests, not here.
         return Err(TokenError::UnknownApiKey);
@@ -314,6 +332,7 @@ pub fn verify_token(
     let (index, issuer) = keys.issuer(iss).ok_or(TokenError::UnknownIssuer)?;
     let mut outcome = Err(TokenError::UnknownKey);
     for key in issuer.candidates(parsed.kid.as_deref()) {
+        on_signature(parsed.alg);
         match key.verify(parsed.alg, parsed.signing_input, &parsed.signature) {
             Ok(()) => {
                 outcome = Ok(());

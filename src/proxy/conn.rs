@@ -207,6 +207,8 @@ pub struct RequestLog {
     pub user: Option<String>,
     pub model: Option<String>,
     pub domain: Option<Span>,
+    /// (metrics slot of the domain, route kind) of a proxied request.
+    pub route: Option<(u16, usize)>,
     /// When the request's head was complete.
     pub started: Option<Instant>,
 }
@@ -349,6 +351,9 @@ async fn handle_request(worker: &Worker, conn: &mut ClientConn) -> bool {
     };
     let m = &worker.metrics;
     m.response(conn.log.status);
+    if let Some((slot, route)) = conn.log.route {
+        m.by_domain.count(slot, route, conn.log.status);
+    }
     if let Some(first_byte) = conn.log.first_byte {
         m.first_byte.observe(first_byte);
     }
@@ -414,6 +419,12 @@ async fn dispatch(
     // authenticate → domain → authorize. Authentication comes first so an anonymous
     // caller cannot probe which domains exist.
     conn.log.domain = Some(domain_span);
+    let domain_id = std::str::from_utf8(domain_span.of(&conn.rbuf)).unwrap_or("");
+    let domain = snapshot.domains.get(domain_id);
+    conn.log.route = Some((
+        domain.map_or(0, |d| d.metrics_slot),
+        endpoint.metric_index(),
+    ));
     let auth_header = conn.head.authorization.map(|s| s.of(&conn.rbuf));
     let tokens = &worker.tokens;
     let negative_before = worker.metrics.token_cache_negative_hits.get();
@@ -443,8 +454,7 @@ async fn dispatch(
         }
         other => other?,
     };
-    let domain_id = std::str::from_utf8(domain_span.of(&conn.rbuf)).unwrap_or("");
-    let Some(domain) = snapshot.domains.get(domain_id) else {
+    let Some(domain) = domain else {
         return Err(GatewayError::UnknownDomain(domain_id.to_string()));
     };
     worker

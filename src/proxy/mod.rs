@@ -147,7 +147,10 @@ impl Worker {
             access_log: config.proxy.access_log,
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
-            pools: RefCell::new(upstream::Pools::new(config.proxy.upstream_idle_per_backend)),
+            pools: RefCell::new(
+                upstream::Pools::new(config.proxy.upstream_idle_per_backend)
+                    .with_metrics(registry[id].clone()),
+            ),
             drain: RefCell::new(Canceller::new()),
             draining: Cell::new(false),
             connections: Cell::new(0),
@@ -246,6 +249,7 @@ fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
         models_json: Vec::new(),
         tags_json: Vec::new(),
         from_api: false,
+        metrics_slot: 0,
     }
 }
 

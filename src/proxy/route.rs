@@ -35,6 +35,20 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Its index in `metrics::ROUTES`.
+    pub fn metric_index(self) -> usize {
+        match self {
+            Endpoint::ListModels => 0,
+            Endpoint::ListTags => 1,
+            Endpoint::Chat => 2,
+            Endpoint::Completions => 3,
+            Endpoint::Embeddings => 4,
+            Endpoint::ModelRead => 5,
+            Endpoint::Admin => 6,
+            Endpoint::Other => 7,
+        }
+    }
+
     /// Needs the domain's (or the platform's) admin role.
     pub fn is_admin(self) -> bool {
         matches!(self, Endpoint::Admin | Endpoint::Other)

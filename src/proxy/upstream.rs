@@ -34,6 +34,9 @@ pub struct Pools {
     down_until: HashMap<SocketAddr, Instant>,
     max_idle: usize,
     round_robin: usize,
+    /// Idle connections held, mirrored into the worker's gauge.
+    idle_count: usize,
+    metrics: Option<std::sync::Arc<crate::metrics::WorkerMetrics>>,
 }
 
 impl Pools {
@@ -43,6 +46,21 @@ impl Pools {
             down_until: HashMap::new(),
             max_idle,
             round_robin: 0,
+            idle_count: 0,
+            metrics: None,
+        }
+    }
+
+    /// Reports the number of idle connections into `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::WorkerMetrics>) -> Pools {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn idle_changed(&mut self, by: isize) {
+        self.idle_count = self.idle_count.saturating_add_signed(by);
+        if let Some(m) = &self.metrics {
+            m.upstream_idle.set(self.idle_count as i64);
         }
     }
 
@@ -52,16 +70,21 @@ impl Pools {
     pub fn take(&mut self, addr: SocketAddr, tls: bool) -> Option<BackendStream> {
         let list = self.idle.get_mut(&addr)?;
         let now = Instant::now();
+        let mut taken = 0;
+        let mut found = None;
         while let Some((stream, since)) = list.pop() {
+            taken += 1;
             if now.duration_since(since) < IDLE_TTL
                 && stream.is_tls() == tls
                 && !stream.has_pending()
                 && is_clean_idle(stream.socket())
             {
-                return Some(stream);
+                found = Some(stream);
+                break;
             }
         }
-        None
+        self.idle_changed(-taken);
+        found
     }
 
     pub fn put(&mut self, addr: SocketAddr, stream: BackendStream) {
@@ -69,10 +92,12 @@ impl Pools {
             return;
         }
         let list = self.idle.entry(addr).or_default();
-        if list.len() >= self.max_idle {
+        let evicted = list.len() >= self.max_idle;
+        if evicted {
             list.remove(0);
         }
         list.push((stream, Instant::now()));
+        self.idle_changed(if evicted { 0 } else { 1 });
     }
 
     pub fn mark_down(&mut self, addr: SocketAddr) {
