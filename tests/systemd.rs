@@ -20,7 +20,10 @@ fn unit_under_test() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("cubegate.service");
     std::fs::write(&path, unit).unwrap();
-    let socket = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/optional/cubegate.socket");
+    let socket = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/optional/cubegate.socket"
+    );
     std::fs::copy(socket, dir.join("cubegate.socket")).unwrap();
     path
 }

@@ -5,8 +5,9 @@
 //! large bodies through TLS; plain HTTP on the HTTPS port; a SIGHUP certificate swap with
 //! a stream in flight (the stream finishes, new handshakes get the new certificate, a bad
 //! key file keeps the running one); a gone TLS client stops the backend (the client watch
-//! works under TLS); draining closes idle TLS keep-alive connections at once; startup
-//! refuses unreadable or mismatched certificate and key files with the key's name.
+//! works under TLS); draining closes idle TLS keep-alive connections at once; ten reloads
+//! under load (certificate and domain map) fail no request; startup refuses unreadable or
+//! mismatched certificate and key files with the key's name.
 
 mod common;
 
@@ -43,9 +44,15 @@ fn tls_gateway(driver: &str, dir: &Path, backends: &[SocketAddr]) -> Gateway {
 
 /// A client that trusts exactly the certificate in `cert`.
 fn client_config(cert: &Path, tls12_only: bool) -> Arc<ClientConfig> {
+    build_client(&[cert], tls12_only)
+}
+
+fn build_client(certs: &[&Path], tls12_only: bool) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(cert).unwrap() {
-        roots.add(c.unwrap()).unwrap();
+    for cert in certs {
+        for c in CertificateDer::pem_file_iter(cert).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
@@ -437,4 +444,138 @@ fn gen_cert_keeps_existing_files_and_a_private_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert_eq!(std::fs::read(&cert).unwrap(), before);
+}
+
+/// A client that trusts every certificate in `certs`.
+fn client_config_for(certs: &[&Path]) -> Arc<ClientConfig> {
+    build_client(certs, false)
+}
+
+/// 6. Ten SIGHUPs under load over HTTPS, each swapping the certificate and the domain map
+///    (a second model comes and goes): clients on fresh connections and on kept-alive
+///    ones see no failed request, and every reload is applied.
+fn reloads_under_load(driver: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const OTHER: &str = "other-model";
+    let root = unique_dir("tls-reload");
+    let (a, b) = (root.join("a"), root.join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    gen_cert(&a);
+    gen_cert(&b);
+    let live = root.join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(a.join(f), live.join(f)).unwrap();
+    }
+    let sim = sim(
+        "vllm",
+        &["--tokens", "3", "--models", &format!("{MODEL},{OTHER}")],
+    );
+    let one: &[&str] = &[MODEL];
+    let two: &[&str] = &[MODEL, OTHER];
+    let tls = tls_lines(&live.join("cert.pem"), &live.join("key.pem"));
+    let mut gw = gateway_with(
+        driver,
+        &tls,
+        &domains_config(&[(DOMAIN, &[("vllm", sim.addr, one)])]),
+    );
+    let config = client_config_for(&[&a.join("cert.pem"), &b.join("cert.pem")]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = gw.addr;
+    let client = |keep_alive: bool| {
+        let (stop, config) = (stop.clone(), config.clone());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let (mut ok, mut failures) = (0usize, Vec::new());
+            let mut conn: Option<Reader<Tls>> = None;
+            for i in 0..20_000 {
+                if stop.load(Ordering::Relaxed) || std::time::Instant::now() > deadline {
+                    break;
+                }
+                let mut r = match conn.take() {
+                    Some(r) => r,
+                    None => match tls_connect(addr, config.clone()) {
+                        Ok(t) => Reader::new(t),
+                        Err(e) => {
+                            failures.push(format!("request {i}: handshake: {e}"));
+                            continue;
+                        }
+                    },
+                };
+                send_on(&mut r.stream, &chat_request(false));
+                match r.response() {
+                    Some(resp) if resp.status == 200 && resp.complete => ok += 1,
+                    Some(resp) => {
+                        failures.push(format!("request {i}: {} {}", resp.status, resp.text()))
+                    }
+                    None => failures.push(format!("request {i}: closed without an answer")),
+                }
+                if keep_alive {
+                    conn = Some(r);
+                }
+            }
+            (ok, failures)
+        })
+    };
+    let clients = [client(true), client(false), client(true)];
+
+    for round in 0..10 {
+        std::thread::sleep(Duration::from_millis(150));
+        let pair = if round % 2 == 0 { &b } else { &a };
+        for f in ["cert.pem", "key.pem"] {
+            // Through a rename, as certificate tools do: never a half-written file.
+            let tmp = live.join(format!("{f}.new"));
+            std::fs::copy(pair.join(f), &tmp).unwrap();
+            std::fs::rename(&tmp, live.join(f)).unwrap();
+        }
+        let models = if round % 2 == 0 { two } else { one };
+        std::fs::write(
+            &gw.config_path,
+            config_text_with(
+                driver,
+                &tls,
+                &domains_config(&[(DOMAIN, &[("vllm", sim.addr, models)])]),
+            ),
+        )
+        .unwrap();
+        gw.signal("HUP");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || gw
+            .log()
+            .matches("reloaded the TLS certificate")
+            .count()
+            == 10),
+        "{}",
+        gw.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let answered = expect_no_failures(clients.into_iter().collect(), "across 10 reloads");
+    assert!(answered > 30, "only {answered} requests ran");
+    assert_eq!(gw.log().matches("reloaded the domain map").count(), 10);
+    // The last reload (round 9) left one model; the new certificate is "a".
+    let mut fresh = tls_connect(gw.addr, client_config(&a.join("cert.pem"), false)).unwrap();
+    send_on(
+        &mut fresh,
+        &request_bytes("GET", &format!("/proxy/{DOMAIN}/v1/models"), &[], b""),
+    );
+    let listed = Reader::new(fresh).response().unwrap().json();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+mod reload {
+    use super::*;
+    #[test]
+    fn uring() {
+        reloads_under_load("uring")
+    }
+    #[test]
+    fn legacy() {
+        reloads_under_load("legacy")
+    }
 }

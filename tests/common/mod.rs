@@ -603,3 +603,26 @@ pub fn tls_lines(cert: &std::path::Path, key: &std::path::Path) -> String {
         key.display()
     )
 }
+
+/// What a load client thread reports: requests answered, and what went wrong with the rest.
+pub type LoadOutcome = std::thread::JoinHandle<(usize, Vec<String>)>;
+
+/// Joins load client threads and asserts that none of their requests failed during
+/// `what`. Returns how many were answered.
+pub fn expect_no_failures(clients: Vec<LoadOutcome>, what: &str) -> usize {
+    let (mut answered, mut failures) = (0, Vec::new());
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        answered += ok;
+        failures.extend(failed);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed {what}, e.g. {:?}",
+        failures.len(),
+        answered + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    eprintln!("{answered} requests answered {what}");
+    answered
+}
