@@ -39,11 +39,13 @@ fn binary() -> Result<PathBuf, String> {
     })
 }
 
-/// Starts the new process with the sockets and waits until it listens. Returns it.
+/// Starts the new process with the sockets and waits until it listens, calling `tick`
+/// as it waits (the caller feeds systemd's watchdog). Returns it.
 pub fn spawn_successor(
     config_path: &Path,
     proxy: &[TcpListener],
     management: &TcpListener,
+    tick: &dyn Fn(),
 ) -> Result<Child, String> {
     let exe = binary()?;
     let (mut ready_rx, ready_tx) =
@@ -86,6 +88,20 @@ pub fn spawn_successor(
     command
         .fd_mappings(mappings)
         .map_err(|e| format!("cannot pass the sockets: {e}"))?;
+    let first_unpassed = ready_fd + 1;
+    // Nothing else may cross into the new process: client sockets accepted by io_uring
+    // carry no close-on-exec flag, and a connection the new process held by accident
+    // would never see its FIN when this process closes it.
+    // SAFETY: runs in the forked child before exec, after command-fds has put the passed
+    // descriptors in place; it only makes raw syscalls (close_range, getrlimit, fcntl),
+    // which are async-signal-safe, and touches no memory but its own stack.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            mark_cloexec_from(first_unpassed);
+            Ok(())
+        });
+    }
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
@@ -95,7 +111,7 @@ pub fn spawn_successor(
     drop(command);
     let pid = child.id();
 
-    match wait_ready(&mut ready_rx, &mut child) {
+    match wait_ready(&mut ready_rx, &mut child, tick) {
         Ok(()) => {
             tracing::info!(pid, binary = %exe.display(), "hand-over: the new process is listening");
             Ok(child)
@@ -110,7 +126,7 @@ pub fn spawn_successor(
 
 /// Reads the child's "ready" line in short slices, so the deadline holds. Any other
 /// outcome (EOF: the child exited or closed the channel; other bytes; time) is a failure.
-fn wait_ready(channel: &mut UnixStream, child: &mut Child) -> Result<(), String> {
+fn wait_ready(channel: &mut UnixStream, child: &mut Child, tick: &dyn Fn()) -> Result<(), String> {
     use std::io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
     let deadline = Instant::now() + READY_WITHIN;
     let _ = channel.set_read_timeout(Some(Duration::from_millis(100)));
@@ -123,6 +139,7 @@ fn wait_ready(channel: &mut UnixStream, child: &mut Child) -> Result<(), String>
                 READY_WITHIN.as_secs()
             ));
         }
+        tick();
         match channel.read(&mut byte) {
             Ok(0) => return Err(exit_reason(child)),
             Ok(_) => line.push(byte[0]),
@@ -137,6 +154,35 @@ fn wait_ready(channel: &mut UnixStream, child: &mut Child) -> Result<(), String>
     }
 }
 
+/// Sets close-on-exec on every descriptor from `first` up. In a forked child only.
+fn mark_cloexec_from(first: RawFd) {
+    // SAFETY (all three calls): plain syscalls on integers and a stack struct.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if done {
+        return;
+    }
+    // Kernels before 5.11: one fcntl per possible descriptor (EBADF for unused ones).
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let top = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur.min(1 << 20) as RawFd
+    } else {
+        1 << 16
+    };
+    for fd in first..top {
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
 fn exit_reason(child: &mut Child) -> String {
     for _ in 0..20 {
         if let Ok(Some(status)) = child.try_wait() {
@@ -148,18 +194,23 @@ fn exit_reason(child: &mut Child) -> String {
 }
 
 /// In the new process: the channel to tell the old one "ready", if this is a hand-over.
-pub fn ready_pipe() -> Result<Option<std::fs::File>, String> {
+/// `listeners` = how many listening sockets were passed before it.
+pub fn ready_pipe(listeners: usize) -> Result<Option<std::fs::File>, String> {
     let Ok(value) = std::env::var("CUBEGATE_READY_FD") else {
         return Ok(None);
     };
     let fd: RawFd = value
         .parse()
         .ok()
-        .filter(|fd| *fd >= FIRST_FD)
-        .ok_or_else(|| format!("CUBEGATE_READY_FD={value:?} is not a descriptor"))?;
+        .filter(|fd| *fd >= FIRST_FD + listeners as RawFd)
+        .filter(|fd| crate::listeners::is_open_socket(*fd))
+        .ok_or_else(|| {
+            format!("CUBEGATE_READY_FD={value:?} is not an open socket past the listeners")
+        })?;
     // SAFETY: the previous process passed this descriptor (its end of a socket pair) for
-    // this process alone; it is read from the environment once, at startup, before any
-    // other code runs that could use the number, and wrapped exactly once.
+    // this process alone; it is open (checked above), was open when this process started
+    // (so no descriptor this process opened has its number), lies past the listening
+    // sockets (so `take_inherited` did not wrap it), and is wrapped exactly once.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok(Some(std::fs::File::from(owned)))
 }

@@ -85,12 +85,23 @@ fn systemd_count() -> Result<Option<usize>, String> {
         .map_err(|_| format!("LISTEN_FDS={fds:?} is not a count"))
 }
 
+/// Whether descriptor `fd` is open and a socket (read from /proc, without touching it).
+pub fn is_open_socket(fd: RawFd) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+}
+
 /// Checks that `fd` is a listening TCP socket and takes ownership of it.
 fn adopt(fd: RawFd) -> Result<Socket, String> {
-    // SAFETY: by the socket-passing protocol (systemd's, and `handover`'s which follows it)
-    // the descriptors FIRST_FD.. FIRST_FD+count are open and given to this process, and
-    // nothing else in it uses them: this runs once, before any other code could, and
-    // wraps each number exactly once, so the `OwnedFd` is the descriptor's only owner.
+    if !is_open_socket(fd) {
+        return Err(format!("passed descriptor {fd} is not an open socket"));
+    }
+    // SAFETY: `fd` is open (checked just above) and, by the socket-passing protocol
+    // (systemd's, and `handover`'s which follows it), given to this process for this
+    // purpose: descriptors FIRST_FD..FIRST_FD+count were open when the process started,
+    // so nothing this process opened can have taken their numbers, and no other code
+    // refers to them. Each number is wrapped exactly once (`take_inherited` runs once,
+    // first thing in `serve`), so this `OwnedFd` is the descriptor's only owner.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let socket = Socket::from(owned);
     let bad = |what: &str| format!("passed descriptor {fd} is not {what}");

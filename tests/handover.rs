@@ -98,6 +98,14 @@ fn handover_under_load(driver: &str) {
     let mgmt = management_addr(&gw);
     let mut reaper = Reaper(None);
 
+    // An idle keep-alive connection on the old process: it must see its end when the old
+    // process closes it (a copy leaked into the successor would keep it open, silent).
+    let mut idle = connect(gw.addr);
+    idle.write_all(&request_bytes("GET", "/health", &[], b""))
+        .unwrap();
+    let mut idle = Reader::new(idle);
+    assert_eq!(idle.response().unwrap().status, 200);
+
     // A stream in flight on the old process.
     let mut stream = send_chat(gw.addr, &chat_path(), MODEL, true);
     let (status, _) = stream.head().expect("stream head");
@@ -140,6 +148,12 @@ fn handover_under_load(driver: &str) {
         gw.log()
     );
     assert!(!gw.log().contains("drain deadline reached"), "{}", gw.log());
+    let mut byte = [0u8; 1];
+    let end = std::io::Read::read(&mut idle.stream, &mut byte);
+    assert!(
+        matches!(end, Ok(0)),
+        "the idle connection of the old process did not end: {end:?}"
+    );
 
     // The load ran across the hand-over and on after the old process left.
     std::thread::sleep(Duration::from_millis(500));
@@ -152,6 +166,53 @@ fn handover_under_load(driver: &str) {
     let metrics = get(mgmt, "/metrics");
     assert_eq!(metrics.status, 200);
     assert!(metrics.text().contains("cubegate_requests_total"));
+}
+
+/// A stream that outlives the old process's drain deadline is cut when the old process
+/// exits, and its client sees the connection end at once. (A descriptor leaked into the
+/// successor would keep the socket open: the client would wait, unanswered, forever.)
+fn handover_cut_stream_ends(driver: &str) {
+    let sim = sim("vllm", &["--tokens", "200", "--token-delay-us", "50000"]);
+    let models: &[&str] = &[MODEL];
+    let body = domains_config(&[(DOMAIN, &[("vllm", sim.addr, models)])])
+        .replace("drain_s = 5", "drain_s = 1");
+    let mut gw = gateway(driver, &body);
+    let mut reaper = Reaper(None);
+    let mut stream = send_chat(gw.addr, &chat_path(), MODEL, true);
+    let (status, _) = stream.head().expect("stream head");
+    assert_eq!(status, 200);
+    gw.signal("USR2");
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+    reaper.0 = successor_pid(&gw.log());
+    assert!(gw.log().contains("drain deadline reached"), "{}", gw.log());
+    // The rest of the stream: cut (no terminating chunk), and the connection ends.
+    stream
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut ended = false;
+    for _ in 0..400 {
+        match stream.chunk() {
+            Some(Some(_)) => continue,
+            Some(None) => panic!("a stream cut at the drain deadline looked complete"),
+            None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    assert!(ended);
+    let mut byte = [0u8; 1];
+    let end = std::io::Read::read(&mut stream.stream, &mut byte);
+    assert!(
+        matches!(end, Ok(0)),
+        "the cut connection did not end: {end:?}"
+    );
 }
 
 /// A hand-over whose new process cannot start (its config is now broken) changes
@@ -248,6 +309,7 @@ fn socket_activation(driver: &str) {
 
 for_each_driver!(
     handover_under_load,
+    handover_cut_stream_ends,
     failed_handover_keeps_serving,
     socket_activation
 );

@@ -579,3 +579,118 @@ mod reload {
         reloads_under_load("legacy")
     }
 }
+
+/// 7. Hostile handshakes: a TLS record header promising more than any record may hold,
+///    random bytes after a handshake byte, and a client that connects and says nothing
+///    are all closed (the silent one after `header_read_ms`), counted as failed
+///    handshakes, and the gateway goes on serving.
+fn hostile_handshakes_are_closed(driver: &str) {
+    use std::io::Read;
+    let dir = unique_dir("tls");
+    let (cert, _) = gen_cert(&dir);
+    let sim = sim("vllm", &[]);
+    let gw = tls_gateway(driver, &dir, &[sim.addr]);
+    let attempts: [&[u8]; 3] = [
+        &[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00],
+        &[
+            0x16, 0x03, 0x03, 0x00, 0x10, 0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+            11,
+        ],
+        &[],
+    ];
+    for bytes in attempts {
+        let mut s = connect(gw.addr);
+        s.write_all(bytes).unwrap();
+        let mut buf = [0u8; 512];
+        // An alert may come first; then the connection must end (EOF or reset).
+        let mut ended = false;
+        for _ in 0..4 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    ended = true;
+                    break;
+                }
+                Ok(_) => {}
+            }
+        }
+        assert!(ended, "{bytes:?}: the connection stayed open");
+    }
+    let failures = get(management_addr(&gw), "/metrics")
+        .text()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cubegate_tls_handshake_failures_total ")
+                .map(|v| v.trim().parse::<u64>().unwrap())
+        })
+        .unwrap();
+    assert_eq!(failures, 3);
+    let mut ok = tls_connect(gw.addr, client_config(&cert, false)).unwrap();
+    send_on(&mut ok, &request_bytes("GET", "/health", &[], b""));
+    assert_eq!(Reader::new(ok).response().unwrap().status, 200);
+}
+
+mod hostile {
+    use super::*;
+    #[test]
+    fn uring() {
+        hostile_handshakes_are_closed("uring")
+    }
+    #[test]
+    fn legacy() {
+        hostile_handshakes_are_closed("legacy")
+    }
+}
+
+/// 8. A TLS client that stops reading a long stream: after `between_chunks` the answer is
+///    abandoned and the connection closed. Saying goodbye (close_notify) into its full
+///    socket is bounded, so the connection does not linger holding a slot.
+fn stalled_tls_reader_is_let_go(driver: &str) {
+    let dir = unique_dir("tls");
+    let (cert, _) = gen_cert(&dir);
+    let sim = sim("vllm", &["--tokens", "400000", "--token-delay-us", "0"]);
+    let gw = tls_gateway(driver, &dir, &[sim.addr]);
+    let mgmt = management_addr(&gw);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&gw.addr.into()).unwrap();
+    let tcp: TcpStream = socket.into();
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let session = ClientConnection::new(client_config(&cert, false), name).unwrap();
+    let mut tls = StreamOwned::new(session, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    send_on(&mut tls, &chat_request(true));
+    // Read nothing more. between_chunks_s = 2 in this config.
+    let open = || {
+        get(mgmt, "/metrics")
+            .text()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("cubegate_connections ")?
+                    .trim()
+                    .parse::<i64>()
+                    .ok()
+            })
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || open() == 0),
+        "the stalled TLS connection is still open: {}",
+        open()
+    );
+    drop(tls);
+}
+
+mod stalled {
+    use super::*;
+    #[test]
+    fn uring() {
+        stalled_tls_reader_is_let_go("uring")
+    }
+    #[test]
+    fn legacy() {
+        stalled_tls_reader_is_let_go("legacy")
+    }
+}

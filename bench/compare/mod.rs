@@ -81,6 +81,12 @@ pub struct CompareArgs {
     /// The cubegate binary [default: next to this one, or target/release/cubegate].
     #[arg(long)]
     pub cubegate: Option<PathBuf>,
+    /// Clients speak HTTPS to the proxies (cubegate, nginx and HAProxy terminate TLS with
+    /// one self-signed certificate from `cubegate gen-cert`; TLS 1.3 with ALPN http/1.1;
+    /// connections kept alive, so handshakes are not what is measured). `direct` stays
+    /// plain (the simulator has no TLS) and LiteLLM is skipped.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 impl CompareArgs {
@@ -226,6 +232,7 @@ struct Shape {
 fn load_args(ep: &Endpoint, bearer: Option<&str>, kind: LoadKind, tokens: u64) -> LoadArgs {
     LoadArgs {
         model: Some(ep.model.clone()),
+        cacert: ep.cacert.clone(),
         connections: 1,
         duration: Some(1.0),
         tokens: Some(tokens),
@@ -465,7 +472,13 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
         .cubegate
         .clone()
         .or_else(|| systems::find_sibling("cubegate"));
+    let tls = if a.tls {
+        Some(systems::TlsFiles::create(&tmp.0)?)
+    } else {
+        None
+    };
     let env = Env {
+        tls,
         dir: tmp.0.clone(),
         fast,
         stream,
@@ -563,6 +576,7 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
             token_delay_us: a.token_delay_us,
             proxy_workers: workers,
             load_threads: shape.threads,
+            tls: a.tls,
         },
         systems: results,
     })

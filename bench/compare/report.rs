@@ -101,6 +101,8 @@ pub struct Settings {
     pub token_delay_us: u64,
     pub proxy_workers: usize,
     pub load_threads: usize,
+    /// Clients spoke HTTPS to the proxies.
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -240,6 +242,13 @@ pub fn markdown(r: &Report) -> String {
         st.token_delay_us,
         st.stream_rate
     );
+    if st.tls {
+        let _ = writeln!(
+            s,
+            "- Clients speak HTTPS (TLS 1.3, kept-alive connections) to every proxy; `direct` \
+             is plain HTTP to the simulator."
+        );
+    }
     let _ = writeln!(
         s,
         "- Latencies in ms; \"added\" = this system minus direct, in µs. CPU = the proxy's own \

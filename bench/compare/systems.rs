@@ -322,11 +322,43 @@ pub fn version_of(program: &Path, args: &[&str]) -> String {
 pub struct Endpoint {
     pub url: String,
     pub model: String,
+    /// The certificate to trust for an https:// URL.
+    pub cacert: Option<PathBuf>,
+}
+
+/// The certificate the proxies serve with `--tls`.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Certificate and key in one file (HAProxy's `crt`).
+    pub combined: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn create(dir: &Path) -> Result<TlsFiles, String> {
+        let (cert, key) = cubegate::tls::gen_cert::gen_cert(&cubegate::tls::gen_cert::GenCert {
+            out_dir: dir.join("tls"),
+            names: vec!["127.0.0.1".into(), "localhost".into()],
+            days: 2,
+            force: true,
+        })?;
+        let combined = dir.join("tls").join("combined.pem");
+        let text = fs::read_to_string(&cert).map_err(|e| e.to_string())?
+            + &fs::read_to_string(&key).map_err(|e| e.to_string())?;
+        fs::write(&combined, text).map_err(|e| e.to_string())?;
+        Ok(TlsFiles {
+            cert,
+            key,
+            combined,
+        })
+    }
 }
 
 /// What every system is set up with.
 pub struct Env {
     pub dir: PathBuf,
+    /// `--tls`: the proxies' certificate.
+    pub tls: Option<TlsFiles>,
     /// Simulator answering whole answers quickly.
     pub fast: SocketAddr,
     /// Simulator streaming with a delay between tokens.
@@ -361,12 +393,19 @@ pub enum NotRun {
     Failed(String),
 }
 
-fn proxy_urls(port: u16) -> (Endpoint, Endpoint) {
-    let ep = |d: &str| Endpoint {
-        url: format!("http://127.0.0.1:{port}/proxy/{d}/v1/chat/completions"),
-        model: MODEL.into(),
-    };
+fn proxy_urls(env: &Env, port: u16) -> (Endpoint, Endpoint) {
+    let ep = |d: &str| proxy_endpoint(env, port, &format!("/proxy/{d}/v1/chat/completions"));
     (ep(FAST_DOMAIN), ep(STREAM_DOMAIN))
+}
+
+/// A proxy's endpoint: https with the bench certificate under `--tls`.
+fn proxy_endpoint(env: &Env, port: u16, path: &str) -> Endpoint {
+    let scheme = if env.tls.is_some() { "https" } else { "http" };
+    Endpoint {
+        url: format!("{scheme}://127.0.0.1:{port}{path}"),
+        model: MODEL.into(),
+        cacert: env.tls.as_ref().map(|t| t.cert.clone()),
+    }
 }
 
 /// Starts `kind` and waits until it answers; `probe` sends one real request through an
@@ -377,6 +416,7 @@ pub fn start(kind: Kind, env: &Env, probe: Probe) -> Result<Running, NotRun> {
             let ep = |a: SocketAddr| Endpoint {
                 url: format!("http://{a}/v1/chat/completions"),
                 model: MODEL.into(),
+                cacert: None,
             };
             Running {
                 proc: None,
@@ -464,12 +504,17 @@ fn port() -> Result<u16, NotRun> {
 pub fn cubegate_config(env: &Env, port: u16) -> String {
     let data = env.dir.join("cubegate-data");
     let mut s = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\ndriver = \"auto\"\n\n\
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\ndriver = \"auto\"\n{}\n\
          [management]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
          admin_email = \"admin@example.com\"\nadmin_password_env = \"CUBEGATE_ADMIN_PASSWORD\"\n\n\
          [auth]\nmode = \"jwt\"\n\n[[auth.trusted]]\nissuer = \"{ISSUER}\"\n\
          hs_secret_env = \"CUBEGATE_BENCH_SECRET\"\n",
         env.workers,
+        env.tls.as_ref().map_or(String::new(), |t| format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            t.cert.display(),
+            t.key.display()
+        )),
         data.display()
     );
     for (id, name, addr) in [
@@ -524,7 +569,7 @@ fn start_cubegate(env: &Env) -> Result<Running, NotRun> {
     let port = port()?;
     let cfg = write(env, "cubegate.toml", &cubegate_config(env, port))?;
     let proc = spawn(env, "cubegate", command(&cfg))?;
-    let (fast, stream) = proxy_urls(port);
+    let (fast, stream) = proxy_urls(env, port);
     Ok(Running {
         proc: Some(proc),
         fast,
@@ -573,7 +618,20 @@ pub fn nginx_config(env: &Env, port: u16) -> String {
             "  upstream {name} {{ server {addr}; keepalive 64; keepalive_timeout 4s; }}"
         );
     }
-    let _ = writeln!(s, "  server {{\n    listen 127.0.0.1:{port};");
+    match &env.tls {
+        None => {
+            let _ = writeln!(s, "  server {{\n    listen 127.0.0.1:{port};");
+        }
+        Some(t) => {
+            let _ = writeln!(
+                s,
+                "  server {{\n    listen 127.0.0.1:{port} ssl;\n    ssl_certificate {};\n\
+                 \x20   ssl_certificate_key {};\n    ssl_protocols TLSv1.2 TLSv1.3;",
+                t.cert.display(),
+                t.key.display()
+            );
+        }
+    }
     for (domain, name) in [(FAST_DOMAIN, "fast"), (STREAM_DOMAIN, "stream")] {
         let _ = writeln!(
             s,
@@ -600,7 +658,7 @@ fn start_nginx(env: &Env) -> Result<Running, NotRun> {
         .arg("-c")
         .arg(&cfg);
     let proc = spawn(env, "nginx", cmd)?;
-    let (fast, stream) = proxy_urls(port);
+    let (fast, stream) = proxy_urls(env, port);
     Ok(Running {
         proc: Some(proc),
         fast,
@@ -617,6 +675,9 @@ fn start_nginx(env: &Env) -> Result<Running, NotRun> {
 /// stream arrives all at once at its end; operators streaming SSE set it); otherwise tcp
 /// mode, one frontend port per simulator.
 pub fn haproxy_config(env: &Env, jwt: bool, ports: (u16, u16)) -> String {
+    let tls = env.tls.as_ref().map_or(String::new(), |t| {
+        format!(" ssl crt {} alpn http/1.1", t.combined.display())
+    });
     let mut s = format!(
         "global\n  nbthread {}\n  maxconn 4096\n\n\
          defaults\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\
@@ -627,7 +688,7 @@ pub fn haproxy_config(env: &Env, jwt: bool, ports: (u16, u16)) -> String {
         let _ = write!(
             s,
             "  mode http\n  option http-no-delay\n\n\
-             frontend bench\n  bind 127.0.0.1:{p}\n\
+             frontend bench\n  bind 127.0.0.1:{p}{tls}\n\
              \x20 http-request deny deny_status 401 unless {{ req.hdr_cnt(authorization) eq 1 }}\n\
              \x20 http-request set-var(txn.bearer) http_auth_bearer\n\
              \x20 http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')\n\
@@ -654,7 +715,7 @@ pub fn haproxy_config(env: &Env, jwt: bool, ports: (u16, u16)) -> String {
         for (name, port, addr) in [("fast", ports.0, env.fast), ("stream", ports.1, env.stream)] {
             let _ = write!(
                 s,
-                "\nfrontend {name}\n  bind 127.0.0.1:{port}\n  default_backend {name}\n\
+                "\nfrontend {name}\n  bind 127.0.0.1:{port}{tls}\n  default_backend {name}\n\
                  \nbackend {name}\n  server sim {addr}\n"
             );
         }
@@ -698,12 +759,9 @@ fn start_haproxy(env: &Env, jwt: bool) -> Result<Running, NotRun> {
     cmd.arg("-db").arg("-f").arg(&cfg);
     let proc = spawn(env, name, cmd)?;
     let (fast, stream) = if jwt {
-        proxy_urls(ports.0)
+        proxy_urls(env, ports.0)
     } else {
-        let ep = |p: u16| Endpoint {
-            url: format!("http://127.0.0.1:{p}/v1/chat/completions"),
-            model: MODEL.into(),
-        };
+        let ep = |p: u16| proxy_endpoint(env, p, "/v1/chat/completions");
         (ep(ports.0), ep(ports.1))
     };
     Ok(Running {
@@ -732,6 +790,9 @@ pub fn haproxy_has_jwt(version_line: &str) -> bool {
 }
 
 fn start_litellm(env: &Env) -> Result<Running, NotRun> {
+    if env.tls.is_some() {
+        return Err(NotRun::Skipped("not set up for --tls".into()));
+    }
     let Some(bin) = find_program("litellm") else {
         return Err(NotRun::Skipped("not installed".into()));
     };
@@ -760,6 +821,7 @@ fn start_litellm(env: &Env) -> Result<Running, NotRun> {
     let ep = |m: &str| Endpoint {
         url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
         model: m.into(),
+        cacert: None,
     };
     Ok(Running {
         proc: Some(proc),

@@ -63,6 +63,7 @@ fn sample() -> Report {
             token_delay_us: 1000,
             proxy_workers: 1,
             load_threads: 1,
+            tls: false,
         },
         systems: vec![
             measured("direct", 100, None),

@@ -8,8 +8,7 @@
 use super::http::{parse_head, BodyLen, Chunked, EventFormat, EventScanner, FramingError};
 use super::report::{ErrorKind, Milestones, Recorder};
 use bytes::Bytes;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use cubegate::proxy::io::BackendStream;
 use monoio::net::TcpStream;
 use std::cell::RefCell;
 use std::io;
@@ -20,6 +19,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
+    /// https:// targets: sessions are rustls (cubegate's own session driver).
+    pub tls: Option<TlsTarget>,
     /// The whole requests, head and body; sent in turn (several when they carry distinct
     /// bearer tokens, to exercise a gateway's token cache).
     pub requests: std::sync::Arc<[Bytes]>,
@@ -36,7 +37,26 @@ pub struct Target {
     pub request_timeout: Duration,
 }
 
-/// Opens a connection, from the next source address when `source_ips` > 1.
+#[derive(Debug, Clone)]
+pub struct TlsTarget {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+/// Opens a connection (and its TLS session for https), from the next source address when
+/// `source_ips` > 1.
+async fn open(t: &Target) -> io::Result<BackendStream> {
+    let tcp = connect(t).await?;
+    let _ = tcp.set_nodelay(true);
+    match &t.tls {
+        None => Ok(BackendStream::plain(tcp)),
+        Some(tls) => {
+            BackendStream::tls(tcp, tls.config.clone(), tls.name.clone(), t.io_timeout).await
+        }
+    }
+}
+
+/// Opens a TCP connection, from the next source address when `source_ips` > 1.
 async fn connect(t: &Target) -> io::Result<TcpStream> {
     if t.source_ips <= 1 || !t.addr.ip().is_loopback() {
         return TcpStream::connect_addr(t.addr).await;
@@ -71,7 +91,7 @@ impl Target {
 
 /// An open keep-alive connection with its read buffer.
 pub struct Conn {
-    stream: TcpStream,
+    stream: BackendStream,
     buf: Vec<u8>,
 }
 
@@ -169,6 +189,15 @@ pub async fn exchange(
     }
 }
 
+/// The counts say how many connects failed; the first one's reason is printed once, so a
+/// refused certificate or a wrong port is not a mystery.
+fn say_first_connect_error(e: &io::Error) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("cubegate-bench load: connect failed: {e}");
+    }
+}
+
 /// Returns (status, connection reusable).
 async fn attempt(
     slot: &mut Option<Conn>,
@@ -178,12 +207,15 @@ async fn attempt(
     rec: &RefCell<Recorder>,
 ) -> Result<(u16, bool), Failure> {
     if slot.is_none() {
-        let c = monoio::time::timeout_at(op_deadline(deadline, t), connect(t)).await;
+        let c = monoio::time::timeout_at(op_deadline(deadline, t), open(t)).await;
         let stream = match c {
             Ok(Ok(s)) => s,
-            Ok(Err(_)) | Err(_) => return Err(Failure::Kind(ErrorKind::Connect)),
+            Ok(Err(e)) => {
+                say_first_connect_error(&e);
+                return Err(Failure::Kind(ErrorKind::Connect));
+            }
+            Err(_) => return Err(Failure::Kind(ErrorKind::Connect)),
         };
-        let _ = stream.set_nodelay(true);
         *slot = Some(Conn {
             stream,
             buf: Vec::with_capacity(16 * 1024),
@@ -282,15 +314,11 @@ async fn attempt(
 
 /// Reads more bytes onto the end of the connection's buffer; Ok(0) = EOF.
 async fn read_more(conn: &mut Conn, t: &Target, deadline: Instant) -> Result<usize, Failure> {
-    if conn.buf.capacity() - conn.buf.len() < 4096 {
-        conn.buf.reserve(16 * 1024);
-    }
-    let len = conn.buf.len();
     let owned = std::mem::take(&mut conn.buf);
-    let fut = conn.stream.read(owned.slice_mut(len..));
+    let fut = conn.stream.read_more(owned, 16 * 1024);
     match monoio::time::timeout_at(op_deadline(deadline, t), fut).await {
-        Ok((res, slice)) => {
-            conn.buf = slice.into_inner();
+        Ok((res, buf)) => {
+            conn.buf = buf;
             res.map_err(|e| io_failure(&e))
         }
         Err(_) => Err(Failure::Kind(ErrorKind::Timeout)),

@@ -144,6 +144,10 @@ pub struct LoadArgs {
     /// Seconds a whole request may take.
     #[arg(long, default_value_t = 120.0)]
     pub request_timeout: f64,
+    /// For https:// URLs: trust the certificates in this PEM file (e.g. the cert.pem of
+    /// `cubegate gen-cert`) instead of the system's CA store.
+    #[arg(long)]
+    pub cacert: Option<std::path::PathBuf>,
 }
 
 impl LoadArgs {
@@ -169,11 +173,15 @@ fn secs(name: &str, v: f64) -> Result<Duration, String> {
     }
 }
 
-/// `http://host[:port][/path]` → (host header, socket address, path).
+/// `http[s]://host[:port][/path]` → (host header, socket address, path).
 pub fn parse_url(url: &str) -> Result<(String, SocketAddr, String), String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        format!("--url {url}: only http:// URLs are supported (no TLS in the load generator)")
-    })?;
+    let (rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, 80)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (rest, 443)
+    } else {
+        return Err(format!("--url {url}: must start with http:// or https://"));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -188,7 +196,7 @@ pub fn parse_url(url: &str) -> Result<(String, SocketAddr, String), String> {
     let hostport = if has_port {
         authority.to_string()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     let addr = hostport
         .to_socket_addrs()
@@ -196,6 +204,23 @@ pub fn parse_url(url: &str) -> Result<(String, SocketAddr, String), String> {
         .next()
         .ok_or_else(|| format!("--url {url}: {hostport} resolves to nothing"))?;
     Ok((authority.to_string(), addr, path.to_string()))
+}
+
+/// For an https:// URL: the client configuration (ALPN http/1.1, the --cacert roots or the
+/// system's) and the name the server's certificate must carry.
+fn tls_for(a: &LoadArgs, host: &str) -> Result<Option<client::TlsTarget>, String> {
+    if !a.url.starts_with("https://") {
+        return Ok(None);
+    }
+    let config = cubegate::tls::backend_config(a.cacert.as_deref())
+        .map_err(|e| format!("--cacert: {}", e.message))?;
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let name = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|_| format!("--url {}: {name:?} is not a TLS server name", a.url))?;
+    Ok(Some(client::TlsTarget { config, name }))
 }
 
 /// HS256-signs `n` distinct tokens (ring).
@@ -293,8 +318,10 @@ pub fn run(a: &LoadArgs) -> Result<Summary, String> {
         (None, None) => Some(Duration::from_secs(10)),
     };
     let warmup = secs("warmup", a.warmup)?;
+    let tls = tls_for(a, &host)?;
     let target = Target {
         addr,
+        tls,
         requests: build_requests(a, &host, &path).into(),
         next: Default::default(),
         source_ips: a.source_ips,

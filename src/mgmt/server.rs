@@ -69,21 +69,26 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// Stops accepting and waits (up to `limit`) for the requests in flight to finish.
-    /// Connections that arrive meanwhile wait in the socket's queue.
-    pub fn pause(&self, limit: Duration) -> bool {
+    /// Stops accepting and waits (up to `limit`) for the requests in flight to finish,
+    /// calling `tick` as it waits. Connections that arrive meanwhile wait in the socket's
+    /// queue.
+    pub fn pause(&self, limit: Duration, tick: &dyn Fn()) -> bool {
         self.paused.store(true, Ordering::SeqCst);
         let deadline = std::time::Instant::now() + limit;
         while std::time::Instant::now() < deadline {
             if self.parked.load(Ordering::SeqCst) && self.active.load(Ordering::SeqCst) == 0 {
                 return true;
             }
+            tick();
             std::thread::sleep(Duration::from_millis(10));
         }
         false
     }
 
     pub fn resume(&self) {
+        // Not parked any more as far as a next `pause` knows: it waits for the accept
+        // loop to park again.
+        self.parked.store(false, Ordering::SeqCst);
         self.paused.store(false, Ordering::SeqCst);
     }
 }

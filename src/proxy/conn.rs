@@ -127,8 +127,13 @@ pub async fn serve_connection(
             break;
         }
     }
-    let _ = conn.wr.shutdown().await;
+    // Under TLS this writes close_notify, which a client that stopped reading would never
+    // take: bounded, or one such client would hold its connection slot for good.
+    let _ = monoio::time::timeout(SHUTDOWN_LIMIT, conn.wr.shutdown()).await;
 }
+
+/// How long the goodbye (close_notify, FIN) may take before the socket is just closed.
+const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 const PLAIN_HTTP_BODY: &[u8] = br#"{"error":{"message":"this port speaks HTTPS: use https://","type":"invalid_request_error","code":"plain_http_on_https_port"}}"#;
 
@@ -146,7 +151,7 @@ async fn open_client(
     };
     let session = rustls::ServerConnection::new(config.clone()).ok()?;
     let (mut reader, mut writer) = crate::tls::stream::pair(session);
-    let shake = handshake(&mut stream, &mut reader, &mut writer);
+    let shake = handshake(&mut stream, &mut reader, &mut writer, true);
     match monoio::time::timeout(worker.timeouts.header_read(), shake).await {
         Ok(Ok(())) => {}
         Ok(Err(HandshakeError::PlainHttp)) => {

@@ -63,7 +63,7 @@ pub async fn forward(
         let pooled = worker
             .pools
             .borrow_mut()
-            .take(backend.addr, backend.tls.is_some());
+            .take(backend.addr, backend.tls.as_ref());
         let up = match pooled {
             Some(stream) => {
                 worker.metrics.upstream_reuses.inc();

@@ -46,6 +46,12 @@ impl OutBuf for Vec<u8> {
     }
 }
 
+impl OutBuf for bytes::Bytes {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 impl OutBuf for Slice<Vec<u8>> {
     fn bytes(&self) -> &[u8] {
         &self.get_ref()[self.begin()..self.end()]
@@ -134,6 +140,8 @@ pub struct BackendStream {
 struct BackendTls {
     reader: TlsReader<ClientConnection>,
     writer: TlsWriter<ClientConnection>,
+    /// The name the session was made and verified for.
+    name: rustls::pki_types::ServerName<'static>,
 }
 
 impl BackendStream {
@@ -149,13 +157,20 @@ impl BackendStream {
         name: rustls::pki_types::ServerName<'static>,
         limit: Duration,
     ) -> io::Result<BackendStream> {
-        let session = ClientConnection::new(config, name).map_err(io::Error::other)?;
+        let session = ClientConnection::new(config, name.clone()).map_err(io::Error::other)?;
         let (mut reader, mut writer) = crate::tls::stream::pair(session);
-        let shake = crate::tls::stream::handshake(&mut tcp, &mut reader, &mut writer);
+        // A backend's TLS session must end with close_notify: an answer delimited by the
+        // connection's end could otherwise be cut by anyone on the path.
+        reader.require_close_notify();
+        let shake = crate::tls::stream::handshake(&mut tcp, &mut reader, &mut writer, false);
         match monoio::time::timeout(limit, shake).await {
             Ok(Ok(())) => Ok(BackendStream {
                 tcp,
-                tls: Some(Box::new(BackendTls { reader, writer })),
+                tls: Some(Box::new(BackendTls {
+                    reader,
+                    writer,
+                    name,
+                })),
             }),
             Ok(Err(e)) => Err(io::Error::other(format!("TLS handshake: {e}"))),
             Err(_) => Err(io::Error::new(
@@ -165,8 +180,9 @@ impl BackendStream {
         }
     }
 
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
+    /// The name a TLS session was verified for; `None` for plain connections.
+    pub fn tls_name(&self) -> Option<&rustls::pki_types::ServerName<'static>> {
+        self.tls.as_ref().map(|t| &t.name)
     }
 
     /// Reads more bytes behind what `buf` holds.

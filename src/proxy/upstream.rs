@@ -65,9 +65,14 @@ impl Pools {
     }
 
     /// A pooled connection to `addr` that has not outlived the keep-alive window and is
-    /// still clean: nothing unread in it, not closed by the backend. `tls` must match (a
-    /// backend switched between http and https on the same address gets fresh sockets).
-    pub fn take(&mut self, addr: SocketAddr, tls: bool) -> Option<BackendStream> {
+    /// still clean: nothing unread in it, not closed by the backend. Its TLS name must be
+    /// `tls`: two https backends behind one address (virtual hosts) never share a session
+    /// verified for the other's name, and plain and TLS never mix.
+    pub fn take(
+        &mut self,
+        addr: SocketAddr,
+        tls: Option<&rustls::pki_types::ServerName<'static>>,
+    ) -> Option<BackendStream> {
         let list = self.idle.get_mut(&addr)?;
         let now = Instant::now();
         let mut taken = 0;
@@ -75,7 +80,7 @@ impl Pools {
         while let Some((stream, since)) = list.pop() {
             taken += 1;
             if now.duration_since(since) < IDLE_TTL
-                && stream.is_tls() == tls
+                && stream.tls_name() == tls
                 && !stream.has_pending()
                 && is_clean_idle(stream.socket())
             {

@@ -46,6 +46,25 @@ pub fn choose_driver(wanted: Driver) -> Result<(Driver, &'static str), String> {
 
 /// `cubegate serve`. Returns the process exit code.
 pub fn serve(config: Config, config_path: PathBuf) -> i32 {
+    // Sockets passed by systemd or by the previous process: taken first, before this
+    // function opens any descriptor of its own.
+    let inherited = match crate::listeners::take_inherited() {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!("inherited sockets: {e}");
+            return 2;
+        }
+    };
+    let passed = inherited
+        .as_ref()
+        .map_or(0, |i| i.proxy.len() + usize::from(i.management.is_some()));
+    let ready_pipe = match crate::handover::ready_pipe(passed) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("hand-over: {e}");
+            return 2;
+        }
+    };
     // Signal handlers go in before anything listens: a SIGHUP or SIGTERM that arrives
     // during startup must reload or drain, not kill the process.
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
@@ -54,18 +73,6 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         Err(e) => {
             tracing::error!("cannot install signal handlers: {e}");
             return 1;
-        }
-    };
-    // Sockets passed by systemd or by the previous process: taken before anything else
-    // can touch their descriptor numbers.
-    let (inherited, ready_pipe) = match (
-        crate::listeners::take_inherited(),
-        crate::handover::ready_pipe(),
-    ) {
-        (Ok(i), Ok(r)) => (i, r),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("inherited sockets: {e}");
-            return 2;
         }
     };
     let (inherited_proxy, inherited_management) = match inherited {

@@ -63,7 +63,7 @@ pub(super) fn handle_signals(
                 SIGUSR2 if DRAIN.load(Ordering::Relaxed) => {
                     tracing::warn!("hand-over refused: this process is already draining");
                 }
-                SIGUSR2 => handed_over = hand_over(state, watch.notifier),
+                SIGUSR2 => handed_over = hand_over(state, watch),
                 _ => {
                     state.sockets.borrow_mut().clear();
                     watch.notifier.send("STOPPING=1");
@@ -96,13 +96,25 @@ fn on_reload(state: &Reloadable<'_>, notifier: &Notifier) {
 }
 
 /// SIGUSR2. Returns whether the successor took over (this process then drains).
-fn hand_over(state: &Reloadable<'_>, notifier: &Notifier) -> bool {
+fn hand_over(state: &Reloadable<'_>, watch: &Watchdog<'_>) -> bool {
+    let notifier = watch.notifier;
+    // The waits below can outlast the watchdog interval: keep feeding it (on the same
+    // condition as the main loop: every worker's loop still turns).
+    let fed = std::cell::Cell::new(Instant::now());
+    let tick = || {
+        if let Some(every) = notifier.watchdog_every {
+            if fed.get().elapsed() >= every && watch.heartbeats.all_fresh(every) {
+                notifier.send("WATCHDOG=1");
+                fed.set(Instant::now());
+            }
+        }
+    };
     let Some(management) = state.mgmt.listener.get() else {
         tracing::error!("hand-over refused: the management listener is not up");
         return false;
     };
     tracing::info!("hand-over: starting a new process with the listening sockets");
-    if !state.mgmt.gate.pause(HANDOVER_MGMT_QUIET) {
+    if !state.mgmt.gate.pause(HANDOVER_MGMT_QUIET, &tick) {
         state.mgmt.gate.resume();
         tracing::error!(
             "hand-over refused: management requests still running after {}s; still serving",
@@ -110,7 +122,8 @@ fn hand_over(state: &Reloadable<'_>, notifier: &Notifier) -> bool {
         );
         return false;
     }
-    let spawned = crate::handover::spawn_successor(state.path, &state.sockets.borrow(), management);
+    let spawned =
+        crate::handover::spawn_successor(state.path, &state.sockets.borrow(), management, &tick);
     match spawned {
         Ok(child) => {
             state.sockets.borrow_mut().clear();

@@ -23,6 +23,8 @@ use std::rc::Rc;
 
 /// One socket read's worth of ciphertext: a TLS record is at most 16 KiB + overhead.
 const CIPHER_READ: usize = 17 * 1024;
+/// The largest encryption buffer a connection keeps between writes.
+const OUT_KEEP: usize = 32 * 1024;
 
 pub type Shared<C> = Rc<RefCell<C>>;
 
@@ -32,6 +34,8 @@ pub struct TlsReader<C> {
     cipher: Vec<u8>,
     /// The socket reached EOF (rustls has been told).
     eof: bool,
+    /// EOF without close_notify is an error, not an end (backend sessions).
+    strict_eof: bool,
 }
 
 enum Step {
@@ -54,6 +58,7 @@ pub fn pair<C>(session: C) -> (TlsReader<C>, TlsWriter<C>) {
             session: session.clone(),
             cipher: Vec::new(),
             eof: false,
+            strict_eof: false,
         },
         TlsWriter {
             session,
@@ -86,16 +91,20 @@ impl std::fmt::Display for HandshakeError {
 }
 
 /// Runs the handshake to its end on a whole socket. The caller bounds it with a timeout.
+/// `detect_plain_http` (a server): a first byte that starts a request line is reported as
+/// [`HandshakeError::PlainHttp`].
 pub async fn handshake<C, SD, S>(
     io: &mut S,
     reader: &mut TlsReader<C>,
     writer: &mut TlsWriter<C>,
+    detect_plain_http: bool,
 ) -> Result<(), HandshakeError>
 where
     C: DerefMut + Deref<Target = ConnectionCommon<SD>>,
     SD: SideData,
     S: CancelableAsyncReadRent + AsyncWriteRent,
 {
+    let mut first = detect_plain_http;
     loop {
         writer.flush(io).await?;
         let handshaking = reader.session.borrow().is_handshaking();
@@ -110,13 +119,29 @@ where
             )));
         }
         // A TLS record starts with its content type (22 = handshake); a letter is a method.
-        if reader.cipher.first().is_some_and(u8::is_ascii_uppercase) {
+        // Only the connection's very first bytes say so.
+        if std::mem::take(&mut first) && reader.cipher.first().is_some_and(u8::is_ascii_uppercase) {
             return Err(HandshakeError::PlainHttp);
         }
         // Whatever processing the new bytes produced (alerts included) goes out first.
         if let Err(e) = reader.process() {
             let _ = writer.flush(io).await;
             return Err(e.into());
+        }
+    }
+}
+
+impl<C> TlsReader<C> {
+    /// EOF without close_notify becomes an error (for sessions with backends).
+    pub fn require_close_notify(&mut self) {
+        self.strict_eof = true;
+    }
+
+    /// An idle connection should not keep a read buffer: thousands of idle keep-alive
+    /// connections would hold 17 KiB each. Allocated again by the next read.
+    fn release_cipher(&mut self) {
+        if self.cipher.is_empty() && self.cipher.capacity() > 0 {
+            self.cipher = Vec::new();
         }
     }
 }
@@ -166,6 +191,8 @@ where
             buf.resize(start + room, 0);
             let n = session.reader().read(&mut buf[start..])?;
             buf.truncate(start + n);
+            drop(session);
+            self.release_cipher();
             return Ok(Step::Read(n));
         }
         if state.peer_has_closed() {
@@ -187,6 +214,12 @@ where
             return Ok(Step::Again);
         }
         if self.eof {
+            if self.strict_eof {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection without close_notify",
+                ));
+            }
             return Ok(Step::Read(0));
         }
         Ok(Step::NeedBytes)
@@ -270,6 +303,10 @@ where
                 }
             }
             if out.is_empty() {
+                // Keep a buffer for the usual answer; not the one a huge write grew.
+                if out.capacity() > OUT_KEEP {
+                    out = Vec::new();
+                }
                 self.out = out;
                 return Ok(());
             }
