@@ -25,8 +25,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway (data plane). Logs go to stderr; SIGHUP reloads the domain map;
-    /// SIGTERM drains in-flight requests and exits 0.
+    /// Run the gateway: the data plane on proxy.listen, the management API on
+    /// management.listen.
+    ///
+    /// Signals: SIGHUP re-reads the file and applies the domain map, the trusted issuers
+    /// and the TLS certificate and key (a broken file keeps what runs). SIGTERM or SIGINT
+    /// stops accepting, lets in-flight requests and streams finish for up to
+    /// timeouts.drain_s, and exits 0. SIGUSR2 starts the binary now at this path with every
+    /// listening socket, waits until it listens, then drains as on SIGTERM (an upgrade
+    /// without refused connections).
+    ///
+    /// Environment: CUBEGATE_LOG (a tracing filter, default "info";
+    /// "cubegate::access=off" silences access records), CUBEGATE_LOG_FORMAT (json|text;
+    /// JSON by default under systemd), the variable management.admin_password_env names
+    /// (first start only), LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES (systemd socket
+    /// activation), NOTIFY_SOCKET/WATCHDOG_USEC (systemd notify and watchdog).
+    ///
+    /// Exit codes: 0 after a drain, 1 when a listener or worker cannot start, 2 for a
+    /// configuration, certificate or store problem (the message names it).
     Serve {
         /// The TOML configuration file.
         #[arg(long, short)]
