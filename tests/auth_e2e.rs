@@ -286,13 +286,6 @@ fn assert_401(r: &Response, token: &str, what: &str, label: &str, env: &Env) {
     assert_no_token_material(r, token, &env.gw.log());
 }
 
-fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let text = get(addr, "/metrics").text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-}
-
 fn good_tokens_for_each_key_type(driver: &str) {
     let env = start(driver, "");
     let addr = env.gw.addr;

@@ -228,12 +228,10 @@ fn failed_handover_keeps_serving(driver: &str) {
     let good = std::fs::read_to_string(&gw.config_path).unwrap();
     std::fs::write(&gw.config_path, "[proxy]\nworkers = \"many\"\n").unwrap();
     gw.signal("USR2");
-    assert!(
-        eventually(Duration::from_secs(20), || gw
-            .log()
-            .contains("hand-over failed, still serving")),
-        "{}",
-        gw.log()
+    expect_log(
+        &gw,
+        "hand-over failed, still serving",
+        Duration::from_secs(20),
     );
     one_request(gw.addr).expect("still serving after a failed hand-over");
     assert_eq!(

@@ -198,13 +198,7 @@ fn certificate_swap_keeps_the_stream(driver: &str) {
 
     gen_cert(&dir);
     gw.signal("HUP");
-    assert!(
-        eventually(Duration::from_secs(5), || gw
-            .log()
-            .contains("reloaded the TLS certificate")),
-        "{}",
-        gw.log()
-    );
+    expect_log(&gw, "reloaded the TLS certificate", Duration::from_secs(5));
     let Err(err) = tls_connect(gw.addr, client_config(&old_cert, false)) else {
         panic!("a client trusting only the old certificate is accepted after the swap");
     };
@@ -243,12 +237,10 @@ fn certificate_swap_keeps_the_stream(driver: &str) {
     // A broken key: the reload is refused and the running certificate stays.
     std::fs::write(&key, "not a key").unwrap();
     gw.signal("HUP");
-    assert!(
-        eventually(Duration::from_secs(5), || gw
-            .log()
-            .contains("reload kept the running TLS certificate")),
-        "{}",
-        gw.log()
+    expect_log(
+        &gw,
+        "reload kept the running TLS certificate",
+        Duration::from_secs(5),
     );
     assert!(gw.log().contains("proxy.tls_key"));
     let mut still = tls_connect(gw.addr, client_config(&cert, false)).expect("still serving");
@@ -615,14 +607,10 @@ fn hostile_handshakes_are_closed(driver: &str) {
         }
         assert!(ended, "{bytes:?}: the connection stayed open");
     }
-    let failures = get(management_addr(&gw), "/metrics")
-        .text()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("cubegate_tls_handshake_failures_total ")
-                .map(|v| v.trim().parse::<u64>().unwrap())
-        })
-        .unwrap();
+    let failures = metric(
+        management_addr(&gw),
+        "cubegate_tls_handshake_failures_total",
+    );
     assert_eq!(failures, 3);
     let mut ok = tls_connect(gw.addr, client_config(&cert, false)).unwrap();
     send_on(&mut ok, &request_bytes("GET", "/health", &[], b""));
@@ -663,18 +651,7 @@ fn stalled_tls_reader_is_let_go(driver: &str) {
     }
     send_on(&mut tls, &chat_request(true));
     // Read nothing more. between_chunks_s = 2 in this config.
-    let open = || {
-        get(mgmt, "/metrics")
-            .text()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("cubegate_connections ")?
-                    .trim()
-                    .parse::<i64>()
-                    .ok()
-            })
-            .unwrap()
-    };
+    let open = || metric(mgmt, "cubegate_connections");
     assert!(
         eventually(Duration::from_secs(10), || open() == 0),
         "the stalled TLS connection is still open: {}",

@@ -54,13 +54,6 @@ fn front(driver: &str, url: &str, ca: &Path) -> Gateway {
     )
 }
 
-fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let text = get(addr, "/metrics").text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-}
-
 /// Streamed and whole answers come back through an https backend, byte for byte what the
 /// backend sent, and one client's requests reuse the pooled TLS connection.
 fn https_backend_streams_and_is_pooled(driver: &str) {
@@ -120,13 +113,7 @@ fn untrusted_https_backend_is_refused(driver: &str) {
     let gw = front(driver, &url, &other_cert);
     let r = post(gw.addr, &chat_path(), &chat_body(MODEL, false, ""));
     assert_eq!(r.status, 502, "{}", r.text());
-    assert!(
-        eventually(Duration::from_secs(3), || gw
-            .log()
-            .contains("UnknownIssuer")),
-        "{}",
-        gw.log()
-    );
+    expect_log(&gw, "UnknownIssuer", Duration::from_secs(3));
 
     // Trusts the certificate, but it is made out to another name.
     let (named, named_cert) = https_backend(driver, sim.addr, &["backend.example"]);
@@ -134,12 +121,10 @@ fn untrusted_https_backend_is_refused(driver: &str) {
     let gw = front(driver, &url, &named_cert);
     let r = post(gw.addr, &chat_path(), &chat_body(MODEL, false, ""));
     assert_eq!(r.status, 502, "{}", r.text());
-    assert!(
-        eventually(Duration::from_secs(3), || gw
-            .log()
-            .contains("certificate not valid for name")),
-        "{}",
-        gw.log()
+    expect_log(
+        &gw,
+        "certificate not valid for name",
+        Duration::from_secs(3),
     );
     assert_eq!(sim_stats(&sim)["requests"], 0);
 }

@@ -626,3 +626,20 @@ pub fn expect_no_failures(clients: Vec<LoadOutcome>, what: &str) -> usize {
     eprintln!("{answered} requests answered {what}");
     answered
 }
+
+/// Waits (bounded) until the process's log contains `needle`; fails with the log.
+pub fn expect_log(p: &Proc, needle: &str, limit: Duration) {
+    assert!(
+        eventually(limit, || p.log().contains(needle)),
+        "no {needle:?} in the log within {limit:?}:\n{}",
+        p.log()
+    );
+}
+
+/// The value of an unlabelled (or exactly labelled) series on a `/metrics` page.
+pub fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let text = get(addr, "/metrics").text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
