@@ -111,7 +111,8 @@ where
         if !handshaking {
             return Ok(());
         }
-        let ready = reader.has_pending() && reader.session.borrow().wants_read();
+        // Ciphertext already here that rustls will take: process it before reading more.
+        let ready = !reader.cipher.is_empty() && reader.session.borrow().wants_read();
         if !ready && !reader.fill(io, None).await? {
             return Err(HandshakeError::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
