@@ -319,6 +319,16 @@ fn api_keys_backends_and_disabling(driver: &str) {
     for _ in 0..3 {
         assert_eq!(chat_in("lab", &key).status, 200);
     }
+    // The access records name the key by its id, never by the key itself.
+    expect_log(
+        &gw,
+        &format!("key=\"{key_id}\""),
+        std::time::Duration::from_secs(5),
+    );
+    assert!(
+        !gw.log().contains(&key),
+        "the API key itself reached the log"
+    );
     assert_eq!(
         chat_in("cfg", &key).status,
         403,

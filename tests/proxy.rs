@@ -525,6 +525,7 @@ fn access_records(driver: &str) {
     assert_eq!(f["path"], format!("/proxy/{D}/v1/chat/completions"));
     assert_eq!(f["domain"], D);
     assert_eq!(f["user"], "anonymous");
+    assert_eq!(f["key"], "-", "no API key was used");
     assert_eq!(f["model"], VLLM_MODEL);
     assert_eq!(f["status"], 200);
     assert!(f["bytes"].as_u64().unwrap() > 100);

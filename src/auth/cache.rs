@@ -174,6 +174,7 @@ mod tests {
             admin: false,
             exact_exp: false,
             headers: Vec::new(),
+            api_key: None,
         }))
     }
 

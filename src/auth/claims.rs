@@ -27,6 +27,8 @@ pub struct VerifiedClaims {
     pub exact_exp: bool,
     /// (header, value) for `[auth] claim_headers`: sent upstream with each request.
     pub headers: Vec<(String, String)>,
+    /// The id of the API key this came from (for the access record); `None` for tokens.
+    pub api_key: Option<String>,
 }
 
 /// Validation settings shared by every issuer.
@@ -140,6 +142,7 @@ pub fn validate(
         admin,
         exact_exp: false,
         headers,
+        api_key: None,
     })
 }
 

@@ -112,6 +112,14 @@ pub enum Identity {
 
 impl Identity {
     /// Sent upstream as `X-User-Id`.
+    /// The API key the request came with, if it came with one.
+    pub fn api_key_id(&self) -> Option<&str> {
+        match self {
+            Identity::Development => None,
+            Identity::Token(c) => c.api_key.as_deref(),
+        }
+    }
+
     pub fn user_id(&self) -> &str {
         match self {
             Identity::Development => "anonymous",
@@ -298,6 +306,7 @@ fn api_key_claims(
         admin: false,
         exact_exp: true,
         headers: Vec::new(),
+        api_key: Some(key.id.clone()),
     })
 }
 

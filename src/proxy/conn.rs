@@ -210,6 +210,8 @@ pub struct RequestLog {
     pub first_byte: Option<std::time::Duration>,
     pub backend: Option<SocketAddr>,
     pub user: Option<String>,
+    /// The API key's id, when the credential was one.
+    pub api_key: Option<String>,
     pub model: Option<String>,
     pub domain: Option<Span>,
     /// (metrics slot of the domain, route kind) of a proxied request.
@@ -232,6 +234,7 @@ fn write_access_record(conn: &ClientConn, request_id: &RequestId, started: Insta
         path,
         domain = log.domain.map(text).unwrap_or("-"),
         user = log.user.as_deref().unwrap_or("-"),
+        key = log.api_key.as_deref().unwrap_or("-"),
         model = log.model.as_deref().unwrap_or("-"),
         status = log.status,
         bytes = log.bytes,
@@ -502,6 +505,7 @@ async fn dispatch(
     if worker.access_log {
         conn.log.model = model.model().map(str::to_string);
         conn.log.user = Some(identity.user_id().to_string());
+        conn.log.api_key = identity.api_key_id().map(str::to_string);
     }
     let named = path_model.as_deref().or(model.model());
     let order = pick_backends(worker, domain, named, ollama_only, endpoint)?;
