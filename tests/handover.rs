@@ -316,14 +316,7 @@ for_each_driver!(
 /// new one sends no second READY=1, and the watchdog keeps being fed after the old one
 /// has gone (by the new one, the only process left).
 fn handover_tells_systemd(driver: &str) {
-    use std::os::unix::net::UnixDatagram;
-    let dir = unique_dir("notify-handover");
-    let path = dir.join("notify.sock");
-    let server = UnixDatagram::bind(&path).unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let socket = path.display().to_string();
+    let (server, socket) = notify_listener("notify-handover");
     let mut gw = gateway_env(
         driver,
         "[auth]\nmode = \"none\"\n[timeouts]\ndrain_s = 5\n",

@@ -8,9 +8,7 @@
 mod common;
 use common::*;
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const DOMAIN: &str = "lifecycle-domain";
@@ -19,35 +17,6 @@ const MODEL_B: &str = "model-b";
 
 fn chat_path() -> String {
     format!("/proxy/{DOMAIN}/v1/chat/completions")
-}
-
-/// Runs `cubegate check-config --config path` (bounded: killed after 30 s); returns the
-/// exit code and stderr.
-fn check_config(path: &std::path::Path) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cubegate"))
-        .args(["check-config", "--config"])
-        .arg(path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn cubegate check-config");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    (status.and_then(|s| s.code()), err)
 }
 
 /// Starts a streaming chat for `model` and reads the head and the first chunk.
@@ -438,14 +407,7 @@ for_each_driver!(
 /// systemd's notify protocol: READY=1 once listening, WATCHDOG=1 while the workers run,
 /// RELOADING=1 / READY=1 around a SIGHUP, STOPPING=1 on SIGTERM.
 fn systemd_notify(driver: &str) {
-    use std::os::unix::net::UnixDatagram;
-    let dir = unique_dir("notify");
-    let path = dir.join("notify.sock");
-    let server = UnixDatagram::bind(&path).unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let socket = path.display().to_string();
+    let (server, socket) = notify_listener("notify");
     let mut gw = gateway_env(
         driver,
         "[auth]\nmode = \"none\"\n",

@@ -410,13 +410,9 @@ fn bad_tls_files_are_refused_at_startup() {
     let path = dir.join("half.toml");
     let half = format!("tls_cert = \"{}\"", cert.display());
     std::fs::write(&path, config_text_with("legacy", &half, "")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cubegate"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("set together"));
+    let (code, stderr) = check_config(&path);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("set together"));
 }
 
 /// gen-cert keeps an existing certificate unless told otherwise, and the key is private.

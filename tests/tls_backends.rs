@@ -149,13 +149,8 @@ fn missing_backend_ca_file_is_refused() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cubegate"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, stderr) = check_config(&path);
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains("proxy.backend_ca_file") && stderr.contains("nope.pem"),
         "{stderr}"

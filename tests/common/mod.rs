@@ -643,3 +643,43 @@ pub fn metric(addr: SocketAddr, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
+
+/// Runs `cubegate check-config --config path` (bounded: killed after 30 s); returns the
+/// exit code and stderr.
+pub fn check_config(path: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cubegate"))
+        .args(["check-config", "--config"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn cubegate check-config");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status.and_then(|s| s.code()), err)
+}
+
+/// A datagram socket standing in for systemd's notify socket (reads time out after 5 s):
+/// the socket and the path to put in `NOTIFY_SOCKET`.
+pub fn notify_listener(tag: &str) -> (std::os::unix::net::UnixDatagram, String) {
+    let path = unique_dir(tag).join("notify.sock");
+    let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    (server, path.display().to_string())
+}
