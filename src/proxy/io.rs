@@ -6,18 +6,38 @@
 //! `plain` accessors hand it out only for plain connections. Both kinds support the
 //! cancellable read that the client watch and the drain rely on.
 
-use super::conn::read_more;
 use crate::tls::stream::{TlsReader, TlsWriter};
-use monoio::buf::{IoBuf, Slice};
+use monoio::buf::{IoBuf, IoBufMut, Slice};
 use monoio::io::{
-    AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent, OwnedReadHalf,
-    OwnedWriteHalf,
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, CancelHandle, CancelableAsyncReadRent,
+    OwnedReadHalf, OwnedWriteHalf,
 };
 use monoio::net::TcpStream;
 use rustls::{ClientConnection, ServerConnection};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Makes sure a read into `buf` has room for `want` bytes (monoio reads into the spare
+/// capacity; a full buffer would read 0 bytes and look like EOF).
+pub fn reserve(buf: &mut Vec<u8>, want: usize) {
+    if buf.capacity() - buf.len() < want / 4 {
+        buf.reserve(want);
+    }
+}
+
+/// Reads more bytes behind what `buf` already holds. monoio reads into a `Vec` from its
+/// start (and sets its length), so appending goes through a slice of the spare capacity.
+pub async fn read_more<R: AsyncReadRent>(
+    rd: &mut R,
+    mut buf: Vec<u8>,
+    want: usize,
+) -> (io::Result<usize>, Vec<u8>) {
+    reserve(&mut buf, want);
+    let len = buf.len();
+    let (res, slice) = rd.read(buf.slice_mut(len..)).await;
+    (res, slice.into_inner())
+}
 
 pub enum ClientRead {
     Plain(OwnedReadHalf<TcpStream>),
@@ -46,6 +66,12 @@ impl OutBuf for Vec<u8> {
     }
 }
 
+impl OutBuf for &'static [u8] {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 impl OutBuf for bytes::Bytes {
     fn bytes(&self) -> &[u8] {
         self
@@ -65,7 +91,7 @@ impl ClientRead {
             ClientRead::Plain(rd) => read_more(rd, buf, want).await,
             ClientRead::Tls { tcp, tls } => {
                 let mut buf = buf;
-                super::conn::reserve(&mut buf, want);
+                reserve(&mut buf, want);
                 tls.read_append(tcp, buf, None).await
             }
         }
@@ -79,13 +105,11 @@ impl ClientRead {
         want: usize,
         handle: CancelHandle,
     ) -> (io::Result<usize>, Vec<u8>) {
-        super::conn::reserve(&mut buf, want);
+        reserve(&mut buf, want);
         match self {
             ClientRead::Plain(rd) => {
                 let len = buf.len();
-                let (res, slice) = rd
-                    .cancelable_read(monoio::buf::IoBufMut::slice_mut(buf, len..), handle)
-                    .await;
+                let (res, slice) = rd.cancelable_read(buf.slice_mut(len..), handle).await;
                 (res, slice.into_inner())
             }
             ClientRead::Tls { tcp, tls } => tls.read_append(tcp, buf, Some(&handle)).await,
@@ -191,7 +215,7 @@ impl BackendStream {
             None => read_more(&mut self.tcp, buf, want).await,
             Some(tls) => {
                 let mut buf = buf;
-                super::conn::reserve(&mut buf, want);
+                reserve(&mut buf, want);
                 tls.reader.read_append(&mut self.tcp, buf, None).await
             }
         }

@@ -6,15 +6,14 @@
 //! `Expect: 100-continue` is answered here, just before the body is needed.
 
 use super::body::{BodyError, BodyTracker};
-use super::conn::{write_to_client, ClientConn};
+use super::connection::Connection;
 use super::error::GatewayError;
 use super::model_scan::ModelScanner;
+use super::request::Request;
 use super::route::Endpoint;
-use super::Worker;
+use super::worker::Worker;
 use crate::http::head::BodyFraming;
 use crate::snapshot::Domain;
-
-const READ_SIZE: usize = 16 * 1024;
 
 /// The body as far as routing needed it.
 pub struct ModelRead {
@@ -34,7 +33,8 @@ impl ModelRead {
 /// pass everything to one backend skip this entirely.
 pub async fn read_model(
     worker: &Worker,
-    conn: &mut ClientConn,
+    conn: &mut Connection,
+    req: &mut Request,
     domain: &Domain,
     endpoint: Endpoint,
 ) -> Result<ModelRead, GatewayError> {
@@ -43,7 +43,7 @@ pub async fn read_model(
     } else {
         Until::Model(endpoint)
     };
-    read_body(worker, conn, until, worker.limits.max_body_bytes).await
+    read_body(worker, conn, req, until, worker.limits.max_body_bytes).await
 }
 
 /// Reads the whole body (at most `max_body` bytes) before anything is forwarded: for the
@@ -51,10 +51,11 @@ pub async fn read_model(
 /// trickling a body through the public port cannot hold one of them).
 pub async fn read_whole_body(
     worker: &Worker,
-    conn: &mut ClientConn,
+    conn: &mut Connection,
+    req: &mut Request,
     max_body: u64,
 ) -> Result<ModelRead, GatewayError> {
-    read_body(worker, conn, Until::End, max_body).await
+    read_body(worker, conn, req, Until::End, max_body).await
 }
 
 /// How far `read_body` reads.
@@ -70,11 +71,12 @@ enum Until {
 
 async fn read_body(
     worker: &Worker,
-    conn: &mut ClientConn,
+    conn: &mut Connection,
+    req: &mut Request,
     until: Until,
     max_body: u64,
 ) -> Result<ModelRead, GatewayError> {
-    let mut tracker = match conn.head.framing {
+    let mut tracker = match req.head.framing {
         BodyFraming::None => {
             return Ok(ModelRead {
                 tracker: None,
@@ -86,11 +88,11 @@ async fn read_body(
         BodyFraming::Chunked => BodyTracker::chunked(),
     };
     // The client waits for this before sending a body it announced with Expect.
-    if conn.head.expect_continue && conn.head.minor_version == 1 && conn.rbuf.len() == conn.head.len
-    {
-        let interim = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+    let head = &req.head;
+    if head.expect_continue && head.minor_version == 1 && conn.buffer().len() == head.len {
+        let interim: &'static [u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
         let limit = worker.timeouts.between_chunks();
-        if write_to_client(conn, interim, limit).await.is_none() {
+        if conn.write_within(interim, limit).await.is_none() {
             return Err(GatewayError::BodyIncomplete);
         }
     }
@@ -99,7 +101,7 @@ async fn read_body(
     loop {
         let mut scan_error = None;
         let used = tracker
-            .feed(&conn.rbuf[conn.consumed..], max_body, |payload| {
+            .feed(&conn.buffer()[req.consumed..], max_body, |payload| {
                 if scan && scan_error.is_none() {
                     if let Err(e) = scanner.feed(payload) {
                         scan_error = Some(e);
@@ -110,10 +112,9 @@ async fn read_body(
                 BodyError::Chunk(c) => GatewayError::BadChunkedBody(c),
                 BodyError::TooLarge => GatewayError::BodyTooLarge(max_body),
             })?;
-        conn.consumed += used;
+        req.consumed += used;
         // Chunk framing around tiny chunks must not let the buffer outgrow the body limit.
-        if conn.consumed - conn.head.len > max_body.saturating_mul(2).saturating_add(65536) as usize
-        {
+        if req.body_in_buffer() > max_body.saturating_mul(2).saturating_add(65536) as usize {
             return Err(GatewayError::BodyTooLarge(max_body));
         }
         if let Some(e) = scan_error {
@@ -121,7 +122,7 @@ async fn read_body(
         }
         let done = tracker.is_done();
         if done {
-            conn.body_pending = false;
+            req.body_done();
         }
         let enough = match until {
             Until::Nothing => true,
@@ -133,17 +134,8 @@ async fn read_body(
         }
         // Only the current request's bytes are in the buffer from `consumed` on, since
         // the body has not ended: append more.
-        let buf = std::mem::take(&mut conn.rbuf);
-        let read =
-            monoio::time::timeout(conn.body_wait(worker), conn.rd.read_more(buf, READ_SIZE)).await;
-        let Ok((res, buf)) = read else {
-            return Err(GatewayError::BodyReadTimeout);
-        };
-        conn.rbuf = buf;
-        match res {
-            Ok(0) | Err(_) => return Err(GatewayError::BodyIncomplete),
-            Ok(_) => {}
-        }
+        conn.read_body(req.body_wait(worker.timeouts.body_read()))
+            .await?;
     }
     if let Until::Model(endpoint) = until {
         match scanner.model() {

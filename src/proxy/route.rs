@@ -1,11 +1,13 @@
-//! Request routing, phase one: what a path asks for.
+//! Phase `route`: what a path asks for.
 //!
 //! `classify` turns the request target into a [`Route`] (borrowing from the read buffer);
 //! which backend serves it is decided later, once the model is known. Endpoints are
 //! classified the way Cube AI distinguishes permissions (chat, completions, embeddings,
 //! model read, admin) so authorization can narrow a role per endpoint without redesign.
 
-use crate::http::head::Method;
+use super::error::GatewayError;
+use crate::http::head::{Method, RequestHead, Span};
+use crate::http::HttpError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -72,6 +74,58 @@ pub enum Route<'a> {
     BadPath,
 }
 
+/// Where a request goes, as spans into the connection's buffer: the later phases need
+/// the buffer mutably while they still look at the route.
+#[derive(Debug, Clone, Copy)]
+pub enum Destination {
+    Health,
+    /// `/users/*`, `/domains/*`, `/keys/*`: the whole target goes to the management API.
+    Management,
+    Proxy(ProxyRoute),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyRoute {
+    pub domain: Span,
+    pub api: Api,
+    pub endpoint: Endpoint,
+    /// What the backend receives: the path from `/v1` or `/api` on, query included.
+    pub upstream_target: Span,
+}
+
+/// Phase `route`: what the request's target asks for.
+pub fn route(buf: &[u8], head: &RequestHead) -> Result<Destination, GatewayError> {
+    let target = std::str::from_utf8(head.target.of(buf))
+        .map_err(|_| HttpError::MalformedHead("request target is not UTF-8"))?;
+    match classify(head.method, target) {
+        Route::Health => Ok(Destination::Health),
+        Route::Management => Ok(Destination::Management),
+        Route::NotFound => Err(GatewayError::NoRoute),
+        Route::BadPath => Err(GatewayError::BadPath),
+        Route::Proxy {
+            domain,
+            api,
+            endpoint,
+            upstream_target,
+        } => Ok(Destination::Proxy(ProxyRoute {
+            domain: span_in(buf, domain),
+            api,
+            endpoint,
+            upstream_target: span_in(buf, upstream_target),
+        })),
+    }
+}
+
+/// The span of `part`, a slice of `buf`.
+fn span_in(buf: &[u8], part: &str) -> Span {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    Span {
+        start: start as u32,
+        end: (start + part.len()) as u32,
+    }
+}
+
+/// What a path asks for, borrowing from it.
 pub fn classify(method: Method, target: &str) -> Route<'_> {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     if path == "/health" {

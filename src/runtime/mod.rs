@@ -9,8 +9,8 @@
 
 use crate::config::{AuthMode, Config, Driver};
 use crate::notify::{Heartbeats, Notifier};
-use crate::proxy::conn::{serve_connection, OpenConnection};
-use crate::proxy::{Worker, WorkerParts};
+use crate::proxy::serve::serve_connection;
+use crate::proxy::worker::{OpenConnection, Worker, WorkerParts};
 use crate::snapshot::{Published, Snapshot};
 use monoio::net::TcpListener;
 use std::path::PathBuf;
@@ -93,7 +93,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
             return 2;
         }
     };
-    let workers = crate::proxy::workers_of(&config);
+    let workers = crate::proxy::worker::workers_of(&config);
     // HTTPS: the certificate is loaded (and checked against its key) before anything listens.
     let certs = match crate::tls::listener_files(&config) {
         None => None,

@@ -1,4 +1,4 @@
-//! Upstream connections: per-worker keep-alive pools, connecting, and backend choice.
+//! Upstream connection pools: per worker, keep-alive connections to each backend.
 //!
 //! Each worker owns its pools (no lock, no sharing): idle connections per backend address,
 //! bounded, most recently used first (the warmest socket, the least likely to have been
@@ -11,11 +11,6 @@ use monoio::net::TcpStream;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-
-use super::error::GatewayError;
-use super::route::Endpoint;
-use super::Worker;
-use crate::snapshot::{Backend, Domain};
 
 /// uvicorn (vLLM) closes idle keep-alive connections after 5 s; stay under it.
 const IDLE_TTL: Duration = Duration::from_secs(4);
@@ -138,40 +133,6 @@ impl Pools {
     }
 }
 
-/// Phase `pick_backends`: the backends that may serve this model on this route, in the
-/// order to try them.
-pub fn pick_backends(
-    worker: &Worker,
-    domain: &Domain,
-    model: Option<&str>,
-    ollama_only: bool,
-    endpoint: Endpoint,
-) -> Result<Vec<usize>, GatewayError> {
-    let mut candidates: Vec<(usize, SocketAddr)> = domain
-        .candidates(model, ollama_only)
-        .map(|i| (i, domain.backends[i].addr))
-        .collect();
-    if candidates.is_empty() && model.is_some() && endpoint.is_admin() {
-        // Admin operations may name a model the domain does not list yet (a pull).
-        candidates = domain
-            .candidates(None, ollama_only)
-            .map(|i| (i, domain.backends[i].addr))
-            .collect();
-    }
-    if candidates.is_empty() {
-        return Err(match model {
-            Some(m) => GatewayError::UnknownModel {
-                domain: domain.id.clone(),
-                model: m.to_string(),
-            },
-            None => GatewayError::NoOllamaBackend(domain.id.clone()),
-        });
-    }
-    let mut order = Vec::with_capacity(candidates.len());
-    worker.pools.borrow_mut().order(&candidates, &mut order);
-    Ok(order)
-}
-
 /// An idle connection must have nothing to read. Bytes there are an answer nobody asked
 /// for (reusing the socket would hand them to the next client: a response desync), and
 /// EOF means the backend closed it. One non-blocking peek, no data consumed.
@@ -187,36 +148,6 @@ fn is_clean_idle(stream: &TcpStream) -> bool {
         Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
         Ok(_) => false,
     }
-}
-
-/// Opens a fresh connection with the configured timeout, which also bounds the TLS
-/// handshake of an `https://` backend.
-pub async fn connect(worker: &Worker, backend: &Backend) -> Result<BackendStream, GatewayError> {
-    let timeout = worker.timeouts.upstream_connect();
-    let started = Instant::now();
-    let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            stream
-        }
-        Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(e)),
-        Err(_) => return Err(GatewayError::UpstreamConnectTimeout),
-    };
-    let Some(name) = &backend.tls else {
-        return Ok(BackendStream::plain(tcp));
-    };
-    let Some(config) = &worker.backend_tls else {
-        return Err(GatewayError::UpstreamConnect(std::io::Error::other(
-            "https:// backend, but no CA certificates are trusted: set proxy.backend_ca_file",
-        )));
-    };
-    let left = timeout.saturating_sub(started.elapsed());
-    BackendStream::tls(tcp, config.clone(), name.clone(), left)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::TimedOut => GatewayError::UpstreamConnectTimeout,
-            _ => GatewayError::UpstreamConnect(e),
-        })
 }
 
 #[cfg(test)]

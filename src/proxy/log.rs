@@ -1,0 +1,50 @@
+//! Phase `log`: what a finished request leaves behind — the worker's counters and
+//! histograms, and (when `proxy.access_log` is on) one JSON access record.
+//!
+//! Counters are the worker's own (summed at scrape time), so recording is a few
+//! non-atomic adds. The record names the user by id and the API key by its id; never a
+//! token, a password, a prompt or the query string.
+
+use super::request::Request;
+use super::worker::Worker;
+use crate::http::head::Span;
+use std::net::SocketAddr;
+
+/// Phase `log`.
+pub fn log(worker: &Worker, buf: &[u8], peer: SocketAddr, req: &Request) {
+    let record = &req.record;
+    let m = &worker.metrics;
+    m.response(record.status);
+    if let Some((slot, route)) = record.route {
+        m.by_domain.count(slot, route, record.status);
+    }
+    if let Some(first_byte) = record.first_byte {
+        m.first_byte.observe(first_byte);
+    }
+    let duration = req.started.elapsed();
+    m.duration.observe(duration);
+    if !worker.access_log {
+        return;
+    }
+    let text = |s: Span| std::str::from_utf8(s.of(buf)).unwrap_or("");
+    let target = text(req.head.target);
+    let path = target.split('?').next().unwrap_or("");
+    let identity = req.identity.as_ref();
+    tracing::info!(
+        target: "cubegate::access",
+        request_id = req.id.as_str(),
+        client = %peer.ip(),
+        method = text(req.head.method_span),
+        path,
+        domain = record.domain.map(text).unwrap_or("-"),
+        user = identity.map_or("-", |i| i.user_id()),
+        key = identity.and_then(|i| i.api_key_id()).unwrap_or("-"),
+        model = record.model.as_deref().unwrap_or("-"),
+        status = record.status,
+        bytes = record.bytes,
+        ttfb_ms = record.first_byte.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
+        duration_ms = duration.as_secs_f64() * 1000.0,
+        backend = %record.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+        "access"
+    );
+}

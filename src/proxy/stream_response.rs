@@ -1,0 +1,442 @@
+//! Phase `stream_response`: the backend's answer to the client, as it arrives.
+//!
+//! Every read from the backend is written to the client before the next read is issued:
+//! nothing is buffered, so a token reaches the client one read after the GPU produced it.
+//! Chunked answers are forwarded byte for byte (the tracker only finds their end).
+//!
+//! While the answer is awaited and streamed, a read is kept in flight on the client socket
+//! (the "client watch"). If the client goes away it completes with EOF or an error at once,
+//! and the backend connection is dropped, so the GPU stops generating for nobody. If it
+//! completes with data instead (a pipelined request), the data is kept for later. At the end
+//! the watch is cancelled through monoio's `Canceller`, which returns any data that raced
+//! the cancellation instead of losing it.
+
+use super::body::BodyTracker;
+use super::connection::{write_within, Connection};
+use super::error::GatewayError;
+use super::io::ClientWrite;
+use super::pool::Upstream;
+use super::request::{Persistence, Request};
+use super::splice::splice_exact;
+use super::worker::Worker;
+use crate::http::head::Method;
+use crate::http::response::{
+    client_framing, parse_response_head, write_client_head, ClientFraming, ResponseFraming,
+    ResponseHead,
+};
+use futures_util::future::{select, Either};
+use monoio::buf::IoBuf;
+use monoio::io::Canceller;
+use monoio::BufResult;
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::time::{Duration, Instant};
+
+const READ_SIZE: usize = 16 * 1024;
+
+pub enum StreamEnd {
+    Complete {
+        upstream_reusable: bool,
+        client: Persistence,
+    },
+    /// Cut short after the head was sent (client gone, backend died, timeout): the client
+    /// connection closes.
+    Aborted,
+}
+
+pub enum StreamError {
+    /// The backend closed or reset before sending a byte of its answer.
+    NothingReceived,
+    /// Failed before anything was sent to the client: answer with this error.
+    Gateway(GatewayError),
+}
+
+enum UpRead {
+    Data,
+    Eof,
+    Failed,
+    TimedOut,
+    ClientGone,
+}
+
+/// The client watch: a read kept in flight on the client socket.
+struct Watch<'a, W> {
+    fut: Option<Pin<&'a mut W>>,
+    saved: Option<(usize, Vec<u8>)>,
+    /// The watch read has been submitted. It is armed only once the backend keeps us
+    /// waiting longer than `WATCH_GRACE`: a quick answer needs no watch (and saves the
+    /// read and its cancellation, two io_uring operations per request).
+    armed: bool,
+}
+
+const WATCH_BUF: usize = 1024;
+
+/// How long a backend may keep the client waiting before the client watch is armed.
+const WATCH_GRACE: Duration = Duration::from_millis(20);
+
+pub async fn stream_response(
+    worker: &Worker,
+    conn: &mut Connection,
+    req: &mut Request,
+    up: &mut Upstream,
+) -> Result<StreamEnd, StreamError> {
+    worker.metrics.streams.up();
+    let canceller = Canceller::new();
+    // Small: it only has to show that the client is alive or gone (pipelined bytes
+    // beyond it stay in the socket for the next head read).
+    let watch_buf = Vec::with_capacity(WATCH_BUF);
+    // A client already far ahead with pipelined requests is alive and needs no watch; not
+    // arming it also keeps the backlog from growing by a read per request.
+    let arm_watch = conn.pending_bytes(req.consumed) < worker.limits.max_head_bytes;
+    let mut scratch = conn.take_scratch();
+    let result = {
+        let (rd, wr, rbuf) = conn.split();
+        let watch_fut = pin!(rd.cancelable_read_more(watch_buf, WATCH_BUF, canceller.handle()));
+        let mut relay = Relay {
+            worker,
+            up,
+            watch: Watch {
+                fut: arm_watch.then_some(watch_fut),
+                saved: None,
+                armed: false,
+            },
+            wr,
+            out: &mut scratch,
+            req,
+            between: worker.timeouts.between_chunks(),
+        };
+        let result = relay.run().await;
+        let mut watch = relay.watch;
+        // Stop watching; keep whatever the client sent meanwhile (a pipelined request).
+        if let Some(fut) = watch.fut.take() {
+            let _ = canceller.cancel();
+            let (res, buf) = fut.await;
+            // Ok(0) (the client half-closed) needs nothing here: the next head read sees
+            // EOF.
+            match res {
+                Ok(n) if n > 0 => watch.saved = Some((n, buf)),
+                _ => {}
+            }
+        }
+        if let Some((n, buf)) = watch.saved {
+            rbuf.extend_from_slice(&buf[..n]);
+        }
+        result
+    };
+    conn.return_scratch(scratch);
+    worker.metrics.streams.down();
+    result
+}
+
+/// One answer on its way from a backend to the client.
+struct Relay<'a, W> {
+    worker: &'a Worker,
+    up: &'a mut Upstream,
+    watch: Watch<'a, W>,
+    wr: &'a mut ClientWrite,
+    /// Scratch for the client head (and decoded payload).
+    out: &'a mut Vec<u8>,
+    req: &'a mut Request,
+    /// The limit of every wait after the first byte.
+    between: Duration,
+}
+
+/// What the head step learned that the body steps need.
+struct Answer {
+    tracker: Option<BodyTracker>,
+    /// Chunked from the backend, delimited by close to an HTTP/1.0 client: the payload
+    /// is decoded on the way.
+    decode: bool,
+    backend_keep_alive: bool,
+    client: Persistence,
+    /// The backend sent bytes past the answer's end: its connection is not reusable.
+    extra: bool,
+}
+
+/// How a step ends the relay early.
+enum Stop {
+    /// Cut short after the head was sent: the client connection closes.
+    Aborted,
+    Failed(StreamError),
+}
+
+impl From<StreamError> for Stop {
+    fn from(e: StreamError) -> Stop {
+        Stop::Failed(e)
+    }
+}
+
+impl<W> Relay<'_, W>
+where
+    W: Future<Output = BufResult<usize, Vec<u8>>>,
+{
+    async fn run(&mut self) -> Result<StreamEnd, StreamError> {
+        let mut pooled = self.worker.buffer();
+        let ubuf = &mut pooled.buf;
+        let steps = async {
+            let head = self.read_response_head(ubuf).await?;
+            let mut answer = self.send_response_head(ubuf, &head).await?;
+            self.splice_response_body(&mut answer).await?;
+            self.relay_response_body(ubuf, &mut answer).await?;
+            Ok::<_, Stop>(answer)
+        };
+        match steps.await {
+            Ok(answer) => {
+                let until_close = matches!(answer.tracker, Some(BodyTracker::UntilClose));
+                Ok(StreamEnd::Complete {
+                    upstream_reusable: answer.backend_keep_alive && !answer.extra && !until_close,
+                    client: answer.client,
+                })
+            }
+            Err(Stop::Aborted) => Ok(StreamEnd::Aborted),
+            Err(Stop::Failed(e)) => Err(e),
+        }
+    }
+
+    /// Step 1: the response head, skipping interim 1xx answers, within the first-byte
+    /// timeout. The head stays at the start of `ubuf`, body bytes may follow it.
+    async fn read_response_head(&mut self, ubuf: &mut Vec<u8>) -> Result<ResponseHead, Stop> {
+        let is_head = self.req.head.method == Method::Head;
+        let max = self.worker.limits.max_upstream_head_bytes;
+        let deadline = Instant::now() + self.worker.timeouts.first_byte();
+        let bad = |why| Stop::Failed(StreamError::Gateway(GatewayError::UpstreamBadResponse(why)));
+        // Any byte at all (even an interim 1xx) means the backend took the request.
+        let mut received_any = false;
+        loop {
+            if !ubuf.is_empty() {
+                match parse_response_head(ubuf, max, is_head) {
+                    Err(why) => return Err(bad(why)),
+                    Ok(Some(h)) if h.status == 101 => {
+                        return Err(bad("protocol upgrades are not proxied"))
+                    }
+                    Ok(Some(h)) if (100..200).contains(&h.status) => {
+                        ubuf.drain(..h.len);
+                        continue;
+                    }
+                    Ok(Some(h)) => return Ok(h),
+                    Ok(None) => {}
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (r, buf) =
+                read_upstream(self.up, std::mem::take(ubuf), left, &mut self.watch).await;
+            *ubuf = buf;
+            match r {
+                UpRead::Data => received_any = true,
+                UpRead::Eof | UpRead::Failed if !received_any => {
+                    return Err(StreamError::NothingReceived.into())
+                }
+                UpRead::Eof | UpRead::Failed => {
+                    return Err(bad("connection closed inside the response head"))
+                }
+                UpRead::TimedOut => {
+                    return Err(StreamError::Gateway(GatewayError::UpstreamFirstByteTimeout).into())
+                }
+                UpRead::ClientGone => return Err(Stop::Aborted),
+            }
+        }
+    }
+
+    /// Step 2: the client's head, with the body bytes that came with the backend's head
+    /// in the same write. From here on nothing can be answered with an error any more.
+    async fn send_response_head(
+        &mut self,
+        ubuf: &[u8],
+        head: &ResponseHead,
+    ) -> Result<Answer, Stop> {
+        let framing = client_framing(head.framing, self.req.head.minor_version);
+        let client_keep_alive = self.req.head.keep_alive && framing != ClientFraming::Close;
+        self.out.clear();
+        write_client_head(
+            self.out,
+            ubuf,
+            head,
+            framing,
+            self.req.id.as_bytes(),
+            client_keep_alive,
+        );
+        let mut answer = Answer {
+            tracker: match head.framing {
+                ResponseFraming::None => None,
+                ResponseFraming::Length(n) => Some(BodyTracker::length(n)),
+                ResponseFraming::Chunked => Some(BodyTracker::chunked()),
+                ResponseFraming::UntilClose => Some(BodyTracker::UntilClose),
+            },
+            decode: framing == ClientFraming::Close && head.framing == ResponseFraming::Chunked,
+            backend_keep_alive: head.keep_alive,
+            client: Persistence::when(client_keep_alive),
+            extra: false,
+        };
+        let rest = &ubuf[head.len..];
+        match answer.tracker.as_mut() {
+            Some(t) => {
+                let used = track(t, rest, answer.decode, self.out).map_err(StreamError::Gateway)?;
+                if !answer.decode {
+                    self.out.extend_from_slice(&rest[..used]);
+                }
+                answer.extra = used < rest.len();
+            }
+            None => answer.extra = !rest.is_empty(),
+        }
+        self.req.record.status = head.status;
+        let sent = self.out.len() as u64;
+        let out = std::mem::take(self.out);
+        let Some(back) = write_within(self.wr, out, self.between).await else {
+            return Err(Stop::Aborted);
+        };
+        *self.out = back;
+        self.req.record.first_byte = Some(self.req.started.elapsed());
+        self.req.record.bytes += sent;
+        Ok(answer)
+    }
+
+    /// Step 3: a plain Content-Length answer needs no look at its bytes: spliced
+    /// socket to socket when enabled.
+    async fn splice_response_body(&mut self, answer: &mut Answer) -> Result<(), Stop> {
+        let Some(BodyTracker::Length { remaining }) = answer.tracker.as_mut() else {
+            return Ok(());
+        };
+        let worker = self.worker;
+        let plain = (worker.splice && !answer.decode && *remaining > 0)
+            .then(|| self.up.stream.plain_mut().zip(self.wr.plain()))
+            .flatten();
+        let Some((up_plain, wr)) = plain else {
+            return Ok(());
+        };
+        let mut pipe = worker.take_pipe().ok_or(Stop::Aborted)?;
+        if splice_exact(up_plain, wr, &mut pipe, *remaining, self.between)
+            .await
+            .is_err()
+        {
+            return Err(Stop::Aborted);
+        }
+        worker.return_pipe(pipe);
+        self.req.record.bytes += *remaining;
+        *remaining = 0;
+        Ok(())
+    }
+
+    /// Step 4: the rest of the body, one read at a time, each written out before the
+    /// next read is issued.
+    async fn relay_response_body(
+        &mut self,
+        ubuf: &mut Vec<u8>,
+        answer: &mut Answer,
+    ) -> Result<(), Stop> {
+        while let Some(t) = answer.tracker.as_mut() {
+            if t.is_done() {
+                break;
+            }
+            ubuf.clear();
+            let (r, buf) =
+                read_upstream(self.up, std::mem::take(ubuf), self.between, &mut self.watch).await;
+            *ubuf = buf;
+            match r {
+                UpRead::Data => {}
+                UpRead::Eof if matches!(t, BodyTracker::UntilClose) => break,
+                // Backend died or stalled mid-answer: close the client connection without
+                // a terminating chunk, so the client sees a truncated answer, not a
+                // complete one.
+                UpRead::Eof | UpRead::Failed | UpRead::TimedOut => {
+                    tracing::warn!(
+                        request_id = self.req.id.as_str(),
+                        "backend ended the answer early"
+                    );
+                    return Err(Stop::Aborted);
+                }
+                UpRead::ClientGone => return Err(Stop::Aborted),
+            }
+            self.out.clear();
+            // Broken framing mid-answer: the head is out, so all we can do is stop.
+            let used = track(t, ubuf, answer.decode, self.out).map_err(|_| Stop::Aborted)?;
+            answer.extra |= used < ubuf.len();
+            if answer.decode {
+                let sent = self.out.len() as u64;
+                let out = std::mem::take(self.out);
+                *self.out = write_within(self.wr, out, self.between)
+                    .await
+                    .ok_or(Stop::Aborted)?;
+                self.req.record.bytes += sent;
+            } else {
+                let slice = std::mem::take(ubuf).slice(..used);
+                *ubuf = write_within(self.wr, slice, self.between)
+                    .await
+                    .ok_or(Stop::Aborted)?
+                    .into_inner();
+                self.req.record.bytes += used as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs body bytes through the tracker; returns how many belong to the body. When
+/// decoding (HTTP/1.0 client of a chunked answer) the payload is appended to `out`.
+fn track(
+    t: &mut BodyTracker,
+    input: &[u8],
+    decode: bool,
+    out: &mut Vec<u8>,
+) -> Result<usize, GatewayError> {
+    t.feed(input, u64::MAX, |payload| {
+        if decode {
+            out.extend_from_slice(payload)
+        }
+    })
+    .map_err(|_| GatewayError::UpstreamBadResponse("bad chunked framing"))
+}
+
+/// One read from the backend, racing the client watch.
+async fn read_upstream<W>(
+    up: &mut Upstream,
+    buf: Vec<u8>,
+    limit: Duration,
+    watch: &mut Watch<'_, W>,
+) -> (UpRead, Vec<u8>)
+where
+    W: Future<Output = BufResult<usize, Vec<u8>>>,
+{
+    let mut read = pin!(monoio::time::timeout(
+        limit,
+        up.stream.read_more(buf, READ_SIZE)
+    ));
+    if watch.fut.is_some() && !watch.armed {
+        // Give the backend a moment before arming the watch; the read stays in flight
+        // either way (select hands back the unfinished future, nothing is cancelled).
+        let grace = pin!(monoio::time::sleep(WATCH_GRACE));
+        match select(read.as_mut(), grace).await {
+            Either::Left((r, _)) => return up_read(r),
+            Either::Right(((), _)) => watch.armed = true,
+        }
+    }
+    let result = match watch.fut.as_mut() {
+        None => read.await,
+        Some(w) => match select(read, w.as_mut()).await {
+            Either::Left((r, _)) => r,
+            Either::Right(((res, wbuf), read)) => {
+                watch.fut = None;
+                match res {
+                    Ok(n) if n > 0 => {
+                        watch.saved = Some((n, wbuf));
+                        read.await
+                    }
+                    // EOF or reset from the client: it is gone. Dropping the pending
+                    // read (and then the connection) tells the backend to stop.
+                    _ => return (UpRead::ClientGone, Vec::new()),
+                }
+            }
+        },
+    };
+    up_read(result)
+}
+
+fn up_read(
+    result: Result<BufResult<usize, Vec<u8>>, monoio::time::error::Elapsed>,
+) -> (UpRead, Vec<u8>) {
+    match result {
+        Ok((Ok(0), b)) => (UpRead::Eof, b),
+        Ok((Ok(_), b)) => (UpRead::Data, b),
+        Ok((Err(_), b)) => (UpRead::Failed, b),
+        Err(_) => (UpRead::TimedOut, Vec::new()),
+    }
+}
