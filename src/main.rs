@@ -1,4 +1,8 @@
-//! The `cubegate` command: `serve` and `check-config`.
+//! The `cubegate` command: `serve` (the gateway: data plane and management plane, see
+//! `cubegate::runtime`), `check-config` (validate a file, exit 2 naming the key) and
+//! `gen-cert` (a self-signed pair for trying HTTPS). Parsing arguments, setting up logging
+//! and mapping failures to exit codes is all that lives here; everything else is in the
+//! library, so tests and benches reach the same code.
 
 use clap::{Parser, Subcommand};
 use cubegate::config::Config;
