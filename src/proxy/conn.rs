@@ -388,8 +388,7 @@ async fn dispatch(
     snapshot: &SnapshotRef,
     request_id: &RequestId,
 ) -> Result<bool, GatewayError> {
-    let target = std::str::from_utf8(conn.head.target.of(&conn.rbuf))
-        .map_err(|_| crate::http::HttpError::MalformedHead("request target is not UTF-8"))?;
+    let target = conn.head.target_str(&conn.rbuf)?;
     let (domain_span, api, endpoint, upstream_target) = match classify(conn.head.method, target) {
         Route::Health => {
             return local::respond(
