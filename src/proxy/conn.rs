@@ -534,7 +534,7 @@ async fn forward_to_management(
     target: Span,
 ) -> Result<bool, GatewayError> {
     let domain = &worker.management;
-    let model = read_whole_body(worker, conn, crate::mgmt::server::MAX_BODY as u64).await?;
+    let model = read_whole_body(worker, conn, crate::mgmt::request::MAX_BODY as u64).await?;
     let identity = crate::auth::Identity::Development;
     let mut req = ForwardRequest {
         domain,
