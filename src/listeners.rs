@@ -26,6 +26,13 @@ pub struct Inherited {
     pub from: &'static str,
 }
 
+impl Inherited {
+    /// How many sockets were passed, public and management together.
+    pub fn count(&self) -> usize {
+        self.proxy.len() + usize::from(self.management.is_some())
+    }
+}
+
 /// Takes the sockets passed to this process, if any. Call once, first thing in `serve`.
 pub fn take_inherited() -> Result<Option<Inherited>, String> {
     let (count, names, from) = if let Some(n) = systemd_count()? {

@@ -64,6 +64,20 @@ impl Method {
             _ => Method::Other,
         }
     }
+
+    /// The method as sent (`Other` never leaves the parser: it is refused there).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+            Method::Patch => "PATCH",
+            Method::Options => "OPTIONS",
+            Method::Other => "",
+        }
+    }
 }
 
 /// How the request body is delimited.
@@ -91,6 +105,15 @@ pub struct RequestHead {
     pub forwarded_for: Option<Span>,
     /// Bytes of the head, including the blank line.
     pub len: usize,
+}
+
+impl RequestHead {
+    /// The request target (path and query) as text; `buf` is the buffer the head was
+    /// parsed from.
+    pub fn target_str<'a>(&self, buf: &'a [u8]) -> Result<&'a str, HttpError> {
+        std::str::from_utf8(self.target.of(buf))
+            .map_err(|_| HttpError::MalformedHead("request target is not UTF-8"))
+    }
 }
 
 impl Default for RequestHead {

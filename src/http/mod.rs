@@ -22,6 +22,32 @@ pub enum HttpError {
     ExpectationFailed,
 }
 
+impl HttpError {
+    /// The status every listener answers this with (the data plane and the management API
+    /// alike, so a request is refused the same way wherever it arrives).
+    pub fn status(&self) -> u16 {
+        match self {
+            HttpError::TooManyHeaders(_) | HttpError::HeadTooLarge(_) => 431,
+            HttpError::UriTooLong(_) => 414,
+            HttpError::ExpectationFailed => 417,
+            HttpError::UnsupportedTransferEncoding => 501,
+            HttpError::MalformedHead(_) => 400,
+        }
+    }
+
+    /// The error `code` of the JSON answer: stable and machine-readable.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HttpError::TooManyHeaders(_) => "too_many_headers",
+            HttpError::HeadTooLarge(_) => "head_too_large",
+            HttpError::UriTooLong(_) => "uri_too_long",
+            HttpError::ExpectationFailed => "expectation_failed",
+            HttpError::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+            HttpError::MalformedHead(_) => "malformed_request",
+        }
+    }
+}
+
 impl fmt::Display for HttpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

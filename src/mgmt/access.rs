@@ -3,7 +3,8 @@
 //! epoch), so a revoked key or a disabled user stops working on the next request.
 
 use super::api::{admin, body, domain_admin, store_error, user_json, Answer};
-use super::server::{error_reply, Reply, Request};
+use super::request::Request;
+use super::server::{error_reply, Reply};
 use super::store::ApiKeyRow;
 use super::tokens::random_id;
 use super::{unix_now, Management};

@@ -6,7 +6,8 @@
 //! `access`; this module routes and holds users, domains and memberships.
 
 use super::login::{self, check_password_strength, hash_password};
-use super::server::{error_reply, Reply, Request};
+use super::request::Request;
+use super::server::{error_reply, Reply};
 use super::store::{Domain, StoreError, User};
 use super::tokens::random_id;
 use super::{unix_now, Management};

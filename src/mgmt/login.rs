@@ -7,7 +7,8 @@
 //! each refresh spends the old one, and presenting a spent one revokes its whole family.
 
 use super::api::{body, store_error, Answer};
-use super::server::{error_reply, Reply, Request};
+use super::request::Request;
+use super::server::{error_reply, Reply};
 use super::store::{Rotation, User};
 use super::tokens::random_id;
 use super::{unix_now, Management};

@@ -11,6 +11,7 @@ pub mod access;
 pub mod api;
 pub mod login;
 pub mod publish;
+pub mod request;
 pub mod server;
 pub mod sqlite;
 pub mod store;

@@ -2,34 +2,19 @@
 //!
 //! Management traffic is rare and its work blocks (argon2 hashing, SQLite), so it runs on
 //! plain threads, one per connection, at most `MAX_CONCURRENT` at once (more get 503), far
-//! from the data-plane workers. One request per connection (`Connection: close`); heads and
-//! bodies are bounded and every read has a timeout. The data plane forwards `/users/*`,
-//! `/domains/*` and `/keys/*` here, so one public address serves everything.
+//! from the data-plane workers. One request per connection (`Connection: close`), read by
+//! [`super::request`] with the data plane's strict head parser, bounded, and with a timeout
+//! on every read. The data plane forwards `/users/*`, `/domains/*` and `/keys/*` here, so
+//! one public address serves everything.
 
-use crate::http::chunked::ChunkedDecoder;
-use std::io::{Read, Write};
+use super::request::{read_request, Refusal, Request, IO_TIMEOUT};
+use std::io::Write;
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 const MAX_CONCURRENT: usize = 64;
-const MAX_HEAD: usize = 32 * 1024;
-pub const MAX_BODY: usize = 1024 * 1024;
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// A whole request (head and body) must arrive within this.
-const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
-
-pub struct Request {
-    pub method: String,
-    /// Path without the query.
-    pub path: String,
-    pub authorization: Option<String>,
-    pub body: Vec<u8>,
-    /// The client: the last `X-Forwarded-For` hop when the request came through the data
-    /// plane on loopback, else the peer.
-    pub client: IpAddr,
-}
 
 pub struct Reply {
     pub status: u16,
@@ -146,7 +131,11 @@ fn handle(mut stream: TcpStream, handler: &Handler) {
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let reply = match read_request(&mut stream, peer) {
         Ok(req) => handler(req),
-        Err((status, why)) => error_reply(status, "invalid_request", why),
+        // The same status, code and words as the data plane's answer to this head.
+        Err(Refusal::Head(e)) => error_reply(e.status(), e.code(), &e.to_string()),
+        Err(Refusal::Transfer { status, message }) => {
+            error_reply(status, "invalid_request", message)
+        }
     };
     let _ = write_reply(&mut stream, &reply);
 }
@@ -165,122 +154,6 @@ pub fn error_reply(status: u16, code: &str, message: &str) -> Reply {
         status,
         &serde_json::json!({"error": {"message": message, "type": kind, "code": code}}),
     )
-}
-
-/// Reads more, within what is left of the request's whole deadline (a client trickling
-/// bytes cannot hold one of the few management threads for long).
-fn read_within(
-    stream: &mut TcpStream,
-    chunk: &mut [u8],
-    deadline: std::time::Instant,
-) -> Result<usize, (u16, &'static str)> {
-    let left = deadline.saturating_duration_since(std::time::Instant::now());
-    if left.is_zero() {
-        return Err((408, "the request took too long to arrive"));
-    }
-    let _ = stream.set_read_timeout(Some(left.min(IO_TIMEOUT)));
-    stream
-        .read(chunk)
-        .map_err(|_| (408, "timed out reading the request"))
-}
-
-fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, (u16, &'static str)> {
-    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 8192];
-    let head_len = loop {
-        let n = read_within(stream, &mut chunk, deadline)?;
-        if n == 0 {
-            return Err((400, "connection closed inside the request"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = memchr::memmem::find(&buf, b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err((431, "request head too large"));
-        }
-    };
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(&buf[..head_len]) {
-        Ok(httparse::Status::Complete(_)) => {}
-        _ => return Err((400, "malformed request head")),
-    }
-    let method = req.method.unwrap_or("").to_string();
-    let path = req
-        .path
-        .unwrap_or("/")
-        .split('?')
-        .next()
-        .unwrap_or("/")
-        .to_string();
-    let mut authorization = None;
-    let mut length: Option<usize> = None;
-    let mut chunked = false;
-    let mut forwarded_for = None;
-    for h in req.headers.iter() {
-        let value = String::from_utf8_lossy(h.value).trim().to_string();
-        match h.name.to_ascii_lowercase().as_str() {
-            "authorization" => authorization = Some(value),
-            "content-length" => {
-                length = Some(value.parse().map_err(|_| (400, "invalid Content-Length"))?)
-            }
-            "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
-            "x-forwarded-for" => forwarded_for = Some(value),
-            _ => {}
-        }
-    }
-    let mut rest = buf.split_off(head_len);
-    let body = if chunked {
-        let mut body = Vec::new();
-        let mut decoder = ChunkedDecoder::new();
-        loop {
-            decoder
-                .feed(&rest, |p| body.extend_from_slice(p))
-                .map_err(|_| (400, "malformed chunked body"))?;
-            if decoder.is_done() {
-                break body;
-            }
-            if body.len() > MAX_BODY {
-                return Err((413, "request body too large (limit 1 MiB)"));
-            }
-            let n = read_within(stream, &mut chunk, deadline)?;
-            if n == 0 {
-                return Err((400, "connection closed inside the body"));
-            }
-            rest = chunk[..n].to_vec();
-        }
-    } else {
-        let want = length.unwrap_or(0);
-        if want > MAX_BODY {
-            return Err((413, "request body too large (limit 1 MiB)"));
-        }
-        while rest.len() < want {
-            let n = read_within(stream, &mut chunk, deadline)?;
-            if n == 0 {
-                return Err((400, "connection closed inside the body"));
-            }
-            rest.extend_from_slice(&chunk[..n]);
-        }
-        rest.truncate(want);
-        rest
-    };
-    let client = match forwarded_for {
-        Some(xff) if peer.is_loopback() => xff
-            .rsplit(',')
-            .next()
-            .and_then(|ip| ip.trim().parse().ok())
-            .unwrap_or(peer),
-        _ => peer,
-    };
-    Ok(Request {
-        method,
-        path,
-        authorization,
-        body,
-        client,
-    })
 }
 
 fn write_reply(stream: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {

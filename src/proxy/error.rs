@@ -46,11 +46,7 @@ impl GatewayError {
     pub fn status(&self) -> u16 {
         use GatewayError::*;
         match self {
-            Http(HttpError::TooManyHeaders(_)) | Http(HttpError::HeadTooLarge(_)) => 431,
-            Http(HttpError::UriTooLong(_)) => 414,
-            Http(HttpError::ExpectationFailed) => 417,
-            Http(HttpError::UnsupportedTransferEncoding) => 501,
-            Http(HttpError::MalformedHead(_)) => 400,
+            Http(e) => e.status(),
             HeaderReadTimeout | BodyReadTimeout => 408,
             BodyTooLarge(_) => 413,
             BadChunkedBody(_) | BodyIncomplete | MissingModel | InvalidModel(_)
@@ -81,12 +77,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         use GatewayError::*;
         match self {
-            Http(HttpError::TooManyHeaders(_)) => "too_many_headers",
-            Http(HttpError::HeadTooLarge(_)) => "head_too_large",
-            Http(HttpError::UriTooLong(_)) => "uri_too_long",
-            Http(HttpError::ExpectationFailed) => "expectation_failed",
-            Http(HttpError::UnsupportedTransferEncoding) => "unsupported_transfer_encoding",
-            Http(HttpError::MalformedHead(_)) => "malformed_request",
+            Http(e) => e.code(),
             HeaderReadTimeout => "header_read_timeout",
             BodyReadTimeout => "body_read_timeout",
             BodyTooLarge(_) => "body_too_large",

@@ -45,7 +45,7 @@ pub async fn forward_to_management(
     conn: &mut Connection,
     req: &mut Request,
 ) -> Result<Persistence, GatewayError> {
-    let body = read_whole_body(worker, conn, req, crate::mgmt::server::MAX_BODY as u64).await?;
+    let body = read_whole_body(worker, conn, req, crate::mgmt::request::MAX_BODY as u64).await?;
     let target = req.head.target;
     let mut fwd = ForwardRequest {
         domain: &worker.management,

@@ -7,7 +7,6 @@
 
 use super::error::GatewayError;
 use crate::http::head::{Method, RequestHead, Span};
-use crate::http::HttpError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -95,8 +94,7 @@ pub struct ProxyRoute {
 
 /// Phase `route`: what the request's target asks for.
 pub fn route(buf: &[u8], head: &RequestHead) -> Result<Destination, GatewayError> {
-    let target = std::str::from_utf8(head.target.of(buf))
-        .map_err(|_| HttpError::MalformedHead("request target is not UTF-8"))?;
+    let target = head.target_str(buf)?;
     match classify(head.method, target) {
         Route::Health => Ok(Destination::Health),
         Route::Management => Ok(Destination::Management),

@@ -1,19 +1,30 @@
-//! Workers, driver choice, CPU pinning, listeners, signals and shutdown.
+//! `cubegate serve`: startup, the workers' event loops, and the hand-off to the signal loop.
+//!
+//! `serve` reads as the startup's steps, in an order that matters: inherited sockets are
+//! taken before any descriptor is opened, signal handlers go in before anything listens,
+//! certificates, the snapshot and the management store are loaded before the public port
+//! is bound, and readiness is announced only once every worker listens. A step that fails
+//! gives a `StartupError`, which logs its line where it happens and carries the exit code
+//! (2: the configuration or what it names; 1: the system refused a thread or a socket).
 //!
 //! One OS thread per worker, each running its own monoio runtime (io_uring, or epoll when
 //! io_uring is unavailable or `driver = "legacy"`) and its own `SO_REUSEPORT` listener, so
 //! the kernel spreads connections and no two workers ever touch the same socket or state.
-//! The main thread only handles signals: SIGHUP builds and publishes a new snapshot, SIGTERM
-//! and SIGINT start a drain (stop accepting, finish what is in flight up to
-//! `timeouts.drain_s`, exit 0).
+//! The main thread then only handles signals (`signals.rs`): SIGHUP builds and publishes a
+//! new snapshot, SIGTERM and SIGINT start a drain (stop accepting, finish what is in flight
+//! up to `timeouts.drain_s`, exit 0).
 
+use crate::auth::jwks_fetch::RefreshHandle;
 use crate::config::{AuthMode, Config, Driver};
+use crate::listeners::Inherited;
 use crate::notify::{Heartbeats, Notifier};
 use crate::proxy::serve::serve_connection;
 use crate::proxy::worker::{OpenConnection, Worker, WorkerParts};
 use crate::snapshot::{Published, Snapshot};
 use monoio::net::TcpListener;
-use std::path::PathBuf;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -44,78 +55,169 @@ pub fn choose_driver(wanted: Driver) -> Result<(Driver, &'static str), String> {
     }
 }
 
+/// Why startup stopped. The line is logged when the value is made, where the failure
+/// happens: before anything already started is torn down (a hand-over's predecessor learns
+/// of the failure from its ready pipe closing, after this line). The exit code travels back
+/// to `serve`.
+struct StartupError {
+    exit_code: i32,
+}
+
+impl StartupError {
+    /// The configuration, or something it names, is wrong: exit 2 (as `check-config`).
+    fn config(message: impl std::fmt::Display) -> StartupError {
+        tracing::error!("{message}");
+        StartupError { exit_code: 2 }
+    }
+
+    /// The system refused a resource (a thread, signal handlers, a socket): exit 1.
+    fn system(message: impl std::fmt::Display) -> StartupError {
+        tracing::error!("{message}");
+        StartupError { exit_code: 1 }
+    }
+}
+
 /// `cubegate serve`. Returns the process exit code.
 pub fn serve(config: Config, config_path: PathBuf) -> i32 {
+    match start_and_serve(&config, &config_path) {
+        Ok(code) => code,
+        Err(failed) => failed.exit_code,
+    }
+}
+
+/// Startup, step by step, then the signal loop until the process should exit.
+fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupError> {
     // Sockets passed by systemd or by the previous process: taken first, before this
-    // function opens any descriptor of its own.
-    let inherited = match crate::listeners::take_inherited() {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::error!("inherited sockets: {e}");
-            return 2;
-        }
-    };
-    let passed = inherited
-        .as_ref()
-        .map_or(0, |i| i.proxy.len() + usize::from(i.management.is_some()));
-    let ready_pipe = match crate::handover::ready_pipe(passed) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("hand-over: {e}");
-            return 2;
-        }
-    };
+    // process opens any descriptor of its own.
+    let inherited = crate::listeners::take_inherited()
+        .map_err(|e| StartupError::config(format!("inherited sockets: {e}")))?;
+    let ready_pipe = open_ready_pipe(inherited.as_ref())?;
     // Signal handlers go in before anything listens: a SIGHUP or SIGTERM that arrives
     // during startup must reload or drain, not kill the process.
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
-    let signals = match signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR2]) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot install signal handlers: {e}");
-            return 1;
-        }
-    };
-    let (inherited_proxy, inherited_management) = match inherited {
-        Some(i) => {
-            tracing::info!(
-                sockets = i.proxy.len() + usize::from(i.management.is_some()),
-                "listening sockets inherited from {}",
-                i.from
-            );
-            (Some(i.proxy), i.management)
-        }
-        None => (None, None),
-    };
-    let (driver, why) = match choose_driver(config.proxy.driver) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!("{e}");
-            return 2;
-        }
-    };
-    let workers = crate::proxy::worker::workers_of(&config);
-    // HTTPS: the certificate is loaded (and checked against its key) before anything listens.
-    let certs = match crate::tls::listener_files(&config) {
-        None => None,
-        Some((cert, key)) => match crate::tls::CertStore::load(&cert, &key) {
-            Ok(store) => Some(Arc::new(store)),
-            Err(e) => {
-                tracing::error!("{e}");
-                return 2;
-            }
-        },
-    };
+    let signals = install_signal_handlers()?;
+    let (inherited_proxy, inherited_management) = split_inherited(inherited);
+    let (driver, why) = choose_driver(config.proxy.driver).map_err(StartupError::config)?;
+    let workers = crate::proxy::worker::workers_of(config);
+    let certs = load_listener_certificate(config)?;
     let tls = certs.clone().map(crate::tls::server_config);
-    // https:// backends: a CA file that was named must load; without one, the system
-    // store is used, and its absence only matters once an https backend is configured.
-    let backend_tls = match crate::tls::backend_config(config.proxy.backend_ca_file.as_deref()) {
-        Ok(c) => Some(c),
-        Err(e) if config.proxy.backend_ca_file.is_some() || has_https_backends(&config) => {
-            tracing::error!("{e}");
-            return 2;
-        }
-        Err(_) => None,
+    let backend_tls = load_backend_trust(config)?;
+    warn_if_unauthenticated(config);
+    let published = publish_first_snapshot(config)?;
+    // The management plane publishes its keys and memberships before any worker serves.
+    let registry: crate::metrics::Registry =
+        Arc::new((0..workers).map(|_| Arc::default()).collect());
+    let (mgmt, mgmt_addr) = crate::mgmt::start(
+        config,
+        published.clone(),
+        registry.clone(),
+        inherited_management,
+    )
+    .map_err(StartupError::config)?;
+    let jwks_refresh = start_jwks_fetcher(&published)?;
+    let (sockets, addr) = bind_public_listeners(config, inherited_proxy, workers)?;
+    let listeners = crate::listeners::per_worker(&sockets, workers).map_err(|e| {
+        StartupError::system(format!(
+            "cannot share the listening sockets among workers: {e}"
+        ))
+    })?;
+    let notifier = Notifier::from_env();
+    let parts = WorkerParts {
+        published: published.clone(),
+        registry,
+        jwks_refresh,
+        mgmt_addr,
+        run_id: run_id(),
+        tls,
+        backend_tls,
     };
+    let running = start_workers(config, driver, &parts, listeners)?;
+    wait_until_workers_listen(&running.heartbeats);
+    tracing::info!(
+        workers,
+        driver = ?driver,
+        why,
+        pinned = running.pinned,
+        "cubegate listening on {addr}"
+    );
+    announce_ready(ready_pipe, &notifier);
+    let watch = Watchdog {
+        notifier: &notifier,
+        heartbeats: &running.heartbeats,
+    };
+    let state = Reloadable {
+        config,
+        path: config_path,
+        published: &published,
+        mgmt: &mgmt,
+        certs: certs.as_deref(),
+        sockets: std::cell::RefCell::new(sockets),
+    };
+    let code = handle_signals(signals, &state, &running.remaining, &watch);
+    running.join();
+    Ok(code)
+}
+
+/// In a hand-over, the pipe on which this process tells its predecessor that it listens.
+fn open_ready_pipe(inherited: Option<&Inherited>) -> Result<Option<File>, StartupError> {
+    let passed = inherited.map_or(0, Inherited::count);
+    crate::handover::ready_pipe(passed).map_err(|e| StartupError::config(format!("hand-over: {e}")))
+}
+
+fn install_signal_handlers() -> Result<signal_hook::iterator::Signals, StartupError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+    signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR2])
+        .map_err(|e| StartupError::system(format!("cannot install signal handlers: {e}")))
+}
+
+/// The inherited public sockets and management socket, each if any (said in the log).
+fn split_inherited(
+    inherited: Option<Inherited>,
+) -> (
+    Option<Vec<std::net::TcpListener>>,
+    Option<std::net::TcpListener>,
+) {
+    let Some(i) = inherited else {
+        return (None, None);
+    };
+    tracing::info!(
+        sockets = i.count(),
+        "listening sockets inherited from {}",
+        i.from
+    );
+    (Some(i.proxy), i.management)
+}
+
+/// HTTPS: the certificate is loaded (and checked against its key) before anything listens.
+fn load_listener_certificate(
+    config: &Config,
+) -> Result<Option<Arc<crate::tls::CertStore>>, StartupError> {
+    let Some((cert, key)) = crate::tls::listener_files(config) else {
+        return Ok(None);
+    };
+    crate::tls::CertStore::load(&cert, &key)
+        .map(|store| Some(Arc::new(store)))
+        .map_err(StartupError::config)
+}
+
+/// https:// backends: a CA file that was named must load; without one, the system store is
+/// used, and its absence only matters once an https backend is configured.
+fn load_backend_trust(config: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, StartupError> {
+    match crate::tls::backend_config(config.proxy.backend_ca_file.as_deref()) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if config.proxy.backend_ca_file.is_some() || has_https_backends(config) => {
+            Err(StartupError::config(e))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// The domain map of the configuration file, as generation 1.
+fn publish_first_snapshot(config: &Config) -> Result<Arc<Published>, StartupError> {
+    let snapshot = Snapshot::from_config(config, 1).map_err(StartupError::config)?;
+    Ok(Arc::new(Published::new(snapshot)))
+}
+
+fn warn_if_unauthenticated(config: &Config) {
     if config.auth.mode == AuthMode::None {
         tracing::warn!(
             "!!! auth.mode = \"none\": NO TOKEN IS CHECKED. Anyone who can reach {} can use every \
@@ -123,57 +225,30 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
             config.proxy.listen
         );
     }
-    let snapshot = match Snapshot::from_config(&config, 1) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("{e}");
-            return 2;
-        }
-    };
-    let published = Arc::new(Published::new(snapshot));
-    // The management plane publishes its keys and memberships before any worker serves.
-    let registry: crate::metrics::Registry =
-        Arc::new((0..workers).map(|_| Arc::default()).collect());
-    let (mgmt, mgmt_addr) = match crate::mgmt::start(
-        &config,
-        published.clone(),
-        registry.clone(),
-        inherited_management,
-    ) {
-        Ok(started) => started,
-        Err(e) => {
-            tracing::error!("{e}");
-            return 2;
-        }
-    };
+}
+
+/// The thread that fetches trusted issuers' JWKS; the handle asks it for an early refresh.
+fn start_jwks_fetcher(published: &Arc<Published>) -> Result<RefreshHandle, StartupError> {
     let (refresh, wakeups) = crate::auth::jwks_fetch::channel();
-    {
-        let published = published.clone();
-        let started = std::thread::Builder::new()
-            .name("cubegate-jwks".into())
-            .spawn(move || crate::auth::jwks_fetch::run(published, wakeups));
-        if let Err(e) = started {
-            tracing::error!("cannot start the JWKS fetcher: {e}");
-            return 1;
-        }
-    }
-    // Bind every listener before starting anything, so a taken port fails at once.
-    let configured = match config.listen_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!("{e}");
-            return 2;
-        }
-    };
-    let sockets = match inherited_proxy {
+    let published = published.clone();
+    std::thread::Builder::new()
+        .name("cubegate-jwks".into())
+        .spawn(move || crate::auth::jwks_fetch::run(published, wakeups))
+        .map_err(|e| StartupError::system(format!("cannot start the JWKS fetcher: {e}")))?;
+    Ok(refresh)
+}
+
+/// The public listening sockets (inherited, or bound now so a taken port fails before
+/// anything starts) and the address they serve on.
+fn bind_public_listeners(
+    config: &Config,
+    inherited: Option<Vec<std::net::TcpListener>>,
+    workers: usize,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartupError> {
+    let configured = config.listen_addr().map_err(StartupError::config)?;
+    let sockets = match inherited {
         Some(sockets) => sockets,
-        None => match crate::listeners::bind_proxy(configured, workers) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("{e}");
-                return 1;
-            }
-        },
+        None => crate::listeners::bind_proxy(configured, workers).map_err(StartupError::system)?,
     };
     let addr = sockets[0].local_addr().unwrap_or(configured);
     if addr != configured && configured.port() != 0 {
@@ -182,14 +257,27 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
              serving on {addr}"
         );
     }
-    let listeners = match crate::listeners::per_worker(&sockets, workers) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot share the listening sockets among workers: {e}");
-            return 1;
-        }
-    };
-    let run_id = run_id();
+    Ok((sockets, addr))
+}
+
+/// The worker threads, started: what the signal loop and the exit wait on.
+struct RunningWorkers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Workers whose event loop has not ended yet.
+    remaining: Arc<AtomicU64>,
+    heartbeats: Arc<Heartbeats>,
+    /// Each worker is pinned to a CPU.
+    pinned: bool,
+}
+
+/// One thread per worker, each with its own runtime and its share of `listeners`.
+fn start_workers(
+    config: &Config,
+    driver: Driver,
+    parts: &WorkerParts,
+    listeners: Vec<Vec<std::net::TcpListener>>,
+) -> Result<RunningWorkers, StartupError> {
+    let workers = listeners.len();
     let cores = if config.proxy.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -197,17 +285,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
     };
     let remaining = Arc::new(AtomicU64::new(workers as u64));
     let heartbeats = Arc::new(Heartbeats::new(workers));
-    let notifier = Notifier::from_env();
     let mut threads = Vec::with_capacity(workers);
-    let parts = WorkerParts {
-        published: published.clone(),
-        registry: registry.clone(),
-        jwks_refresh: refresh.clone(),
-        mgmt_addr,
-        run_id,
-        tls,
-        backend_tls,
-    };
     for (i, listener) in listeners.into_iter().enumerate() {
         let config = config.clone();
         let parts = parts.clone();
@@ -226,48 +304,43 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
                 }
                 remaining.fetch_sub(1, Ordering::Release);
             });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                tracing::error!("cannot start worker thread: {e}");
-                return 1;
-            }
+        let thread = spawned
+            .map_err(|e| StartupError::system(format!("cannot start worker thread: {e}")))?;
+        threads.push(thread);
+    }
+    Ok(RunningWorkers {
+        threads,
+        remaining,
+        heartbeats,
+        pinned: !cores.is_empty(),
+    })
+}
+
+impl RunningWorkers {
+    /// Waits for every worker thread to end.
+    fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
         }
     }
+}
+
+/// When some worker does not listen within the limit, the process drains and ends rather
+/// than serve with fewer workers than configured.
+fn wait_until_workers_listen(heartbeats: &Heartbeats) {
     if !heartbeats.wait_all_listening(Duration::from_secs(30)) {
         tracing::error!("workers did not start listening");
         DRAIN.store(true, Ordering::Relaxed);
     }
-    tracing::info!(
-        workers,
-        driver = ?driver,
-        why,
-        pinned = !cores.is_empty(),
-        "cubegate listening on {addr}"
-    );
+}
+
+/// Tells whoever started this process that it serves: in a hand-over the previous process
+/// (which names this one the main process once it has stopped accepting), else systemd.
+fn announce_ready(ready_pipe: Option<File>, notifier: &Notifier) {
     match ready_pipe {
-        // A hand-over: the previous process names this one the main process once it has
-        // stopped accepting.
         Some(pipe) => crate::handover::say_ready(pipe),
         None => notifier.send("READY=1"),
     }
-    let watch = Watchdog {
-        notifier: &notifier,
-        heartbeats: &heartbeats,
-    };
-    let state = Reloadable {
-        config: &config,
-        path: &config_path,
-        published: &published,
-        mgmt: &mgmt,
-        certs: certs.as_deref(),
-        sockets: std::cell::RefCell::new(sockets),
-    };
-    let code = handle_signals(signals, &state, &remaining, &watch);
-    for t in threads {
-        let _ = t.join();
-    }
-    code
 }
 
 fn run_worker(

@@ -561,6 +561,46 @@ pub fn hs256_token(secret: &str, claims: &serde_json::Value) -> String {
     format!("{input}.{}", B64.encode(sig.as_ref()))
 }
 
+/// Sends `raw`, expects `status` and `code`, and (when `closes`) that the gateway then
+/// closes the connection.
+pub fn expect_refusal(
+    addr: SocketAddr,
+    raw: &[u8],
+    status: u16,
+    code: &str,
+    closes: bool,
+) -> Response {
+    let mut s = connect(addr);
+    send(&mut s, raw);
+    let mut r = Reader::new(s);
+    let resp = r
+        .response()
+        .unwrap_or_else(|| panic!("no answer to {:?}", String::from_utf8_lossy(raw)));
+    assert_eq!(
+        resp.status,
+        status,
+        "{:?}: {}",
+        String::from_utf8_lossy(raw),
+        resp.text()
+    );
+    assert_eq!(
+        resp.error_code(),
+        code,
+        "{:?}",
+        String::from_utf8_lossy(raw)
+    );
+    let msg = resp.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(msg.len() > 10, "error message should explain: {msg}");
+    if closes {
+        assert_eq!(resp.header("connection"), Some("close"));
+        assert!(r.closed(), "connection should close after {code}");
+    }
+    resp
+}
+
 /// Whether the peer has closed the connection: a read returns EOF (or a reset) rather
 /// than timing out.
 pub fn peer_closed(s: &mut TcpStream) -> bool {
