@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod fleet;
 pub mod handover;
 pub mod http;
 pub mod listeners;

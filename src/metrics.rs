@@ -169,6 +169,8 @@ pub struct WorkerMetrics {
     pub token_verifications: Counter,
     pub first_byte: Histogram,
     pub duration: Histogram,
+    /// How requests' first hosts were chosen (`fleet::policy::Placement::index` order).
+    pub placements: [Counter; 5],
 }
 
 impl WorkerMetrics {
@@ -297,6 +299,10 @@ pub fn render(registry: &Registry) -> String {
         );
     }
     render_labelled(&mut out, registry);
+    let placements: Vec<u64> = (0..5)
+        .map(|i| registry.iter().map(|w| w.placements[i].get()).sum())
+        .collect();
+    crate::fleet::metrics::render(&mut out, &crate::fleet::hosts(), &placements);
     for (name, help, pick) in [
         (
             "cubegate_first_byte_seconds",

@@ -29,6 +29,9 @@ pub struct Backend {
     pub models: Vec<String>,
     /// `models = ["*"]`: serves whatever it is asked for.
     pub any_model: bool,
+    /// The GPU host's shared state (in flight, rotation, load), one per URL however many
+    /// domains list it.
+    pub host: Arc<crate::fleet::host::Host>,
 }
 
 impl Backend {
@@ -52,6 +55,8 @@ pub struct Domain {
     pub from_api: bool,
     /// Where this domain's request counts go (`metrics::domain_slot`).
     pub metrics_slot: u16,
+    /// How requests choose among the hosts (`[[domains]] routing`).
+    pub routing: crate::config::Routing,
 }
 
 impl Domain {
@@ -126,6 +131,17 @@ impl Domain {
         let mut backends = Vec::new();
         for (j, b) in declared.iter().enumerate() {
             let url = parse_backend_url(&format!("{key}.backends[{j}].url"), &b.url)?;
+            let host = crate::fleet::host(
+                crate::fleet::HostAddress {
+                    url: &b.url,
+                    kind: b.kind,
+                    addr: url.addr,
+                    tls: url.tls_name.clone(),
+                    authority: &url.authority,
+                    base_path: &url.base_path,
+                },
+                b.max_in_flight,
+            );
             backends.push(Backend {
                 kind: b.kind,
                 addr: url.addr,
@@ -134,6 +150,7 @@ impl Domain {
                 base_path: url.base_path,
                 any_model: b.models.iter().any(|m| m == "*"),
                 models: b.models.clone(),
+                host,
             });
         }
         let passthrough = backends.len() == 1 && backends[0].any_model;
@@ -148,6 +165,7 @@ impl Domain {
             tags_json,
             from_api,
             metrics_slot: crate::metrics::domain_slot(id),
+            routing: crate::config::Routing::default(),
         })
     }
 }
@@ -156,8 +174,9 @@ impl Snapshot {
     pub fn from_config(config: &Config, generation: u64) -> Result<Snapshot, ConfigError> {
         let mut domains = HashMap::new();
         for (i, d) in config.domains.iter().enumerate() {
-            let domain =
+            let mut domain =
                 Domain::build(&format!("domains[{i}]"), &d.id, &d.name, &d.backends, false)?;
+            domain.routing = d.routing;
             domains.insert(d.id.clone(), Arc::new(domain));
         }
         Ok(Snapshot {

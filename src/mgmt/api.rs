@@ -40,6 +40,7 @@ pub fn route(m: &Management, req: Request) -> Reply {
                 .map(|kid| Reply::json(201, &json!({"kid": kid})))
                 .map_err(|e| error_reply(500, "rotation_failed", &e))
         }),
+        ("GET", ["backends"]) => admin(m, &req).map(|_| backends(m)),
         ("GET", ["metrics"]) => Ok(Reply {
             status: 200,
             body: crate::metrics::render(&m.registry).into_bytes(),
@@ -57,6 +58,24 @@ pub fn route(m: &Management, req: Request) -> Reply {
         _ => Err(error_reply(404, "not_found", "no such route")),
     };
     result.unwrap_or_else(|e| e)
+}
+
+/// `GET /backends`: every GPU host, its state and load, and the models domains list for it.
+fn backends(m: &Management) -> Reply {
+    let snapshot = m.published.load();
+    let status = crate::fleet::status_json(|host| {
+        let mut models: Vec<String> = snapshot
+            .domains
+            .values()
+            .flat_map(|d| d.backends.iter())
+            .filter(|b| std::ptr::eq(&*b.host, host))
+            .flat_map(|b| b.models.iter().cloned())
+            .collect();
+        models.sort_unstable();
+        models.dedup();
+        models
+    });
+    Reply::json(200, &status)
 }
 
 pub(super) type Answer = Result<Reply, Reply>;

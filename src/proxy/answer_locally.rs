@@ -100,7 +100,12 @@ pub async fn send_error(
     record.status = e.status();
     record.bytes = body.len() as u64;
     let challenge;
+    let retry_after;
     let mut extra: Vec<(&str, &str)> = Vec::new();
+    if let Some(s) = e.retry_after_s() {
+        retry_after = s.to_string();
+        extra.push(("Retry-After", &retry_after));
+    }
     if let GatewayError::Unauthorized(why) = e {
         challenge = match why {
             AuthError::Missing => "Bearer realm=\"cubegate\"".to_string(),

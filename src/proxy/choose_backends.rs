@@ -3,38 +3,48 @@
 //!
 //! The candidates are the domain's backends that serve the model (any backend for admin
 //! operations that name a model the domain does not list yet, such as a pull); the
-//! worker's pools order them (round robin among those up, then those that recently
-//! refused a connection, which are still tried: a down mark is a hint, not a verdict).
+//! domain's routing policy ([`crate::fleet::policy`]) orders those in rotation. For chat
+//! and completion requests the policy sees the request's prefix keys, hashed from the body
+//! bytes `read_model` already holds, and an `X-Session-Id` header pins a session to its
+//! host the same way.
 
 use super::error::GatewayError;
+use super::request::Request;
+use super::route::Endpoint;
 use super::route::{Api, ProxyRoute};
 use super::worker::Worker;
+use crate::fleet::policy::{rank, Placement, Policy};
+use crate::fleet::prefix::PrefixKeys;
+use crate::http::headers::eq_ignore_case;
 use crate::snapshot::Domain;
-use std::net::SocketAddr;
 
-/// Phase `choose_backends`: the backends that may serve this model on this route, in the
-/// order to try them.
-/// `body_model` is what `read_model` found; `/v1/models/{id}` names its model in the
-/// path instead, and that must be one the domain offers too.
+/// The hosts to try, first choice first, and how the first was picked.
+pub struct Choice {
+    pub order: Vec<usize>,
+    pub placement: Placement,
+}
+
+/// Phase `choose_backends`. `body_model` is what `read_model` found; `/v1/models/{id}`
+/// names its model in the path instead, and that must be one the domain offers too.
 pub fn choose_backends(
     worker: &Worker,
     buf: &[u8],
+    req: &Request,
     route: &ProxyRoute,
     domain: &Domain,
     body_model: Option<&str>,
-) -> Result<Vec<usize>, GatewayError> {
+) -> Result<Choice, GatewayError> {
     let model = path_model(buf, route).or(body_model);
     let ollama_only = route.api == Api::Ollama;
-    let endpoint = route.endpoint;
-    let mut candidates: Vec<(usize, SocketAddr)> = domain
+    let mut candidates: Vec<(usize, &crate::fleet::host::Host)> = domain
         .candidates(model, ollama_only)
-        .map(|i| (i, domain.backends[i].addr))
+        .map(|i| (i, &*domain.backends[i].host))
         .collect();
-    if candidates.is_empty() && model.is_some() && endpoint.is_admin() {
+    if candidates.is_empty() && model.is_some() && route.endpoint.is_admin() {
         // Admin operations may name a model the domain does not list yet (a pull).
         candidates = domain
             .candidates(None, ollama_only)
-            .map(|i| (i, domain.backends[i].addr))
+            .map(|i| (i, &*domain.backends[i].host))
             .collect();
     }
     if candidates.is_empty() {
@@ -46,9 +56,37 @@ pub fn choose_backends(
             None => GatewayError::NoOllamaBackend(domain.id.clone()),
         });
     }
+    let keys = match domain.routing {
+        Policy::Auto | Policy::Prefix => prefix_keys(buf, req, route.endpoint),
+        Policy::LeastLoaded | Policy::RoundRobin => PrefixKeys::default(),
+    };
     let mut order = Vec::with_capacity(candidates.len());
-    worker.pools.borrow_mut().order(&candidates, &mut order);
-    Ok(order)
+    let mut state = worker.routing.borrow_mut();
+    let placement = rank(domain.routing, &candidates, &keys, &mut state, &mut order)
+        .ok_or(GatewayError::NoHealthyBackend)?;
+    worker.metrics.placements[placement.index()].inc();
+    Ok(Choice { order, placement })
+}
+
+/// What places this request by its content: its session when it names one, else the
+/// leading bytes of a prompt-carrying body.
+fn prefix_keys(buf: &[u8], req: &Request, endpoint: Endpoint) -> PrefixKeys {
+    let session = req
+        .head
+        .headers
+        .iter()
+        .find(|(n, _)| eq_ignore_case(n.of(buf), b"x-session-id"))
+        .map(|(_, v)| v.of(buf))
+        .filter(|v| !v.is_empty());
+    if let Some(id) = session {
+        return PrefixKeys::of_session(id);
+    }
+    match endpoint {
+        Endpoint::Chat | Endpoint::Completions => {
+            PrefixKeys::of(&buf[req.head.len..req.consumed], !req.body_pending())
+        }
+        _ => PrefixKeys::default(),
+    }
 }
 
 /// The model `/v1/models/{id}` names.

@@ -31,6 +31,12 @@ pub enum GatewayError {
     /// Dot segments or encoded characters in the path.
     BadPath,
     NoOllamaBackend(String),
+    /// Every host that could serve the request is out of rotation.
+    NoHealthyBackend,
+    /// Every host with room is taken and cubegate's queue is full.
+    QueueFull,
+    /// Waited `timeouts.queue_s` for a host with room.
+    QueueTimeout,
     Unauthorized(crate::auth::AuthError),
     Forbidden(String),
     UpstreamConnect(std::io::Error),
@@ -40,6 +46,8 @@ pub enum GatewayError {
     UpstreamWriteTimeout,
     UpstreamBadResponse(&'static str),
     UpstreamClosed,
+    /// The backend answered 502/503 and no other host could take the request.
+    UpstreamUnavailable(u16),
 }
 
 impl GatewayError {
@@ -55,8 +63,13 @@ impl GatewayError {
             MethodNotAllowed(_) => 405,
             Unauthorized(_) => 401,
             Forbidden(_) => 403,
-            UpstreamConnect(_) | UpstreamBadResponse(_) | UpstreamClosed => 502,
+            UpstreamConnect(_)
+            | UpstreamBadResponse(_)
+            | UpstreamClosed
+            | UpstreamUnavailable(_) => 502,
             UpstreamConnectTimeout | UpstreamFirstByteTimeout | UpstreamWriteTimeout => 504,
+            NoHealthyBackend | QueueTimeout => 503,
+            QueueFull => 429,
         }
     }
 
@@ -92,6 +105,9 @@ impl GatewayError {
             InvalidBody(_) => "invalid_body",
             BadPath => "bad_path",
             NoOllamaBackend(_) => "no_ollama_backend",
+            NoHealthyBackend => "no_healthy_backend",
+            QueueFull => "queue_full",
+            QueueTimeout => "queue_timeout",
             Unauthorized(_) => "invalid_token",
             Forbidden(_) => "forbidden",
             UpstreamConnect(_) => "backend_unreachable",
@@ -100,6 +116,7 @@ impl GatewayError {
             UpstreamWriteTimeout => "backend_write_timeout",
             UpstreamBadResponse(_) => "backend_bad_response",
             UpstreamClosed => "backend_closed",
+            UpstreamUnavailable(_) => "backend_unavailable",
         }
     }
 
@@ -118,6 +135,16 @@ impl GatewayError {
                 | InvalidBody(_)
                 | UpstreamWriteTimeout
         )
+    }
+
+    /// Seconds a client should wait before trying again (`Retry-After`), for the
+    /// refusals that pass.
+    pub fn retry_after_s(&self) -> Option<u32> {
+        match self {
+            GatewayError::NoHealthyBackend | GatewayError::QueueFull => Some(1),
+            GatewayError::QueueTimeout => Some(5),
+            _ => None,
+        }
     }
 
     /// The error as the JSON body of the contract.
@@ -164,6 +191,15 @@ impl fmt::Display for GatewayError {
                 f,
                 "domain {d:?} has no Ollama backend for Ollama's native /api/... routes; use /v1/..."
             ),
+            NoHealthyBackend => f.write_str(
+                "no GPU host serving this model is in rotation (they failed health checks or recent requests); retry after the time in Retry-After",
+            ),
+            QueueFull => f.write_str(
+                "every GPU host serving this model is at its max_in_flight and the wait queue is full; retry after the time in Retry-After",
+            ),
+            QueueTimeout => f.write_str(
+                "no GPU host serving this model had room within timeouts.queue_s; retry after the time in Retry-After",
+            ),
             Unauthorized(why) => write!(f, "{why}"),
             Forbidden(why) => write!(f, "{why}"),
             UpstreamConnect(e) => write!(f, "could not connect to the backend: {e}"),
@@ -174,6 +210,10 @@ impl fmt::Display for GatewayError {
             UpstreamWriteTimeout => f.write_str("the backend stopped reading the request"),
             UpstreamBadResponse(why) => write!(f, "the backend sent an invalid response: {why}"),
             UpstreamClosed => f.write_str("the backend closed the connection without answering"),
+            UpstreamUnavailable(status) => write!(
+                f,
+                "the backend answered {status} and no other host serving this model could take the request"
+            ),
         }
     }
 }

@@ -1,25 +1,32 @@
-//! Phase `forward`: getting one request to a backend, trying the chosen backends in
-//! order, then streaming the answer back (`stream_response`).
+//! Phase `forward`: the request to a GPU host, its answer back to the client.
 //!
-//! Failures are retried only where that is certainly safe: a backend that refuses a
-//! connection is skipped for the next candidate, and a pooled connection that turns out
-//! stale (fails before any answer byte, with the whole request still in hand) is replaced
-//! by a fresh one, once. What goes on the wire is `send_request`'s.
+//! The hosts are tried in the order `choose_backends` gave. A host is taken only with a
+//! place on it (its `max_in_flight`); when every host that may serve the request is full,
+//! the request waits in the worker's fair queue (bounded in number and in
+//! `timeouts.queue_s`) and takes the first host of its order that frees up. A host that
+//! fails before any byte of the answer reached the client — refused, reset, a 502/503
+//! answer, no first byte, taken out of rotation while awaited — is blamed for it (see
+//! `fleet::host`), and the request goes to the next host, up to `MAX_HOSTS`, with its body
+//! sent again from the read buffer; a body too large to keep there is not sent again, and
+//! the error says so. Never after the answer began. One try on one host is `upstream`'s.
 
-use super::body::BodyTracker;
 use super::connection::Connection;
 use super::error::GatewayError;
-use super::io::BackendStream;
-use super::pool::Upstream;
 use super::read_model::read_whole_body;
 use super::request::{ForwardRequest, Persistence, Request};
-use super::send_request::{send_head_and_buffered_body, stream_request_body};
-use super::stream_response::{stream_response, StreamEnd, StreamError};
+use super::stream_response::Fallback;
+use super::upstream::try_host;
 use super::worker::Worker;
-use crate::http::head::Method;
-use crate::snapshot::Backend;
-use monoio::net::TcpStream;
-use std::time::Instant;
+use crate::fleet::host::InFlight;
+use crate::fleet::queue::Ticket;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+/// Hosts one request may be tried on.
+pub const MAX_HOSTS: usize = 3;
+/// How often a queued request looks for a free place (places freed on other workers are
+/// seen this way).
+const QUEUE_POLL: Duration = Duration::from_millis(2);
 
 /// Forwards the request to the first backend of `order` that takes it, and streams the
 /// answer. Returns whether the client connection may be kept alive.
@@ -64,143 +71,146 @@ async fn forward_in_order(
     fwd: &mut ForwardRequest<'_>,
     order: &[usize],
 ) -> Result<Persistence, GatewayError> {
-    let mut last_error = GatewayError::UpstreamClosed;
-    for &index in order {
-        let backend = &fwd.domain.backends[index];
-        let pooled = worker
-            .pools
-            .borrow_mut()
-            .take(backend.addr, backend.tls.as_ref());
-        let up = match pooled {
-            Some(stream) => {
-                worker.metrics.upstream_reuses.inc();
-                Upstream {
-                    stream,
-                    addr: backend.addr,
-                    reused: true,
-                }
-            }
-            None => match connect(worker, backend).await {
-                Ok(stream) => {
-                    worker.metrics.upstream_connects.inc();
-                    Upstream {
-                        stream,
-                        addr: backend.addr,
-                        reused: false,
-                    }
-                }
-                Err(e) => {
-                    worker.metrics.upstream_connect_failures.inc();
-                    tracing::warn!(backend = %backend.addr, error = %e, "backend connect failed");
-                    worker.pools.borrow_mut().mark_down(backend.addr);
-                    last_error = e;
-                    continue;
-                }
-            },
+    // The body can be sent again only while all of it is in the read buffer.
+    let replayable = fwd.tracker.as_ref().is_none_or(|t| t.is_done());
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = GatewayError::NoHealthyBackend;
+    loop {
+        let left: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|i| !tried.contains(i))
+            .collect();
+        let Some((index, place)) = take_place(worker, req, fwd, &left).await? else {
+            return Err(last_error);
         };
-        match attempt(worker, conn, req, fwd, backend, up).await {
-            Ok(keep) => return Ok(keep),
-            Err(Attempt::Stale) => {
-                // A pooled socket the backend had already closed: once more, fresh.
-                let stream = connect(worker, backend).await?;
-                let fresh = Upstream {
-                    stream,
-                    addr: backend.addr,
-                    reused: false,
-                };
-                return match attempt(worker, conn, req, fwd, backend, fresh).await {
-                    Ok(keep) => Ok(keep),
-                    Err(Attempt::Stale) => Err(GatewayError::UpstreamClosed),
-                    Err(Attempt::Failed(e)) => Err(e),
-                };
+        tried.push(index);
+        let backend = &fwd.domain.backends[index];
+        let host = &backend.host;
+        let more = replayable
+            && tried.len() < MAX_HOSTS
+            && left
+                .iter()
+                .any(|i| *i != index && fwd.domain.backends[*i].host.is_up());
+        let fallback = Fallback {
+            host: (!fwd.management).then_some(&**host),
+            retry_unavailable: more,
+        };
+        let outcome = try_host(worker, conn, req, fwd, backend, fallback).await;
+        drop(place);
+        match outcome {
+            Ok(persistence) => {
+                host.record_success();
+                return Ok(persistence);
             }
-            Err(Attempt::Failed(e)) => return Err(e),
+            Err(failed) => {
+                let Some(failure) = failed.retry else {
+                    return Err(failed.error);
+                };
+                if !fwd.management {
+                    host.record_failure(failure);
+                }
+                if !replayable {
+                    tracing::info!(request_id = req.id.as_str(), backend = %backend.addr, "not retried on another host: the request body was too large to keep");
+                    return Err(failed.error);
+                }
+                if tried.len() >= MAX_HOSTS {
+                    return Err(failed.error);
+                }
+                host.retries.fetch_add(1, Relaxed);
+                tracing::info!(request_id = req.id.as_str(), backend = %backend.addr, error = %failed.error, "retrying on another host");
+                last_error = failed.error;
+            }
         }
     }
-    Err(last_error)
 }
 
-enum Attempt {
-    /// A reused connection failed before the backend answered anything: safe to retry.
-    Stale,
-    Failed(GatewayError),
-}
-
-async fn attempt(
+/// A place on the first host of `order` that is in rotation and has room, waiting in the
+/// worker's fair queue while every such host is full. `None`: no host of `order` is in
+/// rotation any more.
+async fn take_place(
     worker: &Worker,
-    conn: &mut Connection,
-    req: &mut Request,
-    fwd: &mut ForwardRequest<'_>,
-    backend: &Backend,
-    mut up: Upstream,
-) -> Result<Persistence, Attempt> {
-    req.record.backend = Some(up.addr);
-    let body_complete_in_buf = fwd.tracker.as_ref().is_none_or(BodyTracker::is_done);
-    // A send that fails on a reused socket never reached a live backend: resend. A reused
-    // socket that closes without a byte of answer may have been acted on, so only requests
-    // that are safe to repeat are resent then.
-    let retryable = up.reused && body_complete_in_buf;
-    let repeatable = retryable
-        && matches!(
-            req.head.method,
-            Method::Get | Method::Head | Method::Options
-        );
-    send_head_and_buffered_body(worker, conn, req, fwd, backend, &mut up)
-        .await
-        .map_err(|e| match e {
-            // A backend that stopped reading was alive: not a stale socket.
-            GatewayError::UpstreamWriteTimeout => Attempt::Failed(e),
-            _ if retryable => Attempt::Stale,
-            _ => Attempt::Failed(e),
-        })?;
-    if !body_complete_in_buf {
-        stream_request_body(worker, conn, req, fwd, &mut up)
-            .await
-            .map_err(Attempt::Failed)?;
-    }
-    match stream_response(worker, conn, req, &mut up).await {
-        Ok(StreamEnd::Complete {
-            upstream_reusable,
-            client,
-        }) => {
-            if upstream_reusable {
-                worker.pools.borrow_mut().put(up.addr, up.stream);
+    req: &Request,
+    fwd: &ForwardRequest<'_>,
+    order: &[usize],
+) -> Result<Option<(usize, InFlight)>, GatewayError> {
+    let first_free = || {
+        let mut any_up = false;
+        for &i in order {
+            let host = &fwd.domain.backends[i].host;
+            if !host.is_up() {
+                continue;
             }
-            Ok(client)
+            any_up = true;
+            if let Some(place) = host.try_acquire() {
+                return (true, Some((i, place)));
+            }
         }
-        Ok(StreamEnd::Aborted) => Ok(Persistence::Close),
-        Err(StreamError::NothingReceived) if repeatable => Err(Attempt::Stale),
-        Err(StreamError::NothingReceived) => Err(Attempt::Failed(GatewayError::UpstreamClosed)),
-        Err(StreamError::Gateway(e)) => Err(Attempt::Failed(e)),
+        (any_up, None)
+    };
+    match first_free() {
+        (_, Some(found)) => return Ok(Some(found)),
+        (false, None) => return Ok(None),
+        (true, None) => {}
+    }
+    let ticket = worker
+        .queue
+        .borrow_mut()
+        .join(fwd.domain.metrics_slot)
+        .ok_or(GatewayError::QueueFull)?;
+    let first_choice = order.first().map(|&i| fwd.domain.backends[i].host.clone());
+    let waited = Queued {
+        worker,
+        ticket: Some(ticket),
+        counted: first_choice,
+    };
+    if let Some(h) = &waited.counted {
+        h.queued.fetch_add(1, Relaxed);
+    }
+    let deadline = Instant::now() + worker.timeouts.queue();
+    loop {
+        monoio::time::sleep(QUEUE_POLL).await;
+        if waited.is_head() {
+            match first_free() {
+                (_, Some(found)) => return Ok(Some(found)),
+                (false, None) => return Err(GatewayError::NoHealthyBackend),
+                (true, None) => {}
+            }
+        }
+        if Instant::now() >= deadline {
+            tracing::debug!(
+                request_id = req.id.as_str(),
+                "no host had room within timeouts.queue_s"
+            );
+            return Err(GatewayError::QueueTimeout);
+        }
     }
 }
 
-/// Opens a fresh connection with the configured timeout, which also bounds the TLS
-/// handshake of an `https://` backend.
-async fn connect(worker: &Worker, backend: &Backend) -> Result<BackendStream, GatewayError> {
-    let timeout = worker.timeouts.upstream_connect();
-    let started = Instant::now();
-    let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            stream
+/// A request's place in the worker's queue, left however the wait ends (also when the
+/// client goes away and the request's future is dropped).
+struct Queued<'w> {
+    worker: &'w Worker,
+    ticket: Option<Ticket>,
+    /// The first-choice host, whose `queued` count this request is in.
+    counted: Option<std::sync::Arc<crate::fleet::host::Host>>,
+}
+
+impl Queued<'_> {
+    fn is_head(&self) -> bool {
+        self.ticket
+            .as_ref()
+            .is_some_and(|t| self.worker.queue.borrow().is_head(t))
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.worker.queue.borrow_mut().leave(t);
         }
-        Ok(Err(e)) => return Err(GatewayError::UpstreamConnect(e)),
-        Err(_) => return Err(GatewayError::UpstreamConnectTimeout),
-    };
-    let Some(name) = &backend.tls else {
-        return Ok(BackendStream::plain(tcp));
-    };
-    let Some(config) = &worker.backend_tls else {
-        return Err(GatewayError::UpstreamConnect(std::io::Error::other(
-            "https:// backend, but no CA certificates are trusted: set proxy.backend_ca_file",
-        )));
-    };
-    let left = timeout.saturating_sub(started.elapsed());
-    BackendStream::tls(tcp, config.clone(), name.clone(), left)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::TimedOut => GatewayError::UpstreamConnectTimeout,
-            _ => GatewayError::UpstreamConnect(e),
-        })
+        if let Some(h) = self.counted.take() {
+            h.queued.fetch_sub(1, Relaxed);
+        }
+    }
 }

@@ -45,6 +45,7 @@ pub fn log(worker: &Worker, buf: &[u8], peer: SocketAddr, req: &Request) {
         ttfb_ms = record.first_byte.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
         duration_ms = duration.as_secs_f64() * 1000.0,
         backend = %record.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+        placement = record.placement.map_or("-", |p| p.as_str()),
         "access"
     );
 }

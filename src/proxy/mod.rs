@@ -31,4 +31,5 @@ pub mod send_request;
 pub mod serve;
 pub mod splice;
 pub mod stream_response;
+pub mod upstream;
 pub mod worker;

@@ -3,8 +3,8 @@
 //! Each worker owns its pools (no lock, no sharing): idle connections per backend address,
 //! bounded, most recently used first (the warmest socket, the least likely to have been
 //! closed by the backend's keep-alive timer). A connection idle longer than the backend's
-//! likely keep-alive timeout is dropped rather than risked. Backends that refused a
-//! connection are put last in the order for a short while.
+//! likely keep-alive timeout is dropped rather than risked. Which host to use is the
+//! fleet's decision (`fleet::policy`), not the pool's.
 
 use super::io::BackendStream;
 use monoio::net::TcpStream;
@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 
 /// uvicorn (vLLM) closes idle keep-alive connections after 5 s; stay under it.
 const IDLE_TTL: Duration = Duration::from_secs(4);
-/// How long a backend that refused a connection is tried last.
-const DOWN_FOR: Duration = Duration::from_secs(2);
 
 pub struct Upstream {
     pub stream: BackendStream,
@@ -26,9 +24,7 @@ pub struct Upstream {
 
 pub struct Pools {
     idle: HashMap<SocketAddr, Vec<(BackendStream, Instant)>>,
-    down_until: HashMap<SocketAddr, Instant>,
     max_idle: usize,
-    round_robin: usize,
     /// Idle connections held, mirrored into the worker's gauge.
     idle_count: usize,
     metrics: Option<std::sync::Arc<crate::metrics::WorkerMetrics>>,
@@ -38,9 +34,7 @@ impl Pools {
     pub fn new(max_idle: usize) -> Pools {
         Pools {
             idle: HashMap::new(),
-            down_until: HashMap::new(),
             max_idle,
-            round_robin: 0,
             idle_count: 0,
             metrics: None,
         }
@@ -99,38 +93,6 @@ impl Pools {
         list.push((stream, Instant::now()));
         self.idle_changed(if evicted { 0 } else { 1 });
     }
-
-    pub fn mark_down(&mut self, addr: SocketAddr) {
-        self.down_until.insert(addr, Instant::now() + DOWN_FOR);
-    }
-
-    fn is_down(&self, addr: &SocketAddr, now: Instant) -> bool {
-        self.down_until.get(addr).is_some_and(|t| *t > now)
-    }
-
-    /// Orders candidate backends for one request: round-robin among those that are up,
-    /// then those recently down (still tried: a down mark is a hint, not a verdict).
-    pub fn order(&mut self, candidates: &[(usize, SocketAddr)], out: &mut Vec<usize>) {
-        out.clear();
-        if candidates.is_empty() {
-            return;
-        }
-        self.round_robin = self.round_robin.wrapping_add(1);
-        let start = self.round_robin % candidates.len();
-        let now = Instant::now();
-        let rotated = candidates[start..].iter().chain(&candidates[..start]);
-        out.extend(
-            rotated
-                .clone()
-                .filter(|(_, a)| !self.is_down(a, now))
-                .map(|(i, _)| *i),
-        );
-        out.extend(
-            rotated
-                .filter(|(_, a)| self.is_down(a, now))
-                .map(|(i, _)| *i),
-        );
-    }
 }
 
 /// An idle connection must have nothing to read. Bytes there are an answer nobody asked
@@ -147,28 +109,5 @@ fn is_clean_idle(stream: &TcpStream) -> bool {
     match socket2::SockRef::from(&fd).recv_with_flags(&mut byte, peek) {
         Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
         Ok(_) => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn order_rotates_and_demotes_down_backends() {
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
-        let mut p = Pools::new(4);
-        let mut out = Vec::new();
-        let c = [(0, a), (1, b)];
-        p.order(&c, &mut out);
-        let first = out[0];
-        p.order(&c, &mut out);
-        assert_ne!(out[0], first);
-        p.mark_down(a);
-        for _ in 0..3 {
-            p.order(&c, &mut out);
-            assert_eq!(out, [1, 0]);
-        }
     }
 }

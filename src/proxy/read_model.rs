@@ -29,8 +29,14 @@ impl ModelRead {
     }
 }
 
-/// Phase `read_model`: reads the body until its top-level `"model"` is known. Domains that
-/// pass everything to one backend skip this entirely.
+/// Bodies up to this size are read whole before they are forwarded when the domain has
+/// more than one host, so a host that fails before answering can be replaced by another
+/// with the same bytes. Larger ones stream (and are not retried elsewhere).
+pub const REPLAY_LIMIT: u64 = 1 << 20;
+
+/// Phase `read_model`: reads the body until its top-level `"model"` is known (and, where
+/// another host could take a retry, to its end when it is small enough to keep). Domains
+/// that pass everything to one backend skip this entirely.
 pub async fn read_model(
     worker: &Worker,
     conn: &mut Connection,
@@ -41,7 +47,14 @@ pub async fn read_model(
     let until = if domain.passthrough {
         Until::Nothing
     } else {
-        Until::Model(endpoint)
+        Until::Model {
+            endpoint,
+            keep: if domain.backends.len() > 1 {
+                REPLAY_LIMIT
+            } else {
+                0
+            },
+        }
     };
     read_body(worker, conn, req, until, worker.limits.max_body_bytes).await
 }
@@ -63,8 +76,9 @@ pub async fn read_whole_body(
 enum Until {
     /// What is already buffered; the rest streams.
     Nothing,
-    /// Until the top-level "model" is known (scanning on to the end as it streams).
-    Model(Endpoint),
+    /// Until the top-level "model" is known (scanning on to the end as it streams), and
+    /// to the end of a body of at most `keep` bytes.
+    Model { endpoint: Endpoint, keep: u64 },
     /// The end of the body.
     End,
 }
@@ -96,7 +110,7 @@ async fn read_body(
             return Err(GatewayError::BodyIncomplete);
         }
     }
-    let scan = matches!(until, Until::Model(_));
+    let scan = matches!(until, Until::Model { .. });
     let mut scanner = ModelScanner::new();
     loop {
         let mut scan_error = None;
@@ -126,7 +140,14 @@ async fn read_body(
         }
         let enough = match until {
             Until::Nothing => true,
-            Until::Model(_) => scanner.model().is_some() || scanner.finished(),
+            Until::Model { keep, .. } => {
+                let known = scanner.model().is_some() || scanner.finished();
+                let keeping = match req.head.framing {
+                    BodyFraming::Length(n) => n <= keep,
+                    _ => (req.body_in_buffer() as u64) <= keep,
+                };
+                known && !(keeping && keep > 0)
+            }
             Until::End => false,
         };
         if done || enough {
@@ -137,7 +158,7 @@ async fn read_body(
         conn.read_body(req.body_wait(worker.timeouts.body_read()))
             .await?;
     }
-    if let Until::Model(endpoint) = until {
+    if let Until::Model { endpoint, .. } = until {
         match scanner.model() {
             Some("") => return Err(GatewayError::InvalidModel("it is empty")),
             Some(_) => {}

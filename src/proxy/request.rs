@@ -120,6 +120,8 @@ pub struct AccessRecord {
     pub domain: Option<Span>,
     /// (metrics slot of the domain, route kind) of a proxied request.
     pub route: Option<(u16, usize)>,
+    /// How the first host was chosen.
+    pub placement: Option<crate::fleet::policy::Placement>,
 }
 
 /// What the proxy knows about a request once it has decided to forward it (the request's

@@ -78,7 +78,8 @@ pub enum Route<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum Destination {
     Health,
-    /// `/users/*`, `/domains/*`, `/keys/*`: the whole target goes to the management API.
+    /// `/users/*`, `/domains/*`, `/keys/*`, `/backends`: the whole target goes to the
+    /// management API.
     Management,
     Proxy(ProxyRoute),
 }
@@ -129,7 +130,7 @@ pub fn classify(method: Method, target: &str) -> Route<'_> {
     if path == "/health" {
         return Route::Health;
     }
-    for prefix in ["/users", "/domains", "/keys"] {
+    for prefix in ["/users", "/domains", "/keys", "/backends"] {
         if path == prefix || path.starts_with(prefix) && path.as_bytes()[prefix.len()] == b'/' {
             return Route::Management;
         }

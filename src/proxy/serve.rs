@@ -106,7 +106,8 @@ async fn run_phases(
     if worker.access_log {
         req.record.model = body.model().map(str::to_string);
     }
-    let order = choose_backends(worker, conn.buffer(), &route, domain, body.model())?;
+    let choice = choose_backends(worker, conn.buffer(), req, &route, domain, body.model())?;
+    req.record.placement = Some(choice.placement);
     let mut fwd = ForwardRequest {
         domain,
         upstream_target: route.upstream_target,
@@ -114,5 +115,5 @@ async fn run_phases(
         scanner: body.scanner,
         management: false,
     };
-    forward(worker, conn, req, &mut fwd, &order).await
+    forward(worker, conn, req, &mut fwd, &choice.order).await
 }

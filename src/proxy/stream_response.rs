@@ -19,6 +19,7 @@ use super::pool::Upstream;
 use super::request::{Persistence, Request};
 use super::splice::splice_exact;
 use super::worker::Worker;
+use crate::fleet::host::Host;
 use crate::http::head::Method;
 use crate::http::response::{
     client_framing, parse_response_head, write_client_head, ClientFraming, ResponseFraming,
@@ -47,11 +48,17 @@ pub enum StreamEnd {
 pub enum StreamError {
     /// The backend closed or reset before sending a byte of its answer.
     NothingReceived,
+    /// The host was taken out of rotation before it sent a byte (it hangs).
+    HostEjected,
+    /// The host answered 502 or 503 (nothing was passed on: another host may serve it).
+    Unavailable(u16),
     /// Failed before anything was sent to the client: answer with this error.
     Gateway(GatewayError),
 }
 
 enum UpRead {
+    /// The host was taken out of rotation while its first byte was awaited.
+    HostEjected,
     Data,
     Eof,
     Failed,
@@ -71,14 +78,27 @@ struct Watch<'a, W> {
 
 const WATCH_BUF: usize = 1024;
 
+/// How often a host's rotation is looked at while its first byte is awaited.
+const EJECTION_POLL: Duration = Duration::from_millis(100);
+
 /// How long a backend may keep the client waiting before the client watch is armed.
 const WATCH_GRACE: Duration = Duration::from_millis(20);
+
+/// What the caller can still do if this host fails before its first byte.
+#[derive(Clone, Copy)]
+pub struct Fallback<'a> {
+    /// The GPU host, watched for ejection while its first byte is awaited.
+    pub host: Option<&'a Host>,
+    /// Another host could take the request: a 502/503 answer is not passed on.
+    pub retry_unavailable: bool,
+}
 
 pub async fn stream_response(
     worker: &Worker,
     conn: &mut Connection,
     req: &mut Request,
     up: &mut Upstream,
+    fallback: Fallback<'_>,
 ) -> Result<StreamEnd, StreamError> {
     worker.metrics.streams.up();
     let canceller = Canceller::new();
@@ -104,6 +124,7 @@ pub async fn stream_response(
             out: &mut scratch,
             req,
             between: worker.timeouts.between_chunks(),
+            fallback,
         };
         let result = relay.run().await;
         let mut watch = relay.watch;
@@ -139,6 +160,7 @@ struct Relay<'a, W> {
     req: &'a mut Request,
     /// The limit of every wait after the first byte.
     between: Duration,
+    fallback: Fallback<'a>,
 }
 
 /// What the head step learned that the body steps need.
@@ -213,13 +235,19 @@ where
                         ubuf.drain(..h.len);
                         continue;
                     }
+                    Ok(Some(h))
+                        if matches!(h.status, 502 | 503) && self.fallback.retry_unavailable =>
+                    {
+                        return Err(StreamError::Unavailable(h.status).into())
+                    }
                     Ok(Some(h)) => return Ok(h),
                     Ok(None) => {}
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            let host = self.fallback.host;
             let (r, buf) =
-                read_upstream(self.up, std::mem::take(ubuf), left, &mut self.watch).await;
+                read_upstream(self.up, std::mem::take(ubuf), left, &mut self.watch, host).await;
             *ubuf = buf;
             match r {
                 UpRead::Data => received_any = true,
@@ -233,6 +261,7 @@ where
                     return Err(StreamError::Gateway(GatewayError::UpstreamFirstByteTimeout).into())
                 }
                 UpRead::ClientGone => return Err(Stop::Aborted),
+                UpRead::HostEjected => return Err(StreamError::HostEjected.into()),
             }
         }
     }
@@ -328,8 +357,14 @@ where
                 break;
             }
             ubuf.clear();
-            let (r, buf) =
-                read_upstream(self.up, std::mem::take(ubuf), self.between, &mut self.watch).await;
+            let (r, buf) = read_upstream(
+                self.up,
+                std::mem::take(ubuf),
+                self.between,
+                &mut self.watch,
+                None,
+            )
+            .await;
             *ubuf = buf;
             match r {
                 UpRead::Data => {}
@@ -337,7 +372,7 @@ where
                 // Backend died or stalled mid-answer: close the client connection without
                 // a terminating chunk, so the client sees a truncated answer, not a
                 // complete one.
-                UpRead::Eof | UpRead::Failed | UpRead::TimedOut => {
+                UpRead::Eof | UpRead::Failed | UpRead::TimedOut | UpRead::HostEjected => {
                     tracing::warn!(
                         request_id = self.req.id.as_str(),
                         "backend ended the answer early"
@@ -392,6 +427,7 @@ async fn read_upstream<W>(
     buf: Vec<u8>,
     limit: Duration,
     watch: &mut Watch<'_, W>,
+    host: Option<&Host>,
 ) -> (UpRead, Vec<u8>)
 where
     W: Future<Output = BufResult<usize, Vec<u8>>>,
@@ -409,25 +445,44 @@ where
             Either::Right(((), _)) => watch.armed = true,
         }
     }
-    let result = match watch.fut.as_mut() {
-        None => read.await,
-        Some(w) => match select(read, w.as_mut()).await {
-            Either::Left((r, _)) => r,
-            Either::Right(((res, wbuf), read)) => {
-                watch.fut = None;
-                match res {
-                    Ok(n) if n > 0 => {
-                        watch.saved = Some((n, wbuf));
-                        read.await
+    // While a host is watched (before its first byte), look at its rotation now and then.
+    let tick = if host.is_some() { EJECTION_POLL } else { limit };
+    loop {
+        let ticker = pin!(monoio::time::sleep(tick));
+        let result = match watch.fut.as_mut() {
+            None => match select(read.as_mut(), ticker).await {
+                Either::Left((r, _)) => r,
+                Either::Right(_) => {
+                    if host.is_some_and(|h| !h.is_up()) {
+                        return (UpRead::HostEjected, Vec::new());
                     }
-                    // EOF or reset from the client: it is gone. Dropping the pending
-                    // read (and then the connection) tells the backend to stop.
-                    _ => return (UpRead::ClientGone, Vec::new()),
+                    continue;
                 }
-            }
-        },
-    };
-    up_read(result)
+            },
+            Some(w) => match select(read.as_mut(), select(w.as_mut(), ticker)).await {
+                Either::Left((r, _)) => r,
+                Either::Right((Either::Left(((res, wbuf), _)), _)) => {
+                    watch.fut = None;
+                    match res {
+                        Ok(n) if n > 0 => {
+                            watch.saved = Some((n, wbuf));
+                            continue;
+                        }
+                        // EOF or reset from the client: it is gone. Dropping the pending
+                        // read (and then the connection) tells the backend to stop.
+                        _ => return (UpRead::ClientGone, Vec::new()),
+                    }
+                }
+                Either::Right((Either::Right(_), _)) => {
+                    if host.is_some_and(|h| !h.is_up()) {
+                        return (UpRead::HostEjected, Vec::new());
+                    }
+                    continue;
+                }
+            },
+        };
+        return up_read(result);
+    }
 }
 
 fn up_read(

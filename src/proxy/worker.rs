@@ -80,6 +80,10 @@ pub struct Worker {
     pipe: RefCell<Option<SplicePipe>>,
     pub snapshot: RefCell<LocalSnapshot>,
     pub pools: RefCell<Pools>,
+    /// Requests waiting for a host with room (fair across domains).
+    pub queue: RefCell<crate::fleet::queue::FairQueue>,
+    /// This worker's routing memory (which host served which prefix).
+    pub routing: RefCell<crate::fleet::policy::RoutingState>,
     /// Cancels every idle wait (keep-alive reads, accept) when draining starts.
     pub drain: RefCell<Canceller>,
     pub draining: Cell<bool>,
@@ -140,6 +144,10 @@ impl Worker {
                 Pools::new(config.proxy.upstream_idle_per_backend)
                     .with_metrics(registry[id].clone()),
             ),
+            routing: RefCell::default(),
+            queue: RefCell::new(crate::fleet::queue::FairQueue::new(
+                config.limits.max_queued.div_ceil(workers_of(config)),
+            )),
             drain: RefCell::new(Canceller::new()),
             draining: Cell::new(false),
             connections: Cell::new(0),
@@ -215,12 +223,22 @@ fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
             base_path: String::new(),
             models: vec!["*".into()],
             any_model: true,
+            // Not a GPU host: never registered with the fleet, so never health-checked.
+            host: Arc::new(crate::fleet::host::Host::new(
+                format!("http://{addr}"),
+                crate::config::BackendKind::Vllm,
+                addr,
+                None,
+                addr.to_string(),
+                String::new(),
+            )),
         }],
         passthrough: true,
         models_json: Vec::new(),
         tags_json: Vec::new(),
         from_api: false,
         metrics_slot: 0,
+        routing: crate::config::Routing::RoundRobin,
     }
 }
 

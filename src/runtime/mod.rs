@@ -114,6 +114,12 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
     )
     .map_err(StartupError::config)?;
     let jwks_refresh = start_jwks_fetcher(&published)?;
+    crate::fleet::health::start(crate::fleet::health::HealthSettings {
+        interval: config.health.interval(),
+        timeout: config.health.timeout(),
+        tls: backend_tls.clone(),
+    })
+    .map_err(|e| StartupError::system(format!("cannot start the health checker: {e}")))?;
     let (sockets, addr) = bind_public_listeners(config, inherited_proxy, workers)?;
     let listeners = crate::listeners::per_worker(&sockets, workers).map_err(|e| {
         StartupError::system(format!(

@@ -159,8 +159,15 @@ pub fn config_text_with(driver: &str, proxy_extra: &str, body: &str) -> String {
             unique_dir("store").display()
         )
     };
+    // Active health checks are the fleet tests' subject; elsewhere they would only race
+    // the stand-in backends (garbage servers, closed ports) a test sets up on purpose.
+    let health = if body.contains("[health]") {
+        ""
+    } else {
+        "[health]\ninterval_ms = 0\n\n"
+    };
     format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n{proxy_extra}\n\n{management}{body}\n"
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n{proxy_extra}\n\n{management}{health}{body}\n"
     )
 }
 

@@ -7,6 +7,9 @@
 //! URLs split, models checked) so the rest of the program never re-validates.
 
 mod checks;
+pub mod fleet;
+
+pub use fleet::{HealthConfig, Routing};
 
 pub use checks::{check_jwks_url, parse_backend_url, validate_domain_id};
 use checks::{check_range, parse_listen, validate_models, validate_trusted};
@@ -32,6 +35,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub timeouts: Timeouts,
+    #[serde(default)]
+    pub health: HealthConfig,
     #[serde(default)]
     pub domains: Vec<DomainConfig>,
 }
@@ -176,6 +181,8 @@ pub struct Limits {
     /// Open client connections, all workers together; past it a worker stops accepting
     /// until one closes (new connections wait in the kernel's backlog).
     pub max_connections: usize,
+    /// Requests that may wait at once for a host with room (over all workers).
+    pub max_queued: usize,
 }
 
 impl Default for Limits {
@@ -187,6 +194,7 @@ impl Default for Limits {
             max_body_bytes: 16 * 1024 * 1024,
             max_upstream_head_bytes: 64 * 1024,
             max_connections: 65536,
+            max_queued: 4096,
         }
     }
 }
@@ -213,6 +221,8 @@ pub struct Timeouts {
     pub body_total_s: u64,
     /// How long SIGTERM waits for in-flight requests and streams.
     pub drain_s: u64,
+    /// Longest wait in cubegate's queue for a host with room (`max_in_flight`).
+    pub queue_s: u64,
 }
 
 impl Default for Timeouts {
@@ -226,6 +236,7 @@ impl Default for Timeouts {
             between_chunks_s: 120,
             body_total_s: 300,
             drain_s: 30,
+            queue_s: 30,
         }
     }
 }
@@ -255,6 +266,9 @@ impl Timeouts {
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_s)
     }
+    pub fn queue(&self) -> Duration {
+        Duration::from_secs(self.queue_s)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -263,6 +277,8 @@ pub struct DomainConfig {
     pub id: String,
     #[serde(default)]
     pub name: String,
+    #[serde(default)]
+    pub routing: Routing,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
 }
@@ -280,6 +296,10 @@ pub struct BackendConfig {
     pub kind: BackendKind,
     pub url: String,
     pub models: Vec<String>,
+    /// Requests this box sends the host at once; above it they wait in cubegate's queue.
+    /// 0 = no limit.
+    #[serde(default)]
+    pub max_in_flight: u32,
 }
 
 /// A configuration problem: the key it concerns and what is wrong with it.
@@ -387,6 +407,7 @@ impl Config {
             1,
             1 << 24,
         )?;
+        check_range("limits.max_queued", l.max_queued as u64, 0, 1 << 24)?;
         let t = &self.timeouts;
         for (key, v) in [
             ("timeouts.header_read_ms", t.header_read_ms),
@@ -400,6 +421,8 @@ impl Config {
             check_range(key, v, 1, 86_400_000)?;
         }
         check_range("timeouts.drain_s", t.drain_s, 0, 86_400)?;
+        check_range("timeouts.queue_s", t.queue_s, 0, 86_400)?;
+        self.health.validate()?;
         check_range(
             "auth.token_cache_entries",
             self.auth.token_cache_entries as u64,

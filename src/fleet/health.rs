@@ -1,0 +1,219 @@
+//! Active health checks and load scrapes: a thread of their own, off the request path.
+//!
+//! Every `[health] interval_ms` each registered host is asked, all at once, within
+//! `timeout_ms`: vLLM `GET /health` and then `GET /metrics` (its queue and KV-cache use),
+//! Ollama `GET /api/version` (Ollama publishes no load; what this box has in flight there
+//! is all routing knows). A failed or late check counts towards ejection, a good one
+//! re-admits an ejected host once its backoff is over (see [`super::host`]). A host that
+//! hangs is therefore out of rotation within about `interval + 2 × timeout`.
+//!
+//! Everything a host sends is bounded (head, body, time) and parsed leniently: a metric
+//! that is missing or malformed is just not known.
+
+use super::host::Host;
+use crate::config::BackendKind;
+use crate::http::response::{parse_response_head, ResponseFraming};
+use crate::proxy::body::BodyTracker;
+use crate::proxy::io::BackendStream;
+use monoio::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest answer read from a health or metrics endpoint.
+const MAX_ANSWER: usize = 1 << 20;
+const MAX_HEAD: usize = 16 * 1024;
+
+#[derive(Clone)]
+pub struct HealthSettings {
+    /// 0 = no active checks (ejections then end when their backoff does).
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// How `https://` hosts are checked.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Starts the checker thread. It runs until the process ends.
+pub fn start(settings: HealthSettings) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("cubegate-health".into())
+        .spawn(move || {
+            let runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build();
+            match runtime {
+                Ok(mut rt) => rt.block_on(check_forever(settings)),
+                Err(e) => tracing::error!("health checker could not start: {e}"),
+            }
+        })
+        .map(|_| ())
+}
+
+async fn check_forever(settings: HealthSettings) {
+    let tick = if settings.interval.is_zero() {
+        Duration::from_millis(250)
+    } else {
+        settings.interval
+    };
+    loop {
+        let started = Instant::now();
+        let hosts = super::hosts();
+        if settings.interval.is_zero() {
+            hosts.iter().for_each(|h| h.readmit_if_backoff_over());
+        } else {
+            let checks: Vec<_> = hosts
+                .into_iter()
+                .map(|h| monoio::spawn(check_host(h, settings.clone())))
+                .collect();
+            for c in checks {
+                c.await;
+            }
+        }
+        monoio::time::sleep(tick.saturating_sub(started.elapsed())).await;
+    }
+}
+
+/// One round for one host: its health endpoint, then (vLLM) its load.
+async fn check_host(host: Arc<Host>, settings: HealthSettings) {
+    let path = match host.kind {
+        BackendKind::Vllm => "/health",
+        BackendKind::Ollama => "/api/version",
+    };
+    let ok = matches!(get(&host, path, &settings).await, Ok((200..=299, _)));
+    host.record_check(ok);
+    if ok && host.kind == BackendKind::Vllm {
+        if let Ok((200..=299, body)) = get(&host, "/metrics", &settings).await {
+            let load = parse_vllm_metrics(&body);
+            host.record_scrape(load.running, load.waiting, load.kv_cache_usage);
+        }
+    }
+}
+
+/// `GET path` on its own connection, the whole exchange within the timeout.
+async fn get(host: &Host, path: &str, settings: &HealthSettings) -> Result<(u16, Vec<u8>), ()> {
+    monoio::time::timeout(settings.timeout, fetch(host, path, settings))
+        .await
+        .map_err(|_| ())?
+}
+
+async fn fetch(host: &Host, path: &str, settings: &HealthSettings) -> Result<(u16, Vec<u8>), ()> {
+    let tcp = TcpStream::connect_addr(host.addr).await.map_err(|_| ())?;
+    let mut stream = match (&host.tls, &settings.tls) {
+        (None, _) => BackendStream::plain(tcp),
+        (Some(name), Some(config)) => {
+            BackendStream::tls(tcp, config.clone(), name.clone(), settings.timeout)
+                .await
+                .map_err(|_| ())?
+        }
+        (Some(_), None) => return Err(()),
+    };
+    let request = format!(
+        "GET {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: cubegate-health\r\nConnection: close\r\n\r\n",
+        host.base_path, host.authority
+    );
+    let (res, _) = stream.write_all(request.into_bytes()).await;
+    res.map_err(|_| ())?;
+    let mut buf = Vec::with_capacity(4096);
+    let head = loop {
+        if let Some(h) = parse_response_head(&buf, MAX_HEAD, false).map_err(|_| ())? {
+            break h;
+        }
+        let (res, b) = stream.read_more(buf, 4096).await;
+        buf = b;
+        if res.map_err(|_| ())? == 0 {
+            return Err(());
+        }
+    };
+    let mut tracker = match head.framing {
+        ResponseFraming::None => return Ok((head.status, Vec::new())),
+        ResponseFraming::Length(n) if n > MAX_ANSWER as u64 => return Err(()),
+        ResponseFraming::Length(n) => BodyTracker::length(n),
+        ResponseFraming::Chunked => BodyTracker::chunked(),
+        ResponseFraming::UntilClose => BodyTracker::UntilClose,
+    };
+    let mut body = Vec::new();
+    let mut at = head.len;
+    loop {
+        tracker
+            .feed(&buf[at..], MAX_ANSWER as u64, |payload| {
+                body.extend_from_slice(payload)
+            })
+            .map_err(|_| ())?;
+        if tracker.is_done() || body.len() > MAX_ANSWER {
+            break;
+        }
+        buf.clear();
+        at = 0;
+        let (res, b) = stream.read_more(buf, 16 * 1024).await;
+        buf = b;
+        match res {
+            Ok(0) if matches!(tracker, BodyTracker::UntilClose) => break,
+            Ok(0) | Err(_) => return Err(()),
+            Ok(_) => {}
+        }
+    }
+    Ok((head.status, body))
+}
+
+/// What a vLLM `/metrics` page says about the host's load.
+#[derive(Debug, Default, PartialEq)]
+pub struct VllmLoad {
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_cache_usage: f32,
+}
+
+/// Reads the queue and KV-cache gauges out of Prometheus text, summed (queues) or maxed
+/// (KV use) over the models a host serves. Anything unreadable is skipped.
+pub fn parse_vllm_metrics(text: &[u8]) -> VllmLoad {
+    let mut load = VllmLoad::default();
+    let text = String::from_utf8_lossy(text);
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        let Some(value) = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+        else {
+            continue;
+        };
+        let count = value.min(u32::MAX as f64) as u32;
+        match name {
+            "vllm:num_requests_running" => load.running = load.running.saturating_add(count),
+            "vllm:num_requests_waiting" => load.waiting = load.waiting.saturating_add(count),
+            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                load.kv_cache_usage = load.kv_cache_usage.max(value.min(1.0) as f32)
+            }
+            _ => {}
+        }
+    }
+    load
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vllm_gauges_and_skips_junk() {
+        let page = b"# HELP vllm:num_requests_running Number of requests\n\
+# TYPE vllm:num_requests_running gauge\n\
+vllm:num_requests_running{model_name=\"a\"} 3.0\n\
+vllm:num_requests_running{model_name=\"b\"} 1\n\
+vllm:num_requests_waiting{model_name=\"a\"} 7\n\
+vllm:kv_cache_usage_perc{model_name=\"a\"} 0.42\n\
+vllm:num_requests_waiting{model_name=\"b\"} NaN\n\
+vllm:num_requests_waiting{model_name=\"c\"} -4\n\
+vllm:prefix_cache_hits_total{model_name=\"a\"} 1e9\n\
+garbage line without value\n";
+        let load = parse_vllm_metrics(page);
+        assert_eq!(load.running, 4);
+        assert_eq!(load.waiting, 7);
+        assert!((load.kv_cache_usage - 0.42).abs() < 1e-6);
+        assert_eq!(parse_vllm_metrics(b"\xff\xfe\x00"), VllmLoad::default());
+    }
+}

@@ -1,0 +1,321 @@
+//! Routing policies: in what order a request tries the hosts that may serve it.
+//!
+//! `auto` (the default) places a request by its prefix, bounded by load:
+//! 1. a host that served a longer prefix of this request lately (the worker's
+//!    [`AffinityIndex`]) keeps it — its session history is cached there — unless it is
+//!    over its share;
+//! 2. otherwise the hosts are put in the prefix's consistent order (rendezvous hashing on
+//!    the first prefix key: the same order on every box, nothing shared) and the first one
+//!    not over its share takes it. A hot prefix so spills over the next few hosts of its
+//!    order, not over all of them, and a new prefix never lands on a host that is already
+//!    over its share.
+//!
+//! "Over its share" is bounded-load consistent hashing (Mirrokni et al.): a host may take a
+//! request while its load stays within `max(avg × (1 + ε), avg + slack)`, where `avg` is the
+//! mean load over the hosts that could serve it, counting this request. Load is what this
+//! box has in flight there plus what other boxes have there by the host's own figures.
+//! `prefix` is the same without the bound, `least_loaded` ignores prefixes, and
+//! `round_robin` rotates. A request with no prefix (no body, an embedding) goes to the
+//! least loaded host under every policy but `round_robin`. Hosts out of rotation are left
+//! out; the order after the first host is where retries and the queue look next.
+
+use super::affinity::AffinityIndex;
+use super::host::Host;
+use super::prefix::PrefixKeys;
+pub use crate::config::Routing as Policy;
+
+/// A host may exceed the mean load by this factor …
+const EPSILON: f32 = 0.25;
+/// … or by this many requests, whichever allows more (a GPU batch absorbs a few).
+const SLACK: f32 = 2.0;
+
+/// How the first host was picked (for the access record and the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// It served a longer prefix of this request lately.
+    PrefixHit,
+    /// The first host of the prefix's consistent order.
+    Consistent,
+    /// A later host of the consistent order: the ones before were over their share.
+    Spill,
+    LeastLoaded,
+    RoundRobin,
+}
+
+impl Placement {
+    pub const ALL: [Placement; 5] = [
+        Placement::PrefixHit,
+        Placement::Consistent,
+        Placement::Spill,
+        Placement::LeastLoaded,
+        Placement::RoundRobin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::PrefixHit => "prefix_hit",
+            Placement::Consistent => "consistent",
+            Placement::Spill => "spill",
+            Placement::LeastLoaded => "least_loaded",
+            Placement::RoundRobin => "round_robin",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A worker's routing memory.
+#[derive(Default)]
+pub struct RoutingState {
+    pub affinity: AffinityIndex,
+    rotation: usize,
+}
+
+/// Orders `candidates` (backend index, host) for one request into `out` (backend indexes,
+/// first choice first). `None`: no candidate is in rotation.
+pub fn rank(
+    policy: Policy,
+    candidates: &[(usize, &Host)],
+    keys: &PrefixKeys,
+    state: &mut RoutingState,
+    out: &mut Vec<usize>,
+) -> Option<Placement> {
+    out.clear();
+    state.rotation = state.rotation.wrapping_add(1);
+    let up = || candidates.iter().filter(|(_, h)| h.is_up());
+    let n = up().count();
+    if n == 0 {
+        return None;
+    }
+    let rotation = state.rotation;
+    let rotated = |i: usize| (i + n - rotation % n) % n;
+    let placement = match (policy, keys.placement()) {
+        (Policy::RoundRobin, _) => {
+            let mut hosts: Vec<(usize, usize)> = up()
+                .enumerate()
+                .map(|(i, (b, _))| (rotated(i), *b))
+                .collect();
+            hosts.sort_unstable();
+            out.extend(hosts.into_iter().map(|(_, b)| b));
+            Placement::RoundRobin
+        }
+        (Policy::LeastLoaded, _) | (_, None) => {
+            let mut hosts: Vec<(u32, usize, usize)> = up()
+                .enumerate()
+                .map(|(i, (b, h))| (h.load(), rotated(i), *b))
+                .collect();
+            hosts.sort_unstable();
+            out.extend(hosts.into_iter().map(|(_, _, b)| b));
+            Placement::LeastLoaded
+        }
+        (Policy::Auto | Policy::Prefix, Some(key)) => {
+            let bounded = policy == Policy::Auto;
+            let total: u32 = up().map(|(_, h)| h.load()).sum();
+            let cap = share_cap(total, n);
+            // Taking this request keeps it within the cap.
+            let fits = |h: &Host| !bounded || h.load() < cap;
+            let mut hosts: Vec<(u64, usize, &Host)> = up()
+                .map(|(b, h)| (rendezvous(key, h.seed), *b, *h))
+                .collect();
+            hosts.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+            let remembered = keys.all().iter().rev().find_map(|k| {
+                let seed = state.affinity.get(*k)?;
+                hosts.iter().position(|(_, _, h)| h.seed == seed && fits(h))
+            });
+            let (first, placement) = match remembered {
+                Some(at) => (at, Placement::PrefixHit),
+                None => match hosts.iter().position(|(_, _, h)| fits(h)) {
+                    Some(0) => (0, Placement::Consistent),
+                    Some(at) => (at, Placement::Spill),
+                    None => (0, Placement::Consistent),
+                },
+            };
+            let chosen_seed = hosts[first].2.seed;
+            for k in keys.all() {
+                state.affinity.insert(*k, chosen_seed);
+            }
+            out.push(hosts[first].1);
+            out.extend(
+                hosts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != first)
+                    .map(|(_, (_, b, _))| *b),
+            );
+            placement
+        }
+    };
+    Some(placement)
+}
+
+/// The most load a host may carry and still take a request: see the module doc.
+fn share_cap(total: u32, hosts: usize) -> u32 {
+    let avg = (total as f32 + 1.0) / hosts as f32;
+    (avg * (1.0 + EPSILON)).max(avg + SLACK).ceil() as u32
+}
+
+/// Rendezvous (highest random weight) score of a host for a key.
+fn rendezvous(key: u64, seed: u64) -> u64 {
+    // splitmix64's finalizer: every input bit moves every output bit.
+    let mut z = key ^ seed;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendKind;
+    use std::sync::Arc;
+
+    fn hosts(n: usize) -> Vec<Arc<Host>> {
+        (0..n)
+            .map(|i| {
+                let addr = format!("127.0.0.1:{}", 9000 + i);
+                Arc::new(Host::new(
+                    format!("http://{addr}"),
+                    BackendKind::Vllm,
+                    addr.parse().unwrap(),
+                    None,
+                    addr,
+                    String::new(),
+                ))
+            })
+            .collect()
+    }
+
+    fn candidates(h: &[Arc<Host>]) -> Vec<(usize, &Host)> {
+        h.iter().enumerate().map(|(i, h)| (i, &**h)).collect()
+    }
+
+    fn first(
+        policy: Policy,
+        h: &[Arc<Host>],
+        keys: &PrefixKeys,
+        st: &mut RoutingState,
+    ) -> (usize, Placement) {
+        let mut out = Vec::new();
+        let p = rank(policy, &candidates(h), keys, st, &mut out).unwrap();
+        assert_eq!(out.len(), h.iter().filter(|h| h.is_up()).count());
+        (out[0], p)
+    }
+
+    fn key(text: &str) -> PrefixKeys {
+        PrefixKeys::of(text.repeat(200).as_bytes(), true)
+    }
+
+    #[test]
+    fn same_prefix_same_host_on_any_box() {
+        let h = hosts(4);
+        let k = key("system prompt A ");
+        let (a, p) = first(Policy::Auto, &h, &k, &mut RoutingState::default());
+        assert_eq!(p, Placement::Consistent);
+        // Another box: fresh state, same hosts (built anew from the same URLs).
+        let h2 = hosts(4);
+        let (b, _) = first(Policy::Auto, &h2, &k, &mut RoutingState::default());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn prefixes_spread_over_hosts() {
+        let h = hosts(4);
+        let mut st = RoutingState::default();
+        let mut used = std::collections::HashSet::new();
+        for i in 0..64 {
+            used.insert(first(Policy::Auto, &h, &key(&format!("prompt {i} ")), &mut st).0);
+        }
+        assert_eq!(used.len(), 4);
+    }
+
+    #[test]
+    fn a_host_over_its_share_spills_to_the_next_in_order() {
+        let h = hosts(4);
+        let k = key("hot prompt ");
+        let mut st = RoutingState::default();
+        let (home, _) = first(Policy::Auto, &h, &k, &mut st);
+        let _held: Vec<_> = (0..8).map(|_| h[home].try_acquire().unwrap()).collect();
+        let (next, p) = first(Policy::Auto, &h, &k, &mut RoutingState::default());
+        assert_ne!(next, home);
+        assert_eq!(p, Placement::Spill);
+        // Unbounded prefix policy stays home.
+        let (stay, _) = first(Policy::Prefix, &h, &k, &mut RoutingState::default());
+        assert_eq!(stay, home);
+    }
+
+    #[test]
+    fn a_remembered_longer_prefix_wins_over_placement() {
+        let h = hosts(4);
+        let mut st = RoutingState::default();
+        let system = "shared system prompt ".repeat(40);
+        let turn1 = PrefixKeys::of(
+            format!("{system}{}", "turn one ".repeat(200)).as_bytes(),
+            true,
+        );
+        let (home, _) = first(Policy::Auto, &h, &turn1, &mut st);
+        // Teach the index that this session's longer prefix lives elsewhere.
+        let other = (home + 1) % 4;
+        for k in &turn1.all()[1..] {
+            st.affinity.insert(*k, h[other].seed);
+        }
+        let turn2 = PrefixKeys::of(
+            format!(
+                "{system}{}{}",
+                "turn one ".repeat(200),
+                "turn two ".repeat(100)
+            )
+            .as_bytes(),
+            true,
+        );
+        let (chosen, p) = first(Policy::Auto, &h, &turn2, &mut st);
+        assert_eq!((chosen, p), (other, Placement::PrefixHit));
+    }
+
+    #[test]
+    fn no_prefix_goes_to_the_least_loaded() {
+        let h = hosts(3);
+        let _a: Vec<_> = (0..3).map(|_| h[0].try_acquire().unwrap()).collect();
+        let _b: Vec<_> = (0..2).map(|_| h[2].try_acquire().unwrap()).collect();
+        let (chosen, p) = first(
+            Policy::Auto,
+            &h,
+            &PrefixKeys::default(),
+            &mut RoutingState::default(),
+        );
+        assert_eq!((chosen, p), (1, Placement::LeastLoaded));
+    }
+
+    #[test]
+    fn ejected_hosts_are_left_out_and_none_means_none() {
+        let h = hosts(2);
+        h[0].record_failure(super::super::host::Failure::Refused);
+        let mut st = RoutingState::default();
+        for _ in 0..4 {
+            assert_eq!(
+                first(Policy::RoundRobin, &h, &PrefixKeys::default(), &mut st).0,
+                1
+            );
+        }
+        h[1].record_failure(super::super::host::Failure::Refused);
+        let mut out = Vec::new();
+        assert!(rank(Policy::Auto, &candidates(&h), &key("x"), &mut st, &mut out).is_none());
+    }
+
+    #[test]
+    fn round_robin_rotates() {
+        let h = hosts(3);
+        let mut st = RoutingState::default();
+        let seen: std::collections::HashSet<_> = (0..3)
+            .map(|_| first(Policy::RoundRobin, &h, &PrefixKeys::default(), &mut st).0)
+            .collect();
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn share_cap_allows_slack_at_low_load() {
+        assert_eq!(share_cap(0, 4), 3);
+        assert_eq!(share_cap(39, 4), 13);
+    }
+}
