@@ -9,6 +9,7 @@
 
 use crate::auth::keys::KeyStore;
 use crate::config::{parse_backend_url, BackendConfig, BackendKind, Config, ConfigError};
+use crate::scope::DomainId;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,7 +40,7 @@ impl Backend {
 
 #[derive(Debug)]
 pub struct Domain {
-    pub id: String,
+    pub id: DomainId,
     pub name: String,
     pub backends: Vec<Backend>,
     /// One backend serving any model: bodies need no inspection at all.
@@ -78,7 +79,7 @@ impl Domain {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub generation: u64,
-    pub domains: HashMap<String, Arc<Domain>>,
+    pub domains: HashMap<DomainId, Arc<Domain>>,
     /// Every trusted issuer's verification keys.
     pub keys: Arc<KeyStore>,
     /// Moves when a revocation must reach cached tokens (management plane).
@@ -140,7 +141,7 @@ impl Domain {
         let models_json = render_models(&backends);
         let tags_json = render_tags(&backends);
         Ok(Domain {
-            id: id.to_string(),
+            id: DomainId::new(id),
             name: name.to_string(),
             backends,
             passthrough,
@@ -158,7 +159,7 @@ impl Snapshot {
         for (i, d) in config.domains.iter().enumerate() {
             let domain =
                 Domain::build(&format!("domains[{i}]"), &d.id, &d.name, &d.backends, false)?;
-            domains.insert(d.id.clone(), Arc::new(domain));
+            domains.insert(domain.id.clone(), Arc::new(domain));
         }
         Ok(Snapshot {
             generation,

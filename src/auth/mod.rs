@@ -18,7 +18,7 @@ pub mod keys;
 
 use crate::config::{AuthConfig, AuthMode, Config, ConfigError};
 use crate::proxy::error::GatewayError;
-use crate::proxy::route::Endpoint;
+use crate::scope::Endpoint;
 use crate::snapshot::{Domain, Snapshot};
 use cache::{TokenCache, Verdict, NEGATIVE_TTL_S};
 use claims::{ClaimRules, VerifiedClaims};
@@ -250,12 +250,12 @@ impl Authenticator {
             .get(claims.issuer)
             .is_some_and(|i| i.own);
         let membership = own
-            .then(|| snapshot.members.role(&domain.id, &claims.sub))
+            .then(|| snapshot.members.role(domain.id.as_str(), &claims.sub))
             .flatten();
         let listed = claims
             .domains
             .as_ref()
-            .is_some_and(|d| d.contains(&domain.id));
+            .is_some_and(|d| d.iter().any(|id| id == domain.id.as_str()));
         if membership.is_none() && !listed {
             return Err(GatewayError::Forbidden(format!(
                 "this token may not use domain {:?}",

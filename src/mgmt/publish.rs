@@ -10,6 +10,7 @@ use super::store::{StoreError, User};
 use super::tokens::SigningKey;
 use super::{unix_now, Management};
 use crate::config::BackendConfig;
+use crate::scope::DomainId;
 use crate::snapshot::{ApiKey, Domain, Members, Snapshot};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -36,7 +37,7 @@ impl Management {
                 own.keys = self.keys().iter().map(SigningKey::verifying_key).collect();
             }
             // Config domains as they are; API domains as the store has them now.
-            let mut domains: HashMap<String, Arc<Domain>> = old
+            let mut domains: HashMap<DomainId, Arc<Domain>> = old
                 .domains
                 .iter()
                 .filter(|(_, d)| !d.from_api)

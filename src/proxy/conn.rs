@@ -12,7 +12,7 @@ use super::forward::{forward, ForwardRequest};
 use super::io::{ClientRead, ClientWrite};
 use super::local;
 use super::read_model::{read_model, read_whole_body};
-use super::route::{classify, Api, Endpoint, Route};
+use super::route::{classify, Api, Route};
 use super::upstream::pick_backends;
 use super::{RequestId, Worker};
 use crate::auth::{AuthError, TokenError};
@@ -21,6 +21,7 @@ use crate::http::head::{
 };
 use crate::http::headers::is_acceptable_request_id;
 use crate::http::response::write_local_response;
+use crate::scope::Endpoint;
 use crate::snapshot::SnapshotRef;
 use crate::tls::stream::{handshake, HandshakeError};
 use monoio::buf::IoBufMut;

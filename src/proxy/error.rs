@@ -5,6 +5,7 @@
 //! cause in words a user can act on, and never echo a token.
 
 use crate::http::HttpError;
+use crate::scope::DomainId;
 use std::fmt;
 
 #[derive(Debug)]
@@ -21,7 +22,7 @@ pub enum GatewayError {
     MethodNotAllowed(&'static str),
     UnknownDomain(String),
     UnknownModel {
-        domain: String,
+        domain: DomainId,
         model: String,
     },
     MissingModel,
@@ -30,7 +31,7 @@ pub enum GatewayError {
     InvalidBody(super::model_scan::ScanError),
     /// Dot segments or encoded characters in the path.
     BadPath,
-    NoOllamaBackend(String),
+    NoOllamaBackend(DomainId),
     Unauthorized(crate::auth::AuthError),
     Forbidden(String),
     UpstreamConnect(std::io::Error),

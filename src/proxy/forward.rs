@@ -294,7 +294,7 @@ fn write_upstream_head(
     out.extend_from_slice(b"\r\n");
     if !req.management {
         out.extend_from_slice(b"X-Domain-Id: ");
-        out.extend_from_slice(req.domain.id.as_bytes());
+        out.extend_from_slice(req.domain.id.as_str().as_bytes());
         out.extend_from_slice(b"\r\nX-User-Id: ");
         out.extend_from_slice(req.identity.user_id().as_bytes());
         out.extend_from_slice(b"\r\n");

@@ -9,9 +9,9 @@ use super::body::{BodyError, BodyTracker};
 use super::conn::{write_to_client, ClientConn};
 use super::error::GatewayError;
 use super::model_scan::ModelScanner;
-use super::route::Endpoint;
 use super::Worker;
 use crate::http::head::BodyFraming;
+use crate::scope::Endpoint;
 use crate::snapshot::Domain;
 
 const READ_SIZE: usize = 16 * 1024;

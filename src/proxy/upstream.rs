@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::error::GatewayError;
-use super::route::Endpoint;
 use super::Worker;
+use crate::scope::Endpoint;
 use crate::snapshot::{Backend, Domain};
 
 /// uvicorn (vLLM) closes idle keep-alive connections after 5 s; stay under it.
