@@ -2,8 +2,9 @@
 //!
 //! See `README.md` for how to run it and `../shared/DESIGN.md` for the contracts. The data
 //! plane lives in [`proxy`] (one worker per core, see [`runtime`]), framing in [`http`],
-//! the shared routing state in [`snapshot`], and the authentication seam in [`auth`]; what
-//! both the data plane and `auth` name (a domain id, an endpoint kind) lives in [`scope`].
+//! the shared routing state in [`snapshot`], and authentication and authorization in
+//! [`auth`], a leaf that knows nothing of the data plane: what both sides name (a domain
+//! id, an endpoint kind) lives in [`scope`].
 
 pub mod auth;
 pub mod config;

@@ -1,4 +1,4 @@
-//! The `cubegate` command: `serve` and `check-config`.
+//! The `cubegate` command: `serve`, `check-config` and `gen-cert`.
 
 use clap::{Parser, Subcommand};
 use cubegate::config::Config;
@@ -160,7 +160,10 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { config } => match Config::load(&config)
-            .and_then(|c| cubegate::snapshot::Snapshot::from_config(&c, 0).map(|s| (c, s)))
+            .and_then(|c| {
+                let keys = cubegate::auth::keys::KeyStore::from_config(&c, 0)?;
+                cubegate::snapshot::Snapshot::from_config(&c, 0, keys).map(|s| (c, s))
+            })
             .and_then(|(c, s)| check_tls_files(&c).map(|_| (c, s)))
         {
             Ok((c, s)) => {

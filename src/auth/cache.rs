@@ -9,7 +9,8 @@
 //! every hit. Failed tokens are remembered briefly (negative entries) so a flood of the same
 //! forged token costs one signature check per worker per `NEGATIVE_TTL`.
 //!
-//! The whole cache is emptied when the snapshot's keys or revocation epoch change.
+//! The whole cache is emptied when the key store's generation or the revocation epoch
+//! changes (`sync_epoch`).
 
 use super::claims::VerifiedClaims;
 use super::TokenError;

@@ -15,7 +15,7 @@ use super::read_model::{read_model, read_whole_body};
 use super::route::{classify, Api, Route};
 use super::upstream::pick_backends;
 use super::{RequestId, Worker};
-use crate::auth::{AuthError, TokenError};
+use crate::auth::{AuthError, Refusal, TokenError};
 use crate::http::head::{
     check_partial, parse_request_head, worth_parsing, BodyFraming, Method, RequestHead, Span,
 };
@@ -436,16 +436,19 @@ async fn dispatch(
     ));
     let auth_header = conn.head.authorization.map(|s| s.of(&conn.rbuf));
     let tokens = &worker.tokens;
-    let negative_before = worker.metrics.token_cache_negative_hits.get();
-    let first = worker
-        .auth
-        .authenticate(auth_header, snapshot, &mut tokens.borrow_mut());
-    // A verdict the cache already had was waited for once; do not wait again.
-    let fresh_verdict = worker.metrics.token_cache_negative_hits.get() == negative_before;
-    let identity = match first {
-        Err(GatewayError::Unauthorized(AuthError::Token(TokenError::UnknownKey)))
-            if fresh_verdict && snapshot.keys.has_fetched_issuers() =>
-        {
+    let first = worker.auth.authenticate(
+        auth_header,
+        &snapshot.keys,
+        &snapshot.directory,
+        snapshot.revocation_epoch,
+        &mut tokens.borrow_mut(),
+    );
+    let authenticated = match first {
+        // A verdict the cache already had was waited for once; do not wait again.
+        Err(Refusal {
+            error: AuthError::Token(TokenError::UnknownKey),
+            from_cache: false,
+        }) if snapshot.keys.has_fetched_issuers() => {
             // Perhaps the identity provider rotated its keys: ask for its JWKS now and give
             // the fetch a moment before answering.
             let before = worker.snapshot.borrow().published_generation();
@@ -457,18 +460,27 @@ async fn dispatch(
                 monoio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             let fresh = worker.snapshot.borrow_mut().current();
-            worker
-                .auth
-                .authenticate(auth_header, &fresh, &mut tokens.borrow_mut())?
+            worker.auth.authenticate(
+                auth_header,
+                &fresh.keys,
+                &fresh.directory,
+                fresh.revocation_epoch,
+                &mut tokens.borrow_mut(),
+            )?
         }
         other => other?,
     };
+    let identity = authenticated.identity;
     let Some(domain) = domain else {
         return Err(GatewayError::UnknownDomain(domain_id.to_string()));
     };
-    worker
-        .auth
-        .authorize(&identity, domain, endpoint, snapshot)?;
+    crate::auth::authorize(
+        &identity,
+        &domain.id,
+        endpoint,
+        &snapshot.keys,
+        &snapshot.directory,
+    )?;
     let ollama_only = api == Api::Ollama;
     if ollama_only && !domain.has_ollama() {
         return Err(GatewayError::NoOllamaBackend(domain.id.clone()));

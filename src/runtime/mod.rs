@@ -7,6 +7,7 @@
 //! and SIGINT start a drain (stop accepting, finish what is in flight up to
 //! `timeouts.drain_s`, exit 0).
 
+use crate::auth::keys::KeyStore;
 use crate::config::{AuthMode, Config, Driver};
 use crate::notify::{Heartbeats, Notifier};
 use crate::proxy::conn::{serve_connection, OpenConnection};
@@ -123,7 +124,9 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
             config.proxy.listen
         );
     }
-    let snapshot = match Snapshot::from_config(&config, 1) {
+    let built =
+        KeyStore::from_config(&config, 1).and_then(|keys| Snapshot::from_config(&config, 1, keys));
+    let snapshot = match built {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
@@ -151,7 +154,7 @@ pub fn serve(config: Config, config_path: PathBuf) -> i32 {
         let published = published.clone();
         let started = std::thread::Builder::new()
             .name("cubegate-jwks".into())
-            .spawn(move || crate::auth::jwks_fetch::run(published, wakeups));
+            .spawn(move || crate::auth::jwks_fetch::run(&*published, wakeups));
         if let Err(e) = started {
             tracing::error!("cannot start the JWKS fetcher: {e}");
             return 1;
