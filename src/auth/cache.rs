@@ -166,17 +166,13 @@ mod tests {
     use super::*;
 
     fn claims(sub: &str) -> Verdict {
-        Verdict::Valid(Rc::new(VerifiedClaims {
-            sub: sub.into(),
-            issuer: 0,
-            exp: None,
-            nbf: None,
-            domains: None,
-            admin: false,
-            exact_exp: false,
-            headers: Vec::new(),
-            api_key: None,
-        }))
+        let key = crate::auth::directory::ApiKey {
+            id: "k".into(),
+            domain: "d".into(),
+            user: sub.into(),
+            expires_at: None,
+        };
+        Verdict::Valid(Rc::new(VerifiedClaims::of_api_key(&key, 0)))
     }
 
     #[test]
@@ -184,7 +180,7 @@ mod tests {
         let mut c = TokenCache::new(3, Default::default());
         assert!(c.get(b"t1", 0.0).is_none());
         c.insert(b"t1", claims("a"));
-        assert!(matches!(c.get(b"t1", 0.0), Some(Verdict::Valid(v)) if v.sub == "a"));
+        assert!(matches!(c.get(b"t1", 0.0), Some(Verdict::Valid(v)) if v.sub() == "a"));
         for i in 0..10 {
             c.insert(format!("x{i}").as_bytes(), claims("x"));
             assert!(c.len() <= 3);

@@ -30,7 +30,7 @@ pub use authorize::{authorize, Denied};
 
 use crate::config::{AuthConfig, AuthMode};
 use cache::{TokenCache, Verdict, NEGATIVE_TTL_S};
-use claims::{ClaimRules, VerifiedClaims};
+use claims::{ClaimRules, Role, VerifiedClaims};
 use directory::Directory;
 use keys::KeyStore;
 use std::fmt;
@@ -139,7 +139,7 @@ impl Identity {
     pub fn api_key_id(&self) -> Option<&str> {
         match self {
             Identity::Development => None,
-            Identity::Token(c) => c.api_key.as_deref(),
+            Identity::Token(c) => c.api_key(),
         }
     }
 
@@ -147,14 +147,14 @@ impl Identity {
     pub fn user_id(&self) -> &str {
         match self {
             Identity::Development => "anonymous",
-            Identity::Token(c) => &c.sub,
+            Identity::Token(c) => c.sub(),
         }
     }
 
     pub fn platform_admin(&self) -> bool {
         match self {
             Identity::Development => true,
-            Identity::Token(c) => c.admin,
+            Identity::Token(c) => c.role() == Role::Admin,
         }
     }
 }
@@ -273,22 +273,11 @@ fn api_key_claims(
     let key = directory
         .api_key(digest.as_ref())
         .ok_or(TokenError::UnknownApiKey)?;
-    let exp = key.expires_at.map(|e| e as f64);
-    if exp.is_some_and(|e| now > e) {
+    if key.expires_at.is_some_and(|e| now > e as f64) {
         return Err(TokenError::Expired);
     }
     let own = keys.issuers.iter().position(|i| i.own).unwrap_or(0);
-    Ok(VerifiedClaims {
-        sub: key.user.clone(),
-        issuer: own,
-        exp,
-        nbf: None,
-        domains: Some(vec![key.domain.to_string()]),
-        admin: false,
-        exact_exp: true,
-        headers: Vec::new(),
-        api_key: Some(key.id.clone()),
-    })
+    Ok(VerifiedClaims::of_api_key(key, own))
 }
 
 /// Parses and verifies a token against the key store, then validates its claims.

@@ -13,7 +13,8 @@
 use super::store::{StoreError, User};
 use super::tokens::SigningKey;
 use super::{unix_now, Management};
-use crate::auth::directory::{ApiKey, Directory, DomainRole};
+use crate::auth::claims::Role;
+use crate::auth::directory::{ApiKey, Directory};
 use crate::config::BackendConfig;
 use crate::scope::DomainId;
 use crate::snapshot::{Domain, Snapshot};
@@ -71,7 +72,6 @@ impl Management {
 
         let mut directory = Directory::default();
         for (domain, user, role) in memberships {
-            let role = DomainRole::parse(&role).unwrap_or(DomainRole::Member);
             directory.add_member(DomainId::from(domain), user, role);
         }
         for u in users.iter().filter(|u| u.disabled) {
@@ -79,7 +79,7 @@ impl Management {
         }
         let admins: HashSet<&str> = users
             .iter()
-            .filter(|u| u.role == "admin")
+            .filter(|u| u.role == Role::Admin)
             .map(|u| u.id.as_str())
             .collect();
         for k in keys {

@@ -299,7 +299,7 @@ fn write_upstream_head(
         out.extend_from_slice(req.identity.user_id().as_bytes());
         out.extend_from_slice(b"\r\n");
         if let crate::auth::Identity::Token(claims) = req.identity {
-            for (name, value) in &claims.headers {
+            for (name, value) in claims.headers() {
                 out.extend_from_slice(name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(value.as_bytes());
