@@ -2,7 +2,9 @@
 //!
 //! See `README.md` for how to run it and `../shared/DESIGN.md` for the contracts. The data
 //! plane lives in [`proxy`] (one worker per core, see [`runtime`]), framing in [`http`],
-//! the shared routing state in [`snapshot`], and the authentication seam in [`auth`].
+//! the shared routing state in [`snapshot`], and authentication and authorization in
+//! [`auth`], a leaf that knows nothing of the data plane: what both sides name (a domain
+//! id, an endpoint kind) lives in [`scope`].
 
 pub mod auth;
 pub mod config;
@@ -15,5 +17,6 @@ pub mod mgmt;
 pub mod notify;
 pub mod proxy;
 pub mod runtime;
+pub mod scope;
 pub mod snapshot;
 pub mod tls;

@@ -164,7 +164,10 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { config } => match Config::load(&config)
-            .and_then(|c| cubegate::snapshot::Snapshot::from_config(&c, 0).map(|s| (c, s)))
+            .and_then(|c| {
+                let keys = cubegate::auth::keys::KeyStore::from_config(&c, 0)?;
+                cubegate::snapshot::Snapshot::from_config(&c, 0, keys).map(|s| (c, s))
+            })
             .and_then(|(c, s)| check_tls_files(&c).map(|_| (c, s)))
         {
             Ok((c, s)) => {

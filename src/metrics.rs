@@ -70,7 +70,7 @@ impl Histogram {
     }
 }
 
-/// The `route` label of per-domain request counts (the kinds of `proxy::route::Endpoint`).
+/// The `route` label of per-domain request counts (the kinds of `scope::Endpoint`).
 pub const ROUTES: [&str; 8] = [
     "models",
     "tags",

@@ -1,14 +1,19 @@
 //! The immutable state every worker routes by, and how a new one reaches the workers.
 //!
 //! A [`Snapshot`] holds the domain map (domains → backends → models), with the answers that
-//! depend only on it (the `/v1/models` and `/api/tags` bodies) rendered once at build time.
-//! It is never mutated: a reload builds a new one and [`Published::publish`] swaps it in.
+//! depend only on it (the `/v1/models` and `/api/tags` bodies) rendered once at build time,
+//! and what authentication needs: the trusted issuers' keys (`auth::keys::KeyStore`, built
+//! by `auth` and handed in) and the management plane's memberships, disabled users and API
+//! keys (`auth::directory::Directory`). It is never mutated: a reload builds a new one and [`Published::publish`] swaps it in.
 //! Workers hold a [`LocalSnapshot`]; per request they do one relaxed load of the generation
 //! counter and only touch the shared `ArcSwap` when it moved, so the hot path writes nothing
 //! shared. A request in flight keeps the `Arc` it started with, so reload never disturbs it.
 
+use crate::auth::directory::Directory;
+use crate::auth::jwks_fetch::KeyCell;
 use crate::auth::keys::KeyStore;
 use crate::config::{parse_backend_url, BackendConfig, BackendKind, Config, ConfigError};
+use crate::scope::DomainId;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,7 +47,7 @@ impl Backend {
 
 #[derive(Debug)]
 pub struct Domain {
-    pub id: String,
+    pub id: DomainId,
     pub name: String,
     pub backends: Vec<Backend>,
     /// One backend serving any model: bodies need no inspection at all.
@@ -83,39 +88,13 @@ impl Domain {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub generation: u64,
-    pub domains: HashMap<String, Arc<Domain>>,
+    pub domains: HashMap<DomainId, Arc<Domain>>,
     /// Every trusted issuer's verification keys.
     pub keys: Arc<KeyStore>,
     /// Moves when a revocation must reach cached tokens (management plane).
     pub revocation_epoch: u64,
-    /// Domain memberships and disabled users, from the management plane.
-    pub members: Arc<Members>,
-}
-
-/// Who belongs to which domain, as the management plane last published it.
-#[derive(Debug, Default)]
-pub struct Members {
-    /// domain id → user id → is a domain admin.
-    pub by_domain: HashMap<String, HashMap<String, bool>>,
-    pub disabled: std::collections::HashSet<String>,
-    /// SHA-256 of each live API key → what it grants.
-    pub api_keys: HashMap<Vec<u8>, ApiKey>,
-}
-
-/// An API key: scoped to one domain, acting for the user who made it.
-#[derive(Debug, Clone)]
-pub struct ApiKey {
-    pub id: String,
-    pub domain: String,
-    pub user: String,
-    pub expires_at: Option<i64>,
-}
-
-impl Members {
-    /// `Some(is_admin)` when `user` is a member of `domain`.
-    pub fn role(&self, domain: &str, user: &str) -> Option<bool> {
-        self.by_domain.get(domain)?.get(user).copied()
-    }
+    /// Domain memberships, disabled users and API keys, from the management plane.
+    pub directory: Arc<Directory>,
 }
 
 impl Domain {
@@ -157,7 +136,7 @@ impl Domain {
         let models_json = render_models(&backends);
         let tags_json = render_tags(&backends);
         Ok(Domain {
-            id: id.to_string(),
+            id: DomainId::new(id),
             name: name.to_string(),
             backends,
             passthrough,
@@ -171,20 +150,26 @@ impl Domain {
 }
 
 impl Snapshot {
-    pub fn from_config(config: &Config, generation: u64) -> Result<Snapshot, ConfigError> {
+    /// The config file's domain map, with `keys` (`KeyStore::from_config` of the same file)
+    /// and no management-plane state yet.
+    pub fn from_config(
+        config: &Config,
+        generation: u64,
+        keys: KeyStore,
+    ) -> Result<Snapshot, ConfigError> {
         let mut domains = HashMap::new();
         for (i, d) in config.domains.iter().enumerate() {
             let mut domain =
                 Domain::build(&format!("domains[{i}]"), &d.id, &d.name, &d.backends, false)?;
             domain.routing = d.routing;
-            domains.insert(d.id.clone(), Arc::new(domain));
+            domains.insert(domain.id.clone(), Arc::new(domain));
         }
         Ok(Snapshot {
             generation,
             domains,
-            keys: Arc::new(crate::auth::build_key_store(config, generation)?),
+            keys: Arc::new(keys),
             revocation_epoch: 0,
-            members: Arc::default(),
+            directory: Arc::default(),
         })
     }
 }
@@ -254,17 +239,17 @@ impl Published {
         self.publish(build(&old, generation));
     }
 
-    /// Publishes new keys, keeping everything else.
-    pub fn update_keys(&self, build: impl FnOnce(&Snapshot) -> KeyStore) {
+    /// Publishes the keys `build` makes of the current ones, keeping everything else.
+    pub fn update_keys(&self, build: impl FnOnce(&KeyStore) -> KeyStore) {
         self.replace(|old, generation| {
-            let mut keys = build(old);
+            let mut keys = build(&old.keys);
             keys.generation = generation;
             Snapshot {
                 generation,
                 domains: old.domains.clone(),
                 keys: Arc::new(keys),
                 revocation_epoch: old.revocation_epoch,
-                members: old.members.clone(),
+                directory: old.directory.clone(),
             }
         });
     }
@@ -283,6 +268,17 @@ impl Published {
 
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+}
+
+/// The JWKS fetcher reads and publishes keys through the snapshot.
+impl KeyCell for Published {
+    fn current_keys(&self) -> Arc<KeyStore> {
+        self.load().keys.clone()
+    }
+
+    fn publish_keys(&self, next: &dyn Fn(&KeyStore) -> KeyStore) {
+        self.update_keys(next);
     }
 }
 
@@ -341,10 +337,14 @@ url = "http://127.0.0.1:9003"
 models = ["*"]
 "#;
 
+    fn from_config(c: &Config, generation: u64) -> Snapshot {
+        Snapshot::from_config(c, generation, KeyStore::default()).unwrap()
+    }
+
     #[test]
     fn builds_domains_and_lists() {
         let c = Config::parse(TWO).unwrap();
-        let s = Snapshot::from_config(&c, 1).unwrap();
+        let s = from_config(&c, 1);
         let d1 = &s.domains["d1"];
         assert!(!d1.passthrough);
         assert!(s.domains["d2"].passthrough);
@@ -364,10 +364,10 @@ models = ["*"]
     #[test]
     fn workers_see_a_new_generation() {
         let c = Config::parse(TWO).unwrap();
-        let shared = Arc::new(Published::new(Snapshot::from_config(&c, 1).unwrap()));
+        let shared = Arc::new(Published::new(from_config(&c, 1)));
         let mut local = LocalSnapshot::new(shared.clone());
         assert_eq!(local.current().generation, 1);
-        shared.replace(|_, g| Snapshot::from_config(&Config::parse("").unwrap(), g).unwrap());
+        shared.replace(|_, g| from_config(&Config::parse("").unwrap(), g));
         assert_eq!(local.current().generation, 2);
         assert!(local.current().domains.is_empty());
     }

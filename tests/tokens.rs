@@ -9,10 +9,11 @@
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD as B64};
 use base64::Engine;
-use cubegate::auth::claims::{ClaimRules, VerifiedClaims};
+use cubegate::auth::claims::{ClaimRules, Role, VerifiedClaims};
 use cubegate::auth::jws::{Alg, AlgSet, VerifyingKey, MAX_TOKEN_BYTES};
 use cubegate::auth::keys::{parse_jwks, IssuerKeys, KeyStore};
 use cubegate::auth::{verify_token, TokenError};
+use cubegate::scope::DomainId;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{json, Value};
@@ -421,12 +422,12 @@ fn differential_against_jsonwebtoken() {
                 if theirs.is_ok() != ours.is_ok() {
                     disagreements.push(format!(
                         "{alg:?} / {name} / {m:?}: jsonwebtoken {theirs:?}, cubegate {:?}\n    claims {claims}",
-                        ours.as_ref().map(|c| &c.sub)
+                        ours.as_ref().map(|c| c.sub())
                     ));
                 }
                 if case == 0 && m == Mutation::None {
                     let c = ours.unwrap_or_else(|e| panic!("{alg:?}: good token refused: {e}"));
-                    assert_eq!(c.sub, "user-1");
+                    assert_eq!(c.sub(), "user-1");
                 }
             }
         }
@@ -505,7 +506,7 @@ impl Hostile {
                 Err(e) if same_error(e, want) => {}
                 _ => wrong.push(format!(
                     "{name}: want {want:?}, got {:?}",
-                    got.as_ref().map(|c| &c.sub)
+                    got.as_ref().map(|c| c.sub())
                 )),
             }
         }
@@ -1435,6 +1436,10 @@ fn hostile_claims() {
     );
 }
 
+fn ids(list: &[&str]) -> Vec<DomainId> {
+    list.iter().map(|d| DomainId::from(*d)).collect()
+}
+
 #[test]
 fn verified_claims_carry_identity_domains_and_role() {
     let keys = store();
@@ -1445,15 +1450,15 @@ fn verified_claims_carry_identity_domains_and_role() {
         json!({"sub": "alice", "domains": ["d1", "d2"], "role": "admin"}),
     );
     let v = cubegate(&sign(Algorithm::EdDSA, Some("ed"), &c, &ed.enc), &keys, now).unwrap();
-    assert_eq!(v.sub, "alice");
-    assert_eq!(v.issuer, 0);
-    assert_eq!(v.domains, Some(vec!["d1".to_string(), "d2".to_string()]));
-    assert!(v.admin);
-    assert_eq!(v.exp, Some((now + 600) as f64));
+    assert_eq!(v.sub(), "alice");
+    assert_eq!(v.issuer(), 0);
+    assert_eq!(v.domains(), Some(&ids(&["d1", "d2"])[..]));
+    assert_eq!(v.role(), Role::Admin);
+    assert_eq!(v.exp(), Some((now + 600) as f64));
     let c = with(good_claims(now, ISS), json!({"role": "user"}));
     let v = cubegate(&sign(Algorithm::EdDSA, Some("ed"), &c, &ed.enc), &keys, now).unwrap();
-    assert_eq!(v.domains, None);
-    assert!(!v.admin);
+    assert_eq!(v.domains(), None);
+    assert_eq!(v.role(), Role::User);
 
     // Namespaced custom claims.
     let rules = ClaimRules {
@@ -1468,12 +1473,12 @@ fn verified_claims_carry_identity_domains_and_role() {
     );
     let t = sign(Algorithm::EdDSA, Some("ed"), &c, &ed.enc);
     let v = verify_token(t.as_bytes(), &keys, &rules, now as f64).unwrap();
-    assert_eq!(v.domains, Some(vec!["d9".to_string()]));
-    assert!(v.admin);
+    assert_eq!(v.domains(), Some(&ids(&["d9"])[..]));
+    assert_eq!(v.role(), Role::Admin);
     // Without the namespace configured, the namespaced claims mean nothing.
     let v = cubegate(&t, &keys, now).unwrap();
-    assert_eq!(v.domains, None);
-    assert!(!v.admin);
+    assert_eq!(v.domains(), None);
+    assert_eq!(v.role(), Role::User);
     // Another namespace's claims are not ours.
     let c = with(
         good_claims(now, ISS),
@@ -1481,8 +1486,8 @@ fn verified_claims_carry_identity_domains_and_role() {
     );
     let t = sign(Algorithm::EdDSA, Some("ed"), &c, &ed.enc);
     let v = verify_token(t.as_bytes(), &keys, &rules, now as f64).unwrap();
-    assert_eq!(v.domains, None);
-    assert!(!v.admin);
+    assert_eq!(v.domains(), None);
+    assert_eq!(v.role(), Role::User);
     // A custom domains claim name.
     let rules = ClaimRules {
         leeway_s: 30.0,
@@ -1496,7 +1501,7 @@ fn verified_claims_carry_identity_domains_and_role() {
     );
     let t = sign(Algorithm::EdDSA, Some("ed"), &c, &ed.enc);
     let v = verify_token(t.as_bytes(), &keys, &rules, now as f64).unwrap();
-    assert_eq!(v.domains, Some(vec!["t1".to_string()]));
+    assert_eq!(v.domains(), Some(&ids(&["t1"])[..]));
 }
 
 /// A token signed with the shared secret that carries a `kid` header (many HS issuers set
@@ -1547,7 +1552,7 @@ fn small_order_ed25519_key_is_not_usable() {
     assert!(
         verdict.is_err(),
         "a token with a forged signature was accepted under a small-order Ed25519 key: {:?}",
-        verdict.map(|c| c.sub)
+        verdict.map(|c| c.sub().to_string())
     );
 }
 

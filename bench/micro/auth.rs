@@ -10,13 +10,13 @@ use base64::Engine;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use cubegate::auth::cache::TokenCache;
 use cubegate::auth::claims::ClaimRules;
+use cubegate::auth::directory::Directory;
 use cubegate::auth::jws::{Alg, AlgSet, KeyMaterial, VerifyingKey};
 use cubegate::auth::keys::{IssuerKeys, KeyStore};
 use cubegate::auth::{verify_token, Authenticator};
 use cubegate::config::{AuthConfig, Limits};
 use cubegate::http::head::{parse_request_head, RequestHead};
 use cubegate::proxy::route::classify;
-use cubegate::snapshot::Snapshot;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use std::sync::Arc;
@@ -179,19 +179,18 @@ fn uncached(c: &mut Criterion) {
 
 fn cached(c: &mut Criterion) {
     let signers = signers();
-    let snapshot = Snapshot {
-        keys: Arc::new(store(&signers)),
-        ..Default::default()
-    };
+    let keys = store(&signers);
+    let directory = Directory::default();
     let auth = Authenticator::new(&AuthConfig::default());
     let mut cache = TokenCache::new(65536, Default::default());
     let t = token(signers.iter().find(|s| s.alg == Alg::EdDSA).unwrap());
     let header = format!("Bearer {t}");
-    auth.authenticate(Some(header.as_bytes()), &snapshot, &mut cache)
+    auth.authenticate(Some(header.as_bytes()), &keys, &directory, 0, &mut cache)
         .unwrap();
     c.bench_function("authenticate_cache_hit", |b| {
         b.iter(|| {
-            auth.authenticate(Some(black_box(header.as_bytes())), &snapshot, &mut cache)
+            let header = Some(black_box(header.as_bytes()));
+            auth.authenticate(header, &keys, &directory, 0, &mut cache)
                 .unwrap()
         })
     });
@@ -210,7 +209,9 @@ fn cached(c: &mut Criterion) {
             let target = std::str::from_utf8(head.target.of(buf)).unwrap();
             let route = classify(head.method, target);
             let authz = head.authorization.map(|s| s.of(buf));
-            let id = auth.authenticate(authz, &snapshot, &mut cache).unwrap();
+            let id = auth
+                .authenticate(authz, &keys, &directory, 0, &mut cache)
+                .unwrap();
             black_box((route, id));
         })
     });

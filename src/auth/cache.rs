@@ -9,7 +9,8 @@
 //! every hit. Failed tokens are remembered briefly (negative entries) so a flood of the same
 //! forged token costs one signature check per worker per `NEGATIVE_TTL`.
 //!
-//! The whole cache is emptied when the snapshot's keys or revocation epoch change.
+//! The whole cache is emptied when the key store's generation or the revocation epoch
+//! changes (`sync_epoch`).
 
 use super::claims::VerifiedClaims;
 use super::TokenError;
@@ -165,17 +166,13 @@ mod tests {
     use super::*;
 
     fn claims(sub: &str) -> Verdict {
-        Verdict::Valid(Rc::new(VerifiedClaims {
-            sub: sub.into(),
-            issuer: 0,
-            exp: None,
-            nbf: None,
-            domains: None,
-            admin: false,
-            exact_exp: false,
-            headers: Vec::new(),
-            api_key: None,
-        }))
+        let key = crate::auth::directory::ApiKey {
+            id: "k".into(),
+            domain: "d".into(),
+            user: sub.into(),
+            expires_at: None,
+        };
+        Verdict::Valid(Rc::new(VerifiedClaims::of_api_key(&key, 0)))
     }
 
     #[test]
@@ -183,7 +180,7 @@ mod tests {
         let mut c = TokenCache::new(3, Default::default());
         assert!(c.get(b"t1", 0.0).is_none());
         c.insert(b"t1", claims("a"));
-        assert!(matches!(c.get(b"t1", 0.0), Some(Verdict::Valid(v)) if v.sub == "a"));
+        assert!(matches!(c.get(b"t1", 0.0), Some(Verdict::Valid(v)) if v.sub() == "a"));
         for i in 0..10 {
             c.insert(format!("x{i}").as_bytes(), claims("x"));
             assert!(c.len() <= 3);

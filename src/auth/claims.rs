@@ -5,30 +5,120 @@
 //! printable string, since it travels upstream as the `X-User-Id` header. Custom claims
 //! (`domains`, `role`) are read under the configured namespace, the way auth platforms emit
 //! them (`https://example.com/domains`).
+//!
+//! `VerifiedClaims` has private fields and no public constructor: only [`validate`] (after
+//! the signature check) and the API-key lookup in `auth` make one, so holding one proves
+//! the credential was checked. The platform role is a [`Role`], never a string.
 
+use super::directory::ApiKey;
 use super::jws::JsonObject;
 use super::keys::IssuerKeys;
 use super::TokenError;
+use crate::scope::DomainId;
 use serde_json::Value;
+use std::fmt;
 
-/// What a valid token says, as far as the data plane needs it. Only `validate` makes one.
+/// A user's role on the whole platform (the `role` claim of this box's tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// May do anything, in every domain.
+    Admin,
+    User,
+}
+
+impl Role {
+    /// The name tokens, the management API and the store use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "admin" => Some(Role::Admin),
+            "user" => Some(Role::User),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a valid credential says, as far as the data plane needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifiedClaims {
-    pub sub: String,
-    /// Index of the issuer in the snapshot's key store.
-    pub issuer: usize,
-    pub exp: Option<f64>,
-    pub nbf: Option<f64>,
+    sub: String,
+    /// Index of the issuer in the key store it was verified with.
+    issuer: usize,
+    exp: Option<f64>,
+    nbf: Option<f64>,
     /// The domain ids the token lists (`None`: the claim is absent).
-    pub domains: Option<Vec<String>>,
-    /// `role` = "admin": a platform admin.
-    pub admin: bool,
+    domains: Option<Vec<DomainId>>,
+    /// `role` = "admin": a platform admin; anything else (or none): a user.
+    role: Role,
     /// Expiry without leeway (API keys: no clock of another party is involved).
-    pub exact_exp: bool,
+    exact_exp: bool,
     /// (header, value) for `[auth] claim_headers`: sent upstream with each request.
-    pub headers: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
     /// The id of the API key this came from (for the access record); `None` for tokens.
-    pub api_key: Option<String>,
+    api_key: Option<String>,
+}
+
+impl VerifiedClaims {
+    /// What an API key grants: its creator, in its one domain, as a user (never an admin),
+    /// until its expiry exactly. `issuer` is this box's issuer in the key store.
+    pub(super) fn of_api_key(key: &ApiKey, issuer: usize) -> VerifiedClaims {
+        VerifiedClaims {
+            sub: key.user.clone(),
+            issuer,
+            exp: key.expires_at.map(|e| e as f64),
+            nbf: None,
+            domains: Some(vec![key.domain.clone()]),
+            role: Role::User,
+            exact_exp: true,
+            headers: Vec::new(),
+            api_key: Some(key.id.clone()),
+        }
+    }
+
+    /// The subject: the user id (`X-User-Id` upstream).
+    pub fn sub(&self) -> &str {
+        &self.sub
+    }
+
+    /// Index of the issuer in the key store the claims were verified with.
+    pub fn issuer(&self) -> usize {
+        self.issuer
+    }
+
+    pub fn exp(&self) -> Option<f64> {
+        self.exp
+    }
+
+    /// The domain ids the token lists (`None`: the claim is absent).
+    pub fn domains(&self) -> Option<&[DomainId]> {
+        self.domains.as_deref()
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// (header, value) pairs of `[auth] claim_headers`, for the backend.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    /// The id of the API key the credential was, if it was one.
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref()
+    }
 }
 
 /// Validation settings shared by every issuer.
@@ -54,6 +144,8 @@ impl ClaimRules {
     }
 }
 
+/// Checks the claims of a payload whose signature `issuer`'s key verified; the only way,
+/// besides an API key, to a [`VerifiedClaims`].
 pub fn validate(
     payload: &JsonObject,
     issuer_index: usize,
@@ -105,19 +197,20 @@ pub fn validate(
     }
     let domains = match rules.custom(payload, &rules.domains_claim, issuer.own) {
         None => None,
-        Some(Value::String(d)) => Some(vec![d.clone()]),
+        Some(Value::String(d)) => Some(vec![DomainId::new(d)]),
         Some(Value::Array(list)) => Some(
             list.iter()
-                .map(|d| d.as_str().map(str::to_string))
+                .map(|d| d.as_str().map(DomainId::new))
                 .collect::<Option<Vec<_>>>()
                 .ok_or(TokenError::Malformed("the domains claim must list strings"))?,
         ),
         Some(_) => return Err(TokenError::Malformed("the domains claim must list strings")),
     };
-    let admin = rules
+    let role = rules
         .custom(payload, "role", issuer.own)
         .and_then(Value::as_str)
-        == Some("admin");
+        .and_then(Role::parse)
+        .unwrap_or(Role::User);
     // Claims mapped to headers: only values that can travel as a header value unchanged.
     let headers = rules
         .claim_headers
@@ -139,7 +232,7 @@ pub fn validate(
         exp,
         nbf,
         domains,
-        admin,
+        role,
         exact_exp: false,
         headers,
         api_key: None,
@@ -217,10 +310,10 @@ mod tests {
             now,
         )
         .unwrap();
-        assert_eq!(c.sub, "u1");
-        assert_eq!(c.domains.as_deref(), Some(&["d1".to_string()][..]));
-        assert!(c.admin);
-        assert!(c.headers.is_empty());
+        assert_eq!(c.sub(), "u1");
+        assert_eq!(c.domains(), Some(&[DomainId::from("d1")][..]));
+        assert_eq!(c.role(), Role::Admin);
+        assert!(c.headers().is_empty());
         let mut with_email = ok.clone();
         with_email["email"] = "a@b.c".into();
         let c = validate(
@@ -233,13 +326,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.headers,
-            vec![("X-User-Email".to_string(), "a@b.c".to_string())]
+            c.headers(),
+            [("X-User-Email".to_string(), "a@b.c".to_string())]
         );
         let mut evil = ok.clone();
         evil["email"] = "a\r\nX-Evil: 1".into();
         let c = validate(&obj(evil), 0, &issuer(&["cubegate"]), true, &rules(), now).unwrap();
-        assert!(c.headers.is_empty(), "unsafe values are not forwarded");
+        assert!(c.headers().is_empty(), "unsafe values are not forwarded");
         let cases = [
             (
                 serde_json::json!({"iss":"https://idp/","sub":"u","exp":now-31.0}),

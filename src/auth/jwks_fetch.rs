@@ -4,7 +4,9 @@
 //! the document's `Cache-Control: max-age` runs out (clamped between a floor and a
 //! ceiling), and at once when a worker meets a `kid` it does not know (rate-limited per
 //! issuer), so key rotation at the identity provider needs no restart. New keys reach the
-//! workers as a new snapshot. A JWKS that cannot be fetched or parsed keeps the last good
+//! workers as a new snapshot: the fetcher reads and publishes keys through a [`KeyCell`],
+//! which the snapshot's publication cell implements (so this module needs nothing of the
+//! snapshot). A JWKS that cannot be fetched or parsed keeps the last good
 //! keys and is reported in the log. The endpoint is untrusted: sizes, times and redirects
 //! are bounded (redirects are not followed).
 //!
@@ -12,9 +14,8 @@
 //! over plain TCP (loopback only, enforced by the config) or rustls with the ring provider
 //! and the system's CA store.
 
-use super::keys::{parse_jwks, MAX_JWKS_BYTES};
+use super::keys::{parse_jwks, KeyStore, MAX_JWKS_BYTES};
 use crate::http::chunked::ChunkedDecoder;
-use crate::snapshot::Published;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -47,6 +48,15 @@ pub fn channel() -> (RefreshHandle, Receiver<()>) {
     (RefreshHandle(tx), rx)
 }
 
+/// Where the keys workers verify with are read from and published to.
+pub trait KeyCell {
+    /// The key store in force now.
+    fn current_keys(&self) -> Arc<KeyStore>;
+    /// Publishes the store `next` makes of the one in force (atomically with respect to
+    /// other publications, so a concurrent change is built on, not overwritten).
+    fn publish_keys(&self, next: &dyn Fn(&KeyStore) -> KeyStore);
+}
+
 struct State {
     url: String,
     next: Instant,
@@ -54,14 +64,13 @@ struct State {
 }
 
 /// Runs the fetcher until the process ends (the thread is detached).
-pub fn run(published: Arc<Published>, wakeups: Receiver<()>) {
+pub fn run(cell: &dyn KeyCell, wakeups: Receiver<()>) {
     let mut states: Vec<State> = Vec::new();
     loop {
-        // The issuer list comes from the current snapshot, so a reload that adds or drops
-        // an issuer is followed without being told.
-        let urls: Vec<String> = published
-            .load()
-            .keys
+        // The issuer list comes from the keys in force, so a reload that adds or drops an
+        // issuer is followed without being told.
+        let urls: Vec<String> = cell
+            .current_keys()
             .issuers
             .iter()
             .filter_map(|i| i.jwks_url.clone())
@@ -78,7 +87,7 @@ pub fn run(published: Arc<Published>, wakeups: Receiver<()>) {
         }
         let now = Instant::now();
         for state in states.iter_mut().filter(|s| s.next <= now) {
-            state.next = Instant::now() + refresh(&published, &state.url);
+            state.next = Instant::now() + refresh(cell, &state.url);
         }
         let wait = states
             .iter()
@@ -106,7 +115,7 @@ pub fn run(published: Arc<Published>, wakeups: Receiver<()>) {
 }
 
 /// Fetches one JWKS and publishes its keys. Returns when to fetch it next.
-fn refresh(published: &Published, url: &str) -> Duration {
+fn refresh(cell: &dyn KeyCell, url: &str) -> Duration {
     crate::metrics::GLOBAL.jwks_fetches.inc();
     let (body, max_age) = match fetch(url) {
         Ok(r) => r,
@@ -131,8 +140,8 @@ fn refresh(published: &Published, url: &str) -> Duration {
         return RETRY_AFTER_FAILURE;
     }
     let count = keys.len();
-    published.update_keys(|old| {
-        let mut store = old.keys.rebuilt();
+    cell.publish_keys(&|old| {
+        let mut store = old.rebuilt();
         for issuer in store.issuers.iter_mut() {
             if issuer.jwks_url.as_deref() == Some(url) {
                 // Several issuers may share one JWKS URL: each gets the keys.

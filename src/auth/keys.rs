@@ -1,12 +1,17 @@
-//! Verification keys: JWK / JWKS parsing, and the per-issuer key sets of a snapshot.
+//! Verification keys: JWK / JWKS parsing, and the per-issuer key sets tokens are verified with.
 //!
 //! A JWK becomes a [`VerifyingKey`] only if it is unambiguous: its type and curve fix the
 //! algorithm family, and an `alg` member, when present, narrows it to one algorithm. Keys
 //! meant for encryption (`use: enc`), symmetric keys in a published set, and unknown types
 //! are skipped with a reason (a JWKS often carries keys for other purposes). Sizes are
 //! bounded: a JWKS endpoint is as untrusted as a client.
+//!
+//! [`KeyStore::from_config`] builds the store every token is verified with: this box's own
+//! issuer first (its keys come from the management plane), then each `[[auth.trusted]]`
+//! issuer with its HS secret or inline JWKS (JWKS URLs start empty; the fetcher fills them).
 
 use super::jws::{Alg, AlgSet, KeyMaterial, VerifyingKey};
+use crate::config::{Config, ConfigError};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Deserialize;
@@ -236,6 +241,69 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
+    /// Builds the key store from the configuration: HS secrets from the environment and
+    /// inline JWKS now; JWKS URLs start empty and are filled by the fetcher.
+    pub fn from_config(config: &Config, generation: u64) -> Result<KeyStore, ConfigError> {
+        // This box's own issuer comes first; its keys arrive from the management plane.
+        let mut issuers = vec![IssuerKeys {
+            issuer: config.auth.issuer.clone(),
+            audiences: Vec::new(),
+            keys: Vec::new(),
+            jwks_url: None,
+            require_exp: true,
+            own: true,
+        }];
+        for (i, t) in config.auth.trusted.iter().enumerate() {
+            let key = |k: &str| format!("auth.trusted[{i}].{k}");
+            let err = |k: &str, p: String| ConfigError {
+                key: key(k),
+                problem: p,
+            };
+            let mut keys: Vec<VerifyingKey> = Vec::new();
+            if let Some(var) = &t.hs_secret_env {
+                let secret = std::env::var(var).map_err(|_| {
+                    err(
+                        "hs_secret_env",
+                        format!("environment variable {var} is not set"),
+                    )
+                })?;
+                if secret.len() < 32 {
+                    return Err(err(
+                        "hs_secret_env",
+                        format!("the secret in {var} is shorter than 32 bytes: too weak for HMAC"),
+                    ));
+                }
+                keys.push(VerifyingKey::hmac(
+                    None,
+                    secret.as_bytes(),
+                    AlgSet::of(&[Alg::HS256, Alg::HS384, Alg::HS512]),
+                ));
+            }
+            if let Some(jwks) = &t.jwks {
+                let (parsed, skipped) = parse_jwks(jwks.as_bytes()).map_err(|e| err("jwks", e))?;
+                if parsed.is_empty() {
+                    return Err(err(
+                        "jwks",
+                        format!("no usable key ({})", skipped.join("; ")),
+                    ));
+                }
+                keys.extend(parsed);
+            }
+            issuers.push(IssuerKeys {
+                issuer: t.issuer.clone(),
+                audiences: t.audiences.clone(),
+                keys,
+                jwks_url: t.jwks_url.clone(),
+                require_exp: t.require_exp,
+                own: false,
+            });
+        }
+        Ok(KeyStore {
+            issuers,
+            generation,
+        })
+    }
+
     /// A copy to modify into the next store (the caller publishes it).
     pub fn rebuilt(&self) -> KeyStore {
         KeyStore {

@@ -1,29 +1,38 @@
 //! Authentication and authorization: the seam between parsing a request and routing it.
 //!
-//! `authenticate` turns the `Authorization` header into an [`Identity`]: the per-worker
-//! [`cache::TokenCache`] answers tokens seen before; a new token is parsed and verified with
-//! `ring` ([`jws`]) against the keys of its issuer ([`keys`], held in the snapshot), its
-//! claims checked ([`claims`]), and the verdict cached, good or bad. `authorize` then decides
-//! whether that identity may use a domain's endpoint. The data plane calls exactly these
-//! two, in that order, before anything reaches a backend.
+//! [`Authenticator::authenticate`] turns the `Authorization` header into an [`Identity`]:
+//! the per-worker [`cache::TokenCache`] answers tokens seen before; a new token is parsed
+//! and verified with `ring` ([`jws`]) against the keys of its issuer ([`keys::KeyStore`]),
+//! its claims checked ([`claims`]), and the verdict cached, good or bad; an API key is
+//! looked up in the management plane's [`directory::Directory`]. Either way the caller
+//! learns whether the verdict came from the cache. [`authorize`] then decides whether that
+//! identity may use an endpoint of a domain. The data plane calls exactly these two, in
+//! that order, before anything reaches a backend.
+//!
+//! This module is a leaf: it returns its own errors ([`AuthError`] in a [`Refusal`],
+//! [`Denied`]), which the data plane maps to answers; it builds its key store from the
+//! configuration itself ([`keys::KeyStore::from_config`]); and it knows domains and
+//! endpoints only by the shared names in `crate::scope`. So it can be tested and fuzzed on
+//! its own.
 //!
 //! `auth.mode = "none"` (development) makes every caller an anonymous platform admin, and
 //! says so loudly at startup.
 
+mod authorize;
 pub mod cache;
 pub mod claims;
+pub mod directory;
 pub mod jwks_fetch;
 pub mod jws;
 pub mod keys;
 
-use crate::config::{AuthConfig, AuthMode, Config, ConfigError};
-use crate::proxy::error::GatewayError;
-use crate::proxy::route::Endpoint;
-use crate::snapshot::{Domain, Snapshot};
+pub use authorize::{authorize, Denied};
+
+use crate::config::{AuthConfig, AuthMode};
 use cache::{TokenCache, Verdict, NEGATIVE_TTL_S};
-use claims::{ClaimRules, VerifiedClaims};
-use jws::{Alg, AlgSet, VerifyingKey};
-use keys::{IssuerKeys, KeyStore};
+use claims::{ClaimRules, Role, VerifiedClaims};
+use directory::Directory;
+use keys::KeyStore;
 use std::fmt;
 use std::rc::Rc;
 
@@ -102,6 +111,21 @@ impl fmt::Display for AuthError {
     }
 }
 
+/// A refused credential, and whether the verdict came from the token cache (a fresh
+/// verdict on an unknown `kid` is worth a JWKS refresh; a cached one was waited for once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub error: AuthError,
+    pub from_cache: bool,
+}
+
+/// An accepted credential, and whether the verdict came from the token cache.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub identity: Identity,
+    pub from_cache: bool,
+}
+
 /// Who is calling, as far as the data plane needs to know.
 #[derive(Debug, Clone)]
 pub enum Identity {
@@ -111,26 +135,26 @@ pub enum Identity {
 }
 
 impl Identity {
-    /// Sent upstream as `X-User-Id`.
     /// The API key the request came with, if it came with one.
     pub fn api_key_id(&self) -> Option<&str> {
         match self {
             Identity::Development => None,
-            Identity::Token(c) => c.api_key.as_deref(),
+            Identity::Token(c) => c.api_key(),
         }
     }
 
+    /// Sent upstream as `X-User-Id`.
     pub fn user_id(&self) -> &str {
         match self {
             Identity::Development => "anonymous",
-            Identity::Token(c) => &c.sub,
+            Identity::Token(c) => c.sub(),
         }
     }
 
     pub fn platform_admin(&self) -> bool {
         match self {
             Identity::Development => true,
-            Identity::Token(c) => c.admin,
+            Identity::Token(c) => c.role() == Role::Admin,
         }
     }
 }
@@ -158,116 +182,79 @@ impl Authenticator {
     }
 
     /// Phase `authenticate`: checks the bearer credential (`authorization` is the raw
-    /// header value, if any), from the cache when it can.
+    /// header value, if any), from the cache when it can. Tokens are verified with `keys`,
+    /// API keys looked up in `directory`; the cache is emptied when the key generation or
+    /// `revocation_epoch` moved since its entries were made.
     pub fn authenticate(
         &self,
         authorization: Option<&[u8]>,
-        snapshot: &Snapshot,
+        keys: &KeyStore,
+        directory: &Directory,
+        revocation_epoch: u64,
         cache: &mut TokenCache,
-    ) -> Result<Identity, GatewayError> {
+    ) -> Result<Authenticated, Refusal> {
         if self.mode == AuthMode::None {
-            return Ok(Identity::Development);
+            return Ok(Authenticated {
+                identity: Identity::Development,
+                from_cache: false,
+            });
         }
-        let value = authorization.ok_or(GatewayError::Unauthorized(AuthError::Missing))?;
-        let not_bearer = || GatewayError::Unauthorized(AuthError::NotBearer);
-        let token = bearer_credential(value).ok_or_else(not_bearer)?;
+        let fresh = |error| Refusal {
+            error,
+            from_cache: false,
+        };
+        let value = authorization.ok_or(fresh(AuthError::Missing))?;
+        let token = bearer_credential(value).ok_or(fresh(AuthError::NotBearer))?;
         let now = unix_now();
-        cache.sync_epoch((snapshot.keys.generation, snapshot.revocation_epoch));
-        let refused = |e| GatewayError::Unauthorized(AuthError::Token(e));
+        cache.sync_epoch((keys.generation, revocation_epoch));
         if let Some(verdict) = cache.get(token, now) {
+            let cached = |e| Refusal {
+                error: AuthError::Token(e),
+                from_cache: true,
+            };
             return match verdict {
                 Verdict::Valid(claims) => {
-                    claims::still_valid(claims, self.rules.leeway_s, now).map_err(refused)?;
-                    Ok(Identity::Token(claims.clone()))
+                    claims::still_valid(claims, self.rules.leeway_s, now).map_err(cached)?;
+                    Ok(Authenticated {
+                        identity: Identity::Token(claims.clone()),
+                        from_cache: true,
+                    })
                 }
-                Verdict::Invalid { error, .. } => Err(refused(*error)),
+                Verdict::Invalid { error, .. } => Err(cached(*error)),
             };
         }
         // Only tokens that passed this check are ever cached, so a hit needs no re-check.
         if !is_token68(token) {
-            return Err(not_bearer());
+            return Err(fresh(AuthError::NotBearer));
         }
         let metrics = &cache.metrics;
         metrics.token_verifications.inc();
         let verdict = if token.starts_with(API_KEY_PREFIX) {
             metrics.api_key_checks.inc();
-            api_key_claims(token, snapshot, now)
+            api_key_claims(token, keys, directory, now)
         } else {
             let count = |alg: jws::Alg| {
                 if let Some(i) = jws::Alg::ALL.iter().position(|a| *a == alg) {
                     metrics.signatures[i].inc();
                 }
             };
-            verify_token_counted(token, &snapshot.keys, &self.rules, now, &count)
+            verify_token_counted(token, keys, &self.rules, now, &count)
         };
         match verdict {
             Ok(claims) => {
                 let claims = Rc::new(claims);
                 cache.insert(token, Verdict::Valid(claims.clone()));
-                Ok(Identity::Token(claims))
+                Ok(Authenticated {
+                    identity: Identity::Token(claims),
+                    from_cache: false,
+                })
             }
             Err(error) => {
                 let until = now + NEGATIVE_TTL_S;
                 cache.insert(token, Verdict::Invalid { error, until });
-                Err(refused(error))
+                Err(fresh(AuthError::Token(error)))
             }
         }
-    }
-
-    /// Phase `authorize`: may `who` use `endpoint` of `domain`? A platform admin may do
-    /// anything; otherwise the user must be a member of the domain (management plane) or
-    /// the token's domains claim must list it, and admin endpoints need the domain's admin
-    /// role.
-    pub fn authorize(
-        &self,
-        who: &Identity,
-        domain: &Domain,
-        endpoint: Endpoint,
-        snapshot: &Snapshot,
-    ) -> Result<(), GatewayError> {
-        let Identity::Token(claims) = who else {
-            return Ok(());
-        };
-        if snapshot
-            .keys
-            .issuers
-            .get(claims.issuer)
-            .is_some_and(|i| i.own)
-            && snapshot.members.disabled.contains(&claims.sub)
-        {
-            return Err(GatewayError::Unauthorized(AuthError::Token(
-                TokenError::Disabled,
-            )));
-        }
-        if who.platform_admin() {
-            return Ok(());
-        }
-        // Memberships belong to this box's users: only its own tokens and API keys use them
-        // (an outside issuer's `sub` is another namespace of ids).
-        let own = snapshot
-            .keys
-            .issuers
-            .get(claims.issuer)
-            .is_some_and(|i| i.own);
-        let membership = own
-            .then(|| snapshot.members.role(&domain.id, &claims.sub))
-            .flatten();
-        let listed = claims
-            .domains
-            .as_ref()
-            .is_some_and(|d| d.contains(&domain.id));
-        if membership.is_none() && !listed {
-            return Err(GatewayError::Forbidden(format!(
-                "this token may not use domain {:?}",
-                domain.id
-            )));
-        }
-        if endpoint.is_admin() && membership != Some(true) {
-            return Err(GatewayError::Forbidden(
-                "only domain admins may pull, push, create, copy or delete models, or use endpoints cubegate does not know".into(),
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -278,36 +265,19 @@ pub const API_KEY_PREFIX: &[u8] = b"cg_";
 /// stored); it acts for the user who made it, in its one domain.
 fn api_key_claims(
     token: &[u8],
-    snapshot: &Snapshot,
+    keys: &KeyStore,
+    directory: &Directory,
     now: f64,
 ) -> Result<VerifiedClaims, TokenError> {
     let digest = ring::digest::digest(&ring::digest::SHA256, token);
-    let key = snapshot
-        .members
-        .api_keys
-        .get(digest.as_ref())
+    let key = directory
+        .api_key(digest.as_ref())
         .ok_or(TokenError::UnknownApiKey)?;
-    let exp = key.expires_at.map(|e| e as f64);
-    if exp.is_some_and(|e| now > e) {
+    if key.expires_at.is_some_and(|e| now > e as f64) {
         return Err(TokenError::Expired);
     }
-    let own = snapshot
-        .keys
-        .issuers
-        .iter()
-        .position(|i| i.own)
-        .unwrap_or(0);
-    Ok(VerifiedClaims {
-        sub: key.user.clone(),
-        issuer: own,
-        exp,
-        nbf: None,
-        domains: Some(vec![key.domain.clone()]),
-        admin: false,
-        exact_exp: true,
-        headers: Vec::new(),
-        api_key: Some(key.id.clone()),
-    })
+    let own = keys.issuers.iter().position(|i| i.own).unwrap_or(0);
+    Ok(VerifiedClaims::of_api_key(key, own))
 }
 
 /// Parses and verifies a token against the key store, then validates its claims.
@@ -329,7 +299,7 @@ pub fn verify_token_counted(
     on_signature: &dyn Fn(jws::Alg),
 ) -> Result<VerifiedClaims, TokenError> {
     if token.starts_with(API_KEY_PREFIX) {
-        // API keys are checked against the snapshot's digests, not here.
+        // API keys are checked against the directory's digests, not here.
         return Err(TokenError::UnknownApiKey);
     }
     let parsed = jws::parse(token)?;
@@ -399,70 +369,6 @@ pub fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Builds the key store from the configuration: HS secrets from the environment and
-/// inline JWKS now; JWKS URLs start empty and are filled by the fetcher.
-pub fn build_key_store(config: &Config, generation: u64) -> Result<KeyStore, ConfigError> {
-    // This box's own issuer comes first; its keys arrive from the management plane.
-    let mut issuers = vec![IssuerKeys {
-        issuer: config.auth.issuer.clone(),
-        audiences: Vec::new(),
-        keys: Vec::new(),
-        jwks_url: None,
-        require_exp: true,
-        own: true,
-    }];
-    for (i, t) in config.auth.trusted.iter().enumerate() {
-        let key = |k: &str| format!("auth.trusted[{i}].{k}");
-        let err = |k: &str, p: String| ConfigError {
-            key: key(k),
-            problem: p,
-        };
-        let mut keys: Vec<VerifyingKey> = Vec::new();
-        if let Some(var) = &t.hs_secret_env {
-            let secret = std::env::var(var).map_err(|_| {
-                err(
-                    "hs_secret_env",
-                    format!("environment variable {var} is not set"),
-                )
-            })?;
-            if secret.len() < 32 {
-                return Err(err(
-                    "hs_secret_env",
-                    format!("the secret in {var} is shorter than 32 bytes: too weak for HMAC"),
-                ));
-            }
-            keys.push(VerifyingKey::hmac(
-                None,
-                secret.as_bytes(),
-                AlgSet::of(&[Alg::HS256, Alg::HS384, Alg::HS512]),
-            ));
-        }
-        if let Some(jwks) = &t.jwks {
-            let (parsed, skipped) =
-                keys::parse_jwks(jwks.as_bytes()).map_err(|e| err("jwks", e))?;
-            if parsed.is_empty() {
-                return Err(err(
-                    "jwks",
-                    format!("no usable key ({})", skipped.join("; ")),
-                ));
-            }
-            keys.extend(parsed);
-        }
-        issuers.push(IssuerKeys {
-            issuer: t.issuer.clone(),
-            audiences: t.audiences.clone(),
-            keys,
-            jwks_url: t.jwks_url.clone(),
-            require_exp: t.require_exp,
-            own: false,
-        });
-    }
-    Ok(KeyStore {
-        issuers,
-        generation,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,5 +380,53 @@ mod tests {
         assert_eq!(bearer_token(b"Basic abc"), None);
         assert_eq!(bearer_token(b"Bearer a b"), None);
         assert_eq!(bearer_token(b"Bearer "), None);
+    }
+
+    /// Says whether each verdict, good or bad, came from the cache; a new revocation epoch
+    /// makes the next one fresh again.
+    #[test]
+    fn verdicts_say_whether_they_were_cached() {
+        let auth = Authenticator::new(&AuthConfig::default());
+        let keys = KeyStore::default();
+        let mut directory = Directory::default();
+        let key = b"cg_live";
+        let digest = ring::digest::digest(&ring::digest::SHA256, key);
+        directory.add_api_key(
+            digest.as_ref().to_vec(),
+            directory::ApiKey {
+                id: "k1".into(),
+                domain: "d1".into(),
+                user: "u1".into(),
+                expires_at: None,
+            },
+        );
+        let mut cache = TokenCache::new(16, Default::default());
+        let mut run = |header: &[u8], epoch| {
+            auth.authenticate(Some(header), &keys, &directory, epoch, &mut cache)
+        };
+        let first = run(b"Bearer cg_live", 0).unwrap();
+        assert!(!first.from_cache);
+        assert_eq!(first.identity.user_id(), "u1");
+        assert_eq!(first.identity.api_key_id(), Some("k1"));
+        assert!(!first.identity.platform_admin());
+        assert!(run(b"Bearer cg_live", 0).unwrap().from_cache);
+        let unknown = AuthError::Token(TokenError::UnknownApiKey);
+        let refused = |from_cache| Refusal {
+            error: unknown,
+            from_cache,
+        };
+        assert_eq!(run(b"Bearer cg_gone", 0).unwrap_err(), refused(false));
+        assert_eq!(run(b"Bearer cg_gone", 0).unwrap_err(), refused(true));
+        assert_eq!(run(b"Bearer cg_gone", 1).unwrap_err(), refused(false));
+        assert!(!run(b"Bearer cg_live", 1).unwrap().from_cache);
+        assert_eq!(
+            run(b"Basic x", 1).unwrap_err(),
+            Refusal {
+                error: AuthError::NotBearer,
+                from_cache: false
+            }
+        );
+        let missing = auth.authenticate(None, &keys, &directory, 1, &mut cache);
+        assert_eq!(missing.unwrap_err().error, AuthError::Missing);
     }
 }

@@ -12,6 +12,8 @@ use super::store::{Domain, StoreError, User};
 use super::tokens::random_id;
 use super::{unix_now, Management};
 use crate::auth::bearer_token;
+use crate::auth::claims::Role;
+use crate::auth::directory::DomainRole;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -99,7 +101,7 @@ pub(super) fn store_error(e: StoreError) -> Reply {
 pub(super) fn user_json(u: &User) -> serde_json::Value {
     json!({
         "id": u.id, "email": u.email, "first_name": u.first_name, "last_name": u.last_name,
-        "role": u.role, "status": if u.disabled { "disabled" } else { "enabled" },
+        "role": u.role.as_str(), "status": if u.disabled { "disabled" } else { "enabled" },
         "created_at": u.created_at,
     })
 }
@@ -138,12 +140,12 @@ pub(super) fn caller(m: &Management, req: &Request) -> Result<User, Reply> {
     let snapshot = m.published.load();
     let claims = crate::auth::verify_token(token, &snapshot.keys, &m.rules, unix_now() as f64)
         .map_err(|e| unauthorized(&e.to_string()))?;
-    if !snapshot.keys.issuers[claims.issuer].own {
+    if !snapshot.keys.issuers[claims.issuer()].own {
         return Err(unauthorized(
             "the management API takes tokens issued by this box",
         ));
     }
-    let user = m.store().user_by_id(&claims.sub).map_err(store_error)?;
+    let user = m.store().user_by_id(claims.sub()).map_err(store_error)?;
     match user {
         Some(u) if !u.disabled => Ok(u),
         _ => Err(unauthorized(
@@ -154,7 +156,7 @@ pub(super) fn caller(m: &Management, req: &Request) -> Result<User, Reply> {
 
 pub(super) fn admin(m: &Management, req: &Request) -> Result<User, Reply> {
     let u = caller(m, req)?;
-    if u.role == "admin" {
+    if u.role == Role::Admin {
         Ok(u)
     } else {
         Err(error_reply(
@@ -189,7 +191,7 @@ fn create_user(m: &Management, req: &Request) -> Answer {
             .map_err(|e| error_reply(500, "hash_failed", &e))?,
         first_name: new.first_name,
         last_name: new.last_name,
-        role: "user".into(),
+        role: Role::User,
         disabled: false,
         created_at: unix_now(),
     };
@@ -240,7 +242,7 @@ fn create_domain(m: &Management, req: &Request) -> Answer {
 fn visible_domains(m: &Management, u: &User) -> Result<Vec<Domain>, Reply> {
     let store = m.store();
     let all = store.domains().map_err(store_error)?;
-    if u.role == "admin" {
+    if u.role == Role::Admin {
         return Ok(all);
     }
     let mine: Vec<String> = store
@@ -277,7 +279,7 @@ fn get_domain(m: &Management, req: &Request, id: &str) -> Answer {
 /// The platform admin, or an admin member of the domain.
 pub(super) fn domain_admin(m: &Management, req: &Request, domain: &str) -> Result<User, Reply> {
     let u = caller(m, req)?;
-    if u.role == "admin" {
+    if u.role == Role::Admin {
         return Ok(u);
     }
     let is_admin = m
@@ -285,7 +287,7 @@ pub(super) fn domain_admin(m: &Management, req: &Request, domain: &str) -> Resul
         .memberships()
         .map_err(store_error)?
         .iter()
-        .any(|(d, user, role)| d == domain && *user == u.id && role == "admin");
+        .any(|(d, user, role)| d == domain && *user == u.id && *role == DomainRole::Admin);
     if is_admin {
         Ok(u)
     } else {
@@ -306,20 +308,15 @@ struct Membership {
 fn set_member(m: &Management, req: &Request, domain: &str, user: &str) -> Answer {
     domain_admin(m, req, domain)?;
     let body: Membership = body(req)?;
-    if body.role != "admin" && body.role != "member" {
-        return Err(error_reply(
-            400,
-            "invalid_role",
-            "role: must be \"admin\" or \"member\"",
-        ));
-    }
+    let role = DomainRole::parse(&body.role)
+        .ok_or_else(|| error_reply(400, "invalid_role", "role: must be \"admin\" or \"member\""))?;
     m.store()
-        .set_membership(domain, user, &body.role)
+        .set_membership(domain, user, role)
         .map_err(store_error)?;
     m.publish();
     Ok(Reply::json(
         200,
-        &json!({"domain_id": domain, "user_id": user, "role": body.role}),
+        &json!({"domain_id": domain, "user_id": user, "role": role.as_str()}),
     ))
 }
 

@@ -135,7 +135,7 @@ fn sign_pair(m: &Management, user: &User) -> Pair {
     let now = unix_now();
     let access = m.sign(&json!({
         "iss": m.issuer, "sub": user.id, "iat": now, "exp": now + m.access_ttl as i64,
-        "jti": random_id(), "type": "access", "role": user.role,
+        "jti": random_id(), "type": "access", "role": user.role.as_str(),
     }));
     let jti = random_id();
     let expires_at = now + m.refresh_ttl as i64;

@@ -17,7 +17,7 @@ pub mod sqlite;
 pub mod store;
 pub mod tokens;
 
-use crate::auth::claims::ClaimRules;
+use crate::auth::claims::{ClaimRules, Role};
 use crate::config::Config;
 use crate::snapshot::Published;
 use sqlite::Store;
@@ -144,7 +144,7 @@ impl Management {
             password_hash: login::hash_password(&password)?,
             first_name: String::new(),
             last_name: String::new(),
-            role: "admin".into(),
+            role: Role::Admin,
             disabled: false,
             created_at: unix_now(),
         };

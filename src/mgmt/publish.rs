@@ -1,5 +1,9 @@
 //! Publication: what the data plane needs from the management plane, as a new snapshot.
 //!
+//! The memberships, disabled users and live API keys go out as auth's `Directory`, this
+//! box's public keys as its own issuer's in the key store, and domains whose backends the
+//! API set into the domain map.
+//!
 //! The store is read inside `Published::replace`, under the writer lock, so two changes
 //! publishing at once cannot overwrite the newer state with the older one. A failed read
 //! publishes nothing new (the running snapshot stays): an empty list of disabled users or
@@ -9,15 +13,18 @@
 use super::store::{StoreError, User};
 use super::tokens::SigningKey;
 use super::{unix_now, Management};
+use crate::auth::claims::Role;
+use crate::auth::directory::{ApiKey, Directory};
 use crate::config::BackendConfig;
-use crate::snapshot::{ApiKey, Domain, Members, Snapshot};
+use crate::scope::DomainId;
+use crate::snapshot::{Domain, Snapshot};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 impl Management {
     pub fn publish(&self) {
         self.published.replace(|old, generation| {
-            let (members, api_domains) = match self.read_state() {
+            let (directory, api_domains) = match self.read_state() {
                 Ok(state) => state,
                 Err(e) => {
                     tracing::error!("not publishing management changes, the store failed: {e}");
@@ -26,7 +33,7 @@ impl Management {
                         domains: old.domains.clone(),
                         keys: old.keys.clone(),
                         revocation_epoch: old.revocation_epoch,
-                        members: old.members.clone(),
+                        directory: old.directory.clone(),
                     };
                 }
             };
@@ -36,7 +43,7 @@ impl Management {
                 own.keys = self.keys().iter().map(SigningKey::verifying_key).collect();
             }
             // Config domains as they are; API domains as the store has them now.
-            let mut domains: HashMap<String, Arc<Domain>> = old
+            let mut domains: HashMap<DomainId, Arc<Domain>> = old
                 .domains
                 .iter()
                 .filter(|(_, d)| !d.from_api)
@@ -50,12 +57,12 @@ impl Management {
                 domains,
                 keys: Arc::new(keys),
                 revocation_epoch: old.revocation_epoch + 1,
-                members: Arc::new(members),
+                directory: Arc::new(directory),
             }
         });
     }
 
-    fn read_state(&self) -> Result<(Members, Vec<Arc<Domain>>), StoreError> {
+    fn read_state(&self) -> Result<(Directory, Vec<Arc<Domain>>), StoreError> {
         let store = self.store();
         let memberships = store.memberships()?;
         let users: Vec<User> = store.users()?;
@@ -63,39 +70,33 @@ impl Management {
         let backends = store.api_backends()?;
         drop(store);
 
-        let mut members = Members::default();
+        let mut directory = Directory::default();
         for (domain, user, role) in memberships {
-            members
-                .by_domain
-                .entry(domain)
-                .or_default()
-                .insert(user, role == "admin");
+            directory.add_member(DomainId::from(domain), user, role);
         }
-        members.disabled = users
-            .iter()
-            .filter(|u| u.disabled)
-            .map(|u| u.id.clone())
-            .collect();
+        for u in users.iter().filter(|u| u.disabled) {
+            directory.disable(u.id.clone());
+        }
         let admins: HashSet<&str> = users
             .iter()
-            .filter(|u| u.role == "admin")
+            .filter(|u| u.role == Role::Admin)
             .map(|u| u.id.as_str())
             .collect();
         for k in keys {
             // A key acts for its creator: once the creator may no longer use the domain,
             // neither may the key.
             let creator_may = admins.contains(k.created_by.as_str())
-                || members.role(&k.domain_id, &k.created_by).is_some();
+                || directory.role(&k.domain_id, &k.created_by).is_some();
             if !creator_may {
                 continue;
             }
             let key = ApiKey {
                 id: k.id,
-                domain: k.domain_id,
+                domain: DomainId::from(k.domain_id),
                 user: k.created_by,
                 expires_at: k.expires_at,
             };
-            members.api_keys.insert(k.digest, key);
+            directory.add_api_key(k.digest, key);
         }
         let mut api_domains = Vec::new();
         for (id, name, json) in backends {
@@ -109,6 +110,6 @@ impl Management {
                 Err(e) => tracing::error!(domain = %id, "stored backends unusable: {e}"),
             }
         }
-        Ok((members, api_domains))
+        Ok((directory, api_domains))
     }
 }

@@ -4,11 +4,38 @@
 //! `kill -9` (and a power cut); foreign keys on; schema migrations are versioned in the
 //! code through `PRAGMA user_version`, applied in one transaction each. Every multi-row
 //! change runs in a transaction, so an error leaves nothing half-written. The store is
-//! used only from management threads, never from a data-plane worker.
+//! used only from management threads, never from a data-plane worker. Roles are stored by
+//! name (the schema's CHECK constraints list them) and read back as `Role`/`DomainRole`.
 
 use super::store::{ApiKeyRow, Domain, Rotation, Storage, StoreError, User};
-use rusqlite::{params, Connection, OptionalExtension};
+use crate::auth::claims::Role;
+use crate::auth::directory::DomainRole;
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
 use std::path::Path;
+
+/// A role enum goes into its column by name and comes back through its `parse`.
+macro_rules! stored_by_name {
+    ($role:ty, $what:literal) => {
+        impl ToSql for $role {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl FromSql for $role {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                let name = value.as_str()?;
+                <$role>::parse(name).ok_or_else(|| {
+                    FromSqlError::Other(format!(concat!("unknown ", $what, " {:?}"), name).into())
+                })
+            }
+        }
+    };
+}
+
+stored_by_name!(Role, "role");
+stored_by_name!(DomainRole, "domain role");
 
 /// Schema versions, in order. Never edit one that shipped: add the next.
 const MIGRATIONS: &[&str] = &[
@@ -256,7 +283,7 @@ impl Storage for Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn set_membership(&self, domain: &str, user: &str, role: &str) -> Result<(), StoreError> {
+    fn set_membership(&self, domain: &str, user: &str, role: DomainRole) -> Result<(), StoreError> {
         self.db
             .execute(
                 "INSERT INTO memberships (domain_id, user_id, role) VALUES (?1, ?2, ?3)
@@ -282,7 +309,7 @@ impl Storage for Store {
         Ok(n > 0)
     }
 
-    fn memberships(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+    fn memberships(&self) -> Result<Vec<(String, String, DomainRole)>, StoreError> {
         let mut st = self
             .db
             .prepare("SELECT domain_id, user_id, role FROM memberships")?;
@@ -393,7 +420,7 @@ mod tests {
             password_hash: "h".into(),
             first_name: String::new(),
             last_name: String::new(),
-            role: "user".into(),
+            role: Role::User,
             disabled: false,
             created_at: 1,
         }
@@ -422,15 +449,16 @@ mod tests {
             )
             .unwrap();
             assert!(matches!(
-                s.set_membership("nope", "u1", "member"),
+                s.set_membership("nope", "u1", DomainRole::Member),
                 Err(StoreError::NotFound(_))
             ));
-            s.set_membership("d1", "u1", "member").unwrap();
-            s.set_membership("d1", "u1", "admin").unwrap();
+            s.set_membership("d1", "u1", DomainRole::Member).unwrap();
+            s.set_membership("d1", "u1", DomainRole::Admin).unwrap();
             assert_eq!(
                 s.memberships().unwrap(),
-                vec![("d1".into(), "u1".into(), "admin".into())]
+                vec![("d1".into(), "u1".into(), DomainRole::Admin)]
             );
+            assert_eq!(s.user_by_id("u1").unwrap().unwrap().role, Role::User);
             s.insert_refresh("r1", "f1", "u1", 100).unwrap();
             assert_eq!(
                 s.rotate_refresh("r1", "r2", 100, 10).unwrap(),

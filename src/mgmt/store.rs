@@ -2,7 +2,11 @@
 //!
 //! The management plane only talks to `dyn Storage`; [`crate::mgmt::sqlite::Store`] is the
 //! embedded implementation. A shared database can implement the same trait later to back
-//! a fleet of boxes.
+//! a fleet of boxes. Roles are `auth`'s enums (`Role` on the platform, `DomainRole` in a
+//! domain), never strings.
+
+use crate::auth::claims::Role;
+use crate::auth::directory::DomainRole;
 
 /// A stored API key (never the key itself: only its SHA-256).
 #[derive(Debug, Clone)]
@@ -22,7 +26,7 @@ pub struct User {
     pub password_hash: String,
     pub first_name: String,
     pub last_name: String,
-    pub role: String,
+    pub role: Role,
     pub disabled: bool,
     pub created_at: i64,
 }
@@ -105,12 +109,12 @@ pub trait Storage: Send {
 
     fn domains(&self) -> Result<Vec<Domain>, StoreError>;
 
-    fn set_membership(&self, domain: &str, user: &str, role: &str) -> Result<(), StoreError>;
+    fn set_membership(&self, domain: &str, user: &str, role: DomainRole) -> Result<(), StoreError>;
 
     fn remove_membership(&self, domain: &str, user: &str) -> Result<bool, StoreError>;
 
     /// (domain id, user id, role) of every membership.
-    fn memberships(&self) -> Result<Vec<(String, String, String)>, StoreError>;
+    fn memberships(&self) -> Result<Vec<(String, String, DomainRole)>, StoreError>;
 
     fn mark_config_domain(&self, id: &str) -> Result<(), StoreError>;
 

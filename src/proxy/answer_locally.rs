@@ -6,11 +6,11 @@ use super::connection::Connection;
 use super::error::GatewayError;
 use super::request::{AccessRecord, Persistence, Request};
 use super::request_id::RequestId;
-use super::route::Endpoint;
 use super::worker::Worker;
 use crate::auth::AuthError;
 use crate::http::head::Method;
 use crate::http::response::write_local_response;
+use crate::scope::Endpoint;
 use crate::snapshot::Domain;
 
 pub const HEALTH_BODY: &[u8] = br#"{"status":"ok"}"#;

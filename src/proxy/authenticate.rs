@@ -11,8 +11,8 @@ use super::connection::Connection;
 use super::error::GatewayError;
 use super::request::Request;
 use super::worker::Worker;
-use crate::auth::{AuthError, Identity, TokenError};
-use crate::snapshot::SnapshotRef;
+use crate::auth::{AuthError, Identity, Refusal, TokenError};
+use crate::snapshot::{Snapshot, SnapshotRef};
 use std::time::{Duration, Instant};
 
 /// How long a request with an unknown `kid` waits for a JWKS refresh.
@@ -29,23 +29,26 @@ pub async fn authenticate(
     snapshot: &SnapshotRef,
 ) -> Result<Identity, GatewayError> {
     let authorization = req.head.authorization.map(|s| s.of(conn.buffer()));
-    let tokens = &worker.tokens;
-    let negative_before = worker.metrics.token_cache_negative_hits.get();
-    let first = worker
-        .auth
-        .authenticate(authorization, snapshot, &mut tokens.borrow_mut());
-    let fresh_verdict = worker.metrics.token_cache_negative_hits.get() == negative_before;
-    match first {
-        Err(GatewayError::Unauthorized(AuthError::Token(TokenError::UnknownKey)))
-            if fresh_verdict && snapshot.keys.has_fetched_issuers() =>
-        {
+    let check = |s: &Snapshot| {
+        worker.auth.authenticate(
+            authorization,
+            &s.keys,
+            &s.directory,
+            s.revocation_epoch,
+            &mut worker.tokens.borrow_mut(),
+        )
+    };
+    let authenticated = match check(snapshot) {
+        Err(Refusal {
+            error: AuthError::Token(TokenError::UnknownKey),
+            from_cache: false,
+        }) if snapshot.keys.has_fetched_issuers() => {
             let fresh = wait_for_new_keys(worker).await;
-            worker
-                .auth
-                .authenticate(authorization, &fresh, &mut tokens.borrow_mut())
+            check(&fresh)?
         }
-        other => other,
-    }
+        other => other?,
+    };
+    Ok(authenticated.identity)
 }
 
 /// Asks the JWKS fetcher for a refresh now and waits (bounded) until a new snapshot is

@@ -7,7 +7,6 @@
 
 use super::error::GatewayError;
 use super::route::{Api, ProxyRoute};
-use super::worker::Worker;
 use crate::auth::Identity;
 use crate::snapshot::{Domain, Snapshot};
 
@@ -27,7 +26,6 @@ fn domain_id<'b>(buf: &'b [u8], route: &ProxyRoute) -> &'b str {
 /// Phase `authorize`: the domain (`found` by `find_domain`) the request may use, or why
 /// not.
 pub fn authorize<'s>(
-    worker: &Worker,
     buf: &[u8],
     route: &ProxyRoute,
     found: Option<&'s Domain>,
@@ -39,9 +37,13 @@ pub fn authorize<'s>(
             domain_id(buf, route).to_string(),
         ));
     };
-    worker
-        .auth
-        .authorize(identity, domain, route.endpoint, snapshot)?;
+    crate::auth::authorize(
+        identity,
+        &domain.id,
+        route.endpoint,
+        &snapshot.keys,
+        &snapshot.directory,
+    )?;
     if route.api == Api::Ollama && !domain.has_ollama() {
         return Err(GatewayError::NoOllamaBackend(domain.id.clone()));
     }

@@ -10,12 +10,12 @@
 
 use super::error::GatewayError;
 use super::request::Request;
-use super::route::Endpoint;
 use super::route::{Api, ProxyRoute};
 use super::worker::Worker;
 use crate::fleet::policy::{rank, Placement, Policy};
 use crate::fleet::prefix::PrefixKeys;
 use crate::http::headers::eq_ignore_case;
+use crate::scope::Endpoint;
 use crate::snapshot::Domain;
 
 /// The hosts to try, first choice first, and how the first was picked.

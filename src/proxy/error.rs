@@ -2,9 +2,12 @@
 //!
 //! A `GatewayError` says where and why; `status`, `kind` and `message` turn it into the
 //! contract's OpenAI-shaped JSON (`{"error":{"message","type","code"}}`). Messages name the
-//! cause in words a user can act on, and never echo a token.
+//! cause in words a user can act on, and never echo a token. `auth`'s own verdicts
+//! ([`Refusal`], [`Denied`]) become `GatewayError`s here, at the boundary.
 
+use crate::auth::{AuthError, Denied, Refusal, TokenError};
 use crate::http::HttpError;
+use crate::scope::DomainId;
 use std::fmt;
 
 #[derive(Debug)]
@@ -21,7 +24,7 @@ pub enum GatewayError {
     MethodNotAllowed(&'static str),
     UnknownDomain(String),
     UnknownModel {
-        domain: String,
+        domain: DomainId,
         model: String,
     },
     MissingModel,
@@ -30,14 +33,14 @@ pub enum GatewayError {
     InvalidBody(super::model_scan::ScanError),
     /// Dot segments or encoded characters in the path.
     BadPath,
-    NoOllamaBackend(String),
+    NoOllamaBackend(DomainId),
     /// Every host that could serve the request is out of rotation.
     NoHealthyBackend,
     /// Every host with room is taken and cubegate's queue is full.
     QueueFull,
     /// Waited `timeouts.queue_s` for a host with room.
     QueueTimeout,
-    Unauthorized(crate::auth::AuthError),
+    Unauthorized(AuthError),
     Forbidden(String),
     UpstreamConnect(std::io::Error),
     UpstreamConnectTimeout,
@@ -224,6 +227,22 @@ impl From<HttpError> for GatewayError {
     }
 }
 
+impl From<Refusal> for GatewayError {
+    fn from(r: Refusal) -> Self {
+        GatewayError::Unauthorized(r.error)
+    }
+}
+
+/// A disabled user's credential is a bad token (401, with its challenge); the rest is 403.
+impl From<Denied> for GatewayError {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::Disabled => GatewayError::Unauthorized(AuthError::Token(TokenError::Disabled)),
+            Denied::NotInDomain(_) | Denied::AdminOnly => GatewayError::Forbidden(d.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +258,27 @@ mod tests {
         assert_eq!(v["error"]["type"], "not_found_error");
         assert!(v["error"]["message"].as_str().unwrap().contains("\"m\""));
         assert_eq!(e.status(), 404);
+    }
+
+    #[test]
+    fn auth_verdicts_keep_their_answers() {
+        let disabled = GatewayError::from(Denied::Disabled);
+        assert_eq!(disabled.status(), 401);
+        assert_eq!(disabled.to_string(), "the user of this token is disabled");
+        let outside = GatewayError::from(Denied::NotInDomain("d1".into()));
+        assert_eq!(outside.status(), 403);
+        assert_eq!(outside.to_string(), "this token may not use domain \"d1\"");
+        let admin = GatewayError::from(Denied::AdminOnly);
+        assert_eq!(admin.status(), 403);
+        assert_eq!(
+            admin.to_string(),
+            "only domain admins may pull, push, create, copy or delete models, or use endpoints cubegate does not know"
+        );
+        let refused = GatewayError::from(Refusal {
+            error: AuthError::Missing,
+            from_cache: false,
+        });
+        assert_eq!(refused.status(), 401);
+        assert_eq!(refused.code(), "invalid_token");
     }
 }

@@ -10,9 +10,9 @@ use super::connection::Connection;
 use super::error::GatewayError;
 use super::model_scan::ModelScanner;
 use super::request::Request;
-use super::route::Endpoint;
 use super::worker::Worker;
 use crate::http::head::BodyFraming;
+use crate::scope::Endpoint;
 use crate::snapshot::Domain;
 
 /// The body as far as routing needed it.

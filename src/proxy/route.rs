@@ -2,11 +2,13 @@
 //!
 //! `classify` turns the request target into a [`Route`] (borrowing from the read buffer);
 //! which backend serves it is decided later, once the model is known. Endpoints are
-//! classified the way Cube AI distinguishes permissions (chat, completions, embeddings,
-//! model read, admin) so authorization can narrow a role per endpoint without redesign.
+//! classified into [`Endpoint`] kinds (`crate::scope`, shared with `auth`) the way Cube AI
+//! distinguishes permissions (chat, completions, embeddings, model read, admin) so
+//! authorization can narrow a role per endpoint without redesign.
 
 use super::error::GatewayError;
 use crate::http::head::{Method, RequestHead, Span};
+use crate::scope::Endpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -14,46 +16,6 @@ pub enum Api {
     OpenAi,
     /// `/api/...`: Ollama's native API, Ollama backends only.
     Ollama,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `GET /v1/models` (answered locally).
-    ListModels,
-    /// `GET /api/tags` (answered locally unless the domain passes everything through).
-    ListTags,
-    Chat,
-    Completions,
-    Embeddings,
-    /// Model metadata (`/v1/models/{id}`, `/api/show`, `/api/version`, `/api/ps`).
-    ModelRead,
-    /// Pull, push, create, copy, delete, running-model lists: domain admins only.
-    Admin,
-    /// Any other `/v1/*` or `/api/*` path (LoRA loading, sign-in, …): forwarded to admins
-    /// only, since an unknown endpoint may do anything to the host. Users get the endpoints
-    /// named above.
-    Other,
-}
-
-impl Endpoint {
-    /// Its index in `metrics::ROUTES`.
-    pub fn metric_index(self) -> usize {
-        match self {
-            Endpoint::ListModels => 0,
-            Endpoint::ListTags => 1,
-            Endpoint::Chat => 2,
-            Endpoint::Completions => 3,
-            Endpoint::Embeddings => 4,
-            Endpoint::ModelRead => 5,
-            Endpoint::Admin => 6,
-            Endpoint::Other => 7,
-        }
-    }
-
-    /// Needs the domain's (or the platform's) admin role.
-    pub fn is_admin(self) -> bool {
-        matches!(self, Endpoint::Admin | Endpoint::Other)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -160,12 +160,12 @@ fn write_upstream_head(
     out.extend_from_slice(b"\r\n");
     if let (false, Some(identity)) = (fwd.management, &req.identity) {
         out.extend_from_slice(b"X-Domain-Id: ");
-        out.extend_from_slice(fwd.domain.id.as_bytes());
+        out.extend_from_slice(fwd.domain.id.as_str().as_bytes());
         out.extend_from_slice(b"\r\nX-User-Id: ");
         out.extend_from_slice(identity.user_id().as_bytes());
         out.extend_from_slice(b"\r\n");
         if let crate::auth::Identity::Token(claims) = identity {
-            for (name, value) in &claims.headers {
+            for (name, value) in claims.headers() {
                 out.extend_from_slice(name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(value.as_bytes());

@@ -95,7 +95,7 @@ async fn run_phases(
     ));
 
     let identity = authenticate(worker, conn, req, snapshot).await?;
-    let domain = authorize(worker, conn.buffer(), &route, found, &identity, snapshot)?;
+    let domain = authorize(conn.buffer(), &route, found, &identity, snapshot)?;
     req.identity = Some(identity);
 
     if let Some(list) = answer_locally::model_list(domain, route.endpoint) {

@@ -15,6 +15,7 @@
 //! up to `timeouts.drain_s`, exit 0).
 
 use crate::auth::jwks_fetch::RefreshHandle;
+use crate::auth::keys::KeyStore;
 use crate::config::{AuthMode, Config, Driver};
 use crate::listeners::Inherited;
 use crate::notify::{Heartbeats, Notifier};
@@ -219,7 +220,9 @@ fn load_backend_trust(config: &Config) -> Result<Option<Arc<rustls::ClientConfig
 
 /// The domain map of the configuration file, as generation 1.
 fn publish_first_snapshot(config: &Config) -> Result<Arc<Published>, StartupError> {
-    let snapshot = Snapshot::from_config(config, 1).map_err(StartupError::config)?;
+    let snapshot = KeyStore::from_config(config, 1)
+        .and_then(|keys| Snapshot::from_config(config, 1, keys))
+        .map_err(StartupError::config)?;
     Ok(Arc::new(Published::new(snapshot)))
 }
 
@@ -239,7 +242,7 @@ fn start_jwks_fetcher(published: &Arc<Published>) -> Result<RefreshHandle, Start
     let published = published.clone();
     std::thread::Builder::new()
         .name("cubegate-jwks".into())
-        .spawn(move || crate::auth::jwks_fetch::run(published, wakeups))
+        .spawn(move || crate::auth::jwks_fetch::run(&*published, wakeups))
         .map_err(|e| StartupError::system(format!("cannot start the JWKS fetcher: {e}")))?;
     Ok(refresh)
 }

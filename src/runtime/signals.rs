@@ -12,7 +12,6 @@ use crate::notify::{Heartbeats, Notifier};
 use crate::snapshot::{Published, Snapshot};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the signals act on.
@@ -186,14 +185,15 @@ fn reload(running: &Config, path: &Path, published: &Published) -> Option<Config
         );
     }
     let mut outcome = Ok(0);
-    published.replace(
-        |old, generation| match Snapshot::from_config(&config, generation) {
+    published.replace(|old, generation| {
+        let built = KeyStore::from_config(&config, generation).and_then(|mut keys| {
+            keys.carry_fetched_keys(&old.keys);
+            Snapshot::from_config(&config, generation, keys)
+        });
+        match built {
             Ok(mut s) => {
-                let mut keys = KeyStore::rebuilt(&s.keys);
-                keys.carry_fetched_keys(&old.keys);
-                s.keys = Arc::new(keys);
                 s.revocation_epoch = old.revocation_epoch;
-                s.members = old.members.clone();
+                s.directory = old.directory.clone();
                 // Domains whose backends the management API set stay, unless the file
                 // now defines the same id (the file wins).
                 for (id, d) in old.domains.iter().filter(|(_, d)| d.from_api) {
@@ -210,11 +210,11 @@ fn reload(running: &Config, path: &Path, published: &Published) -> Option<Config
                     domains: old.domains.clone(),
                     keys: old.keys.clone(),
                     revocation_epoch: old.revocation_epoch,
-                    members: old.members.clone(),
+                    directory: old.directory.clone(),
                 }
             }
-        },
-    );
+        }
+    });
     match outcome {
         Ok(domains) => {
             tracing::info!(domains, "reloaded the domain map");
