@@ -2,7 +2,8 @@
 //! API keys, and disabling users. Each change is published at once (with a new revocation
 //! epoch), so a revoked key or a disabled user stops working on the next request.
 
-use super::api::{admin, body, domain_admin, store_error, user_json, Answer};
+use super::answer::{body, store_error, user_json, Answer};
+use super::caller::{admin, domain_admin};
 use super::request::Request;
 use super::server::{error_reply, Reply};
 use super::store::ApiKeyRow;

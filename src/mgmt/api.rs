@@ -3,15 +3,17 @@
 //!
 //! Bodies are parsed strictly (`deny_unknown_fields`: a typo is a 400 naming it, not a
 //! silently ignored field). Token endpoints live in `login`, keys/backends/disabling in
-//! `access`; this module routes and holds users, domains and memberships.
+//! `access`, who is calling in `caller`, the answers' shapes in `answer`; this module
+//! routes and holds users, domains, memberships and the fleet's `GET /backends`.
 
+use super::answer::{body, store_error, user_json, Answer};
+use super::caller::{admin, caller, domain_admin};
 use super::login::{self, check_password_strength, hash_password};
 use super::request::Request;
 use super::server::{error_reply, Reply};
-use super::store::{Domain, StoreError, User};
+use super::store::{Domain, User};
 use super::tokens::random_id;
 use super::{unix_now, Management};
-use crate::auth::bearer_token;
 use crate::auth::claims::Role;
 use crate::auth::directory::DomainRole;
 use serde::Deserialize;
@@ -80,32 +82,6 @@ fn backends(m: &Management) -> Reply {
     Reply::json(200, &status)
 }
 
-pub(super) type Answer = Result<Reply, Reply>;
-
-pub(super) fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Reply> {
-    serde_json::from_slice(&req.body)
-        .map_err(|e| error_reply(400, "invalid_body", &format!("invalid JSON body: {e}")))
-}
-
-pub(super) fn store_error(e: StoreError) -> Reply {
-    match e {
-        StoreError::Conflict(_) => error_reply(409, "conflict", &e.to_string()),
-        StoreError::NotFound(_) => error_reply(404, "not_found", &e.to_string()),
-        StoreError::Db(ref err) => {
-            tracing::error!("management store: {err}");
-            error_reply(500, "store_error", "the store failed; nothing was changed")
-        }
-    }
-}
-
-pub(super) fn user_json(u: &User) -> serde_json::Value {
-    json!({
-        "id": u.id, "email": u.email, "first_name": u.first_name, "last_name": u.last_name,
-        "role": u.role.as_str(), "status": if u.disabled { "disabled" } else { "enabled" },
-        "created_at": u.created_at,
-    })
-}
-
 fn check_email(e: &str) -> Result<(), Reply> {
     let ok = e.len() <= 254
         && e.split_once('@')
@@ -118,51 +94,6 @@ fn check_email(e: &str) -> Result<(), Reply> {
             400,
             "invalid_email",
             "email: not a valid address",
-        ))
-    }
-}
-
-/// The authenticated caller of a management request: a live user of this box.
-pub(super) fn caller(m: &Management, req: &Request) -> Result<User, Reply> {
-    let unauthorized = |why: &str| {
-        let mut r = error_reply(401, "invalid_token", why);
-        r.headers
-            .push(("WWW-Authenticate", "Bearer realm=\"cubegate\"".into()));
-        r
-    };
-    let token = req
-        .authorization
-        .as_deref()
-        .and_then(|v| bearer_token(v.as_bytes()))
-        .ok_or_else(|| {
-            unauthorized("missing bearer token: send Authorization: Bearer <access token>")
-        })?;
-    let snapshot = m.published.load();
-    let claims = crate::auth::verify_token(token, &snapshot.keys, &m.rules, unix_now() as f64)
-        .map_err(|e| unauthorized(&e.to_string()))?;
-    if !snapshot.keys.issuers[claims.issuer()].own {
-        return Err(unauthorized(
-            "the management API takes tokens issued by this box",
-        ));
-    }
-    let user = m.store().user_by_id(claims.sub()).map_err(store_error)?;
-    match user {
-        Some(u) if !u.disabled => Ok(u),
-        _ => Err(unauthorized(
-            "the user of this token is unknown or disabled",
-        )),
-    }
-}
-
-pub(super) fn admin(m: &Management, req: &Request) -> Result<User, Reply> {
-    let u = caller(m, req)?;
-    if u.role == Role::Admin {
-        Ok(u)
-    } else {
-        Err(error_reply(
-            403,
-            "forbidden",
-            "only the platform admin may do this",
         ))
     }
 }
@@ -277,28 +208,6 @@ fn get_domain(m: &Management, req: &Request, id: &str) -> Answer {
 }
 
 /// The platform admin, or an admin member of the domain.
-pub(super) fn domain_admin(m: &Management, req: &Request, domain: &str) -> Result<User, Reply> {
-    let u = caller(m, req)?;
-    if u.role == Role::Admin {
-        return Ok(u);
-    }
-    let is_admin = m
-        .store()
-        .memberships()
-        .map_err(store_error)?
-        .iter()
-        .any(|(d, user, role)| d == domain && *user == u.id && *role == DomainRole::Admin);
-    if is_admin {
-        Ok(u)
-    } else {
-        Err(error_reply(
-            403,
-            "forbidden",
-            "only the domain's admins may change its members",
-        ))
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Membership {

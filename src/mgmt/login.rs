@@ -6,7 +6,7 @@
 //! failed logins are limited per account and per client address. Refresh tokens rotate:
 //! each refresh spends the old one, and presenting a spent one revokes its whole family.
 
-use super::api::{body, store_error, Answer};
+use super::answer::{body, store_error, Answer};
 use super::request::Request;
 use super::server::{error_reply, Reply};
 use super::store::{Rotation, User};

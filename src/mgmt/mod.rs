@@ -8,7 +8,9 @@
 //! or a disabled user stops working within one request, cached tokens included.
 
 pub mod access;
+pub mod answer;
 pub mod api;
+pub mod caller;
 pub mod login;
 pub mod publish;
 pub mod request;
