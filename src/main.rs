@@ -1,11 +1,11 @@
 //! The `cubegate` command: `serve` (the gateway: data plane and management plane, see
-//! `cubegate::runtime`), `check-config` (validate a file, exit 2 naming the key) and
+//! `cubegate::serve`), `check-config` (validate a file, exit 2 naming the key) and
 //! `gen-cert` (a self-signed pair for trying HTTPS). Parsing arguments, setting up logging
 //! and mapping failures to exit codes is all that lives here; everything else is in the
 //! library, so tests and benches reach the same code.
 
 use clap::{Parser, Subcommand};
-use cubegate::config::Config;
+use cubegate::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -114,17 +114,6 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-/// The TLS files a configuration names must load (check-config reads them as serve would).
-fn check_tls_files(config: &Config) -> Result<(), cubegate::config::ConfigError> {
-    if let Some((cert, key)) = cubegate::tls::listener_files(config) {
-        cubegate::tls::CertStore::load(&cert, &key).map_err(cubegate::config::ConfigError::from)?;
-    }
-    if let Some(ca) = &config.proxy.backend_ca_file {
-        cubegate::tls::backend_config(Some(ca)).map_err(cubegate::config::ConfigError::from)?;
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -137,7 +126,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let code = cubegate::runtime::serve(parsed, config);
+            let code = cubegate::serve(parsed, config);
             ExitCode::from(code as u8)
         }
         Command::GenCert {
@@ -146,13 +135,13 @@ fn main() -> ExitCode {
             days,
             force,
         } => {
-            let req = cubegate::tls::gen_cert::GenCert {
+            let req = cubegate::GenCert {
                 out_dir,
                 names,
                 days,
                 force,
             };
-            match cubegate::tls::gen_cert::gen_cert(&req) {
+            match cubegate::gen_cert(&req) {
                 Ok((cert, key)) => {
                     println!("wrote {} and {}", cert.display(), key.display());
                     ExitCode::SUCCESS
@@ -163,23 +152,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match Config::load(&config)
-            .and_then(|c| {
-                let keys = cubegate::auth::keys::KeyStore::from_config(&c, 0)?;
-                cubegate::snapshot::Snapshot::from_config(&c, 0, keys).map(|s| (c, s))
-            })
-            .and_then(|(c, s)| check_tls_files(&c).map(|_| (c, s)))
-        {
-            Ok((c, s)) => {
-                let backends: usize = s.domains.values().map(|d| d.backends.len()).sum();
-                println!(
-                    "{}: ok ({} domains, {} backends, auth.mode = {:?}, driver = {:?})",
-                    config.display(),
-                    s.domains.len(),
-                    backends,
-                    c.auth.mode,
-                    c.proxy.driver
-                );
+        Command::CheckConfig { config } => match cubegate::check_config(&config) {
+            Ok(summary) => {
+                println!("{}: {summary}", config.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {

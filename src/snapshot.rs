@@ -48,7 +48,6 @@ impl Backend {
 #[derive(Debug)]
 pub struct Domain {
     pub id: DomainId,
-    pub name: String,
     pub backends: Vec<Backend>,
     /// One backend serving any model: bodies need no inspection at all.
     pub passthrough: bool,
@@ -103,7 +102,6 @@ impl Domain {
     pub fn build(
         key: &str,
         id: &str,
-        name: &str,
         declared: &[BackendConfig],
         from_api: bool,
     ) -> Result<Domain, ConfigError> {
@@ -137,7 +135,6 @@ impl Domain {
         let tags_json = render_tags(&backends);
         Ok(Domain {
             id: DomainId::new(id),
-            name: name.to_string(),
             backends,
             passthrough,
             models_json,
@@ -159,8 +156,7 @@ impl Snapshot {
     ) -> Result<Snapshot, ConfigError> {
         let mut domains = HashMap::new();
         for (i, d) in config.domains.iter().enumerate() {
-            let mut domain =
-                Domain::build(&format!("domains[{i}]"), &d.id, &d.name, &d.backends, false)?;
+            let mut domain = Domain::build(&format!("domains[{i}]"), &d.id, &d.backends, false)?;
             domain.routing = d.routing;
             domains.insert(domain.id.clone(), Arc::new(domain));
         }

@@ -9,11 +9,11 @@
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD as B64};
 use base64::Engine;
-use cubegate::auth::claims::{ClaimRules, Role, VerifiedClaims};
-use cubegate::auth::jws::{Alg, AlgSet, VerifyingKey, MAX_TOKEN_BYTES};
-use cubegate::auth::keys::{parse_jwks, IssuerKeys, KeyStore};
-use cubegate::auth::{verify_token, TokenError};
-use cubegate::scope::DomainId;
+use cubegate::internals::auth::claims::{ClaimRules, Role, VerifiedClaims};
+use cubegate::internals::auth::jws::{Alg, AlgSet, VerifyingKey, MAX_TOKEN_BYTES};
+use cubegate::internals::auth::keys::{parse_jwks, IssuerKeys, KeyStore};
+use cubegate::internals::auth::{verify_token, TokenError};
+use cubegate::internals::scope::DomainId;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{json, Value};

@@ -336,7 +336,7 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     pub fn create(dir: &Path) -> Result<TlsFiles, String> {
-        let (cert, key) = cubegate::tls::gen_cert::gen_cert(&cubegate::tls::gen_cert::GenCert {
+        let (cert, key) = cubegate::gen_cert(&cubegate::GenCert {
             out_dir: dir.join("tls"),
             names: vec!["127.0.0.1".into(), "localhost".into()],
             days: 2,

@@ -8,7 +8,7 @@
 use super::http::{parse_head, BodyLen, Chunked, EventFormat, EventScanner, FramingError};
 use super::report::{ErrorKind, Milestones, Recorder};
 use bytes::Bytes;
-use cubegate::proxy::io::BackendStream;
+use cubegate::internals::proxy::io::BackendStream;
 use monoio::net::TcpStream;
 use std::cell::RefCell;
 use std::io;

@@ -212,7 +212,7 @@ fn tls_for(a: &LoadArgs, host: &str) -> Result<Option<client::TlsTarget>, String
     if !a.url.starts_with("https://") {
         return Ok(None);
     }
-    let config = cubegate::tls::backend_config(a.cacert.as_deref())
+    let config = cubegate::internals::tls::backend_config(a.cacert.as_deref())
         .map_err(|e| format!("--cacert: {}", e.message))?;
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),

@@ -4,12 +4,12 @@
 //! Run: `cargo bench --bench hot_path` (add `-- --quick` for a fast pass).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use cubegate::config::Limits;
-use cubegate::http::chunked::ChunkedDecoder;
-use cubegate::http::head::{parse_request_head, Method, RequestHead};
-use cubegate::http::response::{parse_response_head, write_client_head, ClientFraming};
-use cubegate::proxy::model_scan::ModelScanner;
-use cubegate::proxy::route::classify;
+use cubegate::internals::config::Limits;
+use cubegate::internals::http::chunked::ChunkedDecoder;
+use cubegate::internals::http::head::{parse_request_head, Method, RequestHead};
+use cubegate::internals::http::response::{parse_response_head, write_client_head, ClientFraming};
+use cubegate::internals::proxy::model_scan::ModelScanner;
+use cubegate::internals::proxy::route::classify;
 
 const HEAD: &[u8] = b"POST /proxy/3f8a1c2e-0000-4000-8000-000000000001/v1/chat/completions HTTP/1.1\r\n\
 Host: gateway.example.com\r\nUser-Agent: OpenAI/Python 1.54.0\r\nAccept: application/json\r\n\

@@ -11,8 +11,8 @@ pub mod fleet;
 
 pub use fleet::{HealthConfig, Routing};
 
-pub use checks::{check_jwks_url, parse_backend_url, validate_domain_id};
 use checks::{check_range, parse_listen, validate_models, validate_trusted};
+pub use checks::{parse_backend_url, validate_domain_id};
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;

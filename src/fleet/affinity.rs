@@ -38,12 +38,9 @@ impl AffinityIndex {
         self.current.insert(key, host);
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.current.len() + self.previous.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

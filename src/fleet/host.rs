@@ -242,11 +242,6 @@ impl Host {
         mine + others
     }
 
-    /// Requests waiting in the host's own queue at its last scrape (its batch is full).
-    pub fn waiting(&self) -> u32 {
-        self.scraped_waiting.load(Relaxed)
-    }
-
     pub fn published(&self) -> Published {
         let at = self.scraped_at_ms.load(Relaxed);
         Published {
@@ -353,12 +348,6 @@ impl Host {
 
 /// A place taken on a host (see `Host::try_acquire`); given back on drop.
 pub struct InFlight(std::sync::Arc<Host>);
-
-impl InFlight {
-    pub fn host(&self) -> &std::sync::Arc<Host> {
-        &self.0
-    }
-}
 
 impl Drop for InFlight {
     fn drop(&mut self) {

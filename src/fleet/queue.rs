@@ -73,10 +73,7 @@ impl FairQueue {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.waiting
-    }
-
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.waiting == 0
     }

@@ -61,7 +61,7 @@ pub fn set_backends(m: &Management, req: &Request, domain: &str) -> Answer {
         ));
     }
     // The same checks as the config file's (URL, models), before anything is stored.
-    crate::snapshot::Domain::build("backends", domain, domain, &backends, true)
+    crate::snapshot::Domain::build("backends", domain, &backends, true)
         .map_err(|e| error_reply(400, "invalid_backends", &e.to_string()))?;
     let json = serde_json::to_string(
         &serde_json::from_slice::<serde_json::Value>(&req.body).unwrap_or_default(),

@@ -99,12 +99,10 @@ impl Management {
             directory.add_api_key(k.digest, key);
         }
         let mut api_domains = Vec::new();
-        for (id, name, json) in backends {
+        for (id, _name, json) in backends {
             let built = serde_json::from_str::<Vec<BackendConfig>>(&json)
                 .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    Domain::build("backends", &id, &name, &b, true).map_err(|e| e.to_string())
-                });
+                .and_then(|b| Domain::build("backends", &id, &b, true).map_err(|e| e.to_string()));
             match built {
                 Ok(d) => api_domains.push(Arc::new(d)),
                 Err(e) => tracing::error!(domain = %id, "stored backends unusable: {e}"),

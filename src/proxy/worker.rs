@@ -39,13 +39,6 @@ pub struct PooledBuf<'w> {
     pub buf: Vec<u8>,
 }
 
-impl PooledBuf<'_> {
-    /// Takes the buffer out of the pool's care (give it back with `Worker::recycle`).
-    pub fn take(mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buf)
-    }
-}
-
 impl Drop for PooledBuf<'_> {
     fn drop(&mut self) {
         self.worker.recycle(std::mem::take(&mut self.buf));
@@ -214,7 +207,6 @@ impl Worker {
 fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
     crate::snapshot::Domain {
         id: "management".into(),
-        name: "management".into(),
         backends: vec![crate::snapshot::Backend {
             kind: crate::config::BackendKind::Vllm,
             addr,

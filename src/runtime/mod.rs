@@ -29,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+mod check;
+pub use check::{check_config, CheckSummary};
 mod signals;
 use signals::{handle_signals, Reloadable, Watchdog};
 use std::sync::Arc;

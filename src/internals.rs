@@ -1,0 +1,74 @@
+//! The internals that tests, benches and fuzz targets exercise, named here on purpose.
+//!
+//! Every other module of the crate is private: an item nothing uses is a compiler warning,
+//! not a silent `pub`. What an outside test needs is re-exported below, under the path it
+//! has inside the crate, so a test reads `internals::auth::jws::parse` for the function
+//! that lives in `src/auth/jws.rs`. This is not an API: it changes with the code.
+
+pub mod auth {
+    pub use crate::auth::{verify_token, Authenticator, TokenError};
+    pub mod cache {
+        pub use crate::auth::cache::TokenCache;
+    }
+    pub mod claims {
+        pub use crate::auth::claims::{ClaimRules, Role, VerifiedClaims};
+    }
+    pub mod directory {
+        pub use crate::auth::directory::Directory;
+    }
+    pub mod jws {
+        pub use crate::auth::jws::{
+            parse, Alg, AlgSet, KeyMaterial, VerifyingKey, MAX_TOKEN_BYTES,
+        };
+    }
+    pub mod keys {
+        pub use crate::auth::keys::{parse_jwks, IssuerKeys, KeyStore};
+    }
+}
+
+pub mod config {
+    pub use crate::config::{AuthConfig, Config, ConfigError, Limits};
+}
+
+pub mod fleet {
+    pub mod prefix {
+        pub use crate::fleet::prefix::PrefixKeys;
+    }
+}
+
+pub mod http {
+    pub mod chunked {
+        pub use crate::http::chunked::ChunkedDecoder;
+    }
+    pub mod head {
+        pub use crate::http::head::{
+            check_partial, parse_request_head, worth_parsing, Method, RequestHead,
+        };
+    }
+    pub mod response {
+        pub use crate::http::response::{parse_response_head, write_client_head, ClientFraming};
+    }
+}
+
+pub mod proxy {
+    pub mod io {
+        pub use crate::proxy::io::BackendStream;
+    }
+    pub mod model_scan {
+        pub use crate::proxy::model_scan::ModelScanner;
+    }
+    pub mod route {
+        pub use crate::proxy::route::classify;
+    }
+}
+
+pub mod scope {
+    pub use crate::scope::DomainId;
+}
+
+pub mod tls {
+    pub use crate::tls::backend_config;
+    pub mod gen_cert {
+        pub use crate::tls::gen_cert::{gen_cert, GenCert};
+    }
+}
