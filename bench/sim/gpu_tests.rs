@@ -1,0 +1,1 @@
+//! GPU host tests (filled below).
