@@ -55,7 +55,7 @@ pub(super) async fn send(
                 // Hook on a non-streaming generation: the backend dies before answering.
                 return Err(io::Error::other("x-sim-die-after"));
             }
-            let _running = run_on_gpu(stream, host, &work).await?;
+            let running = run_on_gpu(stream, host, &work).await?;
             let decode = generation_time(sh, work.output_tokens);
             if work.output_tokens > 0 && sleep_scaled(stream, host, decode).await {
                 return Err(gone());
@@ -63,14 +63,17 @@ pub(super) async fn send(
             if !hold_while_hanging(stream, host).await {
                 return Err(gone());
             }
+            // Generated: the GPU is done with it before the answer leaves (as in vLLM,
+            // whose engine finishes a request before the server sends it).
+            drop(running);
             if host.fault() == Fault::DieMidStream {
                 return cut_mid_body(stream, host, out, status, content_type, &body, req).await;
             }
             write_whole(stream, host, out, status, content_type, &body, req).await
         }
         Reply::Stream { fmt, work } => {
-            let _running = run_on_gpu(stream, host, &work).await?;
-            send_stream(stream, sh, out, &*fmt, work.output_tokens, req).await
+            let running = run_on_gpu(stream, host, &work).await?;
+            send_stream(stream, sh, out, &*fmt, running, work.output_tokens, req).await
         }
     }
 }
@@ -182,12 +185,14 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-/// Streams one answer of `n` tokens.
+/// Streams one answer of `n` tokens; `running` (its place on the GPU) ends with its
+/// last token, before the closing events.
 async fn send_stream(
     stream: &mut TcpStream,
     sh: &Shared,
     mut out: Vec<u8>,
     fmt: &dyn StreamFormat,
+    running: Running<'_>,
     n: usize,
     req: &Request<'_>,
 ) -> io::Result<(Vec<u8>, bool)> {
@@ -246,6 +251,7 @@ async fn send_stream(
     if dies_at(n) {
         return Err(died());
     }
+    drop(running);
     let mut step = 0;
     loop {
         http::chunk_begin(&mut out);

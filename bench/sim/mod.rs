@@ -34,6 +34,8 @@ pub mod text;
 pub mod vllm;
 
 #[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
 mod gpu_tests;
 #[cfg(test)]
 mod tests;

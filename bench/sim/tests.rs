@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 
-fn cfg(flavor: Flavor) -> Config {
+pub(super) fn cfg(flavor: Flavor) -> Config {
     Config {
         flavor,
         listen: "127.0.0.1:0".to_string(),
@@ -247,7 +247,7 @@ fn chunk_framing() {
 
 // ---- over sockets ----
 
-fn connect(addr: SocketAddr) -> TcpStream {
+pub(super) fn connect(addr: SocketAddr) -> TcpStream {
     assert!(addr.ip().is_loopback());
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -258,7 +258,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 /// Reads one response: (head, de-chunked body, whether it ended properly).
-fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>, bool) {
+pub(super) fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>, bool) {
     let mut tmp = [0u8; 8192];
     let mut fill = |s: &mut TcpStream, pending: &mut Vec<u8>| -> bool {
         match s.read(&mut tmp) {
@@ -311,7 +311,7 @@ fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>, 
     (head, body, ok)
 }
 
-fn post(path: &str, headers: &str, body: &str) -> String {
+pub(super) fn post(path: &str, headers: &str, body: &str) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nHost: t\r\n{headers}Content-Length: {}\r\n\r\n{body}",
         body.len()
