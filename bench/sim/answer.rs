@@ -5,6 +5,7 @@
 //! so a switch at run time reaches the answers in flight: `hang` stalls them, `slow`
 //! stretches the delays that follow, `die-mid-stream` cuts them.
 
+use super::batch::Slot;
 use super::fault::{Fault, DIE_AFTER_EVENTS};
 use super::host::{Host, Running, Stats};
 use super::http::{self, Echo};
@@ -85,14 +86,9 @@ async fn run_on_gpu<'a>(
     host: &'a Host,
     work: &Work,
 ) -> io::Result<Running<'a>> {
-    let mut admission = pin!(host.batch.admit());
-    let slot = loop {
-        match monoio::time::timeout(WATCH_SLICE, admission.as_mut()).await {
-            Ok(slot) => break slot,
-            // Dropping the admission takes the request out of the queue.
-            Err(_) if peer_gone(stream) => return Err(gone()),
-            Err(_) => {}
-        }
+    let slot = match host.batch.try_admit() {
+        Some(slot) => slot,
+        None => wait_for_slot(stream, host).await?,
     };
     let (mut running, prefill) = host.start(slot, &work.model, &work.prompt);
     if sleep_scaled(stream, host, prefill).await {
@@ -100,6 +96,19 @@ async fn run_on_gpu<'a>(
     }
     running.prefilled();
     Ok(running)
+}
+
+/// Queues for a slot (FIFO), watching the client: one that leaves is taken out of the
+/// queue (by dropping its admission).
+async fn wait_for_slot<'a>(stream: &TcpStream, host: &'a Host) -> io::Result<Slot<'a>> {
+    let mut admission = pin!(host.batch.admit());
+    loop {
+        match monoio::time::timeout(WATCH_SLICE, admission.as_mut()).await {
+            Ok(slot) => return Ok(slot),
+            Err(_) if peer_gone(stream) => return Err(gone()),
+            Err(_) => {}
+        }
+    }
 }
 
 /// In `hang`, holds the request (watching its client) until the mode changes. False if

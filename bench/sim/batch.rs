@@ -77,8 +77,15 @@ impl Batch {
         }
     }
 
-    /// Takes a slot at once if one is free and nobody waits; otherwise queues `waiter`.
-    fn try_take_or_queue(&self, waiter: &Arc<Waiter>) -> bool {
+    /// A slot at once, if one is free and nobody waits for it (no allocation, no waker:
+    /// the path every request takes on a host that is not saturated).
+    pub fn try_admit(&self) -> Option<Slot<'_>> {
+        // Lazily: a Slot made and dropped would free a slot.
+        self.take_or_queue(None).then(|| Slot { batch: self })
+    }
+
+    /// Takes a slot if one is free and nobody waits; otherwise queues `waiter`, if any.
+    fn take_or_queue(&self, waiter: Option<&Arc<Waiter>>) -> bool {
         let Some(slots) = self.slots else {
             self.running.fetch_add(1, Relaxed);
             return true;
@@ -89,8 +96,10 @@ impl Batch {
             self.running.store(q.running, Relaxed);
             return true;
         }
-        q.waiting.push_back(waiter.clone());
-        self.waiting.store(q.waiting.len(), Relaxed);
+        if let Some(w) = waiter {
+            q.waiting.push_back(w.clone());
+            self.waiting.store(q.waiting.len(), Relaxed);
+        }
         false
     }
 
@@ -169,7 +178,7 @@ impl<'a> Future for Admission<'a> {
         let Some(waiter) = &self.waiter else {
             let waiter = Arc::new(Waiter::default());
             lock(&waiter.state).waker = Some(cx.waker().clone());
-            if batch.try_take_or_queue(&waiter) {
+            if batch.take_or_queue(Some(&waiter)) {
                 return Poll::Ready(Slot { batch });
             }
             self.waiter = Some(waiter);
@@ -244,6 +253,18 @@ mod tests {
         }
         assert_eq!(order, [2, 3, 4]);
         assert_eq!((b.running(), b.waiting()), (0, 0));
+    }
+
+    #[test]
+    fn try_admit_takes_only_a_free_slot_nobody_waits_for() {
+        let b = Batch::new(Some(1));
+        let first = b.try_admit().expect("free");
+        assert!(b.try_admit().is_none());
+        let mut queued = Box::pin(b.admit());
+        assert!(poll(&mut queued).is_none());
+        drop(first);
+        assert!(b.try_admit().is_none(), "the freed slot went to the waiter");
+        assert!(poll(&mut queued).is_some());
     }
 
     #[test]

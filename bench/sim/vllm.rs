@@ -32,12 +32,13 @@ pub fn route(cfg: &Config, host: &Host, method: &str, path: &str, body: &[u8]) -
         "/v1/chat/completions" => openai::generate(cfg, Style::Vllm, body, true),
         "/v1/completions" => openai::generate(cfg, Style::Vllm, body, false),
         "/v1/embeddings" => openai::embeddings(cfg, Style::Vllm, body),
-        _ => tokenize(cfg, body),
+        _ => tokenize(body),
     }
 }
 
 /// `POST /tokenize`: `{"count":N,"max_model_len":…,"tokens":[…]}` for a prompt or messages.
-fn tokenize(cfg: &Config, body: &[u8]) -> Reply {
+/// The ids are the simulator's own tokens (`prompt.rs`), the ones its prefix cache sees.
+fn tokenize(body: &[u8]) -> Reply {
     let v = match openai::parse_body(Style::Vllm, body) {
         Ok(v) => v,
         Err(r) => return r,
@@ -46,15 +47,11 @@ fn tokenize(cfg: &Config, body: &[u8]) -> Reply {
     let Some(prompt) = prompt else {
         return openai::error(Style::Vllm, 400, "prompt or messages: Field required");
     };
-    let model = v
-        .get("model")
-        .and_then(|m| m.as_str())
-        .unwrap_or(&cfg.models[0]);
-    let n = super::prompt::count(prompt);
-    let seed = super::text::seed(model, Some(prompt));
-    let tokens: Vec<String> = (0..n)
-        .map(|i| (super::text::mix(seed ^ i as u64) % 128_000).to_string())
+    let tokens: Vec<String> = super::prompt::tokens(prompt)
+        .iter()
+        .map(u32::to_string)
         .collect();
+    let n = tokens.len();
     let body = format!(
         "{{\"count\":{n},\"max_model_len\":{},\"tokens\":[{}],\"token_strs\":null}}",
         openai::MAX_MODEL_LEN,
