@@ -59,22 +59,6 @@ enum FlavorArg {
     Ollama,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum FaultArg {
-    /// The host works.
-    None,
-    /// Connections refused (the listening sockets are closed).
-    Refuse,
-    /// Connections accepted, nothing answered, not even /health.
-    Hang,
-    /// Every request, /health included, answered 503.
-    Error,
-    /// Generation answers die after a few events (whole answers cut mid-body).
-    DieMidStream,
-    /// Queue, prefill, first token and every token --slow-factor times slower.
-    Slow,
-}
-
 #[derive(clap::Args, Debug)]
 struct BackendArgs {
     /// Which server's API to simulate.
@@ -114,8 +98,8 @@ struct BackendArgs {
     #[arg(long, default_value_t = 0)]
     prefill_us_per_token: u64,
     /// Fault mode at start (switch it at run time through --control).
-    #[arg(long, value_enum, default_value_t = FaultArg::None)]
-    fault: FaultArg,
+    #[arg(long, value_enum, default_value_t = sim::Fault::None)]
+    fault: sim::Fault,
     /// How many times slower everything is in the `slow` fault mode.
     #[arg(long, default_value_t = 10)]
     slow_factor: u32,
@@ -192,14 +176,7 @@ fn backend(a: BackendArgs) -> ExitCode {
             slots: (a.slots > 0).then_some(a.slots),
             prefix_cache_tokens: a.prefix_cache_tokens,
             prefill_per_token: Duration::from_micros(a.prefill_us_per_token),
-            fault: match a.fault {
-                FaultArg::None => sim::Fault::None,
-                FaultArg::Refuse => sim::Fault::Refuse,
-                FaultArg::Hang => sim::Fault::Hang,
-                FaultArg::Error => sim::Fault::Error,
-                FaultArg::DieMidStream => sim::Fault::DieMidStream,
-                FaultArg::Slow => sim::Fault::Slow,
-            },
+            fault: a.fault,
             slow_factor: a.slow_factor.max(1),
             control: a.control,
         },

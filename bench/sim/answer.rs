@@ -44,39 +44,51 @@ pub(super) async fn send(
             status,
             content_type,
             body,
-            work: None,
-        } => write_whole(stream, host, out, status, content_type, &body, req).await,
-        Reply::Full {
-            status,
-            content_type,
-            body,
-            work: Some(work),
+            work,
         } => {
-            if req.die_after.is_some() && work.output_tokens > 0 {
-                // Hook on a non-streaming generation: the backend dies before answering.
-                return Err(io::Error::other("x-sim-die-after"));
-            }
-            let running = run_on_gpu(stream, host, &work).await?;
-            let decode = generation_time(sh, work.output_tokens);
-            if work.output_tokens > 0 && sleep_scaled(stream, host, decode).await {
-                return Err(gone());
-            }
-            if !hold_while_hanging(stream, host).await {
-                return Err(gone());
-            }
-            // Generated: the GPU is done with it before the answer leaves (as in vLLM,
-            // whose engine finishes a request before the server sends it).
-            drop(running);
-            if host.fault() == Fault::DieMidStream {
-                return cut_mid_body(stream, host, out, status, content_type, &body, req).await;
-            }
-            write_whole(stream, host, out, status, content_type, &body, req).await
+            let cut = match work {
+                Some(work) => generate_whole(stream, sh, &work, req).await?,
+                None => false,
+            };
+            let whole = Whole {
+                status,
+                content_type,
+                body: &body,
+            };
+            write_whole(stream, host, out, whole, req, cut).await
         }
         Reply::Stream { fmt, work } => {
             let running = run_on_gpu(stream, host, &work).await?;
             send_stream(stream, sh, out, &*fmt, running, work.output_tokens, req).await
         }
     }
+}
+
+/// Runs a whole answer's generation (queue, prefill, every token). Ok(true) when the
+/// answer is to be cut (`die-mid-stream`).
+async fn generate_whole(
+    stream: &TcpStream,
+    sh: &Shared,
+    work: &Work,
+    req: &Request<'_>,
+) -> io::Result<bool> {
+    let host = &*sh.host;
+    if req.die_after.is_some() && work.output_tokens > 0 {
+        // Hook on a non-streaming generation: the backend dies before answering.
+        return Err(io::Error::other("x-sim-die-after"));
+    }
+    let running = run_on_gpu(stream, host, work).await?;
+    let decode = generation_time(sh, work.output_tokens);
+    if work.output_tokens > 0 && sleep_scaled(stream, host, decode).await {
+        return Err(gone());
+    }
+    if !hold_while_hanging(stream, host).await {
+        return Err(gone());
+    }
+    // Generated: the GPU is done with it before the answer leaves (as in vLLM, whose
+    // engine finishes a request before the server sends it).
+    drop(running);
+    Ok(host.fault() == Fault::DieMidStream)
 }
 
 /// Waits for a slot, then runs the prefill. The returned [`Running`] holds the slot and
@@ -132,57 +144,52 @@ fn generation_time(sh: &Shared, n: usize) -> Duration {
     cfg.first_token_delay + cfg.token_delay * (n.saturating_sub(1).min(u32::MAX as usize) as u32)
 }
 
+/// A whole answer's status, content type and body.
+struct Whole<'b> {
+    status: u16,
+    content_type: &'b str,
+    body: &'b [u8],
+}
+
+/// Writes a whole answer; `cut` (`die-mid-stream`) sends its head and half its body, and
+/// the connection closes.
 async fn write_whole(
     stream: &mut TcpStream,
     host: &Host,
     mut out: Vec<u8>,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
+    whole: Whole<'_>,
     req: &Request<'_>,
+    cut: bool,
 ) -> io::Result<(Vec<u8>, bool)> {
+    let Whole {
+        status,
+        content_type,
+        body,
+    } = whole;
     out.clear();
-    let ka = req.keep_alive;
+    // A cut answer dies unannounced: no `Connection: close`.
+    let keep_alive = req.keep_alive || cut;
+    let length = Some(body.len());
     http::write_head(
         &mut out,
         status,
         content_type,
-        Some(body.len()),
-        ka,
+        length,
+        keep_alive,
         &req.echo,
     );
-    if !req.is_head {
+    if cut {
+        out.extend_from_slice(&body[..body.len() / 2]);
+    } else if !req.is_head {
         out.extend_from_slice(body);
     }
     host.stats.answered(status);
-    write(stream, out, 0).await.map(|o| (o, ka))
-}
-
-/// `die-mid-stream` on a whole answer: its head and half its body, then the connection
-/// closes.
-async fn cut_mid_body(
-    stream: &mut TcpStream,
-    host: &Host,
-    mut out: Vec<u8>,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
-    req: &Request<'_>,
-) -> io::Result<(Vec<u8>, bool)> {
-    out.clear();
-    http::write_head(
-        &mut out,
-        status,
-        content_type,
-        Some(body.len()),
-        true,
-        &req.echo,
-    );
-    out.extend_from_slice(&body[..body.len() / 2]);
-    host.stats.answered(status);
-    host.stats.answers_cut.fetch_add(1, Relaxed);
-    write(stream, out, 0).await?;
-    Err(io::Error::other("die-mid-stream"))
+    let out = write(stream, out, 0).await?;
+    if cut {
+        host.stats.answers_cut.fetch_add(1, Relaxed);
+        return Err(io::Error::other("die-mid-stream"));
+    }
+    Ok((out, req.keep_alive))
 }
 
 /// Decrements the active-streams gauge however the stream ends.

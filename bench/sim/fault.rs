@@ -64,12 +64,36 @@ impl Fault {
         ALL.into_iter().find(|f| f.name() == name)
     }
 
+    /// What the mode does, in a line (`--help`).
+    fn summary(self) -> &'static str {
+        match self {
+            Fault::None => "The host works",
+            Fault::Refuse => "Connections refused (the listening sockets are closed)",
+            Fault::Hang => "Connections accepted, nothing answered, not even /health",
+            Fault::Error => "Every request, /health included, answered 503",
+            Fault::DieMidStream => {
+                "Generation answers die after a few events (whole answers cut mid-body)"
+            }
+            Fault::Slow => "Queue, prefill, first token and every token --slow-factor times slower",
+        }
+    }
+
     fn code(self) -> u8 {
         ALL.iter().position(|f| *f == self).unwrap_or(0) as u8
     }
 
     fn from_code(code: u8) -> Fault {
         ALL.get(usize::from(code)).copied().unwrap_or_default()
+    }
+}
+
+impl clap::ValueEnum for Fault {
+    fn value_variants<'a>() -> &'a [Self] {
+        &ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()).help(self.summary()))
     }
 }
 

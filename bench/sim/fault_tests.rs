@@ -3,7 +3,7 @@
 //! Silence is checked for a short while (a false pass at worst, never a flake); times
 //! only as lower bounds.
 
-use super::gpu_tests::{get, send, silent_for, start_sim, stats, wait_until};
+use super::gpu_tests::{get, open_completion, send, silent_for, start_sim, stats, wait_until};
 use super::tests::{connect, post, read_response};
 use super::*;
 use serde_json::Value;
@@ -162,10 +162,8 @@ fn a_fault_switched_mid_stream_reaches_it() {
     let srv = start_sim(with_control(Fault::None), |c| {
         c.token_delay = Duration::from_millis(10);
     });
-    let mut s = connect(srv.addr);
     let body = r#"{"prompt":"x","max_tokens":8000,"stream":true}"#;
-    s.write_all(post("/v1/completions", "", body).as_bytes())
-        .expect("write");
+    let mut s = open_completion(srv.addr, body);
     wait_until("the stream runs", || {
         srv.host
             .stats

@@ -36,6 +36,23 @@ pub(super) fn send(addr: SocketAddr, path: &str, body: &str) -> (String, Vec<u8>
     read_response(&mut s, &mut Vec::new())
 }
 
+/// Sends a completions request on a new connection and leaves its answer to be read.
+pub(super) fn open_completion(addr: SocketAddr, body: &str) -> TcpStream {
+    let mut s = connect(addr);
+    s.write_all(post("/v1/completions", "", body).as_bytes())
+        .expect("write");
+    s
+}
+
+/// A simulator with a prefix cache of `tokens` tokens and nothing else.
+fn with_cache(tokens: usize) -> Server {
+    let gpu = GpuConfig {
+        prefix_cache_tokens: tokens,
+        ..GpuConfig::default()
+    };
+    start_sim(gpu, |_| {})
+}
+
 pub(super) fn stats(srv: &Server) -> Value {
     serde_json::from_slice(&srv.host.stats_json()).expect("stats are JSON")
 }
@@ -142,13 +159,7 @@ fn the_same_prefix_twice_skips_its_prefill() {
 
 #[test]
 fn only_whole_blocks_are_cached_and_the_last_token_is_computed() {
-    let srv = start_sim(
-        GpuConfig {
-            prefix_cache_tokens: 1600,
-            ..GpuConfig::default()
-        },
-        |_| {},
-    );
+    let srv = with_cache(1600);
     let short = words("s", 15);
     assert_eq!((hits_of(&srv, &short), hits_of(&srv, &short)), (0, 0));
     let one_block = words("o", 17);
@@ -168,14 +179,7 @@ fn only_whole_blocks_are_cached_and_the_last_token_is_computed() {
 
 #[test]
 fn least_recently_used_blocks_are_evicted_at_capacity() {
-    // 5 blocks of 16 tokens.
-    let srv = start_sim(
-        GpuConfig {
-            prefix_cache_tokens: 80,
-            ..GpuConfig::default()
-        },
-        |_| {},
-    );
+    let srv = with_cache(5 * 16);
     let (a, b, c) = (words("a", 33), words("b", 33), words("c", 49));
     hits_of(&srv, &a);
     hits_of(&srv, &b);
@@ -201,13 +205,7 @@ fn slots_bound_the_batch_and_the_queue_is_fifo() {
         },
     );
     // Endless streams: each holds its slot until its client leaves.
-    let open = |tag: &str| {
-        let mut s = connect(srv.addr);
-        let body = completion(&words(tag, 40), 8000, true);
-        s.write_all(post("/v1/completions", "", &body).as_bytes())
-            .expect("write");
-        s
-    };
+    let open = |tag: &str| open_completion(srv.addr, &completion(&words(tag, 40), 8000, true));
     let running = || srv.host.batch.running();
     let waiting = || srv.host.batch.waiting();
     let a = open("a");
@@ -254,13 +252,7 @@ fn a_queued_client_that_leaves_gives_up_its_place() {
         },
         |c| c.token_delay = Duration::from_millis(10),
     );
-    let open = || {
-        let mut s = connect(srv.addr);
-        let body = completion("x", 8000, true);
-        s.write_all(post("/v1/completions", "", &body).as_bytes())
-            .expect("write");
-        s
-    };
+    let open = || open_completion(srv.addr, &completion("x", 8000, true));
     let running = open();
     wait_until("one runs", || srv.host.batch.running() == 1);
     let queued = open();
