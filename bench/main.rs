@@ -38,8 +38,8 @@ enum Cmd {
     /// With them: at most --slots requests generate at once, the others wait in a FIFO
     /// queue; a prompt's leading 16-token blocks found in the prefix cache (block-hashed,
     /// LRU, as vLLM's automatic prefix caching) skip their prefill, the others cost
-    /// --prefill-us-per-token each. A prompt token is a whitespace-separated word (words
-    /// over 16 bytes count one token per 16 bytes); a chat message adds 4 template tokens.
+    /// --prefill-us-per-token each. A prompt token is a whitespace-separated word; a chat
+    /// message adds 4 template tokens.
     /// vLLM's /health and /metrics (vllm:num_requests_running, vllm:num_requests_waiting,
     /// vllm:kv_cache_usage_perc, vllm:prefix_cache_queries_total,
     /// vllm:prefix_cache_hits_total) and Ollama's /api/version and /api/ps report it.

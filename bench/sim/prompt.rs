@@ -2,10 +2,10 @@
 //!
 //! The rule (simple enough that a benchmark can build prompts of an exact length and an
 //! exact shared prefix):
-//! - text is split on ASCII whitespace; each word is one token, except that a word longer
-//!   than [`MAX_TOKEN_BYTES`] bytes is cut into pieces of that many bytes, one token each
-//!   (so a long run of text without spaces still costs prefill). A token's id is a hash
-//!   of its bytes;
+//! - text is split on ASCII whitespace; each word is one token, whatever its length (the
+//!   count the simulator always gave: a 300 KB word is still one token, so answers and
+//!   the context-length check stay what existing clients and tests expect). A token's id
+//!   is a hash of its bytes;
 //! - chat messages are concatenated in order the way a chat template (Llama 3's) renders
 //!   them: `<|start_header_id|>` role `<|end_header_id|>` content… `<|eot_id|>`, i.e. four
 //!   template tokens per message plus its content's words; content may be a string or an
@@ -18,9 +18,6 @@
 
 use super::text::{fnv1a, FNV_OFFSET};
 use serde_json::Value;
-
-/// Longest byte run one token stands for.
-pub const MAX_TOKEN_BYTES: usize = 16;
 
 // Template tokens, outside the range word hashes are folded into.
 const HEADER_START: u32 = 128_000;
@@ -70,9 +67,7 @@ fn walk(v: &Value, emit: &mut impl FnMut(u32)) {
 
 fn words(s: &str, emit: &mut impl FnMut(u32)) {
     for word in s.split_ascii_whitespace() {
-        for piece in word.as_bytes().chunks(MAX_TOKEN_BYTES) {
-            emit(word_id(piece));
-        }
+        emit(word_id(word.as_bytes()));
     }
 }
 
@@ -99,10 +94,9 @@ mod tests {
     }
 
     #[test]
-    fn long_words_are_cut_into_pieces() {
-        assert_eq!(count(&Value::from("x".repeat(MAX_TOKEN_BYTES))), 1);
-        assert_eq!(count(&Value::from("x".repeat(MAX_TOKEN_BYTES + 1))), 2);
-        assert_eq!(count(&Value::from("x".repeat(100))), 7);
+    fn a_word_is_one_token_whatever_its_length() {
+        assert_eq!(count(&Value::from("x".repeat(300 * 1024))), 1);
+        assert_ne!(tokens(&Value::from("ab")), tokens(&Value::from("abc")));
     }
 
     #[test]
