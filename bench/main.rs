@@ -1,6 +1,7 @@
 //! `cubegate-bench`: tools to test and benchmark cubegate.
 //!
-//! - `backend`: a deterministic simulator of vLLM's or Ollama's HTTP API (see `sim/`).
+//! - `backend`: a deterministic simulator of vLLM's or Ollama's HTTP API and of the GPU
+//!   host behind it: batch slots, prefix cache, faults (see `sim/`).
 //! - `load`: a load generator with its own HTTP client (see `load/`).
 //! - `compare`: the side-by-side comparison with peer proxies (see `compare/`).
 //!
@@ -30,7 +31,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run a simulated inference backend (vLLM or Ollama HTTP API).
+    /// Run a simulated inference backend (vLLM or Ollama HTTP API) and, with --slots,
+    /// --prefix-cache-tokens, --prefill-us-per-token, the GPU host behind it.
+    ///
+    /// Without the GPU flags every request runs at once and pays only the token delays.
+    /// With them: at most --slots requests generate at once, the others wait in a FIFO
+    /// queue; a prompt's leading 16-token blocks found in the prefix cache (block-hashed,
+    /// LRU, as vLLM's automatic prefix caching) skip their prefill, the others cost
+    /// --prefill-us-per-token each. A prompt token is a whitespace-separated word; a chat
+    /// message adds 4 template tokens.
+    /// vLLM's /health and /metrics (vllm:num_requests_running, vllm:num_requests_waiting,
+    /// vllm:kv_cache_usage_perc, vllm:prefix_cache_queries_total,
+    /// vllm:prefix_cache_hits_total) and Ollama's /api/version and /api/ps report it.
+    /// Faults: --fault at start, or at run time on the --control listener:
+    /// PUT /fault/{none,refuse,hang,error,die-mid-stream,slow}, GET /fault, GET /stats.
     Backend(BackendArgs),
     /// Drive load against a gateway or backend; report latency percentiles and throughput.
     Load(load::LoadArgs),
@@ -72,6 +86,27 @@ struct BackendArgs {
     /// Dimension of the embeddings returned.
     #[arg(long, default_value_t = 8)]
     embed_dim: usize,
+    /// Requests generating at once (the GPU's running batch); the others wait in a FIFO
+    /// queue (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    slots: usize,
+    /// Prefix (KV) cache size in tokens, in blocks of 16, least recently used evicted
+    /// first (0 = no prefix caching).
+    #[arg(long, default_value_t = 0)]
+    prefix_cache_tokens: usize,
+    /// Prefill time of each prompt token not found in the prefix cache, in microseconds.
+    #[arg(long, default_value_t = 0)]
+    prefill_us_per_token: u64,
+    /// Fault mode at start (switch it at run time through --control).
+    #[arg(long, value_enum, default_value_t = sim::Fault::None)]
+    fault: sim::Fault,
+    /// How many times slower everything is in the `slow` fault mode.
+    #[arg(long, default_value_t = 10)]
+    slow_factor: u32,
+    /// Address of the control API, e.g. 127.0.0.1:9000: PUT /fault/MODE, GET /fault,
+    /// GET /stats. Always served, whatever the fault mode.
+    #[arg(long)]
+    control: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -137,6 +172,14 @@ fn backend(a: BackendArgs) -> ExitCode {
         first_token_delay: Duration::from_millis(a.first_token_delay_ms),
         threads,
         embed_dim: a.embed_dim.clamp(1, 65_536),
+        gpu: sim::GpuConfig {
+            slots: (a.slots > 0).then_some(a.slots),
+            prefix_cache_tokens: a.prefix_cache_tokens,
+            prefill_per_token: Duration::from_micros(a.prefill_us_per_token),
+            fault: a.fault,
+            slow_factor: a.slow_factor.max(1),
+            control: a.control,
+        },
     };
     match sim::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -229,6 +229,7 @@ fn smoke_against_the_simulator() {
             first_token_delay: Duration::ZERO,
             threads: 1,
             embed_dim: 8,
+            gpu: sim::GpuConfig::default(),
         })
         .expect("simulator");
         let mut a = args(server.addr, kind);

@@ -1,28 +1,49 @@
-//! `cubegate-bench backend`: a deterministic simulator of vLLM's and Ollama's HTTP APIs.
+//! `cubegate-bench backend`: a deterministic simulator of vLLM's and Ollama's HTTP APIs,
+//! and of the GPU host behind them.
 //!
 //! One thread per `--threads`, each a monoio runtime with its own SO_REUSEPORT listener
-//! on the same address. Connections are HTTP/1.1 keep-alive (`conn.rs`, with the parsing
-//! in `http.rs`); a request is routed to the flavor (`vllm.rs` or `ollama.rs`, sharing
-//! `openai.rs`), which answers with a [`Reply`]: a complete body, or a [`StreamFormat`]
-//! that `conn.rs` streams token by token, one chunk per event, honouring the configured
-//! delays, the test hooks (`x-sim-die-after`, `x-sim-stall-ms`) and client disconnects.
-//! Token text comes from `text.rs`. `GET /sim/stats` reports the [`Stats`] counters.
+//! on the same address (`listen.rs`). Connections are HTTP/1.1 keep-alive (`conn.rs`,
+//! with the parsing in `http.rs`); a request is routed to the flavor (`vllm.rs` or
+//! `ollama.rs`, sharing `openai.rs`), which answers with a [`Reply`]: a complete body, or
+//! a [`StreamFormat`] that `answer.rs` streams token by token, one chunk per event,
+//! honouring the configured delays, the test hooks (`x-sim-die-after`,
+//! `x-sim-stall-ms`) and client disconnects. Token text comes from `text.rs`.
+//!
+//! The GPU host (`host.rs`, one per process, shared by the threads): a generation request
+//! ([`Work`]: its prompt as tokens, `prompt.rs`) waits for one of `--slots` places in the
+//! running batch in a FIFO queue (`batch.rs`), finds its cached prefix (`prefix_cache.rs`,
+//! vLLM's automatic prefix caching) and pays `--prefill-us-per-token` for the rest, then
+//! decodes. Fault modes (`fault.rs`) are chosen at start or switched through the control
+//! listener (`control.rs`). `GET /sim/stats` (and the control's `GET /stats`) report the
+//! counters; vLLM's `/metrics` and Ollama's `/api/ps` report the host's state.
 
+mod answer;
+mod batch;
 mod conn;
+mod control;
+pub mod fault;
+pub mod host;
 pub mod http;
+mod listen;
 pub mod ollama;
 pub mod openai;
+pub mod prefix_cache;
+pub mod prompt;
+mod socket;
 pub mod text;
 pub mod vllm;
 
 #[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
+mod gpu_tests;
+#[cfg(test)]
 mod tests;
 
-use monoio::net::TcpListener;
-use std::io;
+pub use fault::Fault;
+pub use host::Host;
+use std::io as stdio; // `io` would read as a module of this crate
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,47 +65,65 @@ pub struct Config {
     pub first_token_delay: Duration,
     pub threads: usize,
     pub embed_dim: usize,
+    /// The GPU host model and its faults.
+    pub gpu: GpuConfig,
 }
 
-/// Process-wide counters, shared by all threads (a simulator, so atomics are fine).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub requests: AtomicU64,
-    pub streams_completed: AtomicU64,
-    pub streams_aborted: AtomicU64,
-    pub streams_died: AtomicU64,
-    pub active_streams: AtomicU64,
+/// The GPU host behind the API (all off by default: the simulator then behaves as a bare
+/// API server with unlimited parallelism).
+#[derive(Debug, Clone)]
+pub struct GpuConfig {
+    /// Requests generating at once (`None` = unlimited); the rest wait FIFO.
+    pub slots: Option<usize>,
+    /// Prefix-cache (KV pool) size in tokens; 0 = no prefix caching.
+    pub prefix_cache_tokens: usize,
+    /// Prefill time of each prompt token not found in the cache.
+    pub prefill_per_token: Duration,
+    /// The fault mode at start.
+    pub fault: Fault,
+    /// How much slower everything is in the `slow` fault mode.
+    pub slow_factor: u32,
+    /// Where the control API listens (`None` = no control listener).
+    pub control: Option<String>,
 }
 
-impl Stats {
-    fn json(&self) -> Vec<u8> {
-        format!(
-            "{{\"requests\":{},\"streams_completed\":{},\"streams_aborted\":{},\"active_streams\":{},\"streams_died\":{}}}",
-            self.requests.load(Relaxed),
-            self.streams_completed.load(Relaxed),
-            self.streams_aborted.load(Relaxed),
-            self.active_streams.load(Relaxed),
-            self.streams_died.load(Relaxed),
-        )
-        .into_bytes()
+impl Default for GpuConfig {
+    fn default() -> GpuConfig {
+        GpuConfig {
+            slots: None,
+            prefix_cache_tokens: 0,
+            prefill_per_token: Duration::ZERO,
+            fault: Fault::None,
+            slow_factor: 10,
+            control: None,
+        }
     }
 }
 
 /// What a flavor answers.
 pub enum Reply {
-    /// A complete response. `gen` tokens were "generated": the simulator waits as long as
-    /// generating them would take before answering.
+    /// A complete response. With `work`, the answer was "generated": the simulator runs
+    /// it on the GPU host and waits as long as generating it would take before answering.
     Full {
         status: u16,
         content_type: &'static str,
         body: Vec<u8>,
-        gen: usize,
+        work: Option<Work>,
     },
-    /// A chunked stream of `n` tokens.
+    /// A chunked stream of `work.output_tokens` tokens.
     Stream {
         fmt: Box<dyn StreamFormat>,
-        n: usize,
+        work: Work,
     },
+}
+
+/// What a generation asks of the GPU.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub model: String,
+    /// The prompt's tokens (`prompt.rs`).
+    pub prompt: Vec<u32>,
+    pub output_tokens: usize,
 }
 
 impl Reply {
@@ -93,7 +132,17 @@ impl Reply {
             status,
             content_type: "application/json",
             body,
-            gen: 0,
+            work: None,
+        }
+    }
+
+    /// A whole answer with no body (`/health`).
+    pub fn empty(status: u16) -> Reply {
+        Reply::Full {
+            status,
+            content_type: "",
+            body: Vec::new(),
+            work: None,
         }
     }
 }
@@ -144,8 +193,10 @@ fn norm_any(m: &str) -> (&str, &str) {
 /// A running simulator.
 pub struct Server {
     pub addr: SocketAddr,
+    /// Where the control API listens, when asked for.
+    pub control_addr: Option<SocketAddr>,
     #[allow(dead_code)] // read by tests
-    pub stats: Arc<Stats>,
+    pub host: Arc<Host>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -159,28 +210,32 @@ impl Server {
 }
 
 /// Starts the simulator; returns once every thread is accepting.
-pub fn start(cfg: Config) -> io::Result<Server> {
-    let want = cfg.listen.to_socket_addrs()?.next().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidInput, "--listen resolves to nothing")
-    })?;
+pub fn start(cfg: Config) -> stdio::Result<Server> {
+    let want = resolve(&cfg.listen, "--listen")?;
     let threads = cfg.threads.max(1);
-    let first = bind(want)?;
+    let first = listen::bind(want)?;
     let addr = first.local_addr()?;
     let mut listeners = vec![first];
     for _ in 1..threads {
-        listeners.push(bind(addr)?);
+        listeners.push(listen::bind(addr)?);
     }
+    let control = match &cfg.gpu.control {
+        Some(c) => Some(std::net::TcpListener::bind(resolve(c, "--control")?)?),
+        None => None,
+    };
     let cfg = Arc::new(cfg);
-    let stats = Arc::new(Stats::default());
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+    let host = Arc::new(Host::new(&cfg));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<stdio::Result<()>>();
     let mut handles = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
-        let cfg = cfg.clone();
-        let stats = stats.clone();
+        let shared = Shared {
+            cfg: cfg.clone(),
+            host: host.clone(),
+        };
         let ready = ready_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("sim-{i}"))
-            .spawn(move || serve_thread(l, cfg, stats, ready))?;
+            .spawn(move || listen::serve_thread(i, l, addr, shared, ready))?;
         handles.push(h);
     }
     drop(ready_tx);
@@ -188,75 +243,47 @@ pub fn start(cfg: Config) -> io::Result<Server> {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(io::Error::other("a simulator thread died while starting")),
+            Err(_) => {
+                return Err(stdio::Error::other(
+                    "a simulator thread died while starting",
+                ))
+            }
         }
     }
+    let control_addr = match control {
+        Some(l) => Some(control::start(l, host.clone())?),
+        None => None,
+    };
     Ok(Server {
         addr,
-        stats,
+        control_addr,
+        host,
         threads: handles,
     })
 }
 
-/// Runs the simulator until the process is killed.
-pub fn run(cfg: Config) -> io::Result<()> {
-    let server = start(cfg)?;
-    eprintln!("listening on {}", server.addr);
-    server.join();
-    Ok(())
+fn resolve(addr: &str, flag: &str) -> stdio::Result<SocketAddr> {
+    addr.to_socket_addrs()?.next().ok_or_else(|| {
+        stdio::Error::new(
+            stdio::ErrorKind::InvalidInput,
+            format!("{flag} resolves to nothing"),
+        )
+    })
 }
 
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
+/// Runs the simulator until the process is killed.
+pub fn run(cfg: Config) -> stdio::Result<()> {
+    let server = start(cfg)?;
+    match server.control_addr {
+        Some(c) => eprintln!("listening on {} control on {c}", server.addr),
+        None => eprintln!("listening on {}", server.addr),
+    }
+    server.join();
+    Ok(())
 }
 
 /// What every connection of a thread shares.
 struct Shared {
     cfg: Arc<Config>,
-    stats: Arc<Stats>,
-}
-
-fn serve_thread(
-    l: std::net::TcpListener,
-    cfg: Arc<Config>,
-    stats: Arc<Stats>,
-    ready: std::sync::mpsc::Sender<io::Result<()>>,
-) {
-    let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build();
-    let mut rt = match rt {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    rt.block_on(async move {
-        let listener = match TcpListener::from_std(l) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = ready.send(Err(e));
-                return;
-            }
-        };
-        let _ = ready.send(Ok(()));
-        let shared = Rc::new(Shared { cfg, stats });
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    monoio::spawn(conn::connection(stream, shared.clone()));
-                }
-                Err(_) => monoio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    });
+    host: Arc<Host>,
 }

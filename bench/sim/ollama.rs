@@ -6,7 +6,7 @@
 
 use super::openai::{self, Style};
 use super::text::{self, json_str};
-use super::{Config, Reply, StreamFormat};
+use super::{prompt, Config, Host, Reply, StreamFormat, Work};
 use serde_json::Value;
 use std::io::Write;
 
@@ -21,7 +21,7 @@ fn json(status: u16, body: Vec<u8>) -> Reply {
         status,
         content_type: JSON,
         body,
-        gen: 0,
+        work: None,
     }
 }
 
@@ -38,12 +38,12 @@ fn not_found() -> Reply {
         status: 404,
         content_type: "text/plain",
         body: b"404 page not found".to_vec(),
-        gen: 0,
+        work: None,
     }
 }
 
 /// Answers one request.
-pub fn route(cfg: &Config, method: &str, path: &str, body: &[u8]) -> Reply {
+pub fn route(cfg: &Config, host: &Host, method: &str, path: &str, body: &[u8]) -> Reply {
     let get = method == "GET" || method == "HEAD";
     let post = method == "POST";
     match path {
@@ -51,11 +51,11 @@ pub fn route(cfg: &Config, method: &str, path: &str, body: &[u8]) -> Reply {
             status: 200,
             content_type: "text/plain; charset=utf-8",
             body: b"Ollama is running".to_vec(),
-            gen: 0,
+            work: None,
         },
         "/api/version" if get => json(200, format!("{{\"version\":\"{VERSION}\"}}").into_bytes()),
         "/api/tags" if get => tags(cfg),
-        "/api/ps" if get => json(200, b"{\"models\":[]}".to_vec()),
+        "/api/ps" if get => ps(host),
         "/api/show" if post => with_model(cfg, body, show),
         "/api/chat" if post => generate(cfg, body, true),
         "/api/generate" if post => generate(cfg, body, false),
@@ -126,6 +126,38 @@ fn details() -> &'static str {
     "{\"parent_model\":\"\",\"format\":\"gguf\",\"family\":\"llama\",\"families\":[\"llama\"],\"parameter_size\":\"1.2B\",\"quantization_level\":\"Q8_0\"}"
 }
 
+/// The answer to every request in the `error` fault mode.
+pub fn unavailable() -> Reply {
+    error(503, "the GPU host is unavailable (simulated fault: error)")
+}
+
+/// A model's size on disk (and in VRAM once loaded), derived from its name.
+fn model_size(model: &str) -> u64 {
+    1_000_000_000 + text::mix(text::seed(model, None)) % 4_000_000_000
+}
+
+/// `GET /api/ps`: the models loaded (used within the keep-alive), with when each unloads.
+fn ps(host: &Host) -> Reply {
+    let mut out = Vec::from(&b"{\"models\":["[..]);
+    for (i, (m, expires)) in host.loaded_models().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let name = json_str(&m);
+        let size = model_size(&m);
+        let _ = write!(
+            out,
+            "{{\"name\":{name},\"model\":{name},\"size\":{size},\"digest\":\"{}\",\"details\":{},\"expires_at\":\"",
+            text::digest(&m),
+            details()
+        );
+        text::rfc3339(expires, &mut out);
+        let _ = write!(out, "\",\"size_vram\":{size}}}");
+    }
+    out.extend_from_slice(b"]}");
+    json(200, out)
+}
+
 fn tags(cfg: &Config) -> Reply {
     let mut out = Vec::from(&b"{\"models\":["[..]);
     for (i, m) in cfg.models.iter().enumerate() {
@@ -133,7 +165,7 @@ fn tags(cfg: &Config) -> Reply {
             out.push(b',');
         }
         let name = json_str(m);
-        let size = 1_000_000_000 + text::mix(text::seed(m, None)) % 4_000_000_000;
+        let size = model_size(m);
         let _ = write!(
             out,
             "{{\"name\":{name},\"model\":{name},\"modified_at\":\"2024-01-01T00:00:00Z\",\"size\":{size},\"digest\":\"{}\",\"details\":{}}}",
@@ -171,7 +203,7 @@ fn pull(body: &[u8]) -> Reply {
         status: 200,
         content_type: NDJSON,
         body: b"{\"status\":\"pulling manifest\"}\n{\"status\":\"verifying sha256 digest\"}\n{\"status\":\"writing manifest\"}\n{\"status\":\"success\"}\n".to_vec(),
-        gen: 0,
+        work: None,
     }
 }
 
@@ -231,12 +263,13 @@ fn generate(cfg: &Config, body: &[u8], chat: bool) -> Reply {
         }
     };
     let seed = text::seed(model, prompt);
+    let tokens = prompt.map(prompt::tokens).unwrap_or_default();
     let nd = NdStream {
         chat,
         model: json_str(model),
         seed,
         n: limit.unwrap_or(cfg.tokens),
-        prompt_tokens: prompt.map_or(0, text::prompt_tokens).max(1),
+        prompt_tokens: tokens.len().max(1),
         finish: if limit.is_some() { "length" } else { "stop" },
         first_ns: cfg.first_token_delay.as_nanos() as u64,
         token_ns: cfg.token_delay.as_nanos() as u64,
@@ -253,11 +286,15 @@ fn generate(cfg: &Config, body: &[u8], chat: bool) -> Reply {
         out.extend_from_slice(content);
         return json(200, out);
     }
+    let work = Work {
+        model: model.to_string(),
+        prompt: tokens,
+        output_tokens: nd.n,
+    };
     if stream {
-        let n = nd.n;
         return Reply::Stream {
             fmt: Box::new(nd),
-            n,
+            work,
         };
     }
     let mut out = Vec::new();
@@ -266,7 +303,7 @@ fn generate(cfg: &Config, body: &[u8], chat: bool) -> Reply {
         status: 200,
         content_type: JSON,
         body: out,
-        gen: nd.n,
+        work: Some(work),
     }
 }
 
@@ -398,7 +435,7 @@ fn embed(cfg: &Config, body: &[u8], legacy: bool) -> Reply {
         if i > 0 {
             out.push(b',');
         }
-        p += text::prompt_tokens(input).max(1);
+        p += prompt::count(input).max(1);
         text::embedding(text::seed(model, Some(input)), cfg.embed_dim, &mut out);
     }
     let _ = write!(

@@ -5,7 +5,7 @@
 //! `data: [DONE]\n\n`, with a usage event first when `stream_options.include_usage`.
 
 use super::text::{self, json_str};
-use super::{Config, Reply, StreamFormat};
+use super::{prompt, Config, Reply, StreamFormat, Work};
 use serde_json::Value;
 use std::io::Write;
 
@@ -29,6 +29,7 @@ pub fn error(style: Style, status: u16, message: &str) -> Reply {
             let kind = match status {
                 400 => "BadRequestError",
                 404 => "NotFoundError",
+                503 => "ServiceUnavailableError",
                 _ => "InternalServerError",
             };
             format!(
@@ -172,8 +173,14 @@ pub fn generate(cfg: &Config, style: Style, body: &[u8], chat: bool) -> Reply {
             return error(style, 400, &msg);
         }
     };
-    let prompt_tokens = text::prompt_tokens(prompt).max(1);
+    let tokens = prompt::tokens(prompt);
+    let prompt_tokens = tokens.len().max(1);
     let n = c.limit.unwrap_or(cfg.tokens);
+    let work = Work {
+        model: c.model.clone(),
+        prompt: tokens,
+        output_tokens: n,
+    };
     if style == Style::Vllm && c.limit.is_some() && prompt_tokens + n > MAX_MODEL_LEN {
         let msg = format!(
             "This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested {} tokens ({prompt_tokens} in the messages, {n} in the completion). Please reduce the length of the messages or completion.",
@@ -216,7 +223,7 @@ pub fn generate(cfg: &Config, style: Style, body: &[u8], chat: bool) -> Reply {
         };
         return Reply::Stream {
             fmt: Box::new(fmt),
-            n,
+            work,
         };
     }
     let answer = json_str(&text::text(seed, n));
@@ -255,7 +262,7 @@ pub fn generate(cfg: &Config, style: Style, body: &[u8], chat: bool) -> Reply {
         status: 200,
         content_type: "application/json",
         body: out.into_bytes(),
-        gen: n,
+        work: Some(work),
     }
 }
 
@@ -381,7 +388,7 @@ pub fn embeddings(cfg: &Config, style: Style, body: &[u8]) -> Reply {
         if i > 0 {
             out.push(b',');
         }
-        p += text::prompt_tokens(input).max(1);
+        p += prompt::count(input).max(1);
         let _ = write!(
             out,
             "{{\"object\":\"embedding\",\"index\":{i},\"embedding\":"

@@ -5,9 +5,10 @@ use super::http::{self, BodyKind, Chunked, HeadError};
 use super::*;
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
 
-fn cfg(flavor: Flavor) -> Config {
+pub(super) fn cfg(flavor: Flavor) -> Config {
     Config {
         flavor,
         listen: "127.0.0.1:0".to_string(),
@@ -20,13 +21,15 @@ fn cfg(flavor: Flavor) -> Config {
         first_token_delay: Duration::ZERO,
         threads: 1,
         embed_dim: 8,
+        gpu: GpuConfig::default(),
     }
 }
 
 fn route(c: &Config, method: &str, path: &str, body: &str) -> Reply {
+    let host = Host::new(c);
     match c.flavor {
-        Flavor::Vllm => vllm::route(c, method, path, body.as_bytes()),
-        Flavor::Ollama => ollama::route(c, method, path, body.as_bytes()),
+        Flavor::Vllm => vllm::route(c, &host, method, path, body.as_bytes()),
+        Flavor::Ollama => ollama::route(c, &host, method, path, body.as_bytes()),
     }
 }
 
@@ -34,7 +37,7 @@ fn route(c: &Config, method: &str, path: &str, body: &str) -> Reply {
 fn bytes(r: &Reply) -> (u16, Vec<u8>) {
     match r {
         Reply::Full { status, body, .. } => (*status, body.clone()),
-        Reply::Stream { fmt, n } => (200, render(&**fmt, *n)),
+        Reply::Stream { fmt, work } => (200, render(&**fmt, work.output_tokens)),
     }
 }
 
@@ -244,7 +247,7 @@ fn chunk_framing() {
 
 // ---- over sockets ----
 
-fn connect(addr: SocketAddr) -> TcpStream {
+pub(super) fn connect(addr: SocketAddr) -> TcpStream {
     assert!(addr.ip().is_loopback());
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -255,7 +258,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 }
 
 /// Reads one response: (head, de-chunked body, whether it ended properly).
-fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>, bool) {
+pub(super) fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>, bool) {
     let mut tmp = [0u8; 8192];
     let mut fill = |s: &mut TcpStream, pending: &mut Vec<u8>| -> bool {
         match s.read(&mut tmp) {
@@ -308,7 +311,7 @@ fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>, 
     (head, body, ok)
 }
 
-fn post(path: &str, headers: &str, body: &str) -> String {
+pub(super) fn post(path: &str, headers: &str, body: &str) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nHost: t\r\n{headers}Content-Length: {}\r\n\r\n{body}",
         body.len()
@@ -368,8 +371,8 @@ fn serves_keep_alive_streams_and_errors() {
             .count(),
         2
     );
-    assert_eq!(srv.stats.streams_died.load(Relaxed), 1);
-    assert_eq!(srv.stats.streams_completed.load(Relaxed), 1);
+    assert_eq!(srv.host.stats.streams_died.load(Relaxed), 1);
+    assert_eq!(srv.host.stats.streams_completed.load(Relaxed), 1);
     let mut s = connect(srv.addr);
     s.write_all(b"GET /sim/stats HTTP/1.1\r\nHost: t\r\n\r\n")
         .expect("write");
@@ -405,18 +408,18 @@ fn client_disconnect_stops_the_stream() {
         }
     }
     assert!(got > 500);
-    assert_eq!(srv.stats.active_streams.load(Relaxed), 1);
+    assert_eq!(srv.host.stats.active_streams.load(Relaxed), 1);
     drop(s);
     let mut aborted = 0;
     for _ in 0..200 {
-        aborted = srv.stats.streams_aborted.load(Relaxed);
+        aborted = srv.host.stats.streams_aborted.load(Relaxed);
         if aborted == 1 {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(aborted, 1);
-    assert_eq!(srv.stats.active_streams.load(Relaxed), 0);
+    assert_eq!(srv.host.stats.active_streams.load(Relaxed), 0);
 }
 
 #[test]

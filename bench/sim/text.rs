@@ -194,33 +194,21 @@ pub fn created_at(seed: u64, i: usize, out: &mut Vec<u8>) {
     );
 }
 
-/// Whitespace-separated words in `s`: the simulator's notion of "tokens" in a prompt.
-pub fn count_words(s: &str) -> usize {
-    s.split_ascii_whitespace().count()
-}
-
-/// Prompt tokens of a string, an array of strings/token ids, or chat messages
-/// (content as a string or an array of `{"type":"text","text":…}` parts). Each chat
-/// message costs 4 extra tokens for the template, like a real chat template would.
-pub fn prompt_tokens(v: &Value) -> usize {
-    match v {
-        Value::String(s) => count_words(s),
-        Value::Number(_) => 1,
-        Value::Array(a) => a.iter().map(prompt_tokens).sum(),
-        Value::Object(m) => {
-            let mut n = 0;
-            if m.contains_key("role") {
-                n += 4;
-            }
-            for key in ["content", "text"] {
-                if let Some(x) = m.get(key) {
-                    n += prompt_tokens(x);
-                }
-            }
-            n
-        }
-        _ => 0,
-    }
+/// Appends `t` as an RFC 3339 UTC timestamp with nanoseconds (Go's `time.RFC3339Nano`
+/// shape, as Ollama writes them).
+pub fn rfc3339(t: std::time::SystemTime, out: &mut Vec<u8>) {
+    let t = time::OffsetDateTime::from(t);
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond()
+    );
 }
 
 /// Appends a deterministic unit-length embedding of `dim` floats as a JSON array.
@@ -292,16 +280,6 @@ mod tests {
     }
 
     #[test]
-    fn prompt_token_counts() {
-        let v: Value = serde_json::json!([
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "one two three"}]}
-        ]);
-        assert_eq!(prompt_tokens(&v), 4 + 2 + 4 + 3);
-        assert_eq!(prompt_tokens(&Value::from("a b  c")), 3);
-    }
-
-    #[test]
     fn embedding_is_unit_length_and_deterministic() {
         let mut a = Vec::new();
         let mut b = Vec::new();
@@ -312,6 +290,14 @@ mod tests {
         assert_eq!(v.len(), 8);
         let n: f64 = v.iter().map(|x| x * x).sum();
         assert!((n - 1.0).abs() < 1e-3, "norm {n}");
+    }
+
+    #[test]
+    fn rfc3339_shape() {
+        let mut s = Vec::new();
+        let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_735_689_661, 5);
+        rfc3339(t, &mut s);
+        assert_eq!(s, b"2025-01-01T00:01:01.000000005Z");
     }
 
     #[test]
