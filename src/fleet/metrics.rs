@@ -24,7 +24,7 @@ pub fn render(out: &mut String, hosts: &[std::sync::Arc<Host>], placements: &[u6
         &'static str,
         fn(&Host) -> String,
     );
-    let series: [Series; 6] = [
+    let series: [Series; 7] = [
         (
             "cubegate_backend_up",
             "gauge",
@@ -36,6 +36,12 @@ pub fn render(out: &mut String, hosts: &[std::sync::Arc<Host>], placements: &[u6
             "gauge",
             "Requests this box has in flight on the host.",
             |h| h.in_flight().to_string(),
+        ),
+        (
+            "cubegate_backend_queued",
+            "gauge",
+            "Requests waiting in cubegate's queues with the host as their first choice.",
+            |h| h.queued.load(Relaxed).to_string(),
         ),
         (
             "cubegate_backend_published_waiting",

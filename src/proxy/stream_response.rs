@@ -445,10 +445,15 @@ where
             Either::Right(((), _)) => watch.armed = true,
         }
     }
-    // While a host is watched (before its first byte), look at its rotation now and then.
-    let tick = if host.is_some() { EJECTION_POLL } else { limit };
     loop {
-        let ticker = pin!(monoio::time::sleep(tick));
+        // While a host is watched (before its first byte), look at its rotation now and
+        // then; otherwise no timer at all (this runs once per read of a streamed answer).
+        let ticker = pin!(async {
+            match host {
+                Some(_) => monoio::time::sleep(EJECTION_POLL).await,
+                None => std::future::pending::<()>().await,
+            }
+        });
         let result = match watch.fut.as_mut() {
             None => match select(read.as_mut(), ticker).await {
                 Either::Left((r, _)) => r,
