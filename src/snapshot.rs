@@ -34,6 +34,8 @@ pub struct Backend {
     pub models: Vec<String>,
     /// `models = ["*"]`: serves whatever it is asked for.
     pub any_model: bool,
+    /// `models = []`: serves what the host says it serves (asked by the health checker).
+    pub discover: bool,
     /// The GPU host's shared state (in flight, rotation, load), one per URL however many
     /// domains list it.
     pub host: Arc<crate::fleet::host::Host>,
@@ -41,7 +43,18 @@ pub struct Backend {
 
 impl Backend {
     pub fn serves(&self, model: &str) -> bool {
+        if self.discover {
+            return self.host.has_discovered(model);
+        }
         self.any_model || self.models.iter().any(|m| m == model)
+    }
+
+    /// The models it serves by name: configured, or discovered.
+    fn named_models(&self) -> Vec<String> {
+        if self.discover {
+            return self.host.discovered().to_vec();
+        }
+        self.models.iter().filter(|m| *m != "*").cloned().collect()
     }
 }
 
@@ -51,6 +64,9 @@ pub struct Domain {
     pub backends: Vec<Backend>,
     /// One backend serving any model: bodies need no inspection at all.
     pub passthrough: bool,
+    /// A backend asks its host for its models: the model lists are rendered when asked
+    /// for, not once here.
+    pub discovers: bool,
     /// `GET /v1/models` answer, OpenAI list format.
     pub models_json: Vec<u8>,
     /// `GET /api/tags` answer, Ollama format (models of Ollama backends).
@@ -119,6 +135,9 @@ impl Domain {
                 },
                 b.max_in_flight,
             );
+            if b.models.is_empty() {
+                host.discover_models();
+            }
             backends.push(Backend {
                 kind: b.kind,
                 addr: url.addr,
@@ -126,17 +145,20 @@ impl Domain {
                 authority: url.authority,
                 base_path: url.base_path,
                 any_model: b.models.iter().any(|m| m == "*"),
+                discover: b.models.is_empty(),
                 models: b.models.clone(),
                 host,
             });
         }
         let passthrough = backends.len() == 1 && backends[0].any_model;
+        let discovers = backends.iter().any(|b| b.discover);
         let models_json = render_models(&backends);
         let tags_json = render_tags(&backends);
         Ok(Domain {
             id: DomainId::new(id),
             backends,
             passthrough,
+            discovers,
             models_json,
             tags_json,
             from_api,
@@ -170,12 +192,31 @@ impl Snapshot {
     }
 }
 
-fn listed_models(backends: &[Backend], kind: Option<BackendKind>) -> Vec<&str> {
-    let mut models: Vec<&str> = backends
+impl Domain {
+    /// `GET /v1/models`: rendered at build time, or now when hosts report their models.
+    pub fn models_body(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.discovers {
+            render_models(&self.backends).into()
+        } else {
+            (&self.models_json[..]).into()
+        }
+    }
+
+    /// `GET /api/tags`, likewise.
+    pub fn tags_body(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.discovers {
+            render_tags(&self.backends).into()
+        } else {
+            (&self.tags_json[..]).into()
+        }
+    }
+}
+
+fn listed_models(backends: &[Backend], kind: Option<BackendKind>) -> Vec<String> {
+    let mut models: Vec<String> = backends
         .iter()
         .filter(|b| kind.is_none_or(|k| b.kind == k))
-        .flat_map(|b| b.models.iter().map(String::as_str))
-        .filter(|m| *m != "*")
+        .flat_map(|b| b.named_models())
         .collect();
     models.sort_unstable();
     models.dedup();
@@ -188,7 +229,7 @@ fn render_models(backends: &[Backend]) -> Vec<u8> {
         .map(|m| {
             let owner = backends
                 .iter()
-                .find(|b| b.serves(m))
+                .find(|b| b.serves(&m))
                 .map_or("cubegate", |b| match b.kind {
                     BackendKind::Vllm => "vllm",
                     BackendKind::Ollama => "ollama",

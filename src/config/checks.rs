@@ -84,18 +84,13 @@ pub fn validate_domain_id(key: &str, id: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A backend's models: names, `["*"]` for any model, or `[]` to ask the host.
 pub(super) fn validate_models(key: &str, models: &[String]) -> Result<(), ConfigError> {
-    if models.is_empty() {
-        return Err(err(
-            key,
-            "list at least one model, or [\"*\"] for any model",
-        ));
-    }
     if models.iter().any(|m| m == "*") && models.len() > 1 {
         return Err(err(key, "\"*\" (any model) must be the only entry"));
     }
     for m in models {
-        if m.is_empty() || m.len() > 256 || m.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        if !is_valid_model_name(m) {
             return Err(err(
                 key,
                 format!("{m:?} is not a valid model name (1..=256 printable characters, no quotes or backslashes)"),
@@ -103,6 +98,11 @@ pub(super) fn validate_models(key: &str, models: &[String]) -> Result<(), Config
         }
     }
     Ok(())
+}
+
+/// 1..=256 printable characters, no quotes or backslashes (they travel in JSON and logs).
+pub fn is_valid_model_name(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 256 && !m.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// `http[s]://host[:port][/base]`. The host is resolved once, here: the data plane never

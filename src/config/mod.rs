@@ -12,7 +12,7 @@ pub mod fleet;
 pub use fleet::{HealthConfig, Routing};
 
 use checks::{check_range, parse_listen, validate_models, validate_trusted};
-pub use checks::{parse_backend_url, validate_domain_id};
+pub use checks::{is_valid_model_name, parse_backend_url, validate_domain_id};
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;

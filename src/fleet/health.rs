@@ -5,7 +5,9 @@
 //! Ollama `GET /api/version` (Ollama publishes no load; what this box has in flight there
 //! is all routing knows). A failed or late check counts towards ejection, a good one
 //! re-admits an ejected host once its backoff is over (see [`super::host`]). A host that
-//! hangs is therefore out of rotation within about `interval + 2 × timeout`.
+//! hangs is therefore out of rotation within about `interval + 2 × timeout`. Hosts that a
+//! domain lists with `models = []` are also asked what they serve (vLLM `/v1/models`,
+//! Ollama `/api/tags`), every round (once a second when checks are off).
 //!
 //! Everything a host sends is bounded (head, body, time) and parsed leniently: a metric
 //! that is missing or malformed is just not known.
@@ -54,11 +56,25 @@ async fn check_forever(settings: HealthSettings) {
     } else {
         settings.interval
     };
+    let mut round: u64 = 0;
     loop {
         let started = Instant::now();
+        round += 1;
         let hosts = super::hosts();
         if settings.interval.is_zero() {
             hosts.iter().for_each(|h| h.readmit_if_backoff_over());
+            // Without health checks, hosts that report their models are still asked, once
+            // a second.
+            if round % 4 == 1 {
+                let asks: Vec<_> = hosts
+                    .into_iter()
+                    .filter(|h| h.discovers())
+                    .map(|h| monoio::spawn(discover_models(h, settings.clone())))
+                    .collect();
+                for a in asks {
+                    a.await;
+                }
+            }
         } else {
             let checks: Vec<_> = hosts
                 .into_iter()
@@ -80,12 +96,53 @@ async fn check_host(host: Arc<Host>, settings: HealthSettings) {
     };
     let ok = matches!(get(&host, path, &settings).await, Ok((200..=299, _)));
     host.record_check(ok);
+    if ok && host.discovers() {
+        discover_models(host.clone(), settings.clone()).await;
+    }
     if ok && host.kind == BackendKind::Vllm {
         if let Ok((200..=299, body)) = get(&host, "/metrics", &settings).await {
             let load = parse_vllm_metrics(&body);
             host.record_scrape(load.running, load.waiting, load.kv_cache_usage);
         }
     }
+}
+
+/// Asks a host what it serves (vLLM `GET /v1/models`, Ollama `GET /api/tags`) and keeps
+/// the answer; an answer that cannot be read keeps the last list.
+async fn discover_models(host: Arc<Host>, settings: HealthSettings) {
+    let path = match host.kind {
+        BackendKind::Vllm => "/v1/models",
+        BackendKind::Ollama => "/api/tags",
+    };
+    if let Ok((200..=299, body)) = get(&host, path, &settings).await {
+        match parse_model_list(host.kind, &body) {
+            Some(models) => {
+                host.record_models(models);
+            }
+            None => tracing::warn!(host = %host.url, "could not read the host's model list"),
+        }
+    }
+}
+
+/// Most models one host may report (a longer list is cut).
+const MAX_MODELS: usize = 1024;
+
+/// The model names of a `/v1/models` (`data[].id`) or `/api/tags` (`models[].name`)
+/// answer. Names that are not valid model names are skipped; `None` if the shape is wrong.
+pub fn parse_model_list(kind: BackendKind, body: &[u8]) -> Option<Vec<String>> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let (list, field) = match kind {
+        BackendKind::Vllm => (value.get("data")?.as_array()?, "id"),
+        BackendKind::Ollama => (value.get("models")?.as_array()?, "name"),
+    };
+    Some(
+        list.iter()
+            .filter_map(|m| m.get(field)?.as_str())
+            .filter(|m| crate::config::is_valid_model_name(m))
+            .take(MAX_MODELS)
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 /// `GET path` on its own connection, the whole exchange within the timeout.
@@ -197,6 +254,22 @@ pub fn parse_vllm_metrics(text: &[u8]) -> VllmLoad {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_model_lists_of_both_flavors() {
+        let vllm = br#"{"object":"list","data":[{"id":"a"},{"id":"b\"x"},{"id":7},{"id":"c"}]}"#;
+        assert_eq!(
+            parse_model_list(BackendKind::Vllm, vllm),
+            Some(vec!["a".to_string(), "c".to_string()])
+        );
+        let ollama = br#"{"models":[{"name":"llama3.2:1b","model":"llama3.2:1b"}]}"#;
+        assert_eq!(
+            parse_model_list(BackendKind::Ollama, ollama),
+            Some(vec!["llama3.2:1b".to_string()])
+        );
+        assert_eq!(parse_model_list(BackendKind::Vllm, b"{\"data\":5}"), None);
+        assert_eq!(parse_model_list(BackendKind::Ollama, b"not json"), None);
+    }
 
     #[test]
     fn reads_vllm_gauges_and_skips_junk() {

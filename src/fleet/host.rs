@@ -8,8 +8,10 @@
 //! health checker) or on failures only.
 
 use crate::config::BackendKind;
+use arc_swap::ArcSwap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -142,6 +144,10 @@ pub struct Host {
     scraped_kv_permille: AtomicU32,
     scraped_local: AtomicU32,
     scraped_at_ms: AtomicU64,
+    /// A domain lists it with `models = []`: the health checker asks it what it serves.
+    discovers: AtomicBool,
+    /// What it said it serves, at the last ask.
+    discovered: ArcSwap<Vec<String>>,
 }
 
 /// Milliseconds on the process's monotonic clock.
@@ -193,7 +199,40 @@ impl Host {
             scraped_kv_permille: AtomicU32::new(0),
             scraped_local: AtomicU32::new(0),
             scraped_at_ms: AtomicU64::new(0),
+            discovers: AtomicBool::new(false),
+            discovered: ArcSwap::from_pointee(Vec::new()),
         }
+    }
+
+    /// From now on the health checker asks the host for its models.
+    pub fn discover_models(&self) {
+        self.discovers.store(true, Relaxed);
+    }
+
+    pub fn discovers(&self) -> bool {
+        self.discovers.load(Relaxed)
+    }
+
+    /// The models the host said it serves (empty until it was asked).
+    pub fn discovered(&self) -> Arc<Vec<String>> {
+        self.discovered.load_full()
+    }
+
+    /// Whether the host said it serves `model`.
+    pub fn has_discovered(&self, model: &str) -> bool {
+        self.discovered.load().iter().any(|m| m == model)
+    }
+
+    /// Records what the host serves; returns whether it changed.
+    pub fn record_models(&self, mut models: Vec<String>) -> bool {
+        models.sort_unstable();
+        models.dedup();
+        if **self.discovered.load() == models {
+            return false;
+        }
+        tracing::info!(host = %self.url, models = ?models, "GPU host's models changed");
+        self.discovered.store(Arc::new(models));
+        true
     }
 
     pub fn set_max_in_flight(&self, n: u32) {
@@ -210,7 +249,7 @@ impl Host {
 
     /// Takes a place on the host, unless it is at its `max_in_flight`. The place is given
     /// back when the returned guard drops.
-    pub fn try_acquire(self: &std::sync::Arc<Self>) -> Option<InFlight> {
+    pub fn try_acquire(self: &Arc<Self>) -> Option<InFlight> {
         let max = self.max_in_flight();
         let counter = &self.in_flight.0;
         if max == 0 {
@@ -347,7 +386,7 @@ impl Host {
 }
 
 /// A place taken on a host (see `Host::try_acquire`); given back on drop.
-pub struct InFlight(std::sync::Arc<Host>);
+pub struct InFlight(Arc<Host>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -358,7 +397,6 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn host() -> Arc<Host> {
         Arc::new(Host::new(

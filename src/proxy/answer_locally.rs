@@ -26,10 +26,10 @@ pub async fn health(
 
 /// The domain's model list when `endpoint` asks for one the domain map can give (`None`:
 /// the request goes on to a backend).
-pub fn model_list(domain: &Domain, endpoint: Endpoint) -> Option<&[u8]> {
+pub fn model_list(domain: &Domain, endpoint: Endpoint) -> Option<std::borrow::Cow<'_, [u8]>> {
     match endpoint {
-        Endpoint::ListModels => Some(&domain.models_json),
-        Endpoint::ListTags if !domain.passthrough => Some(&domain.tags_json),
+        Endpoint::ListModels => Some(domain.models_body()),
+        Endpoint::ListTags if !domain.passthrough => Some(domain.tags_body()),
         _ => None,
     }
 }

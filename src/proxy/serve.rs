@@ -99,7 +99,7 @@ async fn run_phases(
     req.identity = Some(identity);
 
     if let Some(list) = answer_locally::model_list(domain, route.endpoint) {
-        return answer_locally::serve_model_list(worker, conn, req, list).await;
+        return answer_locally::serve_model_list(worker, conn, req, &list).await;
     }
 
     let body = read_model(worker, conn, req, domain, route.endpoint).await?;

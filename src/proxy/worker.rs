@@ -215,6 +215,7 @@ fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
             base_path: String::new(),
             models: vec!["*".into()],
             any_model: true,
+            discover: false,
             // Not a GPU host: never registered with the fleet, so never health-checked.
             host: Arc::new(crate::fleet::host::Host::new(
                 format!("http://{addr}"),
@@ -226,6 +227,7 @@ fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
             )),
         }],
         passthrough: true,
+        discovers: false,
         models_json: Vec::new(),
         tags_json: Vec::new(),
         from_api: false,
