@@ -153,16 +153,21 @@ async fn take_place(
         (false, None) => return Ok(None),
         (true, None) => {}
     }
+    let hosts = order
+        .iter()
+        .map(|&i| fwd.domain.backends[i].host.clone())
+        .collect();
     let ticket = worker
         .queue
         .borrow_mut()
-        .join(fwd.domain.metrics_slot)
+        .join(fwd.domain.metrics_slot, hosts)
         .ok_or(GatewayError::QueueFull)?;
     let first_choice = order.first().map(|&i| fwd.domain.backends[i].host.clone());
-    let waited = Queued {
+    let mut waited = Queued {
         worker,
         ticket: Some(ticket),
         counted: first_choice,
+        served: false,
     };
     if let Some(h) = &waited.counted {
         h.queued.fetch_add(1, Relaxed);
@@ -170,9 +175,12 @@ async fn take_place(
     let deadline = Instant::now() + worker.timeouts.queue();
     loop {
         monoio::time::sleep(QUEUE_POLL).await;
-        if waited.is_head() {
+        if waited.is_turn() {
             match first_free() {
-                (_, Some(found)) => return Ok(Some(found)),
+                (_, Some(found)) => {
+                    waited.served = true;
+                    return Ok(Some(found));
+                }
                 (false, None) => return Err(GatewayError::NoHealthyBackend),
                 (true, None) => {}
             }
@@ -194,20 +202,25 @@ struct Queued<'w> {
     ticket: Option<Ticket>,
     /// The first-choice host, whose `queued` count this request is in.
     counted: Option<std::sync::Arc<crate::fleet::host::Host>>,
+    /// It leaves with a place (its domain's turn is then over).
+    served: bool,
 }
 
 impl Queued<'_> {
-    fn is_head(&self) -> bool {
-        self.ticket
-            .as_ref()
-            .is_some_and(|t| self.worker.queue.borrow().is_head(t))
+    fn is_turn(&self) -> bool {
+        self.ticket.as_ref().is_some_and(|t| {
+            self.worker
+                .queue
+                .borrow()
+                .is_turn(t, |h| h.is_up() && h.has_room())
+        })
     }
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if let Some(t) = self.ticket.take() {
-            self.worker.queue.borrow_mut().leave(t);
+            self.worker.queue.borrow_mut().leave(t, self.served);
         }
         if let Some(h) = self.counted.take() {
             h.queued.fetch_sub(1, Relaxed);
