@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 /// Streams held open by the tests run this long at most (a token every 100 ms).
 const SLOW_TOKENS: &[&str] = &["--token-delay-us", "100000"];
 const HELD_TOKENS: u32 = 1000;
+/// `[health]` of the tests that turn the checks on (see `Fleet::checked`).
+const HEALTH_INTERVAL_MS: u64 = 200;
+const HEALTH_TIMEOUT_MS: u64 = 1000;
 
 /// A simulated GPU host: the simulator and its control listener.
 struct GpuHost {
@@ -118,6 +121,24 @@ impl<'a> Fleet<'a> {
         s
     }
 
+    /// With active health checks every 200 ms, each within 1 s: a hung host is out within
+    /// interval + 2 × timeout = 2.2 s by design. The timeout is not shorter so that a
+    /// healthy host's check cannot miss it twice in a row on this loaded machine.
+    fn checked(mut self) -> Fleet<'a> {
+        self.health = Some((HEALTH_INTERVAL_MS, HEALTH_TIMEOUT_MS));
+        self
+    }
+
+    /// The gateway with one place per host and one worker: the queue is per worker (its
+    /// bound is `max_queued` split over the workers), so one worker makes its bound and
+    /// its order exact.
+    fn one_at_a_time(mut self, driver: &str, max_queued: usize, queue_s: u64) -> Gateway {
+        self.max_in_flight = 1;
+        self.max_queued = max_queued;
+        self.queue_s = queue_s;
+        self.start(driver, "workers = 1")
+    }
+
     /// The gateway, with JSON logs (its access records are read back).
     fn start(&self, driver: &str, proxy_extra: &str) -> Gateway {
         gateway_with_env(
@@ -168,11 +189,15 @@ fn chat_in_background(
     std::thread::spawn(move || chat(gw, &domain, &id, &body))
 }
 
-/// Starts a long stream and returns once its head arrived, so the gateway holds a place
-/// on its host until the returned reader is dropped (the client leaves, the gateway drops
-/// the upstream connection).
-fn hold(gw: SocketAddr, domain: &str, id: &str, body: &str) -> Reader {
+/// Sends a chat request on a new connection; read its answer from the returned reader.
+fn start_chat(gw: SocketAddr, domain: &str, id: &str, body: &str) -> Reader {
     let mut r = Reader::new(connect(gw));
+    send_chat_on(&mut r, domain, id, body);
+    r
+}
+
+/// Sends a chat request on a connection already open (pipelined behind what it carries).
+fn send_chat_on(r: &mut Reader, domain: &str, id: &str, body: &str) {
     let req = request_bytes(
         "POST",
         &chat_path(domain),
@@ -180,6 +205,37 @@ fn hold(gw: SocketAddr, domain: &str, id: &str, body: &str) -> Reader {
         body.as_bytes(),
     );
     send(&mut r.stream, &req);
+}
+
+/// The host a request (`id`, `body`) went to, and the other of two.
+fn home_of<'h>(
+    gw: &Gateway,
+    hosts: &'h [GpuHost],
+    id: &str,
+    body: &str,
+) -> (&'h GpuHost, &'h GpuHost) {
+    assert_eq!(hosts.len(), 2);
+    let r = chat(gw.addr, "fleet", id, body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let home = access_record(gw, id)["backend"].clone();
+    let at = hosts.iter().position(|h| home == h.addr()).expect("a host");
+    (&hosts[at], &hosts[1 - at])
+}
+
+/// Sends `body` as request `id` and expects a whole answer from `host`.
+#[track_caller]
+fn expect_answer_from(gw: &Gateway, id: &str, body: &str, host: &GpuHost) {
+    let r = chat(gw.addr, "fleet", id, body);
+    assert_eq!(r.status, 200, "{id}: {}", r.text());
+    assert_eq!(r.json()["object"], "chat.completion");
+    assert_eq!(access_record(gw, id)["backend"], host.addr(), "{id}");
+}
+
+/// Starts a long stream and returns once its head arrived, so the gateway holds a place
+/// on its host until the returned reader is dropped (the client leaves, the gateway drops
+/// the upstream connection).
+fn hold(gw: SocketAddr, domain: &str, id: &str, body: &str) -> Reader {
+    let mut r = start_chat(gw, domain, id, body);
     let (status, _) = r.head().expect("a response head");
     assert_eq!(status, 200, "held stream {id}");
     r
@@ -383,15 +439,12 @@ fn miss_goes_to_a_light_host(driver: &str) {
 fn ejection_and_return(driver: &str) {
     let hosts = vllm_hosts(4, &[]);
     let all: Vec<&GpuHost> = hosts.iter().collect();
-    let mut fleet = Fleet::new(vec![
+    let gw = Fleet::new(vec![
         ("fleet", "auto", all.clone()),
         ("rr", "round_robin", all),
-    ]);
-    // A hung host is out within interval + 2 × timeout by design (here 2.2 s). The
-    // timeout is not shorter so that a healthy host's check cannot miss it twice in a row
-    // on this loaded machine.
-    fleet.health = Some((200, 1000));
-    let gw = fleet.start(driver, "");
+    ])
+    .checked()
+    .start(driver, "");
     let token = admin_token(gw.addr);
     let mgmt = management_addr(&gw);
     let (refusing, failing, hung, healthy) = (&hosts[0], &hosts[1], &hosts[2], &hosts[3]);
@@ -422,7 +475,7 @@ fn ejection_and_return(driver: &str) {
     let hung_out = hung_out.expect("the hung host was seen ejected");
     eprintln!("hung host out of rotation after {hung_out:?}");
     // interval + 2 × timeout = 2.2 s by design; the bound is 10 s because this machine's
-    // two cores are shared with compilers (it catches "never" and "only by chance").
+    // two cores are shared with compilers (it catches "never" and "only by backoff").
     assert!(hung_out < Duration::from_secs(10), "{hung_out:?}");
     for h in faulty {
         let st = backend_status(gw.addr, &token, h);
@@ -489,35 +542,17 @@ fn retry_before_first_byte_not_after(driver: &str) {
     let mgmt = management_addr(&gw);
     let system = system_prompt("retry");
     let whole = chat_with(&system, "question", false, 4);
-    assert_eq!(chat(gw.addr, "fleet", "find-home", &whole).status, 200);
-    let counts = request_counts(&hosts);
-    let home = counts
-        .iter()
-        .position(|n| *n == 1)
-        .expect("one host served it");
-    let (x, y) = (&hosts[home], &hosts[1 - home]);
+    let (x, y) = home_of(&gw, &hosts, "find-home", &whole);
 
     set_fault(x.control, "error");
-    let r = chat(gw.addr, "fleet", "after-503", &whole);
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["object"], "chat.completion");
-    assert_eq!(access_record(&gw, "after-503")["backend"], y.addr());
+    expect_answer_from(&gw, "after-503", &whole, y);
     assert_eq!(x.stats()["by_status"]["503"], 1, "x was tried first");
     assert_eq!(y.requests(), 1);
     assert_eq!(host_metric(mgmt, "cubegate_backend_retries_total", x), 1);
 
     set_fault(x.control, "die-mid-stream");
     let streamed = chat_with(&system, "question", true, 16);
-    let mut reader = Reader::new(connect(gw.addr));
-    send(
-        &mut reader.stream,
-        &request_bytes(
-            "POST",
-            &chat_path("fleet"),
-            &[("Content-Type", "application/json")],
-            streamed.as_bytes(),
-        ),
-    );
+    let mut reader = start_chat(gw.addr, "fleet", "cut", &streamed);
     let cut = reader.response().expect("a response head");
     assert_eq!(cut.status, 200);
     assert!(
@@ -531,24 +566,37 @@ fn retry_before_first_byte_not_after(driver: &str) {
     assert_eq!(host_metric(mgmt, "cubegate_backend_retries_total", x), 1);
 
     set_fault(x.control, "refuse");
-    let r = chat(gw.addr, "fleet", "after-refusal", &whole);
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(access_record(&gw, "after-refusal")["backend"], y.addr());
+    expect_answer_from(&gw, "after-refusal", &whole, y);
     assert_eq!(y.requests(), 2);
     assert_eq!(host_metric(mgmt, "cubegate_backend_retries_total", x), 2);
 }
 
+/// 5 (hang). A request awaiting the first byte of a host that hangs moves to another
+///    host once the health checks take the hung one out: nothing had reached the client.
+fn hung_host_request_moves_on(driver: &str) {
+    let hosts = vllm_hosts(2, &[]);
+    let gw = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())])
+        .checked()
+        .start(driver, "");
+    let mgmt = management_addr(&gw);
+    let body = chat_with(&system_prompt("hangs"), "question", false, 4);
+    let (x, y) = home_of(&gw, &hosts, "find-home", &body);
+
+    set_fault(x.control, "hang");
+    // x stays in rotation until two checks in a row have timed out (1 s each), so this
+    // request, sent at once, is placed there and waits.
+    expect_answer_from(&gw, "stuck", &body, y);
+    assert_eq!(host_metric(mgmt, "cubegate_backend_retries_total", x), 1);
+    assert_eq!(host_metric(mgmt, "cubegate_backend_up", x), 0);
+}
+
 /// 6. `max_in_flight = 1` on the only host: extra requests wait in the queue and succeed
 ///    when the place frees; beyond `max_queued` → 429 `queue_full`; past `queue_s` → 503
-///    `queue_timeout`; both with `Retry-After`. One worker: the queue is per worker (its
-///    bound is `max_queued` split over the workers).
+///    `queue_timeout`; both with `Retry-After`.
 fn queue_bound_and_timeout(driver: &str) {
     let hosts = vllm_hosts(1, SLOW_TOKENS);
-    let mut fleet = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]);
-    fleet.max_in_flight = 1;
-    fleet.max_queued = 2;
-    fleet.queue_s = 60;
-    let gw = fleet.start(driver, "workers = 1");
+    let gw =
+        Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]).one_at_a_time(driver, 2, 60);
     let token = admin_token(gw.addr);
     let quick = || chat_with(&system_prompt("queued"), "hi", false, 1);
 
@@ -586,15 +634,61 @@ fn queue_bound_and_timeout(driver: &str) {
     drop(gw);
 
     // The same with a 1 s queue_s: a request that waits longer is refused.
-    let mut fleet = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]);
-    fleet.max_in_flight = 1;
-    fleet.queue_s = 1;
-    let gw = fleet.start(driver, "workers = 1");
+    let gw =
+        Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]).one_at_a_time(driver, 4096, 1);
     let _held = hold_prefix(gw.addr, "fleet", "busy", 1);
     let late = chat(gw.addr, "fleet", "too-late", &quick());
     assert_eq!(late.status, 503, "{}", late.text());
     assert_eq!(late.error_code(), "queue_timeout");
     expect_retry_after(&late);
+}
+
+/// 6 (leaving). A client that goes away while its request waits in the queue takes it out
+///    at once: its place in the queue goes to the next request, and the host never sees
+///    the request of a client that left.
+fn leaving_client_leaves_the_queue(driver: &str) {
+    let hosts = vllm_hosts(1, SLOW_TOKENS);
+    let gw =
+        Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]).one_at_a_time(driver, 1, 60);
+    let token = admin_token(gw.addr);
+    let queued = || backend_status(gw.addr, &token, &hosts[0])["queued"].clone();
+    let quick = || chat_with(&system_prompt("queued"), "hi", false, 1);
+
+    let held = hold_prefix(gw.addr, "fleet", "busy", 0);
+    let leaving = start_chat(gw.addr, "fleet", "leaving", &quick());
+    assert!(eventually(Duration::from_secs(20), || queued() == 1));
+    drop(leaving);
+    assert!(
+        eventually(Duration::from_secs(10), || queued() == 0),
+        "a request whose client left still waits: {}",
+        backend_status(gw.addr, &token, &hosts[0])
+    );
+    // Its place is free for the next one (max_queued = 1).
+    let next = chat_in_background(gw.addr, "fleet", "next", quick());
+    assert!(eventually(Duration::from_secs(20), || queued() == 1));
+    drop(held);
+    let r = next.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        hosts[0].requests(),
+        2,
+        "the held stream and the next request only"
+    );
+
+    // A client that sends its next request while the first waits is alive: both are
+    // answered, in order (the watch keeps the bytes it read).
+    let held = hold_prefix(gw.addr, "fleet", "busy", 1);
+    let mut client = start_chat(gw.addr, "fleet", "first", &quick());
+    assert!(eventually(Duration::from_secs(20), || queued() == 1));
+    send_chat_on(&mut client, "fleet", "second", &quick());
+    // Give the watch a chance to read the second request while the first waits.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(held);
+    for id in ["first", "second"] {
+        let r = client.response().expect("an answer");
+        assert_eq!(r.status, 200, "{id}: {}", r.text());
+        assert_eq!(r.header("x-request-id"), Some(id));
+    }
 }
 
 /// 7. Two domains share one host with `max_in_flight = 1`. Domain A fills the queue with
@@ -604,13 +698,11 @@ fn queue_bound_and_timeout(driver: &str) {
 fn fair_across_domains(driver: &str) {
     let hosts = vllm_hosts(1, SLOW_TOKENS);
     let shared = vec![&hosts[0]];
-    let mut fleet = Fleet::new(vec![
+    let gw = Fleet::new(vec![
         ("dom-a", "auto", shared.clone()),
         ("dom-b", "auto", shared),
-    ]);
-    fleet.max_in_flight = 1;
-    fleet.queue_s = 60;
-    let gw = fleet.start(driver, "workers = 1");
+    ])
+    .one_at_a_time(driver, 4096, 60);
     let token = admin_token(gw.addr);
     let queued = || backend_status(gw.addr, &token, &hosts[0])["queued"].clone();
     let quick = |tag: &str| chat_with(&system_prompt(tag), "hi", false, 1);
@@ -662,8 +754,7 @@ fn two_gateways_agree(driver: &str) {
             .zip(&hosts)
             .map(|(p, h)| (p.as_str(), "auto", vec![h])),
     );
-    let mut fleet = Fleet::new(domains);
-    fleet.health = Some((200, 1000));
+    let fleet = Fleet::new(domains).checked();
     let one = fleet.start(driver, "");
     let two = fleet.start(driver, "");
     let mut used = HashSet::new();
@@ -707,9 +798,9 @@ fn two_gateways_agree(driver: &str) {
 ///    served again.
 fn no_healthy_host_is_503(driver: &str) {
     let hosts = vllm_hosts(2, &[]);
-    let mut fleet = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]);
-    fleet.health = Some((200, 1000));
-    let gw = fleet.start(driver, "");
+    let gw = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())])
+        .checked()
+        .start(driver, "");
     let mgmt = management_addr(&gw);
     for h in &hosts {
         set_fault(h.control, "refuse");
@@ -739,9 +830,8 @@ fn no_healthy_host_is_503(driver: &str) {
 fn backends_listing(driver: &str) {
     let vllm = GpuHost::start("vllm", SLOW_TOKENS);
     let ollama = GpuHost::start("ollama", &[]);
-    let mut fleet = Fleet::new(vec![("fleet", "auto", vec![&vllm, &ollama])]);
+    let mut fleet = Fleet::new(vec![("fleet", "auto", vec![&vllm, &ollama])]).checked();
     fleet.max_in_flight = 4;
-    fleet.health = Some((200, 1000));
     let gw = fleet.start(driver, "");
     let token = admin_token(gw.addr);
     let _held = hold_prefix(gw.addr, "fleet", "listed", 0);
@@ -795,7 +885,9 @@ for_each_driver!(
     miss_goes_to_a_light_host,
     ejection_and_return,
     retry_before_first_byte_not_after,
+    hung_host_request_moves_on,
     queue_bound_and_timeout,
+    leaving_client_leaves_the_queue,
     fair_across_domains,
     two_gateways_agree,
     no_healthy_host_is_503,
