@@ -16,27 +16,7 @@ fn call(
     bearer: Option<&str>,
     body: Option<Value>,
 ) -> Response {
-    let auth = bearer.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("Content-Type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("Authorization", a.as_str()));
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    raw(
-        gw.addr,
-        &request_bytes(method, path, &headers, body.as_bytes()),
-    )
-    .expect("an answer")
-}
-
-fn login(gw: &Gateway, email: &str, password: &str) -> Response {
-    call(
-        gw,
-        "POST",
-        "/users/tokens/issue",
-        None,
-        Some(json!({"username": email, "password": password})),
-    )
+    api_call(gw.addr, method, path, bearer, body)
 }
 
 #[track_caller]
@@ -65,7 +45,7 @@ fn journey(driver: &str) {
         .replace("mode = \"none\"", "mode = \"jwt\"");
     let gw = gateway(driver, &body);
 
-    let first = login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD);
+    let first = login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD);
     assert_eq!(first.status, 201, "{}\n{}", first.text(), gw.log());
     let (admin, _) = tokens(&first);
     let profile = call(&gw, "GET", "/users/profile", Some(&admin), None);
@@ -109,7 +89,7 @@ fn journey(driver: &str) {
     assert_eq!(weak.status, 400);
 
     // Not a member yet: 403.
-    let (alice, alice_refresh) = tokens(&login(&gw, "alice@example.com", alice_pw));
+    let (alice, alice_refresh) = tokens(&login(gw.addr, "alice@example.com", alice_pw));
     assert_eq!(chat(&gw, &alice).status, 403);
     // A user may not change memberships.
     let r = call(
@@ -203,7 +183,7 @@ fn journey(driver: &str) {
     let path = gw.config_path.clone();
     drop(gw);
     let gw = gateway_from(&path);
-    let (alice3, _) = tokens(&login(&gw, "alice@example.com", alice_pw));
+    let (alice3, _) = tokens(&login(gw.addr, "alice@example.com", alice_pw));
     assert_eq!(chat(&gw, &alice3).status, 200);
     // Tokens issued before the restart still verify (the signing key persisted).
     assert_eq!(chat(&gw, &alice2).status, 200);
@@ -213,18 +193,18 @@ fn brute_force_is_limited(driver: &str) {
     let gw = gateway(driver, "[auth]\nmode = \"jwt\"\n");
     let mut statuses = Vec::new();
     for _ in 0..7 {
-        statuses.push(login(&gw, TEST_ADMIN_EMAIL, "wrong password, wrong").status);
+        statuses.push(login(gw.addr, TEST_ADMIN_EMAIL, "wrong password, wrong").status);
     }
     assert_eq!(&statuses[..4], &[401, 401, 401, 401], "{statuses:?}");
     assert_eq!(statuses[6], 429, "{statuses:?}");
-    let limited = login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD);
+    let limited = login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD);
     assert_eq!(
         limited.status, 429,
         "even the right password waits out the limit"
     );
     assert!(limited.header("retry-after").is_some());
     // An unknown account gets the same answer as a wrong password.
-    let unknown = login(&gw, "nobody@example.com", "whatever whatever");
+    let unknown = login(gw.addr, "nobody@example.com", "whatever whatever");
     assert!(unknown.status == 401 || unknown.status == 429);
 }
 
@@ -248,7 +228,7 @@ fn api_keys_backends_and_disabling(driver: &str) {
     let body = domains_config(&[("cfg", &[("vllm", vllm.addr, &[VLLM_MODEL])])])
         .replace("mode = \"none\"", "mode = \"jwt\"");
     let gw = gateway(driver, &body);
-    let (admin, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let (admin, _) = tokens(&login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
     let created = call(
         &gw,
         "POST",
@@ -387,7 +367,7 @@ fn api_keys_backends_and_disabling(driver: &str) {
         Some(&admin),
         Some(json!({"role": "member"})),
     );
-    let (bob_token, _) = tokens(&login(&gw, "bob@example.com", bob_pw));
+    let (bob_token, _) = tokens(&login(gw.addr, "bob@example.com", bob_pw));
     assert_eq!(chat_in("lab", &bob_token).status, 200);
     let r = call(
         &gw,
@@ -398,7 +378,7 @@ fn api_keys_backends_and_disabling(driver: &str) {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(chat_in("lab", &bob_token).status, 401);
-    assert_eq!(login(&gw, "bob@example.com", bob_pw).status, 401);
+    assert_eq!(login(gw.addr, "bob@example.com", bob_pw).status, 401);
 
     // A key made before a restart still works after it, and the API domain is back.
     let k2 = call(
@@ -435,7 +415,7 @@ fn signing_key_rotation(driver: &str) {
     let body = domains_config(&[(D, &[("vllm", vllm.addr, &[VLLM_MODEL])])])
         .replace("mode = \"none\"", "mode = \"jwt\"");
     let gw = gateway(driver, &body);
-    let (before, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let (before, _) = tokens(&login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
     let kid_of = |t: &str| {
         let h = jsonwebtoken::decode_header(t).unwrap();
         h.kid.unwrap()
@@ -452,7 +432,7 @@ fn signing_key_rotation(driver: &str) {
     let r = call(&gw, "POST", "/keys/rotate", Some(&before), None);
     assert_eq!(r.status, 201, "{}", r.text());
     let new_kid = r.json()["kid"].as_str().unwrap().to_string();
-    let (after, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let (after, _) = tokens(&login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
     assert_eq!(kid_of(&after), new_kid);
     assert_ne!(kid_of(&before), new_kid);
     let jwks = call(&gw, "GET", "/keys/.well-known/jwks.json", None, None).json();
@@ -461,7 +441,7 @@ fn signing_key_rotation(driver: &str) {
         assert_eq!(chat(&gw, t).status, 200, "a token of either key works");
     }
     // Only the platform admin rotates.
-    let (u, _) = tokens(&login(&gw, "u@example.com", "some long passphrase"));
+    let (u, _) = tokens(&login(gw.addr, "u@example.com", "some long passphrase"));
     assert_eq!(
         call(&gw, "POST", "/keys/rotate", Some(&u), None).status,
         403
@@ -472,7 +452,7 @@ fn signing_key_rotation(driver: &str) {
 /// exactly once.
 fn concurrent_writers(driver: &str) {
     let gw = gateway(driver, "[auth]\nmode = \"jwt\"\n");
-    let (admin, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let (admin, _) = tokens(&login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
     let statuses = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for t in 0..6 {
@@ -517,7 +497,7 @@ fn reloaded_config_domains_take_members(driver: &str) {
         text
     };
     let gw = gateway(driver, &body(&["first"]));
-    let (admin, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let (admin, _) = tokens(&login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
     let me = call(&gw, "GET", "/users/profile", Some(&admin), None).json();
     let id = me["id"].as_str().unwrap().to_string();
     let put = |d: &str| {
@@ -552,7 +532,7 @@ fn review_regressions(driver: &str) {
             .replace("mode = \"none\"", "mode = \"jwt\"")
     );
     let gw = gateway_env(driver, &body, &[("OTHER_SECRET", secret)]);
-    let (admin, _) = tokens(&login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
+    let (admin, _) = tokens(&login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD));
     let pw = "carol's long passphrase 9";
     let carol = call(
         &gw,
@@ -578,7 +558,7 @@ fn review_regressions(driver: &str) {
     assert_eq!(chat(&gw, &forged).status, 403);
 
     // 2. The same refresh token twice at once: whatever wins, no live chain remains.
-    let (_, refresh) = tokens(&login(&gw, "carol@example.com", pw));
+    let (_, refresh) = tokens(&login(gw.addr, "carol@example.com", pw));
     let results: Vec<Response> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..2)
             .map(|_| {
@@ -597,7 +577,7 @@ fn review_regressions(driver: &str) {
     }
 
     // 3. Carol's API key stops when she leaves the domain.
-    let (carol_token, _) = tokens(&login(&gw, "carol@example.com", pw));
+    let (carol_token, _) = tokens(&login(gw.addr, "carol@example.com", pw));
     let k = call(
         &gw,
         "POST",
@@ -620,7 +600,7 @@ fn review_regressions(driver: &str) {
 
     // 4. An absurd username is refused before any hashing or bookkeeping.
     let huge = "x".repeat(100_000);
-    assert_eq!(login(&gw, &huge, "whatever whatever").status, 400);
+    assert_eq!(login(gw.addr, &huge, "whatever whatever").status, 400);
 }
 
 /// The data plane reads a management request whole before passing it on: a trickled body
@@ -643,7 +623,7 @@ fn management_bodies_are_buffered(driver: &str) {
     assert_eq!(r.status, 413, "{}", r.text());
     // And the management API still answers.
     assert_eq!(
-        login(&gw, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD).status,
+        login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD).status,
         201
     );
 }

@@ -5,22 +5,9 @@
 
 mod common;
 use common::*;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
-
-/// The control address the simulator printed (`listening on A control on B`).
-fn control_addr(p: &Proc) -> SocketAddr {
-    expect_log(p, " control on ", Duration::from_secs(10));
-    let log = p.log();
-    log.lines()
-        .find_map(|l| l.split(" control on ").nth(1)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no control address in\n{log}"))
-}
-
-fn put(addr: SocketAddr, path: &str) -> Response {
-    raw(addr, &request_bytes("PUT", path, &[], b"")).expect("response")
-}
 
 /// The value of `name{…labels…} value` on a vLLM `/metrics` page.
 fn vllm_metric(text: &str, name: &str) -> f64 {

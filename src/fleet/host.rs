@@ -247,6 +247,12 @@ impl Host {
         self.in_flight.0.load(Relaxed)
     }
 
+    /// Whether `try_acquire` would find a place now (another worker may take it first).
+    pub fn has_room(&self) -> bool {
+        let max = self.max_in_flight();
+        max == 0 || self.in_flight() < max
+    }
+
     /// Takes a place on the host, unless it is at its `max_in_flight`. The place is given
     /// back when the returned guard drops.
     pub fn try_acquire(self: &Arc<Self>) -> Option<InFlight> {
@@ -394,19 +400,26 @@ impl Drop for InFlight {
     }
 }
 
+/// A plain vLLM host on a loopback port, for the fleet's unit tests.
+#[cfg(test)]
+pub fn test_host(port: u16) -> std::sync::Arc<Host> {
+    let addr = format!("127.0.0.1:{port}");
+    std::sync::Arc::new(Host::new(
+        format!("http://{addr}"),
+        BackendKind::Vllm,
+        addr.parse().unwrap(),
+        None,
+        addr,
+        String::new(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn host() -> Arc<Host> {
-        Arc::new(Host::new(
-            "http://127.0.0.1:9".into(),
-            BackendKind::Vllm,
-            "127.0.0.1:9".parse().unwrap(),
-            None,
-            "127.0.0.1:9".into(),
-            String::new(),
-        ))
+        test_host(9)
     }
 
     #[test]

@@ -168,23 +168,11 @@ fn rendezvous(key: u64, seed: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BackendKind;
+    use crate::fleet::host::test_host;
     use std::sync::Arc;
 
     fn hosts(n: usize) -> Vec<Arc<Host>> {
-        (0..n)
-            .map(|i| {
-                let addr = format!("127.0.0.1:{}", 9000 + i);
-                Arc::new(Host::new(
-                    format!("http://{addr}"),
-                    BackendKind::Vllm,
-                    addr.parse().unwrap(),
-                    None,
-                    addr,
-                    String::new(),
-                ))
-            })
-            .collect()
+        (0..n).map(|i| test_host(9000 + i as u16)).collect()
     }
 
     fn candidates(h: &[Arc<Host>]) -> Vec<(usize, &Host)> {

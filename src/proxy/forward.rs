@@ -3,22 +3,27 @@
 //! The hosts are tried in the order `choose_backends` gave. A host is taken only with a
 //! place on it (its `max_in_flight`); when every host that may serve the request is full,
 //! the request waits in the worker's fair queue (bounded in number and in
-//! `timeouts.queue_s`) and takes the first host of its order that frees up. A host that
-//! fails before any byte of the answer reached the client — refused, reset, a 502/503
-//! answer, no first byte, taken out of rotation while awaited — is blamed for it (see
-//! `fleet::host`), and the request goes to the next host, up to `MAX_HOSTS`, with its body
-//! sent again from the read buffer; a body too large to keep there is not sent again, and
-//! the error says so. Never after the answer began. One try on one host is `upstream`'s.
+//! `timeouts.queue_s`, left at once when the client goes away) and takes the first host
+//! of its order that frees up. A host that fails before any byte of the answer reached
+//! the client — refused, reset, a 502/503 answer, no first byte, taken out of rotation
+//! while awaited — is blamed for it (see `fleet::host`), and the request goes to the next
+//! host, up to `MAX_HOSTS`, with its body sent again from the read buffer; a body too
+//! large to keep there is not sent again, and the error says so. Never after the answer
+//! began. One try on one host is `upstream`'s.
 
 use super::connection::Connection;
 use super::error::GatewayError;
 use super::read_model::read_whole_body;
 use super::request::{ForwardRequest, Persistence, Request};
-use super::stream_response::Fallback;
+use super::stream_response::{Fallback, WATCH_BUF};
 use super::upstream::try_host;
 use super::worker::Worker;
 use crate::fleet::host::InFlight;
 use crate::fleet::queue::Ticket;
+use futures_util::future::{select, Either};
+use monoio::io::Canceller;
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -81,8 +86,10 @@ async fn forward_in_order(
             .copied()
             .filter(|i| !tried.contains(i))
             .collect();
-        let Some((index, place)) = take_place(worker, req, fwd, &left).await? else {
-            return Err(last_error);
+        let (index, place) = match take_place(worker, conn, req, fwd, &left).await? {
+            Taken::Place(index, place) => (index, place),
+            Taken::NoneUp => return Err(last_error),
+            Taken::ClientGone => return Ok(Persistence::Close),
         };
         tried.push(index);
         let backend = &fwd.domain.backends[index];
@@ -125,15 +132,25 @@ async fn forward_in_order(
     }
 }
 
+/// What `take_place` got.
+enum Taken {
+    /// A place on the backend of this index.
+    Place(usize, InFlight),
+    /// No host of the order is in rotation any more.
+    NoneUp,
+    /// The client went away while the request waited in the queue.
+    ClientGone,
+}
+
 /// A place on the first host of `order` that is in rotation and has room, waiting in the
-/// worker's fair queue while every such host is full. `None`: no host of `order` is in
-/// rotation any more.
+/// worker's fair queue while every such host is full.
 async fn take_place(
     worker: &Worker,
+    conn: &mut Connection,
     req: &Request,
     fwd: &ForwardRequest<'_>,
     order: &[usize],
-) -> Result<Option<(usize, InFlight)>, GatewayError> {
+) -> Result<Taken, GatewayError> {
     let first_free = || {
         let mut any_up = false;
         for &i in order {
@@ -149,41 +166,88 @@ async fn take_place(
         (any_up, None)
     };
     match first_free() {
-        (_, Some(found)) => return Ok(Some(found)),
-        (false, None) => return Ok(None),
+        (_, Some((i, place))) => return Ok(Taken::Place(i, place)),
+        (false, None) => return Ok(Taken::NoneUp),
         (true, None) => {}
     }
+    let hosts = order
+        .iter()
+        .map(|&i| fwd.domain.backends[i].host.clone())
+        .collect();
     let ticket = worker
         .queue
         .borrow_mut()
-        .join(fwd.domain.metrics_slot)
+        .join(fwd.domain.metrics_slot, hosts)
         .ok_or(GatewayError::QueueFull)?;
     let first_choice = order.first().map(|&i| fwd.domain.backends[i].host.clone());
-    let waited = Queued {
+    let mut waited = Queued {
         worker,
         ticket: Some(ticket),
         counted: first_choice,
+        served: false,
     };
     if let Some(h) = &waited.counted {
         h.queued.fetch_add(1, Relaxed);
     }
     let deadline = Instant::now() + worker.timeouts.queue();
-    loop {
-        monoio::time::sleep(QUEUE_POLL).await;
-        if waited.is_head() {
-            match first_free() {
-                (_, Some(found)) => return Ok(Some(found)),
-                (false, None) => return Err(GatewayError::NoHealthyBackend),
-                (true, None) => {}
+    let wait = async {
+        loop {
+            monoio::time::sleep(QUEUE_POLL).await;
+            if waited.is_turn() {
+                match first_free() {
+                    (_, Some((i, place))) => {
+                        waited.served = true;
+                        return Ok(Taken::Place(i, place));
+                    }
+                    (false, None) => return Err(GatewayError::NoHealthyBackend),
+                    (true, None) => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                tracing::debug!(
+                    request_id = req.id.as_str(),
+                    "no host had room within timeouts.queue_s"
+                );
+                return Err(GatewayError::QueueTimeout);
             }
         }
-        if Instant::now() >= deadline {
-            tracing::debug!(
-                request_id = req.id.as_str(),
-                "no host had room within timeouts.queue_s"
-            );
-            return Err(GatewayError::QueueTimeout);
+    };
+    let body_read = fwd.tracker.as_ref().is_none_or(|t| t.is_done());
+    if !body_read || conn.pending_bytes(req.consumed) >= worker.limits.max_head_bytes {
+        // Socket bytes are still the body's, or the client is far ahead with pipelined
+        // requests (alive, and its backlog should not grow by a read): no watch.
+        return wait.await;
+    }
+    watch_client(conn, wait).await
+}
+
+/// Runs a queue wait while watching the client, as `stream_response` does while a host
+/// thinks: a client that goes away ends the wait at once (its request would otherwise
+/// keep its place in line, then take a host's place for nobody). Bytes it sends meanwhile
+/// (a pipelined request) are kept for later.
+async fn watch_client(
+    conn: &mut Connection,
+    wait: impl Future<Output = Result<Taken, GatewayError>>,
+) -> Result<Taken, GatewayError> {
+    let canceller = Canceller::new();
+    let (rd, _, rbuf) = conn.split();
+    let mut watch =
+        pin!(rd.cancelable_read_more(Vec::with_capacity(WATCH_BUF), WATCH_BUF, canceller.handle()));
+    match select(pin!(wait), watch.as_mut()).await {
+        Either::Left((taken, _)) => {
+            let _ = canceller.cancel();
+            // Data that raced the cancellation is returned, not lost.
+            if let (Ok(n), buf) = watch.await {
+                rbuf.extend_from_slice(&buf[..n]);
+            }
+            taken
         }
+        Either::Right(((Ok(n), buf), wait)) if n > 0 => {
+            rbuf.extend_from_slice(&buf[..n]);
+            wait.await
+        }
+        // EOF or reset: dropping the wait leaves the queue.
+        Either::Right(_) => Ok(Taken::ClientGone),
     }
 }
 
@@ -194,20 +258,25 @@ struct Queued<'w> {
     ticket: Option<Ticket>,
     /// The first-choice host, whose `queued` count this request is in.
     counted: Option<std::sync::Arc<crate::fleet::host::Host>>,
+    /// It leaves with a place (its domain's turn is then over).
+    served: bool,
 }
 
 impl Queued<'_> {
-    fn is_head(&self) -> bool {
-        self.ticket
-            .as_ref()
-            .is_some_and(|t| self.worker.queue.borrow().is_head(t))
+    fn is_turn(&self) -> bool {
+        self.ticket.as_ref().is_some_and(|t| {
+            self.worker
+                .queue
+                .borrow()
+                .is_turn(t, |h| h.is_up() && h.has_room())
+        })
     }
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if let Some(t) = self.ticket.take() {
-            self.worker.queue.borrow_mut().leave(t);
+            self.worker.queue.borrow_mut().leave(t, self.served);
         }
         if let Some(h) = self.counted.take() {
             h.queued.fetch_sub(1, Relaxed);

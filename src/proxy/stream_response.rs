@@ -76,7 +76,8 @@ struct Watch<'a, W> {
     armed: bool,
 }
 
-const WATCH_BUF: usize = 1024;
+/// The client watch's read: it only has to show that the client is alive or gone.
+pub const WATCH_BUF: usize = 1024;
 
 /// How often a host's rotation is looked at while its first byte is awaited.
 const EJECTION_POLL: Duration = Duration::from_millis(100);

@@ -166,8 +166,15 @@ pub fn config_text_with(driver: &str, proxy_extra: &str, body: &str) -> String {
     } else {
         "[health]\ninterval_ms = 0\n\n"
     };
+    // Two workers unless the test chooses (what is per worker, such as the wait queue,
+    // is only deterministic with one).
+    let workers = if proxy_extra.contains("workers") {
+        ""
+    } else {
+        "workers = 2\n"
+    };
     format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nworkers = 2\ndriver = \"{driver}\"\n{proxy_extra}\n\n{management}{health}{body}\n"
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n{workers}driver = \"{driver}\"\n{proxy_extra}\n\n{management}{health}{body}\n"
     )
 }
 
@@ -196,25 +203,25 @@ pub fn gateway(driver: &str, body: &str) -> Gateway {
 
 /// Like `gateway`, with extra `[proxy]` lines.
 pub fn gateway_with(driver: &str, proxy_extra: &str, body: &str) -> Gateway {
-    let dir = unique_dir("gw");
-    let path = dir.join(format!("cubegate-{driver}.toml"));
-    std::fs::write(&path, config_text_with(driver, proxy_extra, body)).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
-    cmd.args(["serve", "--config"]).arg(&path);
-    cmd.env("CUBEGATE_LOG", "info");
-    cmd.env("CUBEGATE_ADMIN_PASSWORD", TEST_ADMIN_PASSWORD);
-    Gateway {
-        proc: spawn_and_wait(cmd, "cubegate listening on "),
-        config_path: path,
-    }
+    gateway_with_env(driver, proxy_extra, body, &[])
 }
 
 /// Like `gateway`, with environment variables set on the gateway process (e.g. the
 /// secret an `[[auth.trusted]] hs_secret_env` names).
 pub fn gateway_env(driver: &str, body: &str, envs: &[(&str, &str)]) -> Gateway {
+    gateway_with_env(driver, "", body, envs)
+}
+
+/// Like `gateway`, with extra `[proxy]` lines and environment variables.
+pub fn gateway_with_env(
+    driver: &str,
+    proxy_extra: &str,
+    body: &str,
+    envs: &[(&str, &str)],
+) -> Gateway {
     let dir = unique_dir("gw");
     let path = dir.join(format!("cubegate-{driver}.toml"));
-    std::fs::write(&path, config_text(driver, body)).unwrap();
+    std::fs::write(&path, config_text_with(driver, proxy_extra, body)).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cubegate"));
     cmd.args(["serve", "--config"]).arg(&path);
     cmd.env("CUBEGATE_LOG", "info");
@@ -226,15 +233,18 @@ pub fn gateway_env(driver: &str, body: &str, envs: &[(&str, &str)]) -> Gateway {
     }
 }
 
-/// The management listener of a gateway (its port is chosen at start; the log says it).
+/// The management listener of a gateway (its port is chosen at start; the log says it,
+/// as `listen=ADDR` in human lines or `"listen":"ADDR"` in JSON ones).
 pub fn management_addr(gw: &Gateway) -> SocketAddr {
     let log = gw.log();
     log.lines()
         .filter(|l| l.contains("management API listening"))
         .find_map(|l| {
-            l.split("listen=")
-                .nth(1)?
-                .split_whitespace()
+            let rest = l
+                .split("listen=")
+                .nth(1)
+                .or_else(|| l.split("\"listen\":\"").nth(1))?;
+            rest.split(|c: char| c.is_whitespace() || c == '"')
                 .next()?
                 .parse()
                 .ok()
@@ -729,4 +739,81 @@ pub fn notify_listener(tag: &str) -> (std::os::unix::net::UnixDatagram, String) 
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     (server, path.display().to_string())
+}
+
+/// The control address a simulator started with `--control` printed
+/// (`listening on A control on B`).
+pub fn control_addr(p: &Proc) -> SocketAddr {
+    expect_log(p, " control on ", Duration::from_secs(10));
+    let log = p.log();
+    log.lines()
+        .find_map(|l| l.split(" control on ").nth(1)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no control address in\n{log}"))
+}
+
+pub fn put(addr: SocketAddr, path: &str) -> Response {
+    raw(addr, &request_bytes("PUT", path, &[], b"")).expect("response")
+}
+
+/// Switches a simulator's fault mode through its control listener.
+pub fn set_fault(control: SocketAddr, mode: &str) {
+    let r = put(control, &format!("/fault/{mode}"));
+    assert_eq!(r.status, 200, "PUT /fault/{mode}: {}", r.text());
+}
+
+/// A management API call on `addr`, with an optional bearer token and JSON body.
+pub fn api_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Response {
+    let auth = bearer.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    raw(
+        addr,
+        &request_bytes(method, path, &headers, body.as_bytes()),
+    )
+    .expect("an answer")
+}
+
+/// `POST /users/tokens/issue` for `email`.
+pub fn login(addr: SocketAddr, email: &str, password: &str) -> Response {
+    api_call(
+        addr,
+        "POST",
+        "/users/tokens/issue",
+        None,
+        Some(serde_json::json!({"username": email, "password": password})),
+    )
+}
+
+/// An access token of the platform admin every test gateway bootstraps.
+pub fn admin_token(addr: SocketAddr) -> String {
+    let r = login(addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD);
+    assert_eq!(r.status, 201, "admin login: {}", r.text());
+    r.json()["access_token"].as_str().unwrap().to_string()
+}
+
+/// The access record (a JSON log line: start the gateway with `CUBEGATE_LOG_FORMAT=json`)
+/// of the request with this `X-Request-Id`, waited for (bounded); its `fields`.
+pub fn access_record(gw: &Proc, request_id: &str) -> serde_json::Value {
+    let needle = format!("\"request_id\":\"{request_id}\"");
+    let find = || {
+        gw.log()
+            .lines()
+            .find(|l| l.contains(&needle) && l.contains("\"target\":\"cubegate::access\""))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON log line"))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || find().is_some()),
+        "no access record for {request_id}:\n{}",
+        gw.log()
+    );
+    find().unwrap()["fields"].clone()
 }
