@@ -27,10 +27,16 @@ pub mod auth {
 }
 
 pub mod config {
-    pub use crate::config::{AuthConfig, Config, ConfigError, Limits};
+    pub use crate::config::{AuthConfig, BackendKind, Config, ConfigError, Limits, Routing};
 }
 
 pub mod fleet {
+    pub mod host {
+        pub use crate::fleet::host::Host;
+    }
+    pub mod policy {
+        pub use crate::fleet::policy::{rank, Placement, RoutingState};
+    }
     pub mod prefix {
         pub use crate::fleet::prefix::PrefixKeys;
     }

@@ -1,10 +1,14 @@
 //! criterion micro-benchmarks of the request path's pure pieces: head parsing, finding the
-//! model in a body, routing, chunked framing and writing the client's response head.
+//! model in a body, routing, choosing a GPU host (prefix keys and the `auto` policy),
+//! chunked framing and writing the client's response head.
 //!
 //! Run: `cargo bench --bench hot_path` (add `-- --quick` for a fast pass).
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use cubegate::internals::config::Limits;
+use cubegate::internals::config::{BackendKind, Limits, Routing};
+use cubegate::internals::fleet::host::Host;
+use cubegate::internals::fleet::policy::{rank, RoutingState};
+use cubegate::internals::fleet::prefix::PrefixKeys;
 use cubegate::internals::http::chunked::ChunkedDecoder;
 use cubegate::internals::http::head::{parse_request_head, Method, RequestHead};
 use cubegate::internals::http::response::{parse_response_head, write_client_head, ClientFraming};
@@ -104,11 +108,50 @@ fn response_head(c: &mut Criterion) {
     });
 }
 
+/// What `choose_backends` adds per request: the prefix keys of a chat body (8 KiB of
+/// history) and the `auto` policy's order over 8 hosts.
+fn host_choice(c: &mut Criterion) {
+    let body = chat_body(8 * 1024);
+    c.bench_function("fleet/prefix_keys_8k_body", |b| {
+        b.iter(|| black_box(PrefixKeys::of(black_box(&body), true)))
+    });
+    let hosts: Vec<std::sync::Arc<Host>> = (0..8)
+        .map(|i| {
+            let addr: std::net::SocketAddr = format!("127.0.0.1:{}", 9000 + i).parse().unwrap();
+            std::sync::Arc::new(Host::new(
+                format!("http://{addr}"),
+                BackendKind::Vllm,
+                addr,
+                None,
+                addr.to_string(),
+                String::new(),
+            ))
+        })
+        .collect();
+    let candidates: Vec<(usize, &Host)> =
+        hosts.iter().enumerate().map(|(i, h)| (i, &**h)).collect();
+    let keys = PrefixKeys::of(&body, true);
+    let mut state = RoutingState::default();
+    let mut out = Vec::with_capacity(8);
+    c.bench_function("fleet/rank_auto_8_hosts", |b| {
+        b.iter(|| {
+            black_box(rank(
+                Routing::Auto,
+                &candidates,
+                &keys,
+                &mut state,
+                &mut out,
+            ))
+        })
+    });
+}
+
 criterion_group!(
     benches,
     head_parsing,
     model_scan,
     routing,
+    host_choice,
     chunked,
     response_head
 );
