@@ -7,7 +7,7 @@
 //! (keyed per process, so an attacker cannot aim collisions) finds the slot and a full
 //! comparison confirms it, so a collision can never authenticate. Expiry is re-checked on
 //! every hit. Failed tokens are remembered briefly (negative entries) so a flood of the same
-//! forged token costs one signature check per worker per `NEGATIVE_TTL`.
+//! forged token costs one signature check per worker per `NEGATIVE_TTL_S`.
 //!
 //! The whole cache is emptied when the key store's generation or the revocation epoch
 //! changes (`sync_epoch`).
