@@ -16,6 +16,7 @@ mod auth;
 mod config;
 mod fleet;
 mod handover;
+mod hashing;
 mod http;
 mod listeners;
 mod metrics;

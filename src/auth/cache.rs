@@ -14,9 +14,9 @@
 
 use super::claims::VerifiedClaims;
 use super::TokenError;
+use crate::hashing::PreHashedMap;
 use crate::metrics::WorkerMetrics;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -36,26 +36,8 @@ struct Slot {
     referenced: bool,
 }
 
-/// The index is keyed by an already-random 64-bit hash: hashing it again is waste.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
 pub struct TokenCache {
-    index: HashMap<u64, u32, BuildHasherDefault<PassThrough>>,
+    index: PreHashedMap<u32>,
     slots: Vec<Slot>,
     hand: usize,
     capacity: usize,

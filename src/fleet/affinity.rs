@@ -8,40 +8,15 @@
 //! two generations of a hash map (a key not touched for a generation is forgotten): an
 //! approximate LRU with O(1) work and no per-entry bookkeeping.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// Keys are already XXH3 hashes, uniformly spread: hashing them again (SipHash by default)
-/// would only cost time.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed here; fold anything else in anyway.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type Map = HashMap<u64, u64, BuildHasherDefault<PassThrough>>;
+use crate::hashing::PreHashedMap;
 
 /// Keys remembered per generation (two generations are kept).
 const GENERATION: usize = 32 * 1024;
 
 #[derive(Default)]
 pub struct AffinityIndex {
-    current: Map,
-    previous: Map,
+    current: PreHashedMap<u64>,
+    previous: PreHashedMap<u64>,
 }
 
 impl AffinityIndex {
