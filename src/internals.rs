@@ -22,7 +22,7 @@ pub mod auth {
         };
     }
     pub mod keys {
-        pub use crate::auth::keys::{parse_jwks, IssuerKeys, KeyStore};
+        pub use crate::auth::keys::{parse_jwks, IssuerKeys, KeyStore, MAX_JWKS_BYTES, MAX_KEYS};
     }
 }
 
@@ -44,7 +44,7 @@ pub mod fleet {
 
 pub mod http {
     pub mod chunked {
-        pub use crate::http::chunked::ChunkedDecoder;
+        pub use crate::http::chunked::{ChunkError, ChunkedDecoder};
     }
     pub mod head {
         pub use crate::http::head::{
@@ -52,7 +52,10 @@ pub mod http {
         };
     }
     pub mod response {
-        pub use crate::http::response::{parse_response_head, write_client_head, ClientFraming};
+        pub use crate::http::response::{
+            client_framing, parse_response_head, write_client_head, ClientFraming, ResponseFraming,
+            ResponseHead,
+        };
     }
 }
 
@@ -61,11 +64,15 @@ pub mod proxy {
         pub use crate::proxy::io::BackendStream;
     }
     pub mod model_scan {
-        pub use crate::proxy::model_scan::ModelScanner;
+        pub use crate::proxy::model_scan::{ModelScanner, ScanError};
     }
     pub mod route {
         pub use crate::proxy::route::classify;
     }
+}
+
+pub mod snapshot {
+    pub use crate::snapshot::Snapshot;
 }
 
 pub mod scope {

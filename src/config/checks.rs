@@ -3,7 +3,7 @@
 //! management API, which validates backends the same way the file's are.
 
 use super::{err, BackendUrl, ConfigError, TrustedIssuer};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 
 pub(super) fn validate_trusted(i: usize, t: &TrustedIssuer) -> Result<(), ConfigError> {
     let key = |k: &str| format!("auth.trusted[{i}].{k}");
@@ -143,8 +143,7 @@ pub fn parse_backend_url(key: &str, url: &str) -> Result<BackendUrl, ConfigError
     } else {
         format!("{authority}:{default_port}")
     };
-    let addr = with_port
-        .to_socket_addrs()
+    let addr = resolve(&with_port)
         .map_err(|e| err(key, format!("cannot resolve {authority:?}: {e}")))?
         .next()
         .ok_or_else(|| err(key, format!("{authority:?} resolves to no address")))?;
@@ -169,4 +168,19 @@ pub fn parse_backend_url(key: &str, url: &str) -> Result<BackendUrl, ConfigError
         authority: authority.to_string(),
         base_path: path.trim_end_matches('/').to_string(),
     })
+}
+
+/// `host:port` to addresses, through the system resolver.
+#[cfg(not(fuzzing))]
+fn resolve(host_port: &str) -> std::io::Result<std::vec::IntoIter<SocketAddr>> {
+    std::net::ToSocketAddrs::to_socket_addrs(host_port)
+}
+
+/// Under the fuzzer (`--cfg fuzzing`, see fuzz/) only IP literals resolve: a fuzzed config
+/// must not send DNS queries, which are slow and answer differently from run to run.
+#[cfg(fuzzing)]
+fn resolve(host_port: &str) -> std::io::Result<std::option::IntoIter<SocketAddr>> {
+    let addr = host_port.parse::<SocketAddr>();
+    addr.map(|a| Some(a).into_iter())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
 }

@@ -59,8 +59,14 @@ pub fn parse_response_head(
         return Err("response head too large");
     }
     let status = resp.code.unwrap_or(0);
+    if status < 100 {
+        // httparse takes any three digits; "HTTP/1.1 050" would reach the client as "50".
+        return Err("response status code below 100");
+    }
     let version = resp.version.unwrap_or(1);
-    let reason = resp.reason.unwrap_or("");
+    // httparse gives a reason phrase with obs-text bytes as a static "" that is not part of
+    // `buf`, so its address says nothing: an empty reason is recorded as an empty span.
+    let reason = resp.reason.filter(|r| !r.is_empty());
     let base = buf.as_ptr() as usize;
     let span = |s: &[u8]| {
         let start = s.as_ptr() as usize - base;
@@ -130,7 +136,7 @@ pub fn parse_response_head(
         };
     Ok(Some(ResponseHead {
         status,
-        reason: span(reason.as_bytes()),
+        reason: reason.map_or(Span::default(), |r| span(r.as_bytes())),
         headers,
         framing,
         keep_alive,
@@ -352,6 +358,38 @@ mod tests {
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Content-Length: 42\r\n"));
+    }
+
+    /// Found by fuzz/ (response_head): a reason phrase with a non-ASCII byte made the
+    /// reason's span an address difference with a static string (an overflow, or in release
+    /// a wild span that panicked when the client's head was written).
+    #[test]
+    fn reason_with_obs_text() {
+        let raw = b"HTTP/1.1 200 O\x98K\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n7\r\ndata: x\r\n0\r\n\r\n";
+        let h = parse_response_head(raw, 65536, false).unwrap().unwrap();
+        assert_eq!(h.status, 200);
+        assert!(h.reason.of(raw).is_empty());
+        let mut out = Vec::new();
+        write_client_head(&mut out, raw, &h, ClientFraming::Chunked, b"r", true);
+        assert!(out.starts_with(b"HTTP/1.1 200 \r\nContent-Type: application/x-ndjson\r\n"));
+    }
+
+    /// Found by fuzz/ (response_head): status "050" was accepted and written to the client
+    /// as "HTTP/1.1 50", a status line no client can parse.
+    #[test]
+    fn status_below_100_is_refused() {
+        let raw = b"HTTP/1.1 050 Continue\r\n\r\nHTTP/1.1 t-100 Continuea\xd8\xf4ion/x-n\r\n";
+        assert!(parse_response_head(raw, 65536, false).is_err());
+        let raw = b"HTTP/1.1 000 OK\r\nContent-Length: 2\r\n\r\nok";
+        assert!(parse_response_head(raw, 65536, false).is_err());
+        let raw = b"HTTP/1.1 100 Continue\r\n\r\n";
+        assert_eq!(
+            parse_response_head(raw, 65536, false)
+                .unwrap()
+                .unwrap()
+                .status,
+            100
+        );
     }
 
     #[test]
