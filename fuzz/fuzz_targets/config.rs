@@ -10,8 +10,7 @@
 //! fuzzer must not send DNS queries.
 #![no_main]
 
-use cubegate::config::Config;
-use cubegate::snapshot::Snapshot;
+use cubegate::{config::Config, snapshot::Snapshot};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -10,8 +10,10 @@
 //!   uncompressed P-256 or P-384 point, a 32-byte Ed25519 key).
 #![no_main]
 
-use cubegate::auth::jws::{Alg, KeyMaterial};
-use cubegate::auth::keys::{parse_jwks, MAX_JWKS_BYTES, MAX_KEYS};
+use cubegate::auth::{
+    jws::{Alg, KeyMaterial},
+    keys::{parse_jwks, MAX_JWKS_BYTES, MAX_KEYS},
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -12,8 +12,10 @@
 //!   re-parses only once a line ends.
 #![no_main]
 
-use cubegate::config::Limits;
-use cubegate::http::head::{check_partial, parse_request_head, worth_parsing, RequestHead};
+use cubegate::{
+    config::Limits,
+    http::head::{check_partial, parse_request_head, worth_parsing, RequestHead},
+};
 use cubegate_fuzz::{cut_plans, pieces};
 use libfuzzer_sys::fuzz_target;
 
