@@ -189,6 +189,15 @@ impl Proc {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// SIGKILL to the group at once, and reaped: a crash, not a shutdown.
+    pub fn kill(&mut self) {
+        // SAFETY: kill(2) on the process group this Proc created.
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        live().retain(|g| *g != self.pid);
+    }
+
     /// SIGTERM to the group, up to 3 s to exit, then SIGKILL.
     pub fn stop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
