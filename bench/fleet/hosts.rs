@@ -29,6 +29,9 @@ pub struct SimHost {
     pub addr: SocketAddr,
     pub control: SocketAddr,
     proc: Option<Proc>,
+    /// What the host had counted when it was last killed (its counters start from zero
+    /// when it is started again).
+    pub counted_before_kill: HostStats,
 }
 
 pub struct Fleet {
@@ -58,16 +61,20 @@ impl HostStats {
         })
     }
 
-    /// What happened between `self` and `later` (a host restarted in between counts from
-    /// zero again).
+    /// What happened between `self` and `later`.
     pub fn delta(self, later: HostStats) -> HostStats {
-        if later.prefix_queries < self.prefix_queries || later.streams < self.streams {
-            return later;
-        }
         HostStats {
-            streams: later.streams - self.streams,
-            prefix_queries: later.prefix_queries - self.prefix_queries,
-            prefix_hits: later.prefix_hits - self.prefix_hits,
+            streams: later.streams.saturating_sub(self.streams),
+            prefix_queries: later.prefix_queries.saturating_sub(self.prefix_queries),
+            prefix_hits: later.prefix_hits.saturating_sub(self.prefix_hits),
+        }
+    }
+
+    pub fn plus(self, o: HostStats) -> HostStats {
+        HostStats {
+            streams: self.streams + o.streams,
+            prefix_queries: self.prefix_queries + o.prefix_queries,
+            prefix_hits: self.prefix_hits + o.prefix_hits,
         }
     }
 }
@@ -127,6 +134,7 @@ impl Fleet {
                 addr,
                 control,
                 proc: Some(proc),
+                counted_before_kill: HostStats::default(),
             });
         }
         Ok(fleet)
@@ -174,9 +182,14 @@ impl Fleet {
         }
     }
 
-    /// Kills host `i`'s process (SIGKILL: its connections are reset, its port closed).
+    /// Kills host `i`'s process (SIGKILL: its connections are reset, its port closed),
+    /// keeping what it had counted.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut p) = self.hosts[i].proc.take() {
+        let h = &mut self.hosts[i];
+        if let Some(mut p) = h.proc.take() {
+            if let Some(Some(now)) = snapshot(&[h.control]).first() {
+                h.counted_before_kill = h.counted_before_kill.plus(*now);
+            }
             p.kill();
         }
     }

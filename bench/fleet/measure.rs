@@ -66,13 +66,11 @@ fn wait_ready(sys: System, r: &mut Running) -> Result<(), String> {
     }
 }
 
-/// Counters of one host over the measurement.
-fn delta(start: Option<HostStats>, end: Option<HostStats>) -> HostStats {
-    match (start, end) {
-        (Some(s), Some(e)) => s.delta(e),
-        (None, Some(e)) => e,
-        (_, None) => HostStats::default(),
-    }
+/// Counters of one host over the measurement; `before_kill` = what it counted before it
+/// was killed (and restarted from zero).
+fn delta(start: Option<HostStats>, end: Option<HostStats>, before_kill: HostStats) -> HostStats {
+    let end = end.unwrap_or_default().plus(before_kill);
+    start.unwrap_or_default().delta(end)
 }
 
 /// Measures `sys` at `rate` on `chats`. Err = the system could not be started (it is then
@@ -119,9 +117,13 @@ pub fn point(
         (summary, snap.join().unwrap_or_default())
     });
     let end = hosts::snapshot(&controls);
+    let fleet = fleet.into_inner().unwrap_or_else(|e| e.into_inner());
     let summary = summary.map_err(|e| format!("load: {e}"))?;
     let deltas: Vec<HostStats> = (0..controls.len())
-        .map(|i| delta(start.get(i).copied().flatten(), end[i]))
+        .map(|i| {
+            let before_kill = fleet.hosts[i].counted_before_kill;
+            delta(start.get(i).copied().flatten(), end[i], before_kill)
+        })
         .collect();
     let mut p = Point::of(rate, &summary, shape.output_tokens, &deltas);
     if let Some(st) = running.proc.exited() {

@@ -57,8 +57,9 @@ pub struct FleetArgs {
     /// Batch slots per host.
     #[arg(long, default_value_t = 4)]
     pub slots: usize,
-    /// Prefix-cache size per host, tokens.
-    #[arg(long, default_value_t = 32_768)]
+    /// Prefix-cache size per host, tokens (with the defaults: room for about 12 system
+    /// prompts, while each host's share under ideal placement is 8 and its conversations).
+    #[arg(long, default_value_t = 24_576)]
     pub cache_tokens: usize,
     /// Prefill time per uncached prompt token, µs.
     #[arg(long, default_value_t = 60)]
@@ -82,7 +83,7 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 4)]
     pub max_turns: usize,
     /// Output tokens per answer.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     pub output_tokens: usize,
     /// Client connections available to the open loop.
     #[arg(long, default_value_t = 1024)]
@@ -90,6 +91,9 @@ pub struct FleetArgs {
     /// cubegate's workers.
     #[arg(long, default_value_t = 1)]
     pub gateway_workers: usize,
+    /// The cubegate binary [default: next to this one, or target/release/cubegate].
+    #[arg(long)]
+    pub cubegate: Option<PathBuf>,
     /// Seconds a request may take before the client gives up (sweep).
     #[arg(long, default_value_t = 60.0)]
     pub request_timeout: f64,
@@ -222,7 +226,7 @@ pub fn run(a: &FleetArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, Stri
     let tmp = TempDir::new().map_err(|e| format!("cannot make a temp dir: {e}"))?;
     let env = systems::Env {
         dir: tmp.0.clone(),
-        cubegate_bin: systems::cubegate_binary(),
+        cubegate_bin: a.cubegate.clone().or_else(systems::cubegate_binary),
         workers: a.gateway_workers.clamp(1, 64),
     };
     let spec = a.workload();
