@@ -104,19 +104,26 @@ pub fn point(
 
     let t0 = Instant::now();
     let measure_from = t0 + Duration::from_secs_f64(shape.warmup);
-    let (summary, start) = std::thread::scope(|scope| {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let (summary, start, end) = std::thread::scope(|scope| {
         let snap = scope.spawn(|| {
             std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
             hosts::snapshot(&controls)
         });
         if let Some(chaos) = chaos {
             let fleet = &fleet;
-            scope.spawn(move || chaos(fleet, measure_from));
+            scope.spawn(move || {
+                chaos(fleet, measure_from);
+                // A host the chaos restarted dies with the thread that started it
+                // (PR_SET_PDEATHSIG): this thread lives until the counters are read.
+                let _ = finished.recv();
+            });
         }
         let summary = load::run(&l);
-        (summary, snap.join().unwrap_or_default())
+        let end = hosts::snapshot(&controls);
+        let _ = done.send(());
+        (summary, snap.join().unwrap_or_default(), end)
     });
-    let end = hosts::snapshot(&controls);
     let fleet = fleet.into_inner().unwrap_or_else(|e| e.into_inner());
     let summary = summary.map_err(|e| format!("load: {e}"))?;
     let deltas: Vec<HostStats> = (0..controls.len())
