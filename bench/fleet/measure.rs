@@ -9,6 +9,7 @@ use super::systems::{self, Env, Running, System, MODEL};
 use super::workload::Chat;
 use crate::compare::systems::Endpoint;
 use crate::load::{self, Kind, LoadArgs};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,6 +67,20 @@ fn wait_ready(sys: System, r: &mut Running) -> Result<(), String> {
     }
 }
 
+/// cubegate's placement counters (`cubegate_routing_placements_total`) from its `/metrics`.
+fn placements(metrics: Option<std::net::SocketAddr>) -> BTreeMap<String, u64> {
+    let Some(Ok((200, text))) = metrics.map(|m| hosts::control(m, "GET", "/metrics")) else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("cubegate_routing_placements_total{placement=\"")?;
+            let (name, value) = rest.split_once("\"} ")?;
+            Some((name.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// Counters of one host over the measurement; `before_kill` = what it counted before it
 /// was killed (and restarted from zero).
 fn delta(start: Option<HostStats>, end: Option<HostStats>, before_kill: HostStats) -> HostStats {
@@ -88,6 +103,7 @@ pub fn point(
     let mut running = systems::start(sys, ctx.env, &fleet.addrs())?;
     wait_ready(sys, &mut running)?;
     let controls = fleet.controls();
+    let metrics = running.metrics;
     let fleet = Mutex::new(fleet);
 
     let mut l = LoadArgs::new(&running.url, Kind::ChatStream);
@@ -108,7 +124,7 @@ pub fn point(
     let (summary, start, end) = std::thread::scope(|scope| {
         let snap = scope.spawn(|| {
             std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
-            hosts::snapshot(&controls)
+            (hosts::snapshot(&controls), placements(metrics))
         });
         if let Some(chaos) = chaos {
             let fleet = &fleet;
@@ -120,10 +136,11 @@ pub fn point(
             });
         }
         let summary = load::run(&l);
-        let end = hosts::snapshot(&controls);
+        let end = (hosts::snapshot(&controls), placements(metrics));
         let _ = done.send(());
         (summary, snap.join().unwrap_or_default(), end)
     });
+    let ((start, placed_before), (end, placed_after)) = (start, end);
     let fleet = fleet.into_inner().unwrap_or_else(|e| e.into_inner());
     let summary = summary.map_err(|e| format!("load: {e}"))?;
     let deltas: Vec<HostStats> = (0..controls.len())
@@ -133,6 +150,13 @@ pub fn point(
         })
         .collect();
     let mut p = Point::of(rate, &summary, shape.output_tokens, &deltas);
+    p.placements = placed_after
+        .into_iter()
+        .map(|(k, n)| {
+            let before = placed_before.get(&k).copied().unwrap_or(0);
+            (k, n.saturating_sub(before))
+        })
+        .collect();
     if let Some(st) = running.proc.exited() {
         p.status = format!(
             "failed: exited during the run ({st}): {}",

@@ -39,6 +39,10 @@ pub struct Point {
     pub host_streams: Vec<u64>,
     pub statuses: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
+    /// cubegate: how the first host of each request was chosen during the measurement
+    /// (`cubegate_routing_placements_total`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub placements: BTreeMap<String, u64>,
 }
 
 impl Point {
@@ -77,6 +81,7 @@ impl Point {
             host_streams: hosts.iter().map(|h| h.streams).collect(),
             statuses: s.statuses.clone(),
             errors: s.errors.clone(),
+            placements: BTreeMap::new(),
         }
     }
 
@@ -435,6 +440,30 @@ pub fn markdown(r: &Report) -> String {
                 p.ok.to_string(),
                 failed_cell(p),
             ]));
+        }
+        let placed: Vec<String> = r
+            .systems
+            .iter()
+            .filter_map(|x| {
+                let p = x.points.iter().find(|p| p.rate == rate)?;
+                let total: u64 = p.placements.values().sum();
+                (total > 0).then(|| {
+                    let parts: Vec<String> = p
+                        .placements
+                        .iter()
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(k, n)| format!("{k} {:.0} %", *n as f64 * 100.0 / total as f64))
+                        .collect();
+                    format!("{} — {}", x.name, parts.join(", "))
+                })
+            })
+            .collect();
+        if !placed.is_empty() {
+            let _ = writeln!(
+                s,
+                "\ncubegate's placements (how each request's first host was chosen): {}.",
+                placed.join("; ")
+            );
         }
     }
 

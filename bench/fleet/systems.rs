@@ -90,6 +90,8 @@ pub struct Running {
     /// Where chat completions go.
     pub url: String,
     pub version: String,
+    /// cubegate's management listener (its `/metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 fn port() -> Result<u16, String> {
@@ -160,10 +162,15 @@ pub fn cubegate_binary() -> Option<PathBuf> {
     find_sibling("cubegate")
 }
 
-pub fn cubegate_config(env: &Env, port: u16, policy: &str, hosts: &[SocketAddr]) -> String {
+pub fn cubegate_config(
+    env: &Env,
+    (port, management): (u16, u16),
+    policy: &str,
+    hosts: &[SocketAddr],
+) -> String {
     let mut s = format!(
         "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\n\n\
-         [management]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+         [management]\nlisten = \"127.0.0.1:{management}\"\ndata_dir = \"{}\"\n\
          admin_email = \"admin@example.com\"\nadmin_password_env = \"CUBEGATE_ADMIN_PASSWORD\"\n\n\
          [auth]\nmode = \"none\"\n\n[[domains]]\nid = \"{DOMAIN}\"\nname = \"fleet\"\n\
          routing = \"{policy}\"\n",
@@ -184,11 +191,11 @@ fn start_cubegate(env: &Env, policy: &str, hosts: &[SocketAddr]) -> Result<Runni
         .cubegate_bin
         .clone()
         .ok_or("not built (cargo build --release)")?;
-    let port = port()?;
+    let (port, management) = (port()?, port()?);
     let cfg = write(
         &env.dir,
         "cubegate.toml",
-        &cubegate_config(env, port, policy, hosts),
+        &cubegate_config(env, (port, management), policy, hosts),
     )?;
     let mut cmd = Command::new(&bin);
     cmd.arg("serve")
@@ -203,6 +210,7 @@ fn start_cubegate(env: &Env, policy: &str, hosts: &[SocketAddr]) -> Result<Runni
         proc: spawn(env, "cubegate", cmd)?,
         url: format!("http://127.0.0.1:{port}/proxy/{DOMAIN}/v1/chat/completions"),
         version: version_of(&bin, &["--version"]),
+        metrics: Some(([127, 0, 0, 1], management).into()),
     })
 }
 
@@ -232,6 +240,7 @@ fn start_sglang(env: &Env, hosts: &[SocketAddr]) -> Result<Running, String> {
         proc: spawn(env, "sglang-router", cmd)?,
         url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
         version,
+        metrics: None,
     })
 }
 
@@ -258,6 +267,7 @@ fn start_vllm_router(env: &Env, hosts: &[SocketAddr]) -> Result<Running, String>
         proc: spawn(env, "vllm-router", cmd)?,
         url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
         version,
+        metrics: None,
     })
 }
 
@@ -300,6 +310,7 @@ fn start_nginx(env: &Env, hosts: &[SocketAddr]) -> Result<Running, String> {
         proc: spawn(env, "nginx", cmd)?,
         url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
         version: version_of(&bin, &["-v"]),
+        metrics: None,
     })
 }
 
@@ -342,5 +353,6 @@ fn start_haproxy(env: &Env, hosts: &[SocketAddr]) -> Result<Running, String> {
         proc: spawn(env, "haproxy", cmd)?,
         url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
         version: version_of(&bin, &["-v"]),
+        metrics: None,
     })
 }
