@@ -188,20 +188,18 @@ fn unmeasured(s: &SystemResult, cols: usize) -> String {
     row(&cells)
 }
 
+/// A bench report's title line: `## cubegate-bench <what> — <date>, commit <commit>`.
+pub fn heading(what: &str, date: &str, commit: Option<&str>) -> String {
+    let commit = commit.map(|c| format!(", commit {c}")).unwrap_or_default();
+    format!("## cubegate-bench {what} — {date}{commit}\n\n")
+}
+
 /// The whole Markdown report.
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let st = &r.settings;
     let m = &r.machine;
-    let _ = writeln!(
-        s,
-        "## cubegate-bench compare — {}{}\n",
-        r.date,
-        r.commit
-            .as_deref()
-            .map(|c| format!(", commit {c}"))
-            .unwrap_or_default()
-    );
+    s.push_str(&heading("compare", &r.date, r.commit.as_deref()));
     let pin = match &m.proxy_cpus {
         Some(p) => format!(
             "proxy pinned to CPU {:?}, load generator and simulators to CPU {:?}",
@@ -474,11 +472,24 @@ pub fn svg_cpu(r: &Report) -> String {
 
 /// Writes results.md, results.json, latency.svg and cpu.svg into `dir`.
 pub fn write_all(r: &Report, dir: &Path) -> std::io::Result<()> {
+    let svgs = [("latency.svg", svg_latency(r)), ("cpu.svg", svg_cpu(r))];
+    write_results(dir, &markdown(r), r, &svgs)
+}
+
+/// Writes a bench report into `dir`: `results.md`, `results.json` and the charts (file
+/// name, SVG text).
+pub fn write_results(
+    dir: &Path,
+    markdown: &str,
+    report: &impl Serialize,
+    svgs: &[(&str, String)],
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("results.md"), markdown(r))?;
-    let json = serde_json::to_string_pretty(r).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("results.md"), markdown)?;
+    let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
     std::fs::write(dir.join("results.json"), json + "\n")?;
-    std::fs::write(dir.join("latency.svg"), svg_latency(r))?;
-    std::fs::write(dir.join("cpu.svg"), svg_cpu(r))?;
+    for (name, svg) in svgs {
+        std::fs::write(dir.join(name), svg)?;
+    }
     Ok(())
 }

@@ -84,6 +84,22 @@ fn svg_open_sized(title: &str, subtitle: &str, h: f64) -> String {
     s
 }
 
+/// A horizontal grid line at `y` (pixels) labelled `v` on the left.
+fn grid_line(s: &mut String, y: f64, v: f64, stroke: &str) {
+    let _ = writeln!(
+        s,
+        "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"{stroke}\"/>",
+        W - RIGHT
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+        LEFT - 6.0,
+        y + 4.0,
+        fmt_num(v)
+    );
+}
+
 /// The y axis from 0 to `top` (data units) with grid lines; returns the scale.
 fn y_axis(s: &mut String, max: f64, unit: &str) -> f64 {
     let step = nice_step(max);
@@ -91,19 +107,7 @@ fn y_axis(s: &mut String, max: f64, unit: &str) -> f64 {
     let plot_h = H - TOP - BOTTOM;
     let mut v = 0.0;
     while v <= top + step / 2.0 {
-        let y = H - BOTTOM - v / top * plot_h;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>",
-            W - RIGHT
-        );
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            LEFT - 6.0,
-            y + 4.0,
-            fmt_num(v)
-        );
+        grid_line(s, H - BOTTOM - v / top * plot_h, v, "#ddd");
         v += step;
     }
     let _ = writeln!(
@@ -247,20 +251,8 @@ pub fn lines(title: &str, subtitle: &str, x_unit: &str, y_unit: &str, series: &[
             if v > hi * 1.0001 {
                 break;
             }
-            let y = y_of(v);
             let stroke = if m == 1.0 { "#bbb" } else { "#e6e6e6" };
-            let _ = writeln!(
-                s,
-                "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"{stroke}\"/>",
-                W - RIGHT
-            );
-            let _ = writeln!(
-                s,
-                "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-                LEFT - 6.0,
-                y + 4.0,
-                fmt_num(v)
-            );
+            grid_line(&mut s, y_of(v), v, stroke);
         }
         decade *= 10.0;
     }

@@ -137,14 +137,8 @@ pub struct Settings {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
-    pub seed: u64,
-    pub groups: usize,
-    pub zipf_s: f64,
-    pub system_words: usize,
-    pub user_words: (usize, usize),
-    pub output_tokens: usize,
-    pub max_turns: usize,
-    pub think_s: (f64, f64),
+    #[serde(flatten)]
+    pub spec: super::workload::Spec,
     /// In the heaviest rate's trace: conversations, the share of requests that continue
     /// one, the hottest system prompt's share of requests.
     pub conversations: usize,
@@ -305,17 +299,13 @@ fn yes_no(v: Option<bool>) -> &'static str {
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let st = &r.settings;
-    let w = &r.workload;
+    let (w, spec) = (&r.workload, &r.workload.spec);
     let m = &r.machine;
-    let _ = writeln!(
-        s,
-        "## cubegate-bench fleet — {}{}\n",
-        r.date,
-        r.commit
-            .as_deref()
-            .map(|c| format!(", commit {c}"))
-            .unwrap_or_default()
-    );
+    s.push_str(&crate::compare::report::heading(
+        "fleet",
+        &r.date,
+        r.commit.as_deref(),
+    ));
     let _ = writeln!(
         s,
         "- Machine: {} CPUs ({}), Linux {}; nothing pinned (hosts, router and load share them).",
@@ -334,16 +324,16 @@ pub fn markdown(r: &Report) -> String {
          after the last with the whole history; {} output tokens, streamed. In the heaviest \
          rate's trace: {} conversations, {:.0} % of requests continue one, the hottest prompt \
          is {:.0} % of requests.",
-        w.seed,
-        w.groups,
-        w.system_words,
-        w.zipf_s,
-        w.max_turns,
-        w.user_words.0,
-        w.user_words.1,
-        w.think_s.0,
-        w.think_s.1,
-        w.output_tokens,
+        spec.seed,
+        spec.groups,
+        spec.system_words,
+        spec.zipf_s,
+        spec.max_turns,
+        spec.user_words.0,
+        spec.user_words.1,
+        spec.think_s.0,
+        spec.think_s.1,
+        spec.output_tokens,
         w.conversations,
         w.follow_up_share * 100.0,
         w.hottest_share * 100.0
@@ -610,7 +600,7 @@ pub fn svg_ttft(r: &Report) -> String {
                 .unwrap_or_default(),
             r.settings.hosts,
             r.settings.slots,
-            r.workload.groups
+            r.workload.spec.groups
         ),
         "offered requests/s",
         "TTFT p99, ms",
@@ -620,10 +610,5 @@ pub fn svg_ttft(r: &Report) -> String {
 
 /// Writes results.md, results.json and ttft_p99.svg into `dir`.
 pub fn write_all(r: &Report, dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("results.md"), markdown(r))?;
-    let json = serde_json::to_string_pretty(r).map_err(std::io::Error::other)?;
-    std::fs::write(dir.join("results.json"), json + "\n")?;
-    std::fs::write(dir.join("ttft_p99.svg"), svg_ttft(r))?;
-    Ok(())
+    crate::compare::report::write_results(dir, &markdown(r), r, &[("ttft_p99.svg", svg_ttft(r))])
 }

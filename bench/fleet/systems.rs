@@ -299,13 +299,7 @@ fn start_nginx(env: &Env, hosts: &[SocketAddr]) -> Result<Running, String> {
     let bin = find_program("nginx").ok_or("not installed (bench/setup)")?;
     let port = port()?;
     let cfg = write(&env.dir, "nginx.conf", &nginx_config(&env.dir, port, hosts))?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("-p")
-        .arg(&env.dir)
-        .arg("-e")
-        .arg(env.dir.join("nginx-error.log"))
-        .arg("-c")
-        .arg(&cfg);
+    let cmd = crate::compare::systems::nginx_command(&bin, &env.dir, &cfg);
     Ok(Running {
         proc: spawn(env, "nginx", cmd)?,
         url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
@@ -332,21 +326,7 @@ fn start_haproxy(env: &Env, hosts: &[SocketAddr]) -> Result<Running, String> {
     let bin = find_program("haproxy").ok_or("not installed (bench/setup)")?;
     let port = port()?;
     let cfg = write(&env.dir, "haproxy.cfg", &haproxy_config(port, hosts))?;
-    let check = Command::new(&bin)
-        .arg("-c")
-        .arg("-q")
-        .arg("-f")
-        .arg(&cfg)
-        .output()
-        .map_err(|e| format!("haproxy -c: {e}"))?;
-    if !check.status.success() {
-        return Err(format!(
-            "haproxy -c refused the config: {}",
-            String::from_utf8_lossy(&check.stderr)
-                .trim()
-                .replace('\n', " | ")
-        ));
-    }
+    crate::compare::systems::haproxy_check(&bin, &cfg)?;
     let mut cmd = Command::new(&bin);
     cmd.arg("-db").arg("-f").arg(&cfg);
     Ok(Running {

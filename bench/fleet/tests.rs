@@ -103,10 +103,7 @@ fn sessions_grow_their_history() {
         workload::system_prompt(&spec(), 1),
     );
     assert_ne!(a[..16], b[..16]);
-    assert_eq!(
-        workload::prompt_tokens(t[0].body.as_ref()).len() > 300,
-        true
-    );
+    assert!(workload::prompt_tokens(t[0].body.as_ref()).len() > 300);
 }
 
 #[test]
@@ -156,7 +153,6 @@ fn runs(name: &str, points: Vec<Point>) -> SystemRuns {
 
 fn sample() -> Report {
     let a = FleetArgs::defaults();
-    let w = a.workload();
     let systems = vec![
         runs(
             "cubegate-auto",
@@ -228,14 +224,7 @@ fn sample() -> Report {
             request_timeout_s: 60.0,
         },
         workload: report::Workload {
-            seed: w.seed,
-            groups: w.groups,
-            zipf_s: w.zipf_s,
-            system_words: w.system_words,
-            user_words: w.user_words,
-            output_tokens: w.output_tokens,
-            max_turns: w.max_turns,
-            think_s: w.think_s,
+            spec: a.workload(),
             conversations: 10,
             follow_up_share: 0.5,
             hottest_share: 0.2,
