@@ -4,10 +4,13 @@
 //!   host behind it: batch slots, prefix cache, faults (see `sim/`).
 //! - `load`: a load generator with its own HTTP client (see `load/`).
 //! - `compare`: the side-by-side comparison with peer proxies (see `compare/`).
+//! - `fleet`: routing across simulated GPU hosts, cubegate's policies next to peer routers
+//!   (see `fleet/`).
 //!
 //! This binary shares no code with `src/`: a parser bug in one must not hide in the other.
 
 mod compare;
+mod fleet;
 mod load;
 mod sim;
 
@@ -51,6 +54,11 @@ enum Cmd {
     /// Side-by-side comparison with peer proxies (nginx, HAProxy, LiteLLM) on the same
     /// simulated backend: table on stdout, results.md/.json and SVG charts in --out.
     Compare(compare::CompareArgs),
+    /// Fleet routing: cubegate's policies, sglang-router, vllm-router, nginx least_conn and
+    /// HAProxy leastconn in front of --hosts simulated GPU hosts, on chats sharing long
+    /// system prompts, open loop at --rates; then a faults run. Table on stdout,
+    /// results.md/.json and ttft_p99.svg in --out.
+    Fleet(fleet::FleetArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +123,7 @@ fn main() -> ExitCode {
         Cmd::Backend(a) => backend(a),
         Cmd::Load(a) => load_cmd(a),
         Cmd::Compare(a) => compare::command(&a),
+        Cmd::Fleet(a) => fleet::command(&a),
     }
 }
 

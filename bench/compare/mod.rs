@@ -21,6 +21,7 @@
 
 pub mod measure;
 pub mod report;
+pub mod svg;
 pub mod systems;
 
 #[cfg(test)]
@@ -136,7 +137,8 @@ fn random_secret() -> Result<String, String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -179,7 +181,8 @@ impl Drop for AffinityGuard {
     }
 }
 
-fn wait_listening(addr: SocketAddr, p: &mut Proc, limit: Duration) -> Result<(), String> {
+/// Waits until something accepts connections on `addr`, or `p` exits, or `limit` passes.
+pub fn wait_listening(addr: SocketAddr, p: &mut Proc, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     loop {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
@@ -243,7 +246,8 @@ fn load_args(ep: &Endpoint, bearer: Option<&str>, kind: LoadKind, tokens: u64) -
     }
 }
 
-fn probe(ep: &Endpoint, bearer: Option<&str>) -> Result<(), String> {
+/// Sends one short chat through `ep` (with `bearer`); Ok when it is answered with a 2xx.
+pub fn probe(ep: &Endpoint, bearer: Option<&str>) -> Result<(), String> {
     let mut a = load_args(ep, bearer, LoadKind::Chat, 4);
     a.requests = Some(1);
     a.duration = Some(10.0);
@@ -356,7 +360,8 @@ fn measure(
     })
 }
 
-fn machine(nproc: usize, proxy_cpus: &Option<Vec<usize>>, load_cpus: &[usize]) -> Machine {
+/// The machine the run is on (CPUs, model, kernel) and how compare placed its processes.
+pub fn machine(nproc: usize, proxy_cpus: &Option<Vec<usize>>, load_cpus: &[usize]) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -377,7 +382,8 @@ fn machine(nproc: usize, proxy_cpus: &Option<Vec<usize>>, load_cpus: &[usize]) -
     }
 }
 
-fn commit() -> Option<String> {
+/// The commit this tree is at, when git knows it.
+pub fn commit() -> Option<String> {
     let git = systems::find_program("git")?;
     let v = systems::version_of(&git, &["rev-parse", "--short", "HEAD"]);
     (v != "unknown" && v.chars().all(|c| c.is_ascii_hexdigit())).then_some(v)

@@ -1,7 +1,8 @@
 //! What compare found, and how it is shown: a Markdown report (stdout and `results.md`),
-//! `results.json`, and two hand-written SVG charts: `latency.svg` (p50/p90/p99 per system at
-//! the fixed open-loop rate) and `cpu.svg` (proxy CPU seconds per 1,000 requests).
+//! `results.json`, and two SVG charts (drawn by `svg.rs`): `latency.svg` (p50/p90/p99 per
+//! system at the fixed open-loop rate) and `cpu.svg` (proxy CPU seconds per 1,000 requests).
 
+use super::svg::bars;
 use crate::load::report::Summary;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -187,20 +188,18 @@ fn unmeasured(s: &SystemResult, cols: usize) -> String {
     row(&cells)
 }
 
+/// A bench report's title line: `## cubegate-bench <what> — <date>, commit <commit>`.
+pub fn heading(what: &str, date: &str, commit: Option<&str>) -> String {
+    let commit = commit.map(|c| format!(", commit {c}")).unwrap_or_default();
+    format!("## cubegate-bench {what} — {date}{commit}\n\n")
+}
+
 /// The whole Markdown report.
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let st = &r.settings;
     let m = &r.machine;
-    let _ = writeln!(
-        s,
-        "## cubegate-bench compare — {}{}\n",
-        r.date,
-        r.commit
-            .as_deref()
-            .map(|c| format!(", commit {c}"))
-            .unwrap_or_default()
-    );
+    s.push_str(&heading("compare", &r.date, r.commit.as_deref()));
     let pin = match &m.proxy_cpus {
         Some(p) => format!(
             "proxy pinned to CPU {:?}, load generator and simulators to CPU {:?}",
@@ -412,185 +411,6 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-fn esc(t: &str) -> String {
-    t.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// A "nice" axis step (1, 2 or 5 × 10^k) giving about five ticks up to `max`.
-pub fn nice_step(max: f64) -> f64 {
-    if !(max.is_finite() && max > 0.0) {
-        return 1.0;
-    }
-    let raw = max / 5.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let f = raw / mag;
-    let m = if f <= 1.0 {
-        1.0
-    } else if f <= 2.0 {
-        2.0
-    } else if f <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    m * mag
-}
-
-fn fmt_num(v: f64) -> String {
-    if v == 0.0 {
-        "0".into()
-    } else if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 1.0 {
-        let s = format!("{v:.2}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        let s = format!("{v:.4}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    }
-}
-
-const W: f64 = 760.0;
-const H: f64 = 420.0;
-const LEFT: f64 = 80.0;
-const RIGHT: f64 = 20.0;
-const TOP: f64 = 50.0;
-const BOTTOM: f64 = 80.0;
-
-fn svg_open(title: &str, subtitle: &str) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" \
-         viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">"
-    );
-    let _ = writeln!(
-        s,
-        "<rect x=\"0\" y=\"0\" width=\"{W}\" height=\"{H}\" fill=\"white\"/>"
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>",
-        W / 2.0,
-        esc(title)
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"{}\" y=\"38\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
-        W / 2.0,
-        esc(subtitle)
-    );
-    s
-}
-
-/// The y axis from 0 to `top` (data units) with grid lines; returns the scale.
-fn y_axis(s: &mut String, max: f64, unit: &str) -> f64 {
-    let step = nice_step(max);
-    let top = (max / step).ceil().max(1.0) * step;
-    let plot_h = H - TOP - BOTTOM;
-    let mut v = 0.0;
-    while v <= top + step / 2.0 {
-        let y = H - BOTTOM - v / top * plot_h;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>",
-            W - RIGHT
-        );
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            LEFT - 6.0,
-            y + 4.0,
-            fmt_num(v)
-        );
-        v += step;
-    }
-    let _ = writeln!(
-        s,
-        "<text x=\"16\" y=\"{:.1}\" transform=\"rotate(-90 16 {:.1})\" text-anchor=\"middle\">{}</text>",
-        TOP + plot_h / 2.0,
-        TOP + plot_h / 2.0,
-        esc(unit)
-    );
-    let _ = writeln!(
-        s,
-        "<line x1=\"{LEFT}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#333\"/>",
-        H - BOTTOM,
-        W - RIGHT,
-        H - BOTTOM
-    );
-    plot_h / top
-}
-
-/// Grouped bars: one group per system, one bar per series.
-fn bars(
-    title: &str,
-    subtitle: &str,
-    unit: &str,
-    series: &[(&str, &str)],
-    groups: &[(String, Vec<f64>)],
-) -> String {
-    let mut s = svg_open(title, subtitle);
-    let max = groups
-        .iter()
-        .flat_map(|(_, v)| v.iter().copied())
-        .fold(0.0f64, f64::max);
-    let scale = y_axis(&mut s, max, unit);
-    let plot_w = W - LEFT - RIGHT;
-    let n = groups.len().max(1) as f64;
-    let group_w = plot_w / n;
-    let bar_w = (group_w * 0.8 / series.len().max(1) as f64).min(60.0);
-    for (gi, (name, vals)) in groups.iter().enumerate() {
-        let gx = LEFT + gi as f64 * group_w;
-        let x0 = gx + (group_w - bar_w * series.len() as f64) / 2.0;
-        for (si, ((key, color), v)) in series.iter().zip(vals).enumerate() {
-            let h = (v * scale).max(0.0);
-            let x = x0 + si as f64 * bar_w;
-            let y = H - BOTTOM - h;
-            let _ = writeln!(
-                s,
-                "<rect class=\"bar {key}\" data-system=\"{}\" x=\"{x:.1}\" y=\"{y:.1}\" \
-                 width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"><title>{} {key}: {} {}</title></rect>",
-                esc(name),
-                bar_w - 2.0,
-                esc(name),
-                fmt_num(*v),
-                esc(unit)
-            );
-        }
-        let _ = writeln!(
-            s,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
-            gx + group_w / 2.0,
-            H - BOTTOM + 18.0,
-            esc(name)
-        );
-    }
-    // Legend.
-    if series.len() > 1 {
-        for (i, (key, color)) in series.iter().enumerate() {
-            let x = LEFT + i as f64 * 90.0;
-            let y = H - 28.0;
-            let _ = writeln!(
-                s,
-                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{color}\"/>",
-                y - 10.0
-            );
-            let _ = writeln!(
-                s,
-                "<text x=\"{:.1}\" y=\"{y:.1}\">{}</text>",
-                x + 16.0,
-                esc(key)
-            );
-        }
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
 /// Latency percentiles per system at the fixed open-loop rate.
 pub fn svg_latency(r: &Report) -> String {
     let groups: Vec<(String, Vec<f64>)> = r
@@ -652,11 +472,24 @@ pub fn svg_cpu(r: &Report) -> String {
 
 /// Writes results.md, results.json, latency.svg and cpu.svg into `dir`.
 pub fn write_all(r: &Report, dir: &Path) -> std::io::Result<()> {
+    let svgs = [("latency.svg", svg_latency(r)), ("cpu.svg", svg_cpu(r))];
+    write_results(dir, &markdown(r), r, &svgs)
+}
+
+/// Writes a bench report into `dir`: `results.md`, `results.json` and the charts (file
+/// name, SVG text).
+pub fn write_results(
+    dir: &Path,
+    markdown: &str,
+    report: &impl Serialize,
+    svgs: &[(&str, String)],
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("results.md"), markdown(r))?;
-    let json = serde_json::to_string_pretty(r).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("results.md"), markdown)?;
+    let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
     std::fs::write(dir.join("results.json"), json + "\n")?;
-    std::fs::write(dir.join("latency.svg"), svg_latency(r))?;
-    std::fs::write(dir.join("cpu.svg"), svg_cpu(r))?;
+    for (name, svg) in svgs {
+        std::fs::write(dir.join(name), svg)?;
+    }
     Ok(())
 }

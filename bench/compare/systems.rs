@@ -189,6 +189,15 @@ impl Proc {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// SIGKILL to the group at once, and reaped: a crash, not a shutdown.
+    pub fn kill(&mut self) {
+        // SAFETY: kill(2) on the process group this Proc created.
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        live().retain(|g| *g != self.pid);
+    }
+
     /// SIGTERM to the group, up to 3 s to exit, then SIGKILL.
     pub fn stop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
@@ -644,20 +653,25 @@ pub fn nginx_config(env: &Env, port: u16) -> String {
     s
 }
 
+/// nginx in the foreground (`daemon off` is in the config) with `dir` as its prefix.
+pub fn nginx_command(bin: &Path, dir: &Path, cfg: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .arg("-c")
+        .arg(cfg);
+    cmd
+}
+
 fn start_nginx(env: &Env) -> Result<Running, NotRun> {
     let Some(bin) = find_program("nginx") else {
         return Err(NotRun::Skipped("not installed".into()));
     };
     let port = port()?;
     let cfg = write(env, "nginx.conf", &nginx_config(env, port))?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("-p")
-        .arg(&env.dir)
-        .arg("-e")
-        .arg(env.dir.join("nginx-error.log"))
-        .arg("-c")
-        .arg(&cfg);
-    let proc = spawn(env, "nginx", cmd)?;
+    let proc = spawn(env, "nginx", nginx_command(&bin, &env.dir, &cfg))?;
     let (fast, stream) = proxy_urls(env, port);
     Ok(Running {
         proc: Some(proc),
@@ -740,21 +754,7 @@ fn start_haproxy(env: &Env, jwt: bool) -> Result<Running, NotRun> {
         &format!("{name}.cfg"),
         &haproxy_config(env, jwt, ports),
     )?;
-    let check = Command::new(&bin)
-        .arg("-c")
-        .arg("-q")
-        .arg("-f")
-        .arg(&cfg)
-        .output()
-        .map_err(|e| NotRun::Failed(format!("haproxy -c: {e}")))?;
-    if !check.status.success() {
-        return Err(NotRun::Failed(format!(
-            "haproxy -c refused the config: {}",
-            String::from_utf8_lossy(&check.stderr)
-                .trim()
-                .replace('\n', " | ")
-        )));
-    }
+    haproxy_check(&bin, &cfg).map_err(NotRun::Failed)?;
     let mut cmd = Command::new(&bin);
     cmd.arg("-db").arg("-f").arg(&cfg);
     let proc = spawn(env, name, cmd)?;
@@ -772,6 +772,26 @@ fn start_haproxy(env: &Env, jwt: bool) -> Result<Running, NotRun> {
         version,
         notes: Vec::new(),
     })
+}
+
+/// `haproxy -c`: Err with HAProxy's words when it refuses the config.
+pub fn haproxy_check(bin: &Path, cfg: &Path) -> Result<(), String> {
+    let check = Command::new(bin)
+        .arg("-c")
+        .arg("-q")
+        .arg("-f")
+        .arg(cfg)
+        .output()
+        .map_err(|e| format!("haproxy -c: {e}"))?;
+    if check.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "haproxy -c refused the config: {}",
+        String::from_utf8_lossy(&check.stderr)
+            .trim()
+            .replace('\n', " | ")
+    ))
 }
 
 /// Whether `haproxy -v`'s first line names 2.5 or later.

@@ -217,11 +217,11 @@ fn checker_catches_bad_svg() {
 
 #[test]
 fn axis_steps() {
-    assert_eq!(report::nice_step(10.0), 2.0);
-    assert_eq!(report::nice_step(1.0), 0.2);
-    assert_eq!(report::nice_step(0.03), 0.01);
-    assert_eq!(report::nice_step(700.0), 200.0);
-    assert_eq!(report::nice_step(0.0), 1.0);
+    assert_eq!(svg::nice_step(10.0), 2.0);
+    assert_eq!(svg::nice_step(1.0), 0.2);
+    assert_eq!(svg::nice_step(0.03), 0.01);
+    assert_eq!(svg::nice_step(700.0), 200.0);
+    assert_eq!(svg::nice_step(0.0), 1.0);
 }
 
 #[test]

@@ -175,6 +175,9 @@ pub async fn exchange(
         }
         Err(f) => {
             *slot = None;
+            if timing.m.first_event.is_some() {
+                r.failed_mid_stream += 1;
+            }
             match f {
                 Failure::Kind(k) => {
                     r.error(k);

@@ -5,7 +5,9 @@
 //! connections; each connection is a task that takes the next request from the thread's
 //! [`schedule::Tickets`], sends it when it is due and records it (`client.rs`) into the
 //! thread's [`report::Recorder`]. An optional warmup phase runs the same load and is
-//! discarded; then all threads start measuring at one common instant. At the end the
+//! discarded; then all threads start measuring at one common instant. (With
+//! [`LoadArgs::open_warmup`] the warmup is instead the first seconds of one continuous open
+//! loop, so queues built during it carry over into the measurement.) At the end the
 //! recorders are merged into a [`report::Summary`] (stdout, and `--json FILE`).
 
 pub mod client;
@@ -148,6 +150,18 @@ pub struct LoadArgs {
     /// `cubegate gen-cert`) instead of the system's CA store.
     #[arg(long)]
     pub cacert: Option<std::path::PathBuf>,
+    /// Request bodies to send in turn instead of the kind's one body (a benchmark's own
+    /// workload, e.g. `fleet`'s chats): the `n`-th request sent carries body `n`, so a
+    /// trace in send order is sent in that order. Not on the command line.
+    #[arg(skip)]
+    pub bodies: Option<Arc<Vec<Bytes>>>,
+    /// Open loop: the warmup is the first `warmup` seconds of one schedule that goes on
+    /// into the measurement (requests due then are sent, not recorded), rather than a
+    /// phase of its own that ends, and waits for its answers, before the measurement
+    /// starts: what a saturated target queued during the warmup is still queued when
+    /// measuring begins. Not on the command line.
+    #[arg(skip)]
+    pub open_warmup: bool,
 }
 
 impl LoadArgs {
@@ -247,8 +261,15 @@ pub fn sign_tokens(a: &LoadArgs, secret: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// The requests the connections send in turn: one, or one per distinct signed token.
+/// The requests the connections send in turn: one, one per distinct signed token, or one
+/// per body of `a.bodies`.
 pub fn build_requests(a: &LoadArgs, host: &str, path: &str) -> Vec<Bytes> {
+    if let Some(bodies) = &a.bodies {
+        return bodies
+            .iter()
+            .map(|b| with_head(a, host, path, a.bearer.as_deref(), b).into())
+            .collect();
+    }
     match &a.sign_hs256 {
         Some(secret) => sign_tokens(a, secret, a.distinct_tokens)
             .iter()
@@ -274,7 +295,11 @@ pub fn build_request(a: &LoadArgs, host: &str, path: &str, bearer: Option<&str>)
             body["max_tokens"] = n.into();
         }
     }
-    let body = body.to_string();
+    with_head(a, host, path, bearer, body.to_string().as_bytes())
+}
+
+/// A POST of `body` with the kind's head (path, Accept) and `bearer` as its credential.
+fn with_head(a: &LoadArgs, host: &str, path: &str, bearer: Option<&str>, body: &[u8]) -> Vec<u8> {
     let path = if path == "/" {
         a.kind.default_path()
     } else {
@@ -294,8 +319,9 @@ pub fn build_request(a: &LoadArgs, host: &str, path: &str, bearer: Option<&str>)
         req.push_str(&format!("Authorization: Bearer {b}\r\n"));
     }
     req.push_str("\r\n");
-    req.push_str(&body);
-    req.into_bytes()
+    let mut req = req.into_bytes();
+    req.extend_from_slice(body);
+    req
 }
 
 /// Runs the load described by `a` and returns its summary.
@@ -317,7 +343,15 @@ pub fn run(a: &LoadArgs) -> Result<Summary, String> {
         (None, Some(_)) => None,
         (None, None) => Some(Duration::from_secs(10)),
     };
-    let warmup = secs("warmup", a.warmup)?;
+    let mut warmup = secs("warmup", a.warmup)?;
+    // Continuous: one phase of warmup + duration, recording only from `record_after`.
+    let record_after = if a.open_warmup && a.rate.is_some() && duration.is_some() {
+        std::mem::take(&mut warmup)
+    } else {
+        Duration::ZERO
+    };
+    let measured = duration;
+    let duration = duration.map(|d| d + record_after);
     let tls = tls_for(a, &host)?;
     let target = Target {
         addr,
@@ -341,6 +375,7 @@ pub fn run(a: &LoadArgs) -> Result<Summary, String> {
         duration,
         requests: a.requests,
         warmup,
+        record_after,
         threads: threads as u64,
         t0: Instant::now(),
         barrier: Barrier::new(threads),
@@ -386,12 +421,13 @@ pub fn run(a: &LoadArgs) -> Result<Summary, String> {
         connections: a.connections,
         threads,
         rate: a.rate,
-        duration_s: duration.map(|d| d.as_secs_f64()),
+        duration_s: measured.map(|d| d.as_secs_f64()),
         requests: a.requests,
         tokens: a.tokens,
-        warmup_s: warmup.as_secs_f64(),
+        warmup_s: (warmup + record_after).as_secs_f64(),
     };
-    let mut summary = Summary::new(info, &all, end - start, unsent);
+    let from = start + record_after;
+    let mut summary = Summary::new(info, &all, end.max(from) - from, unsent);
     if let (Some(pid), Some(before)) = (a.measure_pid, rss_before) {
         let peak = proc_kib(pid, "VmHWM:").ok_or("cannot read the measured process's memory")?;
         summary.memory = Some(report::Memory {
@@ -421,6 +457,8 @@ struct Plan {
     duration: Option<Duration>,
     requests: Option<u64>,
     warmup: Duration,
+    /// Requests due before `start + record_after` are sent but not recorded.
+    record_after: Duration,
     threads: u64,
     /// When the warmup starts.
     t0: Instant,
@@ -462,24 +500,37 @@ fn thread_main(t: u64, conns: usize, plan: &Plan) -> Result<(Recorder, u64), Str
             s.end = Some(plan.t0 + plan.warmup);
             s.requests = None;
             let discard = Rc::new(RefCell::new(Recorder::default()));
-            slots = phase(slots, s, &target, &discard).await.0;
+            slots = phase(slots, s, &target, (&discard, &discard, plan.t0))
+                .await
+                .0;
         }
         // Threads block here only between phases, when no task of theirs is running.
         plan.barrier.wait();
         let start = *plan.start.get_or_init(Instant::now);
         let rec = Rc::new(RefCell::new(Recorder::default()));
-        let (_, taken) = phase(slots, plan.schedule(start, t), &target, &rec).await;
+        let warm = Rc::new(RefCell::new(Recorder::default()));
+        let recorders = (&warm, &rec, start + plan.record_after);
+        let (_, taken) = phase(slots, plan.schedule(start, t), &target, recorders).await;
+        drop(warm);
         let rec = Rc::try_unwrap(rec).map_err(|_| "recorder still shared")?;
         Ok((rec.into_inner(), taken))
     })
 }
+
+/// Where a phase records: requests due before the instant into the first recorder (not
+/// measured), the others into the second.
+type Recorders<'a> = (
+    &'a Rc<RefCell<Recorder>>,
+    &'a Rc<RefCell<Recorder>>,
+    Instant,
+);
 
 /// Runs one phase on this thread's connections; hands them back with the requests taken.
 async fn phase(
     slots: Vec<Option<Conn>>,
     sched: Schedule,
     target: &Rc<Target>,
-    rec: &Rc<RefCell<Recorder>>,
+    (warm, rec, record_from): Recorders<'_>,
 ) -> (Vec<Option<Conn>>, u64) {
     let tickets = Rc::new(Tickets::default());
     let handles: Vec<_> = slots
@@ -490,7 +541,7 @@ async fn phase(
                 sched,
                 tickets.clone(),
                 target.clone(),
-                rec.clone(),
+                (warm.clone(), rec.clone(), record_from),
             ))
         })
         .collect();
@@ -509,7 +560,7 @@ async fn connection_task(
     sched: Schedule,
     tickets: Rc<Tickets>,
     target: Rc<Target>,
-    rec: Rc<RefCell<Recorder>>,
+    (warm, measured, record_from): (Rc<RefCell<Recorder>>, Rc<RefCell<Recorder>>, Instant),
 ) -> Option<Conn> {
     loop {
         let now = Instant::now();
@@ -522,10 +573,11 @@ async fn connection_task(
         if let Some(early) = at.checked_sub(TIMER_TICK).filter(|e| *e > now) {
             monoio::time::sleep_until(monoio::time::Instant::from_std(early)).await;
         }
+        let rec = if at >= record_from { &measured } else { &warm };
         let sent = Instant::now();
         rec.borrow_mut().lag(sent.saturating_duration_since(at));
         let from = at.min(sent);
-        let connect_failed = client::exchange(&mut slot, &target, from, &rec).await;
+        let connect_failed = client::exchange(&mut slot, &target, from, rec).await;
         if connect_failed && sched.interval.is_none() {
             // Closed loop against a dead target: do not spin.
             monoio::time::sleep(Duration::from_millis(10)).await;

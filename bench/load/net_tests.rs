@@ -176,7 +176,39 @@ fn truncated_streams_are_errors() {
         assert_eq!(s.completed, 0);
         assert_eq!(s.errors.get(err), Some(&1), "{:?}", s.errors);
         assert_eq!(s.errors_total, 1, "{:?}", s.errors);
+        // Both failed after their first event: streams cut mid-way.
+        assert_eq!(s.errors_mid_stream, 1);
     }
+    // A connection closed before any answer failed before its first event.
+    let addr = scripted(1, |mut s| {
+        read_request(&mut s);
+    });
+    let s = run(&args(addr, Kind::ChatStream)).expect("run");
+    assert_eq!(
+        (s.errors_total, s.errors_mid_stream),
+        (1, 0),
+        "{:?}",
+        s.errors
+    );
+}
+
+#[test]
+fn given_bodies_are_sent_in_turn() {
+    let mut a = args("127.0.0.1:9".parse().unwrap(), Kind::ChatStream);
+    let bodies: Vec<bytes::Bytes> = ["{\"a\":1}", "{\"b\":22}"]
+        .map(|b: &'static str| bytes::Bytes::from_static(b.as_bytes()))
+        .to_vec();
+    a.bodies = Some(std::sync::Arc::new(bodies));
+    let reqs = super::build_requests(&a, "h", "/v1/chat/completions");
+    assert_eq!(reqs.len(), 2);
+    let text = String::from_utf8_lossy(&reqs[1]);
+    assert!(
+        text.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("Content-Length: 8\r\n"), "{text}");
+    assert!(text.contains("Accept: text/event-stream\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n{\"b\":22}"), "{text}");
 }
 
 /// Answers each request on the connection 200 ms after reading it.
@@ -287,4 +319,33 @@ fn connections_spread_over_source_addresses() {
     seen.dedup();
     let want: Vec<std::net::IpAddr> = (1..=3).map(|i| [127, 0, 0, i].into()).collect();
     assert_eq!(seen, want);
+}
+
+/// Answers every request on the connection at once.
+fn quick_script(mut s: TcpStream) {
+    while read_request(&mut s) {
+        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[test]
+fn open_warmup_is_the_start_of_one_schedule() {
+    let addr = scripted(1, quick_script);
+    let mut a = args(addr, Kind::Chat);
+    a.requests = None;
+    a.rate = Some(100.0);
+    a.warmup = 0.2;
+    a.duration = Some(0.3);
+    a.open_warmup = true;
+    let s = run(&a).expect("run");
+    // 50 requests due in 0.5 s; the 20 due in the first 0.2 s are sent, not recorded.
+    assert!((28..=30).contains(&s.sent), "{}", s.sent);
+    assert_eq!(s.ok, s.sent);
+    assert_eq!(s.unsent, 0);
+    assert_eq!(s.run.warmup_s, 0.2);
+    assert_eq!(s.run.duration_s, Some(0.3));
 }

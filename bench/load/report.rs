@@ -67,6 +67,9 @@ pub struct Recorder {
     pub send_lag: Histogram<u64>,
     pub statuses: BTreeMap<u16, u64>,
     pub errors: BTreeMap<&'static str, u64>,
+    /// Of the failed requests, those that failed after their first event (a stream cut
+    /// mid-way, as opposed to one that failed before its first token).
+    pub failed_mid_stream: u64,
     /// Requests begun.
     pub sent: u64,
     /// Requests answered completely (any status).
@@ -87,6 +90,7 @@ impl Default for Recorder {
             send_lag: histogram(),
             statuses: BTreeMap::new(),
             errors: BTreeMap::new(),
+            failed_mid_stream: 0,
             sent: 0,
             completed: 0,
             events: 0,
@@ -152,6 +156,7 @@ impl Recorder {
         for (k, v) in &o.errors {
             *self.errors.entry(k).or_default() += v;
         }
+        self.failed_mid_stream += o.failed_mid_stream;
         self.sent += o.sent;
         self.completed += o.completed;
         self.events += o.events;
@@ -238,6 +243,8 @@ pub struct Summary {
     /// connections were busy): a sign the target could not keep up.
     pub unsent: u64,
     pub errors_total: u64,
+    /// Of `errors_total`, those after the stream's first event (cut mid-way).
+    pub errors_mid_stream: u64,
     pub requests_per_s: f64,
     pub events_per_s: f64,
     pub bytes_per_s: f64,
@@ -275,6 +282,7 @@ impl Summary {
             ok,
             unsent,
             errors_total: r.errors.values().sum(),
+            errors_mid_stream: r.failed_mid_stream,
             requests_per_s: r.completed as f64 / secs,
             events_per_s: r.events as f64 / secs,
             bytes_per_s: r.bytes as f64 / secs,
@@ -370,6 +378,13 @@ impl Summary {
         }
         if !self.errors.is_empty() {
             let _ = writeln!(s, "  errors: {}", join(&self.errors));
+        }
+        if self.errors_mid_stream > 0 {
+            let _ = writeln!(
+                s,
+                "  of which after the first event (streams cut mid-way): {}",
+                self.errors_mid_stream
+            );
         }
         s
     }
