@@ -78,24 +78,21 @@ async fn forward_in_order(
 ) -> Result<Persistence, GatewayError> {
     // The body can be sent again only while all of it is in the read buffer.
     let replayable = fwd.tracker.as_ref().is_none_or(|t| t.is_done());
-    let mut tried: Vec<usize> = Vec::new();
+    let mut attempts = 0;
+    // The hosts not tried yet: the order itself until a host fails (no copy per request).
+    let mut left: std::borrow::Cow<[usize]> = order.into();
     let mut last_error = GatewayError::NoHealthyBackend;
     loop {
-        let left: Vec<usize> = order
-            .iter()
-            .copied()
-            .filter(|i| !tried.contains(i))
-            .collect();
         let (index, place) = match take_place(worker, conn, req, fwd, &left).await? {
             Taken::Place(index, place) => (index, place),
             Taken::NoneUp => return Err(last_error),
             Taken::ClientGone => return Ok(Persistence::Close),
         };
-        tried.push(index);
+        attempts += 1;
         let backend = &fwd.domain.backends[index];
         let host = &backend.host;
         let more = replayable
-            && tried.len() < MAX_HOSTS
+            && attempts < MAX_HOSTS
             && left
                 .iter()
                 .any(|i| *i != index && fwd.domain.backends[*i].host.is_up());
@@ -121,12 +118,13 @@ async fn forward_in_order(
                     tracing::info!(request_id = req.id.as_str(), backend = %backend.addr, "not retried on another host: the request body was too large to keep");
                     return Err(failed.error);
                 }
-                if tried.len() >= MAX_HOSTS {
+                if attempts >= MAX_HOSTS {
                     return Err(failed.error);
                 }
                 host.retries.fetch_add(1, Relaxed);
                 tracing::info!(request_id = req.id.as_str(), backend = %backend.addr, error = %failed.error, "retrying on another host");
                 last_error = failed.error;
+                left = left.iter().copied().filter(|i| *i != index).collect();
             }
         }
     }
