@@ -347,9 +347,7 @@ impl Host {
     pub fn record_check(&self, ok: bool) {
         if ok {
             self.check_failures.store(0, Relaxed);
-            if !self.is_up() && now_ms() >= self.ejected_until_ms() {
-                self.readmit();
-            }
+            self.readmit_if_backoff_over();
             return;
         }
         let streak = self.check_failures.fetch_add(1, Relaxed) + 1;
@@ -358,7 +356,8 @@ impl Host {
         }
     }
 
-    /// Without active checks an ejection simply ends when its backoff does.
+    /// An ejection ends once its backoff is over and a check (or, without active checks,
+    /// the backoff alone) says so.
     pub fn readmit_if_backoff_over(&self) {
         if !self.is_up() && now_ms() >= self.ejected_until_ms() {
             self.readmit();
