@@ -184,6 +184,42 @@ fn sigterm_drains_in_flight_stream(driver: &str) {
     assert_eq!(sim_stats(&sim)["streams_completed"], 1);
 }
 
+/// 2b. A connection the process accepted before SIGTERM, whose first request arrives
+///     while it drains, is answered (its client did nothing wrong), then closed.
+fn sigterm_answers_connection_accepted_before_it(driver: &str) {
+    let sim = sim("vllm", &[]);
+    let models: &[&str] = &[VLLM_MODEL];
+    let mut gw = gateway(
+        driver,
+        &domains_config(&[(DOMAIN, &[("vllm", sim.addr, models)])]),
+    );
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Accepted well before the signal; the drain flag is looked at every 100 ms.
+    std::thread::sleep(Duration::from_millis(300));
+    gw.signal("TERM");
+    std::thread::sleep(Duration::from_millis(400));
+    send(&mut s, &request_bytes("GET", "/health", &[], b""));
+    let mut r = Reader::new(s);
+    let answer = r.response();
+    assert_eq!(
+        answer.as_ref().map(|a| a.status),
+        Some(200),
+        "log:\n{}",
+        gw.log()
+    );
+    assert!(
+        peer_closed(&mut r.stream),
+        "connection left open after drain"
+    );
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        gw.log()
+    );
+}
+
 /// 3. SIGHUP: a new model appears without a restart and serves, the stream in flight on
 ///    the old map completes; a broken file (bad TOML, or valid TOML failing validation)
 ///    is refused and the running map keeps serving.
@@ -399,6 +435,7 @@ fn jwt_mode_requires_a_token(driver: &str) {
 for_each_driver!(
     check_config_exit_codes,
     sigterm_drains_in_flight_stream,
+    sigterm_answers_connection_accepted_before_it,
     sighup_reloads_domain_map,
     signal_right_after_startup_is_handled,
     jwt_mode_requires_a_token,

@@ -39,6 +39,8 @@ pub struct Connection {
     out: Vec<u8>,
     /// The last request's head, kept so its header vector is reused.
     spare_head: Option<RequestHead>,
+    /// Whether a request has been read on this connection yet.
+    carried_request: bool,
 }
 
 impl Connection {
@@ -61,6 +63,7 @@ impl Connection {
             peer,
             out: Vec::with_capacity(1024),
             spare_head: None,
+            carried_request: false,
         })
     }
 
@@ -92,6 +95,7 @@ impl Connection {
                         .request_id
                         .and_then(|s| RequestId::from_client(s.of(&self.rbuf)))
                         .unwrap_or_else(|| worker.next_request_id());
+                    self.carried_request = true;
                     return Ok(Some(Request::new(head, id, worker.timeouts.body_total())));
                 }
                 scanned = self.rbuf.len();
@@ -106,7 +110,14 @@ impl Connection {
                     debug_assert!(buf.is_empty());
                     if worker.draining.get() {
                         self.rbuf = buf;
-                        return Ok(None);
+                        if self.carried_request {
+                            return Ok(None);
+                        }
+                        // A connection accepted as draining began: its client is sending
+                        // its first request and is owed an answer. Wait for it as for a
+                        // head in progress (bounded), not as for an idle keep-alive.
+                        deadline = Some(Instant::now() + worker.timeouts.header_read());
+                        continue;
                     }
                     let handle = worker.drain.borrow().handle();
                     monoio::time::timeout(
@@ -120,6 +131,8 @@ impl Connection {
                     let left = d.saturating_duration_since(Instant::now());
                     match monoio::time::timeout(left, self.rd.read_more(buf, READ_SIZE)).await {
                         Ok(r) => Some(r),
+                        // A connection that never sent a byte gets no 408, just its end.
+                        Err(_) if scanned == 0 => return Ok(None),
                         Err(_) => return Err(GatewayError::HeaderReadTimeout),
                     }
                 }
@@ -129,6 +142,9 @@ impl Connection {
             };
             self.rbuf = buf;
             match res {
+                // Cancelled by draining before the first request arrived: wait for it
+                // (the branch above).
+                Err(_) if worker.draining.get() && !self.carried_request => {}
                 Ok(0) | Err(_) => return Ok(None),
                 Ok(_) => {}
             }
