@@ -194,7 +194,7 @@ mod tests {
     }
 
     fn key(text: &str) -> PrefixKeys {
-        PrefixKeys::of(text.repeat(200).as_bytes(), true)
+        crate::fleet::prefix::tests::keyed(text.repeat(200).as_bytes(), true)
     }
 
     #[test]
@@ -240,7 +240,7 @@ mod tests {
         let h = hosts(4);
         let mut st = RoutingState::default();
         let system = "shared system prompt ".repeat(40);
-        let turn1 = PrefixKeys::of(
+        let turn1 = crate::fleet::prefix::tests::keyed(
             format!("{system}{}", "turn one ".repeat(200)).as_bytes(),
             true,
         );
@@ -250,7 +250,7 @@ mod tests {
         for k in &turn1.all()[1..] {
             st.affinity.insert(*k, h[other].seed);
         }
-        let turn2 = PrefixKeys::of(
+        let turn2 = crate::fleet::prefix::tests::keyed(
             format!(
                 "{system}{}{}",
                 "turn one ".repeat(200),

@@ -5,15 +5,17 @@
 //! operations that name a model the domain does not list yet, such as a pull); the
 //! domain's routing policy ([`crate::fleet::policy`]) orders those in rotation. For chat
 //! and completion requests the policy sees the request's prefix keys, hashed from the body
-//! bytes `read_model` already holds, and an `X-Session-Id` header pins a session to its
-//! host the same way.
+//! bytes `read_model` already holds (and the message ends its scanner found), and an
+//! `X-Session-Id` header pins a session to its host the same way.
 
 use super::error::GatewayError;
+use super::read_model::ModelRead;
 use super::request::Request;
 use super::route::{Api, ProxyRoute};
 use super::worker::Worker;
 use crate::fleet::policy::{rank, Placement, Policy};
-use crate::fleet::prefix::PrefixKeys;
+use crate::fleet::prefix::{MessageEnds, PrefixKeys};
+use crate::http::head::BodyFraming;
 use crate::http::headers::eq_ignore_case;
 use crate::scope::Endpoint;
 use crate::snapshot::Domain;
@@ -24,17 +26,17 @@ pub struct Choice {
     pub placement: Placement,
 }
 
-/// Phase `choose_backends`. `body_model` is what `read_model` found; `/v1/models/{id}`
-/// names its model in the path instead, and that must be one the domain offers too.
+/// Phase `choose_backends`. `body` is what `read_model` found; `/v1/models/{id}` names
+/// its model in the path instead, and that must be one the domain offers too.
 pub fn choose_backends(
     worker: &Worker,
     buf: &[u8],
     req: &Request,
     route: &ProxyRoute,
     domain: &Domain,
-    body_model: Option<&str>,
+    body: &ModelRead,
 ) -> Result<Choice, GatewayError> {
-    let model = path_model(buf, route).or(body_model);
+    let model = path_model(buf, route).or(body.model());
     let ollama_only = route.api == Api::Ollama;
     let mut candidates: Vec<(usize, &crate::fleet::host::Host)> = domain
         .candidates(model, ollama_only)
@@ -57,7 +59,7 @@ pub fn choose_backends(
         });
     }
     let keys = match domain.routing {
-        Policy::Auto | Policy::Prefix => prefix_keys(buf, req, route.endpoint),
+        Policy::Auto | Policy::Prefix => prefix_keys(buf, req, route.endpoint, body),
         Policy::LeastLoaded | Policy::RoundRobin => PrefixKeys::default(),
     };
     let mut order = Vec::with_capacity(candidates.len());
@@ -70,7 +72,7 @@ pub fn choose_backends(
 
 /// What places this request by its content: its session when it names one, else the
 /// leading bytes of a prompt-carrying body.
-fn prefix_keys(buf: &[u8], req: &Request, endpoint: Endpoint) -> PrefixKeys {
+fn prefix_keys(buf: &[u8], req: &Request, endpoint: Endpoint, body: &ModelRead) -> PrefixKeys {
     let session = req
         .head
         .headers
@@ -83,7 +85,14 @@ fn prefix_keys(buf: &[u8], req: &Request, endpoint: Endpoint) -> PrefixKeys {
     }
     match endpoint {
         Endpoint::Chat | Endpoint::Completions => {
-            PrefixKeys::of(&buf[req.head.len..req.consumed], !req.body_pending())
+            // The scanner counts payload bytes: its offsets are the buffer's only when no
+            // chunk framing sits between them.
+            let messages = match (&body.scanner, req.head.framing) {
+                (Some(s), BodyFraming::Length(_)) => *s.message_ends(),
+                _ => MessageEnds::default(),
+            };
+            let raw = &buf[req.head.len..req.consumed];
+            PrefixKeys::of(raw, !req.body_pending(), &messages)
         }
         _ => PrefixKeys::default(),
     }

@@ -9,7 +9,12 @@
 //! top-level `"model"` key (JSON parsers in backends take the last one) would let a client
 //! pass the check with one model and be served another. For the same reason a top-level key
 //! written with escape sequences is refused: it could spell `model` in disguise.
+//!
+//! Walking the structure anyway, it also records where the elements of top-level arrays
+//! end (a chat's messages): routing keys a session's history by them
+//! ([`crate::fleet::prefix`]).
 
+use crate::fleet::prefix::MessageEnds;
 use std::fmt;
 
 const MAX_MODEL_BYTES: usize = 256;
@@ -77,6 +82,11 @@ pub struct ModelScanner {
     value: [u8; MAX_MODEL_BYTES],
     value_len: usize,
     found: bool,
+    /// Payload bytes fed before the current piece.
+    fed: usize,
+    /// The container at depth 2 (a top-level value) is an array.
+    top_array: bool,
+    messages: MessageEnds,
 }
 
 impl Default for ModelScanner {
@@ -100,6 +110,9 @@ impl ModelScanner {
             value: [0; MAX_MODEL_BYTES],
             value_len: 0,
             found: false,
+            fed: 0,
+            top_array: false,
+            messages: MessageEnds::default(),
         }
     }
 
@@ -110,6 +123,11 @@ impl ModelScanner {
         } else {
             None
         }
+    }
+
+    /// Where the last elements of top-level arrays ended, as payload offsets.
+    pub fn message_ends(&self) -> &MessageEnds {
+        &self.messages
     }
 
     /// The top-level object has closed (the body holds no more keys).
@@ -125,16 +143,18 @@ impl ModelScanner {
             if self.in_string && !self.escape && !self.in_key && !self.in_value {
                 match memchr::memchr2(b'"', b'\\', &input[i..]) {
                     Some(skip) => i += skip,
-                    None => return Ok(()),
+                    None => break,
                 }
             }
-            self.step(input[i])?;
+            self.step(input[i], self.fed + i)?;
             i += 1;
         }
+        self.fed += input.len();
         Ok(())
     }
 
-    fn step(&mut self, b: u8) -> Result<(), ScanError> {
+    /// One byte outside the skipped stretches; `at` is its payload offset.
+    fn step(&mut self, b: u8, at: usize) -> Result<(), ScanError> {
         match self.phase {
             Phase::Start => {
                 return match b {
@@ -179,8 +199,14 @@ impl ModelScanner {
                     return Err(ScanError::TooDeep);
                 }
                 self.depth += 1;
+                if self.depth == 2 {
+                    self.top_array = b == b'[';
+                }
             }
             b'}' | b']' => {
+                if self.depth == 3 && self.top_array {
+                    self.messages.push(at + 1);
+                }
                 self.depth -= 1;
                 if self.depth == 0 {
                     self.phase = Phase::End;
@@ -366,6 +392,58 @@ mod tests {
                 String::from_utf8_lossy(&body)
             );
         }
+    }
+
+    /// The message ends recorded while scanning, fed in random pieces, are those of a plain
+    /// byte walk over the whole body.
+    #[test]
+    fn records_message_ends_as_a_plain_walk_does() {
+        use crate::fleet::prefix::tests::{ends, naive_ends};
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let texts = [
+            "plain words ",
+            "a \"quoted\" }] word ",
+            "\\ back ",
+            "ü [{",
+            "\n",
+        ];
+        let mut recorded = 0;
+        for _ in 0..300 {
+            let messages: Vec<serde_json::Value> = (0..1 + rnd(12))
+                .map(|_| {
+                    let content: String = (0..rnd(60))
+                        .map(|_| texts[rnd(texts.len() as u64) as usize])
+                        .collect();
+                    serde_json::json!({"role": "user", "content": content, "n": [1, {"x": []}]})
+                })
+                .collect();
+            let tools = serde_json::json!([{"type": "function"}, "t"]);
+            let body = serde_json::to_vec(&serde_json::json!(
+                {"model": "m", "messages": messages, "tools": tools, "options": {"a": [1]}}
+            ))
+            .unwrap();
+            let mut s = ModelScanner::new();
+            let mut at = 0;
+            while at < body.len() {
+                let end = (at + 1 + rnd(700) as usize).min(body.len());
+                s.feed(&body[at..end]).unwrap();
+                at = end;
+            }
+            assert_eq!(
+                ends(s.message_ends()),
+                ends(&naive_ends(&body)),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+            recorded += ends(s.message_ends()).len();
+        }
+        assert!(recorded > 500, "too few ends to compare: {recorded}");
     }
 
     #[test]

@@ -106,7 +106,7 @@ async fn run_phases(
     if worker.access_log {
         req.record.model = body.model().map(str::to_string);
     }
-    let choice = choose_backends(worker, conn.buffer(), req, &route, domain, body.model())?;
+    let choice = choose_backends(worker, conn.buffer(), req, &route, domain, &body)?;
     req.record.placement = Some(choice.placement);
     let mut fwd = ForwardRequest {
         domain,
