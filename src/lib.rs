@@ -27,6 +27,7 @@ mod runtime;
 mod scope;
 mod snapshot;
 mod tls;
+mod usage;
 
 pub mod internals;
 

@@ -122,6 +122,8 @@ pub struct AccessRecord {
     pub route: Option<(u16, usize)>,
     /// How the first host was chosen.
     pub placement: Option<crate::fleet::policy::Placement>,
+    /// Tokens the answer used, as the meter read them (`None`: not a metered answer).
+    pub usage: Option<crate::usage::Usage>,
 }
 
 /// What the proxy knows about a request once it has decided to forward it (the request's

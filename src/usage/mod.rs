@@ -1,0 +1,39 @@
+//! Usage metering: what each answer cost in tokens, counted on its way to the client, and
+//! gathered per minute per (domain, user, API key, model) off the request path.
+//!
+//! - [`meter`] reads the answer as it streams (never holding a chunk back) and takes the
+//!   token counts the host reports: OpenAI `usage` (whole answers, and the final usage
+//!   event of a stream, which the gateway asks for when the client did not and removes
+//!   again), Ollama's `prompt_eval_count` / `eval_count`, embeddings' usage.
+//! - [`tally`] adds finished requests up per minute in each worker (plain maps, no lock)
+//!   and hands the sums to the writer in batches.
+
+pub mod tally;
+
+/// Tokens one answer used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub source: UsageSource,
+}
+
+/// Where a request's token counts come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The host reported them.
+    #[default]
+    Reported,
+    /// The host reported nothing (the stream was cut, or the host does not report usage):
+    /// completion tokens are the content events delivered, prompt tokens are unknown (0).
+    Counted,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Counted => "counted",
+        }
+    }
+}
