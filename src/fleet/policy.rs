@@ -122,21 +122,31 @@ pub fn rank(
                 .map(|(b, h)| (rendezvous(key, h.seed), *b, *h))
                 .collect();
             hosts.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
-            let remembered = keys.all().iter().rev().find_map(|k| {
+            let remembered = keys.all().iter().enumerate().rev().find_map(|(i, k)| {
                 let seed = state.affinity.get(*k)?;
-                hosts.iter().position(|(_, _, h)| h.seed == seed && fits(h))
+                let at = hosts
+                    .iter()
+                    .position(|(_, _, h)| h.seed == seed && fits(h))?;
+                Some((i, at))
             });
-            let (first, placement) = match remembered {
-                Some(at) => (at, Placement::PrefixHit),
+            let (first, placement, matched) = match remembered {
+                Some((matched, at)) => (at, Placement::PrefixHit, matched),
                 None => match hosts.iter().position(|(_, _, h)| fits(h)) {
-                    Some(0) => (0, Placement::Consistent),
-                    Some(at) => (at, Placement::Spill),
-                    None => (0, Placement::Consistent),
+                    Some(0) => (0, Placement::Consistent, 0),
+                    Some(at) => (at, Placement::Spill, 0),
+                    None => (0, Placement::Consistent, 0),
                 },
             };
+            // The matched prefix and what extends it are on the chosen host now. Shorter
+            // keys (a session's group: its system prompt) keep the host they had: one
+            // session following its history elsewhere does not move its whole group.
             let chosen_seed = hosts[first].2.seed;
-            for k in keys.all() {
-                state.affinity.insert(*k, chosen_seed);
+            for (i, k) in keys.all().iter().enumerate() {
+                if i >= matched {
+                    state.affinity.insert(*k, chosen_seed);
+                } else {
+                    state.affinity.insert_if_absent(*k, chosen_seed);
+                }
             }
             out.push(hosts[first].1);
             out.extend(
