@@ -110,6 +110,8 @@ pub struct Snapshot {
     pub revocation_epoch: u64,
     /// Domain memberships, disabled users and API keys, from the management plane.
     pub directory: Arc<Directory>,
+    /// Every limit in force: the config file's, overridden by the management API's.
+    pub limits: crate::usage::limits::LimitBook,
 }
 
 impl Domain {
@@ -177,9 +179,15 @@ impl Snapshot {
         keys: KeyStore,
     ) -> Result<Snapshot, ConfigError> {
         let mut domains = HashMap::new();
+        let mut limits = HashMap::new();
         for (i, d) in config.domains.iter().enumerate() {
             let mut domain = Domain::build(&format!("domains[{i}]"), &d.id, &d.backends, false)?;
             domain.routing = d.routing;
+            let own = crate::usage::limits::DomainLimits {
+                domain: d.limits,
+                per_member: d.member_limits,
+            };
+            limits.insert(domain.id.clone(), own);
             domains.insert(domain.id.clone(), Arc::new(domain));
         }
         Ok(Snapshot {
@@ -188,6 +196,10 @@ impl Snapshot {
             keys: Arc::new(keys),
             revocation_epoch: 0,
             directory: Arc::default(),
+            limits: crate::usage::limits::LimitBook {
+                file: Arc::new(limits),
+                api: Arc::default(),
+            },
         })
     }
 }
@@ -287,6 +299,7 @@ impl Published {
                 keys: Arc::new(keys),
                 revocation_epoch: old.revocation_epoch,
                 directory: old.directory.clone(),
+                limits: old.limits.clone(),
             }
         });
     }

@@ -178,6 +178,12 @@ pub struct DomainConfig {
     pub routing: Routing,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// The whole domain's limits (`[domains.limits]`).
+    #[serde(default)]
+    pub limits: crate::usage::limits::Limits,
+    /// Each member's default (`[domains.member_limits]`).
+    #[serde(default)]
+    pub member_limits: crate::usage::limits::Limits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

@@ -34,6 +34,7 @@ impl Management {
                         keys: old.keys.clone(),
                         revocation_epoch: old.revocation_epoch,
                         directory: old.directory.clone(),
+                        limits: old.limits.clone(),
                     };
                 }
             };
@@ -58,6 +59,9 @@ impl Management {
                 keys: Arc::new(keys),
                 revocation_epoch: old.revocation_epoch + 1,
                 directory: Arc::new(directory),
+                // The management API's limits come with the management state (not yet
+                // kept: the file's limits are all there is until then).
+                limits: old.limits.clone(),
             }
         });
     }

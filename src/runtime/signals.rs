@@ -194,6 +194,8 @@ fn reload(running: &Config, path: &Path, published: &Published) -> Option<Config
             Ok(mut s) => {
                 s.revocation_epoch = old.revocation_epoch;
                 s.directory = old.directory.clone();
+                // The file's limits are the new file's; the API's stay.
+                s.limits.api = old.limits.api.clone();
                 // Domains whose backends the management API set stay, unless the file
                 // now defines the same id (the file wins).
                 for (id, d) in old.domains.iter().filter(|(_, d)| d.from_api) {
@@ -211,6 +213,7 @@ fn reload(running: &Config, path: &Path, published: &Published) -> Option<Config
                     keys: old.keys.clone(),
                     revocation_epoch: old.revocation_epoch,
                     directory: old.directory.clone(),
+                    limits: old.limits.clone(),
                 }
             }
         }

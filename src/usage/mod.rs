@@ -8,6 +8,9 @@
 //! - [`tally`] adds finished requests up per minute in each worker (plain maps, no lock)
 //!   and hands the sums to the writer in batches.
 
+pub mod limits;
+pub mod meter;
+pub mod strip;
 pub mod tally;
 
 /// Tokens one answer used.
