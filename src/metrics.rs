@@ -171,6 +171,7 @@ pub struct WorkerMetrics {
     pub duration: Histogram,
     /// How requests' first hosts were chosen (`fleet::policy::Placement::index` order).
     pub placements: [Counter; 5],
+    pub limit_rejections: crate::usage::metrics::LimitRejections,
 }
 
 impl WorkerMetrics {
@@ -363,6 +364,12 @@ fn render_labelled(out: &mut String, registry: &Registry) {
             }
         }
     }
+    crate::usage::metrics::render(
+        out,
+        &names,
+        registry.iter().map(|w| &w.limit_rejections),
+        label_value,
+    );
     let _ = writeln!(out, "# HELP cubegate_token_signature_checks_total Token signatures checked (cache misses), by algorithm.\n# TYPE cubegate_token_signature_checks_total counter");
     for (i, alg) in crate::auth::jws::Alg::ALL.iter().enumerate() {
         let n: u64 = registry.iter().map(|w| w.signatures[i].get()).sum();

@@ -176,6 +176,7 @@ pub fn write_client_head(
     framing: ClientFraming,
     request_id: &[u8],
     keep_alive: bool,
+    extra: &[u8],
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     push_u64(out, u64::from(head.status));
@@ -223,6 +224,7 @@ pub fn write_client_head(
     if !keep_alive || framing == ClientFraming::Close {
         out.extend_from_slice(b"Connection: close\r\n");
     }
+    out.extend_from_slice(extra);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -334,7 +336,15 @@ mod tests {
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\nContent-Type: text/event-stream\r\nX-Request-Id: theirs\r\n\r\n";
         let h = parse_response_head(raw, 65536, false).unwrap().unwrap();
         let mut out = Vec::new();
-        write_client_head(&mut out, raw, &h, ClientFraming::Chunked, b"ours", true);
+        write_client_head(
+            &mut out,
+            raw,
+            &h,
+            ClientFraming::Chunked,
+            b"ours",
+            true,
+            b"",
+        );
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
             s,
@@ -347,14 +357,14 @@ mod tests {
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
         let h = parse_response_head(raw, 65536, false).unwrap().unwrap();
         let mut out = Vec::new();
-        write_client_head(&mut out, raw, &h, ClientFraming::Chunked, b"r", true);
+        write_client_head(&mut out, raw, &h, ClientFraming::Chunked, b"r", true, b"");
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Transfer-Encoding: gzip, chunked\r\n"));
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\n\r\n";
         let h = parse_response_head(raw, 65536, true).unwrap().unwrap();
         let mut out = Vec::new();
-        write_client_head(&mut out, raw, &h, ClientFraming::None, b"r", true);
+        write_client_head(&mut out, raw, &h, ClientFraming::None, b"r", true, b"");
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("Content-Length: 42\r\n"));
@@ -370,7 +380,7 @@ mod tests {
         assert_eq!(h.status, 200);
         assert!(h.reason.of(raw).is_empty());
         let mut out = Vec::new();
-        write_client_head(&mut out, raw, &h, ClientFraming::Chunked, b"r", true);
+        write_client_head(&mut out, raw, &h, ClientFraming::Chunked, b"r", true, b"");
         assert!(out.starts_with(b"HTTP/1.1 200 \r\nContent-Type: application/x-ndjson\r\n"));
     }
 

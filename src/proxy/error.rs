@@ -51,6 +51,8 @@ pub enum GatewayError {
     UpstreamClosed,
     /// The backend answered 502/503 and no other host could take the request.
     UpstreamUnavailable(u16),
+    /// Over a limit of the domain, the member or the API key.
+    RateLimited(Box<crate::usage::admission::Refusal>),
 }
 
 impl GatewayError {
@@ -72,7 +74,7 @@ impl GatewayError {
             | UpstreamUnavailable(_) => 502,
             UpstreamConnectTimeout | UpstreamFirstByteTimeout | UpstreamWriteTimeout => 504,
             NoHealthyBackend | QueueTimeout => 503,
-            QueueFull => 429,
+            QueueFull | RateLimited(_) => 429,
         }
     }
 
@@ -120,6 +122,7 @@ impl GatewayError {
             UpstreamBadResponse(_) => "backend_bad_response",
             UpstreamClosed => "backend_closed",
             UpstreamUnavailable(_) => "backend_unavailable",
+            RateLimited(_) => "rate_limit_exceeded",
         }
     }
 
@@ -146,6 +149,7 @@ impl GatewayError {
         match self {
             GatewayError::NoHealthyBackend | GatewayError::QueueFull => Some(1),
             GatewayError::QueueTimeout => Some(5),
+            GatewayError::RateLimited(r) => Some(r.retry_after_s.max(1)),
             _ => None,
         }
     }
@@ -213,6 +217,7 @@ impl fmt::Display for GatewayError {
             UpstreamWriteTimeout => f.write_str("the backend stopped reading the request"),
             UpstreamBadResponse(why) => write!(f, "the backend sent an invalid response: {why}"),
             UpstreamClosed => f.write_str("the backend closed the connection without answering"),
+            RateLimited(r) => write!(f, "{r}"),
             UpstreamUnavailable(status) => write!(
                 f,
                 "the backend answered {status} and no other host serving this model could take the request"

@@ -14,7 +14,7 @@
 use super::connection::Connection;
 use super::error::GatewayError;
 use super::read_model::read_whole_body;
-use super::request::{ForwardRequest, Persistence, Request};
+use super::request::{ForwardRequest, Metering, Persistence, Request};
 use super::stream_response::{Fallback, WATCH_BUF};
 use super::upstream::try_host;
 use super::worker::Worker;
@@ -65,6 +65,7 @@ pub async fn forward_to_management(
         tracker: body.tracker,
         scanner: None,
         management: true,
+        metering: Metering::Off,
     };
     forward(worker, conn, req, &mut fwd, &[0]).await
 }

@@ -3,7 +3,8 @@
 //!
 //! Counters are the worker's own (summed at scrape time), so recording is a few
 //! non-atomic adds. The record names the user by id and the API key by its id; never a
-//! token, a password, a prompt or the query string.
+//! token, a password, a prompt or the query string. It carries the answer's tokens and
+//! where they come from (`usage`: `reported` by the host, `counted` by the gateway).
 
 use super::request::Request;
 use super::worker::Worker;
@@ -11,7 +12,9 @@ use crate::http::head::Span;
 use std::net::SocketAddr;
 
 /// Phase `log`.
-pub fn log(worker: &Worker, buf: &[u8], peer: SocketAddr, req: &Request) {
+pub fn log(worker: &Worker, buf: &[u8], peer: SocketAddr, req: &mut Request) {
+    super::admit::settle(req);
+    let req = &*req;
     let record = &req.record;
     let m = &worker.metrics;
     m.response(record.status);
@@ -30,6 +33,7 @@ pub fn log(worker: &Worker, buf: &[u8], peer: SocketAddr, req: &Request) {
     let target = text(req.head.target);
     let path = target.split('?').next().unwrap_or("");
     let identity = req.identity.as_ref();
+    let usage = record.usage.as_ref();
     tracing::info!(
         target: "cubegate::access",
         request_id = req.id.as_str(),
@@ -46,6 +50,9 @@ pub fn log(worker: &Worker, buf: &[u8], peer: SocketAddr, req: &Request) {
         duration_ms = duration.as_secs_f64() * 1000.0,
         backend = %record.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
         placement = record.placement.map_or("-", |p| p.as_str()),
+        prompt_tokens = usage.map_or(0, |u| u.prompt_tokens),
+        completion_tokens = usage.map_or(0, |u| u.completion_tokens),
+        usage = usage.map_or("-", |u| u.source.as_str()),
         "access"
     );
 }

@@ -4,13 +4,16 @@
 //! A request's life is a list of named phases, each a function in the module of its name,
 //! run in order by [`serve`]:
 //! [`route`] → [`authenticate`] → [`authorize`] → [`answer_locally`] or [`read_model`] →
-//! [`choose_backends`] → [`forward`] (→ [`send_request`], [`stream_response`]) → [`log`].
+//! [`admit`] → [`choose_backends`] → [`forward`] (→ [`send_request`], [`stream_response`])
+//! → [`log`].
 //! The [`connection`] owns the sockets and the read buffer and outlives its requests; each
 //! [`request`] is a fresh value. Below them: socket types ([`io`]), body framing
 //! ([`body`]), the model scanner ([`model_scan`]), upstream pools ([`pool`]), splice
 //! ([`splice`]) and the one error map ([`error`]). Worker state is explicit and
-//! per-thread: nothing on this path takes a lock or writes memory another core reads.
+//! per-thread: nothing on this path takes a lock or writes memory another core reads,
+//! except the limit counters of a limited request (atomics, [`crate::usage::limiter`]).
 
+pub mod admit;
 pub mod answer_locally;
 pub mod authenticate;
 pub mod authorize;

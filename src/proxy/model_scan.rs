@@ -87,7 +87,26 @@ pub struct ModelScanner {
     /// The container at depth 2 (a top-level value) is an array.
     top_array: bool,
     messages: MessageEnds,
+    /// The current top-level key's first bytes (`KEY_BUF + 1` = longer than that).
+    key_buf: [u8; KEY_BUF],
+    key_len: usize,
+    /// The last top-level key was "stream": its value is next.
+    want_stream: bool,
+    /// Top-level `"stream": true`.
+    stream: bool,
+    /// A top-level `"stream_options"` key.
+    stream_options: bool,
+    /// Where the top-level object opens (the `{`), as a payload offset.
+    open_at: usize,
+    /// The last top-level key was "max_tokens" or "max_completion_tokens": its digits are
+    /// next.
+    want_max: bool,
+    max_tokens: Option<u64>,
 }
+
+/// Top-level keys are remembered this far (the longest one looked for is
+/// "max_completion_tokens").
+const KEY_BUF: usize = 24;
 
 impl Default for ModelScanner {
     fn default() -> Self {
@@ -113,6 +132,14 @@ impl ModelScanner {
             fed: 0,
             top_array: false,
             messages: MessageEnds::default(),
+            key_buf: [0; KEY_BUF],
+            key_len: 0,
+            want_stream: false,
+            stream: false,
+            stream_options: false,
+            open_at: 0,
+            want_max: false,
+            max_tokens: None,
         }
     }
 
@@ -128,6 +155,26 @@ impl ModelScanner {
     /// Where the last elements of top-level arrays ended, as payload offsets.
     pub fn message_ends(&self) -> &MessageEnds {
         &self.messages
+    }
+
+    /// The body asks for a stream (`"stream": true` at top level).
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+
+    /// The body has a top-level `"stream_options"`.
+    pub fn has_stream_options(&self) -> bool {
+        self.stream_options
+    }
+
+    /// The top-level `max_tokens` (or `max_completion_tokens`), when a whole number.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.max_tokens
+    }
+
+    /// The payload offset of the top-level object's `{`.
+    pub fn open_at(&self) -> usize {
+        self.open_at
     }
 
     /// The top-level object has closed (the body holds no more keys).
@@ -162,6 +209,7 @@ impl ModelScanner {
                         self.phase = Phase::Body;
                         self.depth = 1;
                         self.expect_key = true;
+                        self.open_at = at;
                         Ok(())
                     }
                     b' ' | b'\t' | b'\r' | b'\n' => Ok(()),
@@ -179,12 +227,29 @@ impl ModelScanner {
         if self.in_string {
             return self.string_byte(b);
         }
+        if self.want_stream && !matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b':') {
+            self.want_stream = false;
+            self.stream = b == b't';
+        }
+        if self.want_max && !matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b':') {
+            if b.is_ascii_digit() {
+                let digit = u64::from(b - b'0');
+                let n = self.max_tokens.unwrap_or(0);
+                self.max_tokens = n.checked_mul(10).and_then(|n| n.checked_add(digit));
+                if self.max_tokens.is_none() {
+                    self.want_max = false;
+                }
+            } else {
+                self.want_max = false;
+            }
+        }
         match b {
             b'"' => {
                 self.in_string = true;
                 if self.depth == 1 && self.expect_key {
                     self.in_key = true;
                     self.key_pos = Some(0);
+                    self.key_len = 0;
                 } else if self.depth == 1 && self.want_value {
                     self.want_value = false;
                     self.in_value = true;
@@ -243,6 +308,15 @@ impl ModelScanner {
                 self.in_string = false;
                 if self.in_key {
                     self.in_key = false;
+                    match &self.key_buf[..self.key_len.min(KEY_BUF)] {
+                        b"stream" => self.want_stream = true,
+                        b"max_tokens" | b"max_completion_tokens" => {
+                            self.want_max = true;
+                            self.max_tokens = None;
+                        }
+                        b"stream_options" => self.stream_options = true,
+                        _ => {}
+                    }
                     if self.key_pos == Some(KEY.len()) {
                         if self.found {
                             return Err(ScanError::Duplicate);
@@ -259,6 +333,10 @@ impl ModelScanner {
             }
             _ => {
                 if self.in_key {
+                    if self.key_len < KEY_BUF {
+                        self.key_buf[self.key_len] = b;
+                    }
+                    self.key_len = self.key_len.saturating_add(1);
                     self.key_pos = match self.key_pos {
                         // Case-insensitive: Go's encoding/json (Ollama) matches keys that way,
                         // so "MODEL" is the same key to it.
@@ -444,6 +522,65 @@ mod tests {
             recorded += ends(s.message_ends()).len();
         }
         assert!(recorded > 500, "too few ends to compare: {recorded}");
+    }
+
+    #[test]
+    fn sees_max_tokens() {
+        for (body, want) in [
+            (&br#"{"model":"m","max_tokens":512}"#[..], Some(512)),
+            (br#"{"max_completion_tokens" : 77 ,"model":"m"}"#, Some(77)),
+            (br#"{"model":"m","max_tokens":null}"#, None),
+            (
+                br#"{"model":"m","max_tokens":99999999999999999999999}"#,
+                None,
+            ),
+            (br#"{"model":"m","options":{"max_tokens":5}}"#, None),
+        ] {
+            for step in 1..body.len() {
+                let mut s = ModelScanner::new();
+                for piece in body.chunks(step) {
+                    s.feed(piece).unwrap();
+                }
+                assert_eq!(s.max_tokens(), want, "{}", String::from_utf8_lossy(body));
+            }
+        }
+    }
+
+    #[test]
+    fn sees_stream_and_stream_options() {
+        let cases: [(&[u8], bool, bool); 7] = [
+            (br#"{"model":"m","stream":true}"#, true, false),
+            (br#" {"stream" : true,"model":"m"}"#, true, false),
+            (br#"{"model":"m","stream":false}"#, false, false),
+            (br#"{"model":"m","stream":"true"}"#, false, false),
+            (
+                br#"{"model":"m","x":{"stream":true},"streamx":true}"#,
+                false,
+                false,
+            ),
+            (
+                br#"{"stream":true,"stream_options":{"include_usage":false},"model":"m"}"#,
+                true,
+                true,
+            ),
+            (
+                br#"{"model":"m","messages":[{"stream_options":1}],"Stream":true}"#,
+                false,
+                false,
+            ),
+        ];
+        for (body, stream, options) in cases {
+            for step in 1..body.len() {
+                let mut s = ModelScanner::new();
+                for piece in body.chunks(step) {
+                    s.feed(piece).unwrap();
+                }
+                let what = String::from_utf8_lossy(body);
+                assert_eq!(s.stream(), stream, "{what}");
+                assert_eq!(s.has_stream_options(), options, "{what}");
+                assert_eq!(body[s.open_at()], b'{', "{what}");
+            }
+        }
     }
 
     #[test]

@@ -47,9 +47,12 @@ pub async fn read_model(
     let until = if domain.passthrough {
         Until::Nothing
     } else {
+        // Another host could take a retry; or a stream's body may be asked for its usage
+        // (`Metering::AskForUsage`), which needs all of it.
+        let prompt = matches!(endpoint, Endpoint::Chat | Endpoint::Completions);
         Until::Model {
             endpoint,
-            keep: if domain.backends.len() > 1 {
+            keep: if domain.backends.len() > 1 || (worker.meter_usage && prompt) {
                 REPLAY_LIMIT
             } else {
                 0

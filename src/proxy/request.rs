@@ -56,6 +56,8 @@ pub struct Request {
     body_deadline: Instant,
     /// Who is calling, once authenticated.
     pub identity: Option<Identity>,
+    /// Its hold on the limits that apply to it (phase `admit`).
+    pub admission: Option<crate::usage::admission::Admission>,
     pub record: AccessRecord,
 }
 
@@ -72,6 +74,7 @@ impl Request {
             id,
             started,
             identity: None,
+            admission: None,
             record: AccessRecord::default(),
         }
     }
@@ -139,4 +142,18 @@ pub struct ForwardRequest<'a> {
     /// To the management listener: the client's Authorization goes along (the management
     /// API authenticates itself) and no identity headers are added.
     pub management: bool,
+    pub metering: Metering,
+}
+
+/// Whether and how the answer's tokens are counted ([`crate::usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metering {
+    Off,
+    On,
+    /// A streamed OpenAI request the client sent without `stream_options`: the gateway adds
+    /// `"stream_options":{"include_usage":true}` after the body's `{` (at this payload
+    /// offset) and takes the usage event back out of the answer.
+    AskForUsage {
+        open_at: usize,
+    },
 }

@@ -4,16 +4,17 @@
 //! The head loses the hop-by-hop headers (also those named in `Connection`), the client's
 //! credential and any header that carries verified claims; it gains `X-Forwarded-For`,
 //! `X-Request-Id`, `X-Domain-Id`, `X-User-Id` and the configured claim headers. A chunked
-//! body is re-framed with our own chunk sizes. The body keeps passing through the model
-//! scanner as it streams, so a second `"model"` key aborts the request before its last
-//! byte reaches the backend.
+//! body is re-framed with our own chunk sizes. A stream whose usage the gateway asks for
+//! gets `"stream_options":{"include_usage":true}` right after its `{`. The body keeps
+//! passing through the model scanner as it streams, so a second `"model"` key aborts the
+//! request before its last byte reaches the backend.
 
 use super::body::{BodyError, BodyTracker};
 use super::connection::Connection;
 use super::error::GatewayError;
 use super::io::OutBuf;
 use super::pool::Upstream;
-use super::request::{ForwardRequest, Request};
+use super::request::{ForwardRequest, Metering, Request};
 use super::splice::{splice_exact, SpliceError};
 use super::worker::Worker;
 use crate::http::chunked::ChunkedDecoder;
@@ -23,6 +24,9 @@ use crate::http::response::push_u64;
 use crate::snapshot::Backend;
 use monoio::buf::IoBuf;
 use std::io::Write as _;
+
+/// What a stream's body gains when the gateway asks for its usage (`Metering::AskForUsage`).
+const ASK_FOR_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
 
 /// Sends the head and the body bytes already in the connection's buffer.
 pub async fn send_head_and_buffered_body(
@@ -36,8 +40,16 @@ pub async fn send_head_and_buffered_body(
     let limit = worker.timeouts.between_chunks();
     let mut out = conn.take_scratch();
     write_upstream_head(&mut out, worker, conn, req, fwd, backend);
-    let body = req.head.len..req.consumed;
+    let mut body = req.head.len..req.consumed;
     let chunked = req.head.framing == BodyFraming::Chunked;
+    if let Metering::AskForUsage { open_at } = fwd.metering {
+        // The body's `{`, the option, then the rest (a Content-Length body: payload
+        // offsets are buffer offsets).
+        let split = body.start + open_at + 1;
+        out.extend_from_slice(&conn.buffer()[body.start..split]);
+        out.extend_from_slice(ASK_FOR_USAGE);
+        body.start = split;
+    }
     // Small bodies ride in the head's write; big ones go straight from the read buffer.
     // Chunked bodies are re-framed (see `reframe`), so they are always copied.
     let inline = chunked || body.len() <= 16 * 1024;
@@ -180,8 +192,12 @@ fn write_upstream_head(
             }
         }
         BodyFraming::Length(n) => {
+            let added = match fwd.metering {
+                Metering::AskForUsage { .. } => ASK_FOR_USAGE.len() as u64,
+                _ => 0,
+            };
             out.extend_from_slice(b"Content-Length: ");
-            push_u64(out, n);
+            push_u64(out, n + added);
             out.extend_from_slice(b"\r\n");
         }
         BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),

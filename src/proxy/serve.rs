@@ -11,6 +11,7 @@
 //! Any phase may stop the request with a [`GatewayError`]; it is answered here, in one
 //! place, and the connection stays open only when its framing is still trustworthy.
 
+use super::admit::admit;
 use super::answer_locally::{self, send_error, send_head_error};
 use super::authenticate::authenticate;
 use super::authorize::{authorize, find_domain};
@@ -19,10 +20,12 @@ use super::connection::Connection;
 use super::error::GatewayError;
 use super::forward::{forward, forward_to_management};
 use super::log::log;
-use super::read_model::read_model;
-use super::request::{ForwardRequest, Persistence, Request};
-use super::route::{route, Destination};
+use super::read_model::{read_model, ModelRead};
+use super::request::{ForwardRequest, Metering, Persistence, Request};
+use super::route::{route, Api, Destination, ProxyRoute};
 use super::worker::{OpenConnection, Worker};
+use crate::http::head::BodyFraming;
+use crate::scope::Endpoint;
 use crate::snapshot::SnapshotRef;
 use monoio::net::TcpStream;
 use std::net::SocketAddr;
@@ -71,7 +74,7 @@ async fn serve_request(worker: &Worker, conn: &mut Connection, mut req: Request)
             send_error(worker, conn, &req.id, &mut req.record, &e, persistence).await
         }
     };
-    log(worker, conn.buffer(), conn.peer(), &req);
+    log(worker, conn.buffer(), conn.peer(), &mut req);
     conn.finish(req, persistence)
 }
 
@@ -103,17 +106,42 @@ async fn run_phases(
     }
 
     let body = read_model(worker, conn, req, domain, route.endpoint).await?;
+    req.admission = admit(worker, req, domain, &snapshot.limits, &body)?;
     if worker.access_log {
         req.record.model = body.model().map(str::to_string);
     }
     let choice = choose_backends(worker, conn.buffer(), req, &route, domain, &body)?;
     req.record.placement = Some(choice.placement);
+    let metering = metering(worker, req, &route, &body);
     let mut fwd = ForwardRequest {
         domain,
         upstream_target: route.upstream_target,
         tracker: body.tracker,
         scanner: body.scanner,
         management: false,
+        metering,
     };
     forward(worker, conn, req, &mut fwd, &choice.order).await
+}
+
+/// How this request's answer is metered: a streamed OpenAI chat or completion whose whole
+/// body is at hand and that did not ask for usage itself is asked for it.
+fn metering(worker: &Worker, req: &Request, route: &ProxyRoute, body: &ModelRead) -> Metering {
+    if !worker.meter_usage {
+        return Metering::Off;
+    }
+    let prompt = matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions);
+    let whole = body.tracker.is_none() && matches!(req.head.framing, BodyFraming::Length(_));
+    match &body.scanner {
+        Some(s) if route.api == Api::OpenAi && prompt && whole && s.finished() => {
+            if s.stream() && !s.has_stream_options() {
+                Metering::AskForUsage {
+                    open_at: s.open_at(),
+                }
+            } else {
+                Metering::On
+            }
+        }
+        _ => Metering::On,
+    }
 }

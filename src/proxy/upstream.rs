@@ -154,7 +154,7 @@ async fn attempt(
             .await
             .map_err(|e| Attempt::Failed(HostFailed::last(e)))?;
     }
-    match stream_response(worker, conn, req, &mut up, fallback).await {
+    match stream_response(worker, conn, req, &mut up, fallback, fwd.metering).await {
         Ok(StreamEnd::Complete {
             upstream_reusable,
             client,

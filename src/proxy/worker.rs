@@ -69,6 +69,8 @@ pub struct Worker {
     pub splice: bool,
     /// Write an access record per request.
     pub access_log: bool,
+    /// Count every answer's tokens ([`crate::usage`]).
+    pub meter_usage: bool,
     /// The worker's reusable pipe for splice (taken while in use).
     pipe: RefCell<Option<SplicePipe>>,
     pub snapshot: RefCell<LocalSnapshot>,
@@ -77,6 +79,9 @@ pub struct Worker {
     pub queue: RefCell<crate::fleet::queue::FairQueue>,
     /// This worker's routing memory (which host served which prefix).
     pub routing: RefCell<crate::fleet::policy::RoutingState>,
+    /// Limit counters this worker used, by scope key ([`crate::usage::limiter`]).
+    pub limit_counters:
+        RefCell<crate::hashing::PreHashedMap<std::sync::Arc<crate::usage::limiter::Counters>>>,
     /// Cancels every idle wait (keep-alive reads, accept) when draining starts.
     pub drain: RefCell<Canceller>,
     pub draining: Cell<bool>,
@@ -131,6 +136,7 @@ impl Worker {
             backend_tls,
             splice: config.proxy.splice_bodies,
             access_log: config.proxy.access_log,
+            meter_usage: true,
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
             pools: RefCell::new(
@@ -138,6 +144,7 @@ impl Worker {
                     .with_metrics(registry[id].clone()),
             ),
             routing: RefCell::default(),
+            limit_counters: RefCell::default(),
             queue: RefCell::new(crate::fleet::queue::FairQueue::new(
                 config.limits.max_queued.div_ceil(workers_of(config)),
             )),

@@ -8,8 +8,11 @@
 //! - [`tally`] adds finished requests up per minute in each worker (plain maps, no lock)
 //!   and hands the sums to the writer in batches.
 
+pub mod admission;
+pub mod limiter;
 pub mod limits;
 pub mod meter;
+pub mod metrics;
 pub mod strip;
 pub mod tally;
 

@@ -1,0 +1,250 @@
+//! Enforcing limits exactly across every worker of a box, without a lock on the way.
+//!
+//! Each scope (a domain, a member in a domain, an API key) has one [`Counters`], shared by
+//! all workers: per-minute and per-day windows packed with their use into one `AtomicU64`
+//! each (the window's number in the high half, its use in the low half), changed by
+//! compare-and-swap, and a concurrency count. A request is admitted while the use of each
+//! window is under its limit: requests per minute count one each, so N a minute pass,
+//! never N + 1, however the workers interleave; token windows are charged a reservation at
+//! admission (the prompt's estimate plus the completion's `max_tokens`) and settled to the
+//! real count when the answer ends, so they hold within one request's reservation.
+//! Windows are fixed (the wall clock's minute and UTC day), as the `x-ratelimit-reset-*`
+//! headers report them.
+//!
+//! Counters are found through a registry keyed by a seeded hash of the scope; a worker
+//! keeps the ones it used (`Worker::limit_counters`), so the registry's mutex is taken
+//! once per scope per worker, not per request.
+
+use crate::hashing::PreHashedMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Use of one fixed window.
+#[derive(Default)]
+pub struct Window(AtomicU64);
+
+fn pack(window: u32, used: u32) -> u64 {
+    (u64::from(window) << 32) | u64::from(used)
+}
+
+fn unpack(v: u64) -> (u32, u32) {
+    ((v >> 32) as u32, v as u32)
+}
+
+impl Window {
+    /// Takes `amount` if the window's use is under `limit`; returns the use after.
+    pub fn take(&self, window: u32, amount: u32, limit: u32) -> Result<u32, ()> {
+        let mut cur = self.0.load(Ordering::Relaxed);
+        loop {
+            let (w, used) = unpack(cur);
+            let used = if w == window { used } else { 0 };
+            if used >= limit {
+                return Err(());
+            }
+            let after = used.saturating_add(amount);
+            match self.0.compare_exchange_weak(
+                cur,
+                pack(window, after),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(after),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Moves the use of `window` by `delta` (a settlement or a rollback); nothing when
+    /// that window has passed.
+    pub fn adjust(&self, window: u32, delta: i64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |cur| {
+                let (w, used) = unpack(cur);
+                if w != window {
+                    return None;
+                }
+                let after = (i64::from(used) + delta).clamp(0, i64::from(u32::MAX)) as u32;
+                Some(pack(w, after))
+            });
+    }
+
+    /// The use of `window` now.
+    pub fn used(&self, window: u32) -> u32 {
+        let (w, used) = unpack(self.0.load(Ordering::Relaxed));
+        if w == window {
+            used
+        } else {
+            0
+        }
+    }
+}
+
+/// One scope's counters.
+#[derive(Default)]
+pub struct Counters {
+    pub requests_per_minute: Window,
+    pub tokens_per_minute: Window,
+    pub tokens_per_day: Window,
+    pub in_flight: AtomicU32,
+}
+
+impl Counters {
+    /// Counts one more request in flight if fewer than `limit` are.
+    pub fn enter(&self, limit: u32) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn leave(&self) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
+
+/// What a scope is (for the registry's key).
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    Domain(&'a str),
+    Member { domain: &'a str, user: &'a str },
+    Key(&'a str),
+}
+
+impl Scope<'_> {
+    /// A seeded hash of the scope: the same within this process, not guessable outside it
+    /// (so no one can pick ids that share another's counters).
+    pub fn key(&self) -> u64 {
+        let seed = *SEED.get_or_init(|| {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            h.finish()
+        });
+        let mut h = xxhash_rust::xxh3::Xxh3::with_seed(seed);
+        match self {
+            Scope::Domain(d) => {
+                h.update(b"d\0");
+                h.update(d.as_bytes());
+            }
+            Scope::Member { domain, user } => {
+                h.update(b"m\0");
+                h.update(domain.as_bytes());
+                h.update(b"\0");
+                h.update(user.as_bytes());
+            }
+            Scope::Key(k) => {
+                h.update(b"k\0");
+                h.update(k.as_bytes());
+            }
+        }
+        h.digest()
+    }
+}
+
+static SEED: OnceLock<u64> = OnceLock::new();
+static REGISTRY: OnceLock<Mutex<PreHashedMap<Arc<Counters>>>> = OnceLock::new();
+
+/// The counters of the scope with this key (created on first use), shared by all workers.
+pub fn counters(key: u64) -> Arc<Counters> {
+    let registry = REGISTRY.get_or_init(Mutex::default);
+    let mut map = registry.lock().unwrap_or_else(|p| p.into_inner());
+    map.entry(key).or_default().clone()
+}
+
+/// Windows of the wall clock: (minute number, UTC day number, seconds to the minute's
+/// end, seconds to the day's end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    pub minute: u32,
+    pub day: u32,
+    pub minute_left_s: u32,
+    pub day_left_s: u32,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Clock::at(secs)
+    }
+
+    pub fn at(unix_s: u64) -> Clock {
+        Clock {
+            minute: (unix_s / 60) as u32,
+            day: (unix_s / 86_400) as u32,
+            minute_left_s: 60 - (unix_s % 60) as u32,
+            day_left_s: 86_400 - (unix_s % 86_400) as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_lets_exactly_its_limit_through_from_many_threads() {
+        let c = Arc::new(Counters::default());
+        let admitted = AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        if c.requests_per_minute.take(7, 1, 2500).is_ok() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 2500);
+        // The next window starts empty.
+        assert_eq!(c.requests_per_minute.take(8, 1, 2500), Ok(1));
+        assert_eq!(c.requests_per_minute.used(7), 0);
+    }
+
+    #[test]
+    fn token_windows_are_settled_and_passed_windows_left_alone() {
+        let w = Window::default();
+        assert_eq!(w.take(1, 500, 1000), Ok(500));
+        assert_eq!(
+            w.take(1, 800, 1000),
+            Ok(1300),
+            "admitted while under the limit"
+        );
+        assert!(w.take(1, 1, 1000).is_err());
+        w.adjust(1, -700);
+        assert_eq!(w.used(1), 600);
+        w.adjust(0, -600);
+        assert_eq!(w.used(1), 600, "a settlement for a passed window");
+        w.adjust(1, -10_000);
+        assert_eq!(w.used(1), 0);
+    }
+
+    #[test]
+    fn concurrency_and_scopes() {
+        let c = Counters::default();
+        assert!(c.enter(2) && c.enter(2));
+        assert!(!c.enter(2));
+        c.leave();
+        assert!(c.enter(2));
+        let a = Scope::Member {
+            domain: "d",
+            user: "u",
+        };
+        let b = Scope::Member {
+            domain: "du",
+            user: "",
+        };
+        assert_ne!(a.key(), b.key());
+        assert_ne!(Scope::Domain("x").key(), Scope::Key("x").key());
+        assert!(Arc::ptr_eq(&counters(a.key()), &counters(a.key())));
+        let clock = Clock::at(86_400 * 3 + 61);
+        assert_eq!((clock.day, clock.minute_left_s), (3, 59));
+    }
+}
