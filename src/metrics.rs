@@ -392,6 +392,11 @@ fn label_value(v: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn usage_metrics_have_a_slot_per_domain_slot() {
+        assert_eq!(crate::usage::metrics::SLOTS, DOMAIN_SLOTS);
+    }
+
     use super::*;
 
     #[test]

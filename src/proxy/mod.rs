@@ -15,6 +15,7 @@
 
 pub mod admit;
 pub mod answer_locally;
+pub mod answer_tap;
 pub mod authenticate;
 pub mod authorize;
 pub mod body;

@@ -11,6 +11,7 @@
 //! the watch is cancelled through monoio's `Canceller`, which returns any data that raced
 //! the cancellation instead of losing it.
 
+use super::answer_tap::AnswerTap;
 use super::body::BodyTracker;
 use super::connection::{write_within, Connection};
 use super::error::GatewayError;
@@ -21,13 +22,10 @@ use super::splice::splice_exact;
 use super::worker::Worker;
 use crate::fleet::host::Host;
 use crate::http::head::Method;
-use crate::http::headers::eq_ignore_case;
 use crate::http::response::{
     client_framing, parse_response_head, write_client_head, ClientFraming, ResponseFraming,
     ResponseHead,
 };
-use crate::usage::meter::{Framing, Meter};
-use crate::usage::strip::UsageEventFilter;
 use futures_util::future::{select, Either};
 use monoio::buf::IoBuf;
 use monoio::io::Canceller;
@@ -130,12 +128,7 @@ pub async fn stream_response(
             req,
             between: worker.timeouts.between_chunks(),
             fallback,
-            metering,
-            meter: None,
-            filter: None,
-            filtered: Vec::new(),
-            piece: Vec::new(),
-            rechunk: false,
+            tap: AnswerTap::new(metering),
         };
         let result = relay.run().await;
         let mut watch = relay.watch;
@@ -172,18 +165,8 @@ struct Relay<'a, W> {
     /// The limit of every wait after the first byte.
     between: Duration,
     fallback: Fallback<'a>,
-    metering: Metering,
-    /// Reads the answer's token counts (a metered answer).
-    meter: Option<Meter>,
-    /// Takes out the usage event the gateway asked for (`Metering::AskForUsage`).
-    filter: Option<UsageEventFilter>,
-    /// The filter's output for the read at hand (framed as chunks when `rechunk`).
-    filtered: Vec<u8>,
-    /// The filter's output for one backend chunk, before it is framed.
-    piece: Vec<u8>,
-    /// Filtered payload goes to the client in chunks of our own, one per backend chunk
-    /// (the client's framing is chunked); otherwise as it is.
-    rechunk: bool,
+    /// The meter and the usage filter.
+    tap: AnswerTap,
 }
 
 /// What the head step learned that the body steps need.
@@ -226,8 +209,8 @@ where
             Ok::<_, Stop>(answer)
         };
         let result = steps.await;
-        if let (Some(meter), Ok(_) | Err(Stop::Aborted)) = (&self.meter, &result) {
-            self.req.record.usage = Some(meter.usage());
+        if let (Some(usage), Ok(_) | Err(Stop::Aborted)) = (self.tap.usage(), &result) {
+            self.req.record.usage = Some(usage);
         }
         match result {
             Ok(answer) => {
@@ -328,16 +311,16 @@ where
             client: Persistence::when(client_keep_alive),
             extra: false,
         };
-        self.rechunk = framing == ClientFraming::Chunked;
-        self.start_metering(ubuf, head);
+        self.tap
+            .start(ubuf, head, framing == ClientFraming::Chunked);
         let rest = &ubuf[head.len..];
         match answer.tracker.as_mut() {
             Some(t) => {
                 let used = self
                     .track(t, rest, answer.decode)
                     .map_err(StreamError::Gateway)?;
-                if self.filter.is_some() {
-                    self.pass_filtered(t.is_done());
+                if self.tap.filters() {
+                    self.tap.pass(t.is_done(), self.out);
                 } else if !answer.decode {
                     self.out.extend_from_slice(&rest[..used]);
                 }
@@ -364,7 +347,7 @@ where
             return Ok(());
         };
         let worker = self.worker;
-        let plain = (worker.splice && !answer.decode && *remaining > 0 && self.meter.is_none())
+        let plain = (worker.splice && !answer.decode && *remaining > 0 && !self.tap.metered())
             .then(|| self.up.stream.plain_mut().zip(self.wr.plain()))
             .flatten();
         let Some((up_plain, wr)) = plain else {
@@ -425,10 +408,10 @@ where
                 .track(t, ubuf, answer.decode)
                 .map_err(|_| Stop::Aborted)?;
             answer.extra |= used < ubuf.len();
-            if self.filter.is_some() {
-                self.pass_filtered(t.is_done());
+            if self.tap.filters() {
+                self.tap.pass(t.is_done(), self.out);
             }
-            if answer.decode || self.filter.is_some() {
+            if answer.decode || self.tap.filters() {
                 let sent = self.out.len() as u64;
                 let out = std::mem::take(self.out);
                 *self.out = write_within(self.wr, out, self.between)
@@ -444,11 +427,11 @@ where
                 self.req.record.bytes += used as u64;
             }
         }
-        if let Some(filter) = self.filter.as_mut() {
+        if self.tap.filters() {
             // An until-close answer ended with its connection: what the filter held goes
             // out now (a chunked one was finished with its last chunk).
             self.out.clear();
-            filter.finish(self.out);
+            self.tap.pass_rest(self.out);
             if !self.out.is_empty() {
                 let sent = self.out.len() as u64;
                 let out = std::mem::take(self.out);
@@ -461,126 +444,22 @@ where
         Ok(())
     }
 
-    /// Runs answer bytes through the tracker, the meter and the filter (see [`track`]);
-    /// once the answer is complete, settles its usage.
+    /// Runs answer bytes through the tracker and the tap; once the answer is complete,
+    /// its usage is final and the request's limits are settled before its last bytes
+    /// reach the client.
     fn track(
         &mut self,
         t: &mut BodyTracker,
         input: &[u8],
         decode: bool,
     ) -> Result<usize, GatewayError> {
-        let mut tap = Tap {
-            decode,
-            out: self.out,
-            meter: self.meter.as_mut(),
-            filter: self.filter.as_mut(),
-            filtered: &mut self.filtered,
-            piece: &mut self.piece,
-            rechunk: self.rechunk,
-        };
-        let used = track(t, input, &mut tap)?;
-        if t.is_done() {
-            self.settle();
+        let used = self.tap.track(t, input, decode, self.out)?;
+        if t.is_done() && self.tap.metered() {
+            self.req.record.usage = self.tap.usage();
+            super::admit::settle(self.req);
         }
         Ok(used)
     }
-
-    /// The whole answer has been read: its usage is final, and the request's limits are
-    /// settled before its last bytes reach the client.
-    fn settle(&mut self) {
-        if let Some(meter) = &self.meter {
-            self.req.record.usage = Some(meter.usage());
-            super::admit::settle(self.req);
-        }
-    }
-
-    /// Sets up the meter (and the usage filter) for an answer whose head is `head`.
-    fn start_metering(&mut self, ubuf: &[u8], head: &ResponseHead) {
-        if self.metering == Metering::Off {
-            return;
-        }
-        let framing = head
-            .headers
-            .iter()
-            .find(|(n, _)| eq_ignore_case(n.of(ubuf), b"content-type"))
-            .map_or(Framing::Whole, |(_, v)| {
-                Framing::of_content_type(v.of(ubuf))
-            });
-        self.meter = Some(Meter::new(framing));
-        // A Content-Length answer cannot lose an event: its length is announced.
-        let filterable = !matches!(
-            head.framing,
-            ResponseFraming::Length(_) | ResponseFraming::None
-        );
-        if matches!(self.metering, Metering::AskForUsage { .. })
-            && framing == Framing::Sse
-            && filterable
-        {
-            self.filter = Some(UsageEventFilter::default());
-        }
-    }
-
-    /// Moves the filter's output for this read into `out`; when the answer is `done`,
-    /// what the filter held and (chunked) the last chunk too.
-    fn pass_filtered(&mut self, done: bool) {
-        if done {
-            if let Some(f) = self.filter.as_mut() {
-                self.piece.clear();
-                f.finish(&mut self.piece);
-                put_piece(&mut self.filtered, &self.piece, self.rechunk);
-            }
-        }
-        self.out.extend_from_slice(&self.filtered);
-        if done && self.rechunk {
-            self.out.extend_from_slice(b"0\r\n\r\n");
-        }
-        self.filtered.clear();
-    }
-}
-
-/// Appends filtered payload to `out`: as a chunk of its own when `rechunk`.
-fn put_piece(out: &mut Vec<u8>, piece: &[u8], rechunk: bool) {
-    if !rechunk {
-        out.extend_from_slice(piece);
-    } else if !piece.is_empty() {
-        use std::io::Write as _;
-        let _ = write!(out, "{:x}\r\n", piece.len());
-        out.extend_from_slice(piece);
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// Where the answer's payload goes besides the client.
-struct Tap<'a> {
-    /// Decoded payload goes to `out` (HTTP/1.0 client of a chunked answer).
-    decode: bool,
-    out: &'a mut Vec<u8>,
-    meter: Option<&'a mut Meter>,
-    /// The usage filter, with its output and its scratch for one backend chunk.
-    filter: Option<&'a mut UsageEventFilter>,
-    filtered: &'a mut Vec<u8>,
-    piece: &'a mut Vec<u8>,
-    rechunk: bool,
-}
-
-/// Runs body bytes through the tracker; returns how many belong to the body. The payload
-/// goes through the meter, and to the filter or (when decoding) to `out`.
-fn track(t: &mut BodyTracker, input: &[u8], tap: &mut Tap<'_>) -> Result<usize, GatewayError> {
-    t.feed(input, u64::MAX, |payload| {
-        if let Some(m) = tap.meter.as_mut() {
-            m.feed(payload);
-        }
-        match tap.filter.as_mut() {
-            Some(f) => {
-                tap.piece.clear();
-                f.feed(payload, tap.piece);
-                put_piece(tap.filtered, tap.piece, tap.rechunk);
-            }
-            None if tap.decode => tap.out.extend_from_slice(payload),
-            None => {}
-        }
-    })
-    .map_err(|_| GatewayError::UpstreamBadResponse("bad chunked framing"))
 }
 
 /// One read from the backend, racing the client watch.

@@ -1,10 +1,14 @@
 //! Limit rejections by domain, scope and limit, per worker (plain counters summed at
-//! scrape time, like the rest of `crate::metrics`).
+//! scrape time, like the rest of `crate::metrics`, which renders these and so is not
+//! imported here).
 
 use super::admission::{LimitKind, Refusal, ScopeKind};
-use crate::metrics::{Counter, DOMAIN_SLOTS};
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+
+/// `crate::metrics::DOMAIN_SLOTS` (a test there holds them equal): domains by metrics slot.
+pub const SLOTS: usize = 256;
 
 const SCOPES: [ScopeKind; 3] = [ScopeKind::Domain, ScopeKind::Member, ScopeKind::Key];
 const KINDS: [LimitKind; 4] = [
@@ -13,7 +17,7 @@ const KINDS: [LimitKind; 4] = [
     LimitKind::TokensPerDay,
     LimitKind::Concurrent,
 ];
-type Block = [Counter; SCOPES.len() * KINDS.len()];
+type Block = [AtomicU64; SCOPES.len() * KINDS.len()];
 
 /// One worker's rejections; a domain's block is allocated at its first rejection.
 #[derive(Debug)]
@@ -21,7 +25,7 @@ pub struct LimitRejections(Box<[OnceLock<Box<Block>>]>);
 
 impl Default for LimitRejections {
     fn default() -> Self {
-        LimitRejections((0..DOMAIN_SLOTS).map(|_| OnceLock::new()).collect())
+        LimitRejections((0..SLOTS).map(|_| OnceLock::new()).collect())
     }
 }
 
@@ -30,14 +34,16 @@ impl LimitRejections {
         let Some(cell) = self.0.get(usize::from(slot)) else {
             return;
         };
-        let block = cell.get_or_init(|| Box::new(std::array::from_fn(|_| Counter::default())));
+        let block = cell.get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
         let scope = SCOPES.iter().position(|s| *s == refusal.scope).unwrap_or(0);
         let kind = KINDS.iter().position(|k| *k == refusal.kind).unwrap_or(0);
-        block[scope * KINDS.len() + kind].inc();
+        block[scope * KINDS.len() + kind].fetch_add(1, Ordering::Relaxed);
     }
 
     fn get(&self, slot: usize, i: usize) -> u64 {
-        self.0[slot].get().map_or(0, |b| b[i].get())
+        self.0[slot]
+            .get()
+            .map_or(0, |b| b[i].load(Ordering::Relaxed))
     }
 }
 
