@@ -398,6 +398,16 @@ async fn worker_main(
             worker.start_drain();
         }
     });
+    // Limit counters of scopes no longer in use are let go once a minute.
+    monoio::spawn({
+        let worker = worker.clone();
+        async move {
+            while !worker.draining.get() {
+                monoio::time::sleep(Duration::from_secs(60)).await;
+                crate::usage::limiter::prune(&mut worker.limit_counters.borrow_mut());
+            }
+        }
+    });
     let loops: Vec<_> = listeners
         .into_iter()
         .map(|l| monoio::spawn(accept_loop(worker.clone(), l)))

@@ -99,6 +99,15 @@ impl Counters {
             .is_ok()
     }
 
+    /// Nothing in flight and no use in the current windows: the same as fresh counters,
+    /// so they may be dropped and made anew when next needed.
+    pub fn idle(&self, clock: Clock) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && self.requests_per_minute.used(clock.minute) == 0
+            && self.tokens_per_minute.used(clock.minute) == 0
+            && self.tokens_per_day.used(clock.day) == 0
+    }
+
     pub fn leave(&self) {
         let _ = self
             .in_flight
@@ -153,6 +162,22 @@ pub fn counters(key: u64) -> Arc<Counters> {
     let registry = REGISTRY.get_or_init(Mutex::default);
     let mut map = registry.lock().unwrap_or_else(|p| p.into_inner());
     map.entry(key).or_default().clone()
+}
+
+/// Forgets idle counters, so scopes seen once (users of an outside identity provider, say)
+/// do not stay in memory: a worker drops the idle ones it holds, then the registry drops
+/// idle ones no worker holds. A scope used again gets fresh counters, which is what idle
+/// ones are. Call now and then from each worker.
+pub fn prune(held: &mut PreHashedMap<Arc<Counters>>) {
+    let clock = Clock::now();
+    held.retain(|_, c| !c.idle(clock));
+    let Some(registry) = REGISTRY.get() else {
+        return;
+    };
+    let mut map = registry.lock().unwrap_or_else(|p| p.into_inner());
+    // Under the registry's lock no worker can take a new hold, so a count of one (the
+    // registry's own) stays one.
+    map.retain(|_, c| Arc::strong_count(c) > 1 || !c.idle(clock));
 }
 
 /// Windows of the wall clock: (minute number, UTC day number, seconds to the minute's
@@ -246,5 +271,19 @@ mod tests {
         assert!(Arc::ptr_eq(&counters(a.key()), &counters(a.key())));
         let clock = Clock::at(86_400 * 3 + 61);
         assert_eq!((clock.day, clock.minute_left_s), (3, 59));
+    }
+
+    #[test]
+    fn pruning_keeps_what_is_in_use() {
+        let (busy, quiet) = (Scope::Key("busy-key").key(), Scope::Key("quiet-key").key());
+        let mut held = PreHashedMap::default();
+        held.insert(busy, counters(busy));
+        held.insert(quiet, counters(quiet));
+        assert!(held[&busy].enter(5));
+        prune(&mut held);
+        assert!(held.contains_key(&busy) && !held.contains_key(&quiet));
+        // The busy scope's counters are still the shared ones.
+        assert!(Arc::ptr_eq(&held[&busy], &counters(busy)));
+        assert_eq!(counters(busy).in_flight.load(Ordering::Relaxed), 1);
     }
 }
