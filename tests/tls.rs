@@ -177,6 +177,20 @@ fn https_end_to_end(driver: &str) {
     assert!(plain.text().contains("https://"));
 }
 
+/// A request that came over HTTPS reaches the backend with `X-Forwarded-Proto: https`.
+fn forwarded_proto_says_https(driver: &str) {
+    let dir = unique_dir("tls");
+    let (cert, _) = gen_cert(&dir);
+    let (backend, seen) = scripted_backend(1, None);
+    let gw = tls_gateway(driver, &dir, &[backend]);
+    let mut tls = tls_connect(gw.addr, client_config(&cert, false)).expect("handshake");
+    send_on(&mut tls, &chat_request(false));
+    let answer = Reader::new(tls).response().expect("answer");
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let got = String::from_utf8_lossy(&seen.lock().unwrap()[0]).to_ascii_lowercase();
+    assert!(got.contains("x-forwarded-proto: https\r\n"), "{got}");
+}
+
 /// 2. SIGHUP with a new certificate while a stream is in flight: the stream finishes on its
 ///    session, new handshakes get the new certificate (a client that trusts only the old
 ///    one is refused), and a broken key file on the next SIGHUP keeps the running one.
@@ -349,6 +363,7 @@ fn curl_streams_over_https(driver: &str) {
 }
 
 for_each_driver!(
+    forwarded_proto_says_https,
     https_end_to_end,
     certificate_swap_keeps_the_stream,
     gone_tls_client_stops_the_backend,

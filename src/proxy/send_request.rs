@@ -167,7 +167,11 @@ fn write_upstream_head(
         out.extend_from_slice(b", ");
     }
     let _ = write!(out, "{}", conn.peer().ip());
-    out.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
+    out.extend_from_slice(if worker.tls.is_some() {
+        b"\r\nX-Forwarded-Proto: https\r\nX-Request-Id: "
+    } else {
+        b"\r\nX-Forwarded-Proto: http\r\nX-Request-Id: "
+    });
     out.extend_from_slice(req.id.as_bytes());
     out.extend_from_slice(b"\r\n");
     if let (false, Some(identity)) = (fwd.management, &req.identity) {

@@ -817,3 +817,77 @@ pub fn access_record(gw: &Proc, request_id: &str) -> serde_json::Value {
     );
     find().unwrap()["fields"].clone()
 }
+
+/// Reads one request (head + Content-Length or chunked body) off `s`.
+pub fn read_request(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+            let body = &req[end + 4..];
+            if head.contains("transfer-encoding: chunked") {
+                if body.ends_with(b"0\r\n\r\n") {
+                    return Some(req);
+                }
+            } else {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                if body.len() >= len {
+                    return Some(req);
+                }
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A backend that records each request and answers it with `answer(i)`; after answering it
+/// may write `extra` on the same connection (an unsolicited second answer).
+pub fn scripted_backend(
+    requests: usize,
+    extra: Option<&'static [u8]>,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        let mut served = 0;
+        let mut conns = Vec::new();
+        while served < requests {
+            let Ok((mut s, _)) = listener.accept() else {
+                break;
+            };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            while served < requests {
+                let Some(req) = read_request(&mut s) else {
+                    break;
+                };
+                record.lock().unwrap().push(req);
+                served += 1;
+                let body = format!("answer-{served}");
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                if let Some(extra) = extra {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let _ = s.write_all(extra);
+                    // Keep the socket open: the gateway must notice the stray bytes itself.
+                    conns.push(s);
+                    break;
+                }
+            }
+        }
+    });
+    (addr, seen)
+}
