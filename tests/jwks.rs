@@ -36,13 +36,17 @@ impl Key {
     }
 
     fn token(&self, sub: &str, domains: &[&str]) -> String {
+        self.token_of(ISSUER, sub, domains)
+    }
+
+    fn token_of(&self, iss: &str, sub: &str, domains: &[&str]) -> String {
         let exp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs()
             + 600;
         let header = format!(r#"{{"alg":"EdDSA","typ":"JWT","kid":"{}"}}"#, self.kid);
-        let claims = serde_json::json!({"iss": ISSUER, "sub": sub, "exp": exp, "aud": "cubegate", "domains": domains});
+        let claims = serde_json::json!({"iss": iss, "sub": sub, "exp": exp, "aud": "cubegate", "domains": domains});
         let input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header),
@@ -183,13 +187,116 @@ fn jwks_rotation(driver: &str) {
         .contains("unknown key"));
     assert_eq!(chat(&gw, &k2.token("bob", &["dom"])).status, 200);
 
-    // Forced refreshes are rate-limited: a burst of unknown kids costs at most one fetch.
+    // Forced refreshes are rate-limited: a burst of unknown kids inside the window costs
+    // one deferred fetch, and each of them is answered after it.
     let before = server.fetches.load(Ordering::SeqCst);
-    for i in 0..3 {
-        let r = chat(&gw, &k3.token(&format!("u{i}"), &["dom"]));
-        assert_eq!(r.status, 401);
-    }
+    std::thread::scope(|s| {
+        let burst: Vec<_> = (0..3)
+            .map(|i| {
+                let token = k3.token(&format!("u{i}"), &["dom"]);
+                let gw = &gw;
+                s.spawn(move || chat(gw, &token).status)
+            })
+            .collect();
+        for b in burst {
+            assert_eq!(b.join().unwrap(), 401);
+        }
+    });
     assert!(server.fetches.load(Ordering::SeqCst) <= before + 1);
 }
 
-for_each_driver!(jwks_rotation);
+/// A gateway trusting two issuers, A and B, each with its own JWKS endpoint.
+fn two_issuers(driver: &str, a: &JwksServer, b: &JwksServer, sim: &Proc) -> Gateway {
+    let mut body = domains_config(&[("dom", &[("vllm", sim.addr, &[VLLM_MODEL])])]);
+    body = body.replace("mode = \"none\"", "mode = \"jwt\"");
+    for (iss, server) in [(ISSUER_A, a), (ISSUER_B, b)] {
+        body.push_str(&format!(
+            "\n[[auth.trusted]]\nissuer = \"{iss}\"\naudiences = [\"cubegate\"]\njwks_url = \"http://{}/jwks\"\n",
+            server.addr
+        ));
+    }
+    let gw = gateway(driver, &body);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .log()
+        .matches("JWKS loaded")
+        .count()
+        >= 2));
+    gw
+}
+
+const ISSUER_A: &str = "https://a.idp.test/";
+const ISSUER_B: &str = "https://b.idp.test/";
+
+/// Refreshes are per issuer and deferred, not dropped: a flood of made-up `kid`s for
+/// issuer A does not hold back B's rotation, and a token under A's new `kid` that arrives
+/// inside A's rate-limit window is accepted once the window ends (no 401 remembered).
+fn jwks_refresh_per_issuer_and_deferred(driver: &str) {
+    let (a1, a2, b1, b2) = (
+        Key::new("a1", 11),
+        Key::new("a2", 12),
+        Key::new("b1", 21),
+        Key::new("b2", 22),
+    );
+    let (server_a, server_b) = (
+        JwksServer::start(String::new()),
+        JwksServer::start(String::new()),
+    );
+    server_a.set(&[&a1]);
+    server_b.set(&[&b1]);
+    let vllm = sim("vllm", &[]);
+    let gw = two_issuers(driver, &server_a, &server_b, &vllm);
+    assert_eq!(
+        chat(&gw, &a1.token_of(ISSUER_A, "ann", &["dom"])).status,
+        200
+    );
+    assert_eq!(
+        chat(&gw, &b1.token_of(ISSUER_B, "bea", &["dom"])).status,
+        200
+    );
+
+    std::thread::scope(|s| {
+        // Made-up kids for A, from several clients: A's window is now taken.
+        let flood: Vec<_> = (0..4)
+            .map(|i| {
+                let forged = Key::new(["x1", "x2", "x3", "x4"][i], 30 + i as u8);
+                let token = forged.token_of(ISSUER_A, "mallory", &["dom"]);
+                let gw = &gw;
+                s.spawn(move || chat(gw, &token).status)
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+
+        // B rotates: its new kid works at once, A's window notwithstanding.
+        server_b.set(&[&b1, &b2]);
+        let started = std::time::Instant::now();
+        let r = chat(&gw, &b2.token_of(ISSUER_B, "bea", &["dom"]));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "B's refresh waited {:?} behind A's window",
+            started.elapsed()
+        );
+
+        // A rotates inside its window: the a2 token is served once the deferred refresh
+        // runs (at the window's end), not refused.
+        server_a.set(&[&a1, &a2]);
+        let r = chat(&gw, &a2.token_of(ISSUER_A, "ann", &["dom"]));
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.log());
+        // And again at once, from the cache.
+        assert_eq!(
+            chat(&gw, &a2.token_of(ISSUER_A, "ann", &["dom"])).status,
+            200
+        );
+        for f in flood {
+            assert_eq!(f.join().unwrap(), 401);
+        }
+    });
+    // The flood cost A one fetch per window, not one per token.
+    assert!(
+        server_a.fetches.load(Ordering::SeqCst) <= 4,
+        "{} fetches of A",
+        server_a.fetches.load(Ordering::SeqCst)
+    );
+}
+
+for_each_driver!(jwks_rotation, jwks_refresh_per_issuer_and_deferred);

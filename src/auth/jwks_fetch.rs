@@ -2,8 +2,13 @@
 //!
 //! One thread keeps every `jwks_url` issuer's keys fresh: it fetches at start, again before
 //! the document's `Cache-Control: max-age` runs out (clamped between a floor and a
-//! ceiling), and at once when a worker meets a `kid` it does not know (rate-limited per
-//! issuer), so key rotation at the identity provider needs no restart. New keys reach the
+//! ceiling), and at once when a worker meets a `kid` it does not know, so key rotation at
+//! the identity provider needs no restart. Such a forced refresh is for that token's JWKS
+//! only and rate-limited per JWKS: one asked for inside the window is deferred to the
+//! window's end, not dropped, so a token under a new `kid` succeeds by then, and a flood of
+//! made-up `kid`s for one issuer costs that issuer one fetch per window and delays no
+//! other issuer's. Workers wait for the attempt they asked for through a per-URL count of
+//! finished attempts ([`RefreshHandle::attempts`]). New keys reach the
 //! workers as a new snapshot: the fetcher reads and publishes keys through a [`KeyCell`],
 //! which the snapshot's publication cell implements (so this module needs nothing of the
 //! snapshot). A JWKS that cannot be fetched or parsed keeps the last good
@@ -16,10 +21,12 @@
 
 use super::keys::{parse_jwks, KeyStore, MAX_JWKS_BYTES};
 use crate::http::chunked::ChunkedDecoder;
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Refresh bounds: never more often than the floor, never less often than the ceiling.
@@ -28,24 +35,54 @@ const MAX_AGE_CEILING: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);
 /// After a failure, try again this soon.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15);
-/// A forced refresh (unknown kid) at most this often per issuer.
-const FORCED_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// A forced refresh (unknown kid) at most this often per JWKS.
+pub const FORCED_MIN_INTERVAL: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Asks the fetcher for an immediate refresh of every JWKS issuer (a worker met an
-/// unknown `kid`). Cheap to clone, one per worker.
+/// Asks the fetcher to refresh one JWKS (a worker met an unknown `kid` of its issuer).
+/// Cheap to clone, one per worker.
 #[derive(Clone)]
-pub struct RefreshHandle(Sender<()>);
+pub struct RefreshHandle {
+    tx: Sender<String>,
+    attempts: Attempts,
+}
+
+/// Finished fetch attempts (good or failed) per JWKS URL.
+type Attempts = Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>;
 
 impl RefreshHandle {
-    pub fn request(&self) {
-        let _ = self.0.send(());
+    /// The count of finished attempts for `url`: read it before [`Self::request`], and
+    /// the attempt asked for has finished (its keys, if any, published) once it moved.
+    pub fn attempts(&self, url: &str) -> Arc<AtomicU64> {
+        attempts_of(&self.attempts, url)
+    }
+
+    pub fn request(&self, url: &str) {
+        let _ = self.tx.send(url.to_string());
     }
 }
 
-pub fn channel() -> (RefreshHandle, Receiver<()>) {
+fn attempts_of(attempts: &Attempts, url: &str) -> Arc<AtomicU64> {
+    let mut map = attempts.lock().unwrap_or_else(|p| p.into_inner());
+    map.entry(url.to_string()).or_default().clone()
+}
+
+/// The fetcher's end of the refresh requests.
+pub struct Wakeups {
+    rx: Receiver<String>,
+    attempts: Attempts,
+}
+
+pub fn channel() -> (RefreshHandle, Wakeups) {
     let (tx, rx) = std::sync::mpsc::channel();
-    (RefreshHandle(tx), rx)
+    let attempts = Attempts::default();
+    (
+        RefreshHandle {
+            tx,
+            attempts: attempts.clone(),
+        },
+        Wakeups { rx, attempts },
+    )
 }
 
 /// Where the keys workers verify with are read from and published to.
@@ -61,10 +98,24 @@ struct State {
     url: String,
     next: Instant,
     last_forced: Option<Instant>,
+    /// The fetch at `next` was asked for by a worker (and starts a new window).
+    forced: bool,
+}
+
+impl State {
+    /// A worker asked for this JWKS now: at once, or at the end of the current window.
+    fn force(&mut self, now: Instant) {
+        let open = self
+            .last_forced
+            .map_or(now, |t| t + FORCED_MIN_INTERVAL)
+            .max(now);
+        self.next = self.next.min(open);
+        self.forced = true;
+    }
 }
 
 /// Runs the fetcher until the process ends (the thread is detached).
-pub fn run(cell: &dyn KeyCell, wakeups: Receiver<()>) {
+pub fn run(cell: &dyn KeyCell, wakeups: Wakeups) {
     let mut states: Vec<State> = Vec::new();
     loop {
         // The issuer list comes from the keys in force, so a reload that adds or drops an
@@ -82,12 +133,17 @@ pub fn run(cell: &dyn KeyCell, wakeups: Receiver<()>) {
                     url: url.clone(),
                     next: Instant::now(),
                     last_forced: None,
+                    forced: false,
                 });
             }
         }
         let now = Instant::now();
         for state in states.iter_mut().filter(|s| s.next <= now) {
+            if std::mem::take(&mut state.forced) {
+                state.last_forced = Some(now);
+            }
             state.next = Instant::now() + refresh(cell, &state.url);
+            attempts_of(&wakeups.attempts, &state.url).fetch_add(1, Ordering::Release);
         }
         let wait = states
             .iter()
@@ -95,16 +151,12 @@ pub fn run(cell: &dyn KeyCell, wakeups: Receiver<()>) {
             .min()
             .unwrap_or(Duration::from_secs(5))
             .min(Duration::from_secs(5));
-        match wakeups.recv_timeout(wait) {
-            Ok(()) => {
-                while wakeups.try_recv().is_ok() {}
+        match wakeups.rx.recv_timeout(wait) {
+            Ok(url) => {
                 let now = Instant::now();
-                for s in &mut states {
-                    if s.last_forced
-                        .is_none_or(|t| now.duration_since(t) >= FORCED_MIN_INTERVAL)
-                    {
-                        s.last_forced = Some(now);
-                        s.next = now;
+                for url in std::iter::once(url).chain(wakeups.rx.try_iter()) {
+                    if let Some(s) = states.iter_mut().find(|s| s.url == url) {
+                        s.force(now);
                     }
                 }
             }

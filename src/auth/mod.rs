@@ -280,6 +280,15 @@ fn api_key_claims(
     Ok(VerifiedClaims::of_api_key(key, own))
 }
 
+/// The JWKS URL of the issuer a bearer token names (`authorization` is the raw header
+/// value), when its keys are fetched: where to look for a `kid` this box does not know.
+pub fn jwks_url_of<'k>(authorization: &[u8], keys: &'k KeyStore) -> Option<&'k str> {
+    let token = bearer_credential(authorization)?;
+    let parsed = jws::parse(token).ok()?;
+    let iss = parsed.payload.get("iss")?.as_str()?;
+    keys.issuer(iss)?.1.jwks_url.as_deref()
+}
+
 /// Parses and verifies a token against the key store, then validates its claims.
 pub fn verify_token(
     token: &[u8],

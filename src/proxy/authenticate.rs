@@ -3,20 +3,25 @@
 //! The verdict comes from [`crate::auth`] (the worker's token cache first, a signature
 //! check on a miss). One case waits: a token signed with a key this box has not seen
 //! (unknown `kid`) of an issuer whose keys come from a JWKS URL may mean the identity
-//! provider just rotated its keys, so the fetcher is asked to refresh and the request
-//! waits a moment for new keys before it is answered. A verdict the cache already held
-//! was waited for once and is not waited for again.
+//! provider just rotated its keys, so the fetcher is asked to refresh that issuer's JWKS
+//! and the request waits for that attempt (at most a rate-limit window and a fetch) before
+//! it is answered. A verdict the cache already held was waited for once and is not waited
+//! for again; a refresh that changed keys empties the caches, so a token refused before
+//! it is checked anew.
 
 use super::connection::Connection;
 use super::error::GatewayError;
 use super::request::Request;
 use super::worker::Worker;
-use crate::auth::{AuthError, Identity, Refusal, TokenError};
+use crate::auth::jwks_fetch::FORCED_MIN_INTERVAL;
+use crate::auth::{jwks_url_of, AuthError, Authenticated, Identity, Refusal, TokenError};
 use crate::snapshot::{Snapshot, SnapshotRef};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// How long a request with an unknown `kid` waits for a JWKS refresh.
-const JWKS_WAIT: Duration = Duration::from_millis(1500);
+/// How long a request with an unknown `kid` waits for a JWKS refresh: a whole rate-limit
+/// window (the refresh may be deferred to its end) and the fetch.
+const JWKS_WAIT: Duration = FORCED_MIN_INTERVAL.saturating_add(Duration::from_secs(3));
 /// How often the wait looks for a new snapshot.
 const JWKS_POLL: Duration = Duration::from_millis(20);
 
@@ -39,26 +44,38 @@ pub async fn authenticate(
         )
     };
     let authenticated = match check(snapshot) {
-        Err(Refusal {
-            error: AuthError::Token(TokenError::UnknownKey),
-            from_cache: false,
-        }) if snapshot.keys.has_fetched_issuers() => {
-            let fresh = wait_for_new_keys(worker).await;
-            check(&fresh)?
-        }
+        Err(
+            refusal @ Refusal {
+                error: AuthError::Token(TokenError::UnknownKey),
+                from_cache: false,
+            },
+        ) => match authorization.and_then(|a| jwks_url_of(a, &snapshot.keys)) {
+            Some(url) => {
+                let url = url.to_string();
+                wait_for_refresh(worker, &url, &check).await?
+            }
+            None => return Err(refusal.into()),
+        },
         other => other?,
     };
     Ok(authenticated.identity)
 }
 
-/// Asks the JWKS fetcher for a refresh now and waits (bounded) until a new snapshot is
-/// published; returns the snapshot to check again against.
-async fn wait_for_new_keys(worker: &Worker) -> SnapshotRef {
-    let before = worker.snapshot.borrow().published_generation();
-    worker.jwks_refresh.request();
+/// Asks the JWKS fetcher to refresh `url` and waits (bounded) until that attempt has
+/// finished; then checks again against the keys in force. The attempt may be deferred to
+/// the end of the URL's rate-limit window, so the wait covers the window.
+async fn wait_for_refresh(
+    worker: &Worker,
+    url: &str,
+    check: &dyn Fn(&Snapshot) -> Result<Authenticated, Refusal>,
+) -> Result<Authenticated, Refusal> {
+    let attempts = worker.jwks_refresh.attempts(url);
+    let before = attempts.load(Ordering::Acquire);
+    worker.jwks_refresh.request(url);
     let deadline = Instant::now() + JWKS_WAIT;
-    while worker.snapshot.borrow().published_generation() == before && Instant::now() < deadline {
+    while attempts.load(Ordering::Acquire) == before && Instant::now() < deadline {
         monoio::time::sleep(JWKS_POLL).await;
     }
-    worker.snapshot.borrow_mut().current()
+    let fresh = worker.snapshot.borrow_mut().current();
+    check(&fresh)
 }
