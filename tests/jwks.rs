@@ -299,4 +299,63 @@ fn jwks_refresh_per_issuer_and_deferred(driver: &str) {
     );
 }
 
-for_each_driver!(jwks_rotation, jwks_refresh_per_issuer_and_deferred);
+/// A key that carries an expiry is used until then and not after, and the JWKS is
+/// fetched again before it runs out (though its max-age is an hour), so a successor key
+/// published meanwhile is in force in time.
+fn expiring_keys(driver: &str) {
+    let (k1, k2) = (Key::new("k1", 41), Key::new("k2", 42));
+    let server = JwksServer::start(String::new());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let k1_until = now + 7;
+    let with_exp = k1
+        .jwk()
+        .replacen('{', &format!(r#"{{"exp":{k1_until},"#), 1);
+    *server.doc.lock().unwrap() = format!(r#"{{"keys":[{with_exp}]}}"#);
+    let vllm = sim("vllm", &[]);
+    let mut body = domains_config(&[("dom", &[("vllm", vllm.addr, &[VLLM_MODEL])])]);
+    body = body.replace("mode = \"none\"", "mode = \"jwt\"");
+    body.push_str(&format!(
+        "\n[[auth.trusted]]\nissuer = \"{ISSUER}\"\naudiences = [\"cubegate\"]\njwks_url = \"http://{}/jwks\"\n",
+        server.addr
+    ));
+    let gw = gateway(driver, &body);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .log()
+        .contains("JWKS loaded")));
+    assert_eq!(chat(&gw, &k1.token("ann", &["dom"])).status, 200);
+    // The provider adds k2; no token asks for it, yet it is fetched before k1 expires.
+    *server.doc.lock().unwrap() = format!(r#"{{"keys":[{with_exp},{}]}}"#, k2.jwk());
+    let fetched = server.fetches.load(Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(8), || server
+            .fetches
+            .load(Ordering::SeqCst)
+            > fetched),
+        "the JWKS was not fetched again before its key's expiry"
+    );
+    assert_eq!(chat(&gw, &k2.token("bea", &["dom"])).status, 200);
+    // Past k1's expiry its tokens are refused, and say why.
+    let wait = k1_until + 1
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .min(k1_until + 1);
+    std::thread::sleep(Duration::from_secs(wait));
+    let r = chat(&gw, &k1.token("ann", &["dom"]));
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate").unwrap().contains("expired"),
+        "{:?}",
+        r.header("www-authenticate")
+    );
+}
+
+for_each_driver!(
+    jwks_rotation,
+    jwks_refresh_per_issuer_and_deferred,
+    expiring_keys
+);

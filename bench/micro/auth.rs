@@ -67,6 +67,7 @@ fn signers() -> Vec<Signer> {
                 sig
             }),
             key: VerifyingKey {
+                not_after: None,
                 kid: Some(alg.name().into()),
                 algs: AlgSet::of(&[alg]),
                 material: KeyMaterial::Rsa {
@@ -95,6 +96,7 @@ fn signers() -> Vec<Signer> {
             alg,
             sign: Box::new(move |m| pair.sign(&rng, m).unwrap().as_ref().to_vec()),
             key: VerifyingKey {
+                not_after: None,
                 kid: Some(alg.name().into()),
                 algs: AlgSet::of(&[alg]),
                 material: KeyMaterial::Ec { point },
@@ -107,6 +109,7 @@ fn signers() -> Vec<Signer> {
         alg: Alg::EdDSA,
         sign: Box::new(move |m| ed.sign(m).as_ref().to_vec()),
         key: VerifyingKey {
+            not_after: None,
             kid: Some("EdDSA".into()),
             algs: AlgSet::of(&[Alg::EdDSA]),
             material: KeyMaterial::Ed25519 { public },

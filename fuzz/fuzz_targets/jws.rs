@@ -37,6 +37,7 @@ fn check(data: &[u8]) {
     let hs = [Alg::HS256, Alg::HS384, Alg::HS512];
     let hmac = VerifyingKey::hmac(None, b"fuzz secret of thirty-two bytes!", AlgSet::of(&hs));
     let ed = VerifyingKey {
+        not_after: None,
         kid: None,
         algs: AlgSet::of(&[Alg::EdDSA]),
         material: KeyMaterial::Ed25519 {

@@ -2,7 +2,8 @@
 //!
 //! One thread keeps every `jwks_url` issuer's keys fresh: it fetches at start, again before
 //! the document's `Cache-Control: max-age` runs out (clamped between a floor and a
-//! ceiling), and at once when a worker meets a `kid` it does not know, so key rotation at
+//! ceiling) or before its earliest key expiry (a JWK's `exp`, its certificate's
+//! `notAfter`; expired keys verify nothing), and at once when a worker meets a `kid` it does not know, so key rotation at
 //! the identity provider needs no restart. Such a forced refresh is for that token's JWKS
 //! only and rate-limited per JWKS: one asked for inside the window is deferred to the
 //! window's end, not dropped, so a token under a new `kid` succeeds by then, and a flood of
@@ -38,6 +39,8 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(15);
 /// A forced refresh (unknown kid) at most this often per JWKS.
 pub const FORCED_MIN_INTERVAL: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A key about to expire is fetched for again at most this often.
+const EXPIRY_FLOOR: Duration = Duration::from_secs(5);
 
 /// Asks the fetcher to refresh one JWKS (a worker met an unknown `kid` of its issuer).
 /// Cheap to clone, one per worker.
@@ -192,6 +195,7 @@ fn refresh(cell: &dyn KeyCell, url: &str) -> Duration {
         return RETRY_AFTER_FAILURE;
     }
     let count = keys.len();
+    let expiry = before_earliest_expiry(&keys, unix_now());
     cell.publish_keys(&|old| {
         let mut store = old.rebuilt();
         for issuer in store.issuers.iter_mut() {
@@ -203,10 +207,31 @@ fn refresh(cell: &dyn KeyCell, url: &str) -> Duration {
         store
     });
     tracing::info!(url, keys = count, "JWKS loaded");
-    max_age
+    let by_age = max_age
         .unwrap_or(DEFAULT_MAX_AGE)
         .clamp(MAX_AGE_FLOOR, MAX_AGE_CEILING)
-        .mul_f64(0.8)
+        .mul_f64(0.8);
+    expiry.map_or(by_age, |e| e.min(by_age))
+}
+
+/// When to fetch again so that a key's expiry does not leave the issuer without keys: a
+/// little before the earliest expiry still ahead (a tenth of the time left, at most a
+/// minute), never sooner than `EXPIRY_FLOOR`.
+fn before_earliest_expiry(keys: &[super::jws::VerifyingKey], now: f64) -> Option<Duration> {
+    let earliest = keys
+        .iter()
+        .filter_map(|k| k.not_after)
+        .filter(|t| *t > now)
+        .min_by(f64::total_cmp)?;
+    let left = earliest - now;
+    let ahead = (left / 10.0).min(60.0);
+    Some(Duration::from_secs_f64(left - ahead).max(EXPIRY_FLOOR))
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// GET `url`; returns the body and the `Cache-Control` max-age.

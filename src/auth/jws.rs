@@ -134,11 +134,15 @@ pub struct VerifyingKey {
     /// What a token verified by this key may say in `alg`.
     pub algs: AlgSet,
     pub material: KeyMaterial,
+    /// Unix time after which the key is not used (a JWK's `exp`, its certificate's
+    /// `notAfter`).
+    pub not_after: Option<f64>,
 }
 
 impl VerifyingKey {
     pub fn hmac(kid: Option<String>, secret: &[u8], algs: AlgSet) -> VerifyingKey {
         VerifyingKey {
+            not_after: None,
             kid,
             algs,
             material: KeyMaterial::Hmac(Box::new(HmacKeys {
@@ -147,6 +151,11 @@ impl VerifyingKey {
                 sha512: hmac::Key::new(hmac::HMAC_SHA512, secret),
             })),
         }
+    }
+
+    /// The key's time is over.
+    pub fn expired(&self, now: f64) -> bool {
+        self.not_after.is_some_and(|t| now > t)
     }
 
     /// Checks `sig` over `input` with `alg`, which must be one this key allows.
@@ -375,6 +384,7 @@ mod tests {
             Err(TokenError::BadSignature)
         ));
         let ed = VerifyingKey {
+            not_after: None,
             kid: None,
             algs: AlgSet::of(&[Alg::EdDSA]),
             material: KeyMaterial::Ed25519 {

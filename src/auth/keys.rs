@@ -32,6 +32,11 @@ struct Jwk {
     e: Option<String>,
     x: Option<String>,
     y: Option<String>,
+    /// Not a registered JWK member, but what Cube's identity providers send: the key's
+    /// expiry, in Unix seconds.
+    exp: Option<f64>,
+    /// The key's certificate chain (standard base64 DER, the key's own first).
+    x5c: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,11 +153,31 @@ fn jwk_to_key(jwk: Jwk) -> Result<VerifyingKey, String> {
         }
         None => AlgSet::of(family),
     };
+    let not_after = match (jwk.exp, certificate_not_after(&jwk.x5c)?) {
+        (Some(exp), _) if !exp.is_finite() => return Err("\"exp\" is not a number".into()),
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(VerifyingKey {
         kid: jwk.kid,
         algs,
         material,
+        not_after,
     })
+}
+
+/// The `notAfter` of a JWK's own certificate (the first of `x5c`), in Unix seconds. A
+/// certificate that cannot be read makes the key unusable: its expiry is unknown.
+fn certificate_not_after(x5c: &Option<Vec<String>>) -> Result<Option<f64>, String> {
+    let Some(first) = x5c.as_ref().and_then(|chain| chain.first()) else {
+        return Ok(None);
+    };
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(first)
+        .map_err(|_| "\"x5c\" is not base64".to_string())?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("\"x5c\" certificate unreadable: {e}"))?;
+    Ok(Some(cert.validity().not_after.timestamp() as f64))
 }
 
 /// Ed25519 points of small order (and their non-canonical encodings), as libsodium lists
@@ -363,5 +388,51 @@ mod tests {
         assert!(keys[1].algs.contains(Alg::ES256) && !keys[1].algs.contains(Alg::ES384));
         assert!(parse_jwks(b"[]").is_err());
         assert!(parse_jwks(&vec![b' '; MAX_JWKS_BYTES + 1]).is_err());
+    }
+
+    /// A DER certificate valid until `not_after` (year, month, day), base64.
+    fn certificate(not_after: (i32, u8, u8)) -> String {
+        let mut params = rcgen::CertificateParams::new(vec!["idp.test".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(cert.der())
+    }
+
+    #[test]
+    fn key_expiry_from_exp_and_certificate() {
+        let x = URL_SAFE_NO_PAD.encode([7u8; 32]);
+        let cert = certificate((2031, 1, 1));
+        let doc = format!(
+            r#"{{"keys":[
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"exp","exp":1900000000}},
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"cert","x5c":["{cert}"]}},
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"both","exp":1900000000,"x5c":["{cert}"]}},
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"none"}},
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"bad-cert","x5c":["bm90IGEgY2VydA=="]}},
+              {{"kty":"OKP","crv":"Ed25519","x":"{x}","kid":"bad-exp","exp":"soon"}}
+            ]}}"#
+        );
+        let (keys, skipped) = parse_jwks(doc.as_bytes()).unwrap();
+        let expiry: Vec<_> = keys
+            .iter()
+            .map(|k| (k.kid.as_deref().unwrap(), k.not_after))
+            .collect();
+        // 2031-01-01T00:00:00Z
+        let cert_end = 1_924_992_000.0;
+        assert_eq!(
+            expiry,
+            [
+                ("exp", Some(1_900_000_000.0)),
+                ("cert", Some(cert_end)),
+                ("both", Some(1_900_000_000.0)),
+                ("none", None)
+            ]
+        );
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].contains("certificate unreadable"), "{skipped:?}");
+        assert!(keys[0].expired(1_900_000_001.0) && !keys[0].expired(1_899_999_999.0));
+        assert!(!keys[3].expired(f64::MAX));
     }
 }

@@ -46,6 +46,8 @@ pub enum TokenError {
     AlgNotAllowed,
     UnknownIssuer,
     UnknownKey,
+    /// The key with the token's `kid` is past its expiry.
+    KeyExpired,
     BadSignature,
     Expired,
     NotYetValid,
@@ -72,6 +74,9 @@ impl fmt::Display for TokenError {
             }
             TokenError::UnknownIssuer => f.write_str("token from an issuer that is not trusted"),
             TokenError::UnknownKey => f.write_str("token signed with an unknown key (kid)"),
+            TokenError::KeyExpired => {
+                f.write_str("token signed with a key that has expired (its JWK exp or certificate)")
+            }
             TokenError::BadSignature => f.write_str("bad token signature"),
             TokenError::Expired => f.write_str("token expired"),
             TokenError::NotYetValid => f.write_str("token not valid yet (nbf)"),
@@ -320,6 +325,12 @@ pub fn verify_token_counted(
     let (index, issuer) = keys.issuer(iss).ok_or(TokenError::UnknownIssuer)?;
     let mut outcome = Err(TokenError::UnknownKey);
     for key in issuer.candidates(parsed.kid.as_deref()) {
+        if key.expired(now) {
+            if outcome == Err(TokenError::UnknownKey) {
+                outcome = Err(TokenError::KeyExpired);
+            }
+            continue;
+        }
         on_signature(parsed.alg);
         match key.verify(parsed.alg, parsed.signing_input, &parsed.signature) {
             Ok(()) => {

@@ -27,6 +27,7 @@ impl SigningKey {
 
     pub fn verifying_key(&self) -> VerifyingKey {
         VerifyingKey {
+            not_after: None,
             kid: Some(self.kid.clone()),
             algs: AlgSet::of(&[Alg::EdDSA]),
             material: KeyMaterial::Ed25519 {
