@@ -16,6 +16,7 @@ pub mod publish;
 pub mod request;
 pub mod server;
 pub mod sqlite;
+pub mod sqlite_limits;
 pub mod store;
 pub mod tokens;
 
