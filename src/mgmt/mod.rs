@@ -11,6 +11,7 @@ pub mod access;
 pub mod answer;
 pub mod api;
 pub mod caller;
+pub mod limits;
 pub mod login;
 pub mod publish;
 pub mod request;
