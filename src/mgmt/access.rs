@@ -1,6 +1,7 @@
 //! Management API for what reaches the data plane besides memberships: a domain's backends,
-//! API keys, and disabling users. Each change is published at once (with a new revocation
-//! epoch), so a revoked key or a disabled user stops working on the next request.
+//! API keys (with their limits, when created with some), and disabling users. Each change
+//! is published at once (with a new revocation epoch), so a revoked key or a disabled user
+//! stops working on the next request.
 
 use super::answer::{body, store_error, user_json, Answer};
 use super::caller::{admin, domain_admin};
@@ -10,6 +11,7 @@ use super::store::ApiKeyRow;
 use super::tokens::random_id;
 use super::{unix_now, Management};
 use crate::config::BackendConfig;
+use crate::usage::limits::Limits;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::Deserialize;
@@ -80,6 +82,9 @@ pub fn set_backends(m: &Management, req: &Request, domain: &str) -> Answer {
 struct NewKey {
     name: String,
     expires_in_s: Option<u64>,
+    /// The key's limit set (LIMITS), checked by `limits::parse_limits`.
+    #[serde(default)]
+    limits: Option<serde_json::Value>,
 }
 
 pub fn create_key(m: &Management, req: &Request, domain: &str) -> Answer {
@@ -92,6 +97,10 @@ pub fn create_key(m: &Management, req: &Request, domain: &str) -> Answer {
             "name: must be 1..=128 characters",
         ));
     }
+    let limits = match &new.limits {
+        Some(v) => super::limits::parse_limits(v, "limits")?,
+        None => Limits::default(),
+    };
     let exists = m
         .store()
         .domain_from_config(domain)
@@ -116,12 +125,22 @@ pub fn create_key(m: &Management, req: &Request, domain: &str) -> Answer {
             .expires_in_s
             .map(|s| now.saturating_add(s.min(10 * 365 * 86400) as i64)),
     };
-    m.store().insert_api_key(&row, now).map_err(store_error)?;
+    {
+        let store = m.store();
+        store.insert_api_key(&row, now).map_err(store_error)?;
+        if !limits.is_none() {
+            // No key goes out without the limits it was asked with.
+            if let Err(e) = store.set_key_limits(domain, &row.id, &limits) {
+                let _ = store.revoke_api_key(domain, &row.id);
+                return Err(store_error(e));
+            }
+        }
+    }
     m.publish();
     // The key itself is shown this once; only its digest is kept.
     Ok(Reply::json(
         201,
-        &json!({"id": row.id, "key": key, "name": row.name, "domain_id": domain, "expires_at": row.expires_at}),
+        &json!({"id": row.id, "key": key, "name": row.name, "domain_id": domain, "expires_at": row.expires_at, "limits": limits}),
     ))
 }
 

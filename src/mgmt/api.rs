@@ -39,6 +39,7 @@ pub fn route(m: &Management, req: Request) -> Reply {
         ("PUT", ["domains", id, "backends"]) => super::access::set_backends(m, &req, id),
         ("POST", ["domains", id, "keys"]) => super::access::create_key(m, &req, id),
         ("DELETE", ["domains", id, "keys", key]) => super::access::revoke_key(m, &req, id, key),
+        (_, ["domains", id, rest @ .., "limits"]) => super::limits::route(m, &req, id, rest),
         ("POST", ["keys", "rotate"]) => admin(m, &req).and_then(|_| {
             m.rotate_key(&m.data_dir)
                 .map(|kid| Reply::json(201, &json!({"kid": kid})))

@@ -72,7 +72,7 @@ pub(super) fn domain_admin(m: &Management, req: &Request, domain: &str) -> Resul
         Err(error_reply(
             403,
             "forbidden",
-            "only the domain's admins may change its members",
+            "only the platform admin or an admin of this domain may do this",
         ))
     }
 }

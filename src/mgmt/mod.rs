@@ -11,11 +11,13 @@ pub mod access;
 pub mod answer;
 pub mod api;
 pub mod caller;
+pub mod limits;
 pub mod login;
 pub mod publish;
 pub mod request;
 pub mod server;
 pub mod sqlite;
+pub mod sqlite_limits;
 pub mod store;
 pub mod tokens;
 

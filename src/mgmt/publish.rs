@@ -18,13 +18,14 @@ use crate::auth::directory::{ApiKey, Directory};
 use crate::config::BackendConfig;
 use crate::scope::DomainId;
 use crate::snapshot::{Domain, Snapshot};
+use crate::usage::limits::{ApiLimits, LimitBook};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 impl Management {
     pub fn publish(&self) {
         self.published.replace(|old, generation| {
-            let (directory, api_domains) = match self.read_state() {
+            let (directory, api_domains, api_limits) = match self.read_state() {
                 Ok(state) => state,
                 Err(e) => {
                     tracing::error!("not publishing management changes, the store failed: {e}");
@@ -59,19 +60,22 @@ impl Management {
                 keys: Arc::new(keys),
                 revocation_epoch: old.revocation_epoch + 1,
                 directory: Arc::new(directory),
-                // The management API's limits come with the management state (not yet
-                // kept: the file's limits are all there is until then).
-                limits: old.limits.clone(),
+                // A limit set through the API is in force from the next request.
+                limits: LimitBook {
+                    file: old.limits.file.clone(),
+                    api: Arc::new(api_limits),
+                },
             }
         });
     }
 
-    fn read_state(&self) -> Result<(Directory, Vec<Arc<Domain>>), StoreError> {
+    fn read_state(&self) -> Result<(Directory, Vec<Arc<Domain>>, ApiLimits), StoreError> {
         let store = self.store();
         let memberships = store.memberships()?;
         let users: Vec<User> = store.users()?;
         let keys = store.live_api_keys(unix_now())?;
         let backends = store.api_backends()?;
+        let api_limits = store.api_limits()?;
         drop(store);
 
         let mut directory = Directory::default();
@@ -112,6 +116,6 @@ impl Management {
                 Err(e) => tracing::error!(domain = %id, "stored backends unusable: {e}"),
             }
         }
-        Ok((directory, api_domains))
+        Ok((directory, api_domains, api_limits))
     }
 }

@@ -6,10 +6,12 @@
 //! change runs in a transaction, so an error leaves nothing half-written. The store is
 //! used only from management threads, never from a data-plane worker. Roles are stored by
 //! name (the schema's CHECK constraints list them) and read back as `Role`/`DomainRole`.
+//! Limits set through the API live in `sqlite_limits.rs`.
 
-use super::store::{ApiKeyRow, Domain, Rotation, Storage, StoreError, User};
+use super::store::{ApiKeyRow, Domain, LimitsOf, Rotation, Storage, StoreError, User};
 use crate::auth::claims::Role;
 use crate::auth::directory::DomainRole;
+use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, ToSql};
 use std::path::Path;
@@ -86,6 +88,8 @@ const MIGRATIONS: &[&str] = &[
         backends TEXT NOT NULL
     );
     ALTER TABLE domains ADD COLUMN from_config INTEGER NOT NULL DEFAULT 0;",
+    // 3: limits set through the management API.
+    super::sqlite_limits::MIGRATION,
 ];
 
 pub struct Store {
@@ -392,6 +396,31 @@ impl Storage for Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn set_domain_limits(&self, domain: &str, set: &DomainLimits) -> Result<bool, StoreError> {
+        super::sqlite_limits::set_domain(&self.db, domain, set)
+    }
+
+    fn set_member_limits(
+        &self,
+        domain: &str,
+        user: &str,
+        set: &Limits,
+    ) -> Result<bool, StoreError> {
+        super::sqlite_limits::set_member(&self.db, domain, user, set)
+    }
+
+    fn set_key_limits(&self, domain: &str, key: &str, set: &Limits) -> Result<bool, StoreError> {
+        super::sqlite_limits::set_key(&self.db, domain, key, set)
+    }
+
+    fn clear_limits(&self, of: LimitsOf<'_>) -> Result<bool, StoreError> {
+        super::sqlite_limits::clear(&self.db, of)
+    }
+
+    fn api_limits(&self) -> Result<ApiLimits, StoreError> {
+        super::sqlite_limits::read_all(&self.db)
+    }
+
     fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError> {
         let tx = self.db.transaction()?;
         let n = tx.execute(
@@ -414,16 +443,7 @@ mod tests {
     use super::*;
 
     fn user(id: &str, email: &str) -> User {
-        User {
-            id: id.into(),
-            email: email.into(),
-            password_hash: "h".into(),
-            first_name: String::new(),
-            last_name: String::new(),
-            role: Role::User,
-            disabled: false,
-            created_at: 1,
-        }
+        User::plain(id, email)
     }
 
     #[test]

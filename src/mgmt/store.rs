@@ -3,10 +3,12 @@
 //! The management plane only talks to `dyn Storage`; [`crate::mgmt::sqlite::Store`] is the
 //! embedded implementation. A shared database can implement the same trait later to back
 //! a fleet of boxes. Roles are `auth`'s enums (`Role` on the platform, `DomainRole` in a
-//! domain), never strings.
+//! domain), never strings. Limits set through the API are kept per domain, per member and
+//! per API key ([`LimitsOf`]) and read back whole, as the data plane gets them.
 
 use crate::auth::claims::Role;
 use crate::auth::directory::DomainRole;
+use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
 
 /// A stored API key (never the key itself: only its SHA-256).
 #[derive(Debug, Clone)]
@@ -31,10 +33,38 @@ pub struct User {
     pub created_at: i64,
 }
 
+#[cfg(test)]
+impl User {
+    /// An enabled user with the platform role `user`, for the stores' tests.
+    pub(crate) fn plain(id: &str, email: &str) -> User {
+        User {
+            id: id.into(),
+            email: email.into(),
+            password_hash: "h".into(),
+            first_name: String::new(),
+            last_name: String::new(),
+            role: Role::User,
+            disabled: false,
+            created_at: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Domain {
     pub id: String,
     pub name: String,
+}
+
+/// Whose limit set, among those the management API sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitsOf<'a> {
+    /// A domain's own set and its members' default.
+    Domain(&'a str),
+    /// One member's own set: (domain id, user id).
+    Member(&'a str, &'a str),
+    /// One API key's set: (domain id, key id).
+    Key(&'a str, &'a str),
 }
 
 /// What spending a refresh token did.
@@ -131,6 +161,25 @@ pub trait Storage: Send {
     fn revoke_api_key(&self, domain: &str, id: &str) -> Result<bool, StoreError>;
 
     fn live_api_keys(&self, now: i64) -> Result<Vec<ApiKeyRow>, StoreError>;
+
+    /// Sets a domain's limits (both sets); false when there is no such domain.
+    fn set_domain_limits(&self, domain: &str, set: &DomainLimits) -> Result<bool, StoreError>;
+
+    /// Sets a member's own limits; false when `user` is not a member of `domain`. They go
+    /// with the membership: removing it drops them.
+    fn set_member_limits(&self, domain: &str, user: &str, set: &Limits)
+        -> Result<bool, StoreError>;
+
+    /// Sets an API key's limits; false when `key` is not an unrevoked key of `domain`.
+    /// Revoking the key drops them.
+    fn set_key_limits(&self, domain: &str, key: &str, set: &Limits) -> Result<bool, StoreError>;
+
+    /// Clears one set (the file's or the domain's default applies again); false when none
+    /// was set.
+    fn clear_limits(&self, of: LimitsOf<'_>) -> Result<bool, StoreError>;
+
+    /// Every set the API set, as the data plane gets them (keys: unrevoked ones only).
+    fn api_limits(&self) -> Result<ApiLimits, StoreError>;
 
     /// Disables or enables a user; disabling also revokes every refresh token of theirs.
     fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError>;
