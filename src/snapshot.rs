@@ -351,11 +351,6 @@ impl LocalSnapshot {
     }
 
     /// The snapshot to serve the next request with.
-    /// The newest published generation (may be ahead of `current` until the next call).
-    pub fn published_generation(&self) -> u64 {
-        self.shared.generation()
-    }
-
     pub fn current(&mut self) -> SnapshotRef {
         if self.shared.generation() != self.current.generation {
             self.current = Rc::new(self.shared.load());

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const D: &str = "3f8a1c2e-0000-4000-8000-0000000000bb";
 
@@ -24,21 +24,6 @@ fn chat(addr: std::net::SocketAddr, extra: &str) -> Response {
         &[("Content-Type", "application/json")],
         &chat_body(VLLM_MODEL, false, extra),
     )
-}
-
-/// Waits (at most ~6 s) until the wall clock's minute has more than `need` seconds left,
-/// so a test's requests fall in one window.
-fn same_minute(need: u64) {
-    let left = || {
-        60 - SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            % 60
-    };
-    if left() <= need {
-        std::thread::sleep(Duration::from_secs(left() + 1));
-    }
 }
 
 fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {

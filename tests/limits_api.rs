@@ -435,7 +435,54 @@ fn sets_follow_their_owners_restarts_and_reloads(driver: &str) {
     assert_eq!(after_reload, before);
 }
 
+/// Sets made through the API are enforced on the data plane at once: an API key's (set at
+/// its creation) and a member's own, each named in the 429.
+fn api_sets_are_enforced(driver: &str) {
+    let vllm = sim("vllm", &[]);
+    let gw = gateway(driver, &config(vllm.addr, 0));
+    let admin = admin_token(gw.addr);
+    let chat = |bearer: &str| {
+        post_with(
+            gw.addr,
+            "/proxy/cfg/v1/chat/completions",
+            &[("Authorization", &format!("Bearer {bearer}"))],
+            &chat_body(VLLM_MODEL, false, ""),
+        )
+    };
+    let created = key(
+        &gw,
+        &admin,
+        "cfg",
+        json!({"name": "two a minute", "limits": set(2, 0, 0, 0)}),
+    );
+    let api_key = created["key"].as_str().unwrap();
+    same_minute(5);
+    let statuses: Vec<u16> = (0..3).map(|_| chat(api_key).status).collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let refused = chat(api_key);
+    assert!(
+        refused.text().contains("this API key"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("2"));
+
+    let (id, token) = user(&gw, &admin, "mia", Some(("cfg", "member")));
+    let path = format!("/domains/cfg/members/{id}/limits");
+    expect(&gw, 200, "PUT", &path, &admin, Some(set(1, 0, 0, 0)));
+    same_minute(5);
+    assert_eq!(chat(&token).status, 200);
+    let refused = chat(&token);
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(
+        refused.text().contains("you in this domain"),
+        "{}",
+        refused.text()
+    );
+}
+
 for_each_driver!(
+    api_sets_are_enforced,
     each_kind_is_set_read_and_cleared,
     bad_sets_are_refused_naming_the_field,
     only_admins_set_limits,

@@ -891,3 +891,18 @@ pub fn scripted_backend(
     });
     (addr, seen)
 }
+
+/// Waits (at most ~6 s) until the wall clock's minute has more than `need` seconds left,
+/// so a test's requests fall in one window.
+pub fn same_minute(need: u64) {
+    let left = || {
+        60 - SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            % 60
+    };
+    if left() <= need {
+        std::thread::sleep(Duration::from_secs(left() + 1));
+    }
+}
