@@ -296,7 +296,64 @@ fn claims_become_headers_and_cannot_be_spoofed(driver: &str) {
     assert!(got.contains("X-User-Id: u1\r\n"), "{got}");
 }
 
+/// `auth.mode = "none"` carries a security context: without a token the caller is
+/// anonymous; a token that verifies is that identity upstream and in the access record
+/// (domain checks still off: its domains claim does not list this domain); a token that
+/// does not verify is refused as in production.
+fn development_mode_keeps_a_verified_identity(driver: &str) {
+    let (backend, seen) = scripted_backend(3, None);
+    let secret = "a shared secret of more than thirty-two bytes";
+    let body = format!(
+        "{}\n[[auth.trusted]]\nissuer = \"https://idp.test/\"\nhs_secret_env = \"TEST_HS_SECRET\"\n",
+        domains_config(&[(D, &[("vllm", backend, &["m"])])]).replace(
+            "mode = \"none\"",
+            "mode = \"none\"\nclaim_headers = { \"email\" = \"X-User-Email\" }"
+        )
+    );
+    // One worker: the recording backend serves one connection at a time, which the
+    // worker's pool reuses.
+    let gw = gateway_with_env(
+        driver,
+        "workers = 1",
+        &body,
+        &[("TEST_HS_SECRET", secret), ("CUBEGATE_LOG_FORMAT", "json")],
+    );
+    let path = format!("/proxy/{D}/v1/chat/completions");
+    let send = |auth: Option<&str>, id: &str| {
+        let bearer = auth.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("X-Request-Id", id)];
+        if let Some(b) = &bearer {
+            headers.push(("Authorization", b));
+        }
+        post_with(gw.addr, &path, &headers, r#"{"model":"m"}"#)
+    };
+    assert_eq!(send(None, "dev-anon").status, 200);
+    // An SDK's placeholder key is no credential.
+    assert_eq!(send(Some("unused"), "dev-placeholder").status, 200);
+    let claims = serde_json::json!({"iss": "https://idp.test/", "sub": "dev-user", "exp": unix_in(600), "email": "dev@example.com", "domains": ["elsewhere"]});
+    let token = hs256_token(secret, &claims);
+    let r = send(Some(&token), "dev-token");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let forged = hs256_token("not the secret at all, but just as long", &claims);
+    let refused = send(Some(&forged), "dev-forged");
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert_eq!(refused.error_code(), "invalid_token");
+
+    let seen = seen.lock().unwrap();
+    let anon = String::from_utf8_lossy(&seen[0]).into_owned();
+    let known = String::from_utf8_lossy(&seen[2]).into_owned();
+    assert!(anon.contains("X-User-Id: anonymous\r\n"), "{anon}");
+    assert!(known.contains("X-User-Id: dev-user\r\n"), "{known}");
+    assert!(
+        known.contains("X-User-Email: dev@example.com\r\n"),
+        "{known}"
+    );
+    assert_eq!(access_record(&gw, "dev-token")["user"], "dev-user");
+    assert_eq!(access_record(&gw, "dev-anon")["user"], "anonymous");
+}
+
 for_each_driver!(
+    development_mode_keeps_a_verified_identity,
     claims_become_headers_and_cannot_be_spoofed,
     connection_cap_holds_new_connections_back,
     trickled_body_hits_the_total_deadline,

@@ -180,7 +180,9 @@ fn write_upstream_head(
         out.extend_from_slice(b"\r\nX-User-Id: ");
         out.extend_from_slice(identity.user_id().as_bytes());
         out.extend_from_slice(b"\r\n");
-        if let crate::auth::Identity::Token(claims) = identity {
+        if let crate::auth::Identity::Token(claims) | crate::auth::Identity::DevelopmentAs(claims) =
+            identity
+        {
             for (name, value) in claims.headers() {
                 out.extend_from_slice(name.as_bytes());
                 out.extend_from_slice(b": ");

@@ -896,8 +896,8 @@ pub fn scripted_backend(
 /// so a test's requests fall in one window.
 pub fn same_minute(need: u64) {
     let left = || {
-        60 - SystemTime::now()
-            .duration_since(UNIX_EPOCH)
+        60 - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs()
             % 60
