@@ -114,7 +114,7 @@ fn create_user(m: &Management, req: &Request) -> Answer {
     admin(m, req)?;
     let new: NewUser = body(req)?;
     check_email(&new.email)?;
-    check_password_strength(&new.password)
+    check_password_strength(&new.password, &[&new.email])
         .map_err(|why| error_reply(400, "weak_password", &format!("password: {why}")))?;
     let user = User {
         id: random_id(),

@@ -69,18 +69,48 @@ fn password_matches(hash: &str, password: &str) -> Option<bool> {
     })
 }
 
-pub fn check_password_strength(p: &str) -> Result<(), &'static str> {
-    const WEAK: &[&str] = &[
-        "password", "changeme", "admin", "12345678", "qwerty", "letmein", "secret",
-    ];
-    if p.chars().count() < 12 {
-        return Err("the password must have at least 12 characters");
+/// At least this many characters…
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// … and zxcvbn's top score (more than 10^10 guesses). Its 3 still lets `Summer2026!!`
+/// and `Winter2025!!x` through; 4 is what passphrases of a few words reach.
+const MIN_PASSWORD_SCORE: zxcvbn::Score = zxcvbn::Score::Four;
+/// zxcvbn's work grows with the length; past this many characters a password is estimated
+/// by its start (which alone must already be strong enough).
+const ESTIMATED_CHARS: usize = 100;
+
+/// Whether `p` is strong enough, estimated by zxcvbn (dictionaries of common passwords,
+/// names and words, keyboard patterns, dates, repeats, l33t); `context` are words an
+/// attacker knows (the account's email). A refusal says why, in zxcvbn's words.
+pub fn check_password_strength(p: &str, context: &[&str]) -> Result<(), String> {
+    if p.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(format!(
+            "the password must have at least {MIN_PASSWORD_CHARS} characters"
+        ));
     }
-    let lower = p.to_lowercase();
-    if WEAK.iter().any(|w| lower.contains(w)) || p.chars().all(|c| p.starts_with(c)) {
-        return Err("the password is too easy to guess");
+    let estimated: String = p.chars().take(ESTIMATED_CHARS).collect();
+    let mut words: Vec<&str> = vec!["cubegate"];
+    for c in context {
+        words.push(c);
+        words.extend(c.split(['@', '.', '-', '_', '+']).filter(|w| w.len() > 2));
     }
-    Ok(())
+    let entropy = zxcvbn::zxcvbn(&estimated, &words);
+    if entropy.score() >= MIN_PASSWORD_SCORE {
+        return Ok(());
+    }
+    let mut why = String::from("the password is too easy to guess:");
+    match entropy.feedback() {
+        Some(feedback) => {
+            if let Some(warning) = feedback.warning() {
+                why.push_str(&format!(" {warning}"));
+            }
+            for s in feedback.suggestions() {
+                why.push_str(&format!(" {s}"));
+            }
+        }
+        // zxcvbn gives feedback only to its weakest scores; a near miss gets its advice.
+        None => why.push_str(" Add another word or two. Uncommon words are better."),
+    }
+    Err(why)
 }
 
 /// A refresh token of this box, signature and expiry checked.
@@ -280,4 +310,45 @@ pub(super) fn revoke(m: &Management, req: &Request) -> Answer {
         .map_err(|e| error_reply(401, "invalid_token", &e.to_string()))?;
     m.store().revoke_family_of(&jti).map_err(store_error)?;
     Ok(Reply::empty(204))
+}
+
+#[cfg(test)]
+mod password_tests {
+    use super::check_password_strength;
+
+    #[test]
+    fn strength_is_estimated_not_listed() {
+        for weak in [
+            "Summer2026!!",
+            "Winter2025!!x",
+            "Password123!",
+            "qwertyuiop123",
+            "aaaaaaaaaaaaaa",
+        ] {
+            let why = check_password_strength(weak, &[]).unwrap_err();
+            assert!(
+                why.starts_with("the password is too easy to guess"),
+                "{weak}: {why}"
+            );
+        }
+        // What zxcvbn says is passed on.
+        let why = check_password_strength("Summer2026!!", &[]).unwrap_err();
+        assert!(
+            why.len() > "the password is too easy to guess".len(),
+            "{why}"
+        );
+        assert!(check_password_strength("short", &[])
+            .unwrap_err()
+            .contains("12 characters"));
+        for strong in [
+            "correct horse battery staple",
+            "Zq8#tLp2!vWx9rKm4&bench",
+            "an admin's long passphrase 42",
+        ] {
+            assert_eq!(check_password_strength(strong, &[]), Ok(()), "{strong}");
+        }
+        // A very long password is estimated by its first 100 characters: a repeat.
+        let long = "x7#Kq".repeat(10_000);
+        assert!(check_password_strength(&long, &[]).is_err());
+    }
 }

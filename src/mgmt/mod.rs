@@ -141,7 +141,8 @@ impl Management {
         let password = std::env::var(var).map_err(|_| {
             format!("first start: set the platform admin's password in the environment variable {var} (management.admin_password_env)")
         })?;
-        login::check_password_strength(&password).map_err(|why| format!("{var}: {why}"))?;
+        login::check_password_strength(&password, &[&config.management.admin_email])
+            .map_err(|why| format!("{var}: {why}"))?;
         let user = User {
             id: tokens::random_id(),
             email: config.management.admin_email.clone(),
