@@ -6,10 +6,13 @@
 //! change runs in a transaction, so an error leaves nothing half-written. The store is
 //! used only from management threads, never from a data-plane worker. Roles are stored by
 //! name (the schema's CHECK constraints list them) and read back as `Role`/`DomainRole`.
+//! Usage rows live in `sqlite_usage.rs`.
 
 use super::store::{ApiKeyRow, Domain, Rotation, Storage, StoreError, User};
+use super::store::{UsageQuery, UsageRow};
 use crate::auth::claims::Role;
 use crate::auth::directory::DomainRole;
+use crate::usage::tally::{Tally, UsageKey};
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, ToSql};
 use std::path::Path;
@@ -86,6 +89,8 @@ const MIGRATIONS: &[&str] = &[
         backends TEXT NOT NULL
     );
     ALTER TABLE domains ADD COLUMN from_config INTEGER NOT NULL DEFAULT 0;",
+    // 3: usage per minute per (domain, user, API key, model).
+    super::sqlite_usage::MIGRATION,
 ];
 
 pub struct Store {
@@ -406,6 +411,18 @@ impl Storage for Store {
         }
         tx.commit()?;
         Ok(n > 0)
+    }
+
+    fn record_usage(&mut self, rows: &[(UsageKey, Tally)]) -> Result<(), StoreError> {
+        super::sqlite_usage::record(&mut self.db, rows)
+    }
+
+    fn usage(&self, q: &UsageQuery<'_>) -> Result<Vec<UsageRow>, StoreError> {
+        super::sqlite_usage::query(&self.db, q)
+    }
+
+    fn prune_usage(&self, before_minute: i64) -> Result<u64, StoreError> {
+        super::sqlite_usage::prune(&self.db, before_minute)
     }
 }
 

@@ -103,8 +103,8 @@ async fn run_phases(
     }
 
     let body = read_model(worker, conn, req, domain, route.endpoint).await?;
-    if worker.access_log {
-        req.record.model = body.model().map(str::to_string);
+    if worker.access_log || worker.usage.is_on() {
+        req.record.model = body.model().map(|m| worker.usage.model_name(m));
     }
     let choice = choose_backends(worker, conn.buffer(), req, &route, domain, &body)?;
     req.record.placement = Some(choice.placement);

@@ -1,5 +1,5 @@
 //! What one worker thread owns: its configuration share, token cache, upstream pools,
-//! snapshot handle, buffer pool and counters.
+//! snapshot handle, buffer pool, counters and usage sums.
 //!
 //! Everything here is per thread (`Rc`, `Cell`, `RefCell`): nothing on the request path
 //! takes a lock or writes memory another core reads. Counters are per-worker values that
@@ -69,6 +69,8 @@ pub struct Worker {
     pub splice: bool,
     /// Write an access record per request.
     pub access_log: bool,
+    /// This worker's usage sums since its last flush to the usage writer.
+    pub usage: crate::usage::tally::WorkerUsage,
     /// The worker's reusable pipe for splice (taken while in use).
     pipe: RefCell<Option<SplicePipe>>,
     pub snapshot: RefCell<LocalSnapshot>,
@@ -101,6 +103,8 @@ pub struct WorkerParts {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// How `https://` backends are checked (`None`: no trusted CA could be loaded).
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Where usage sums go (`None`: `[usage] enabled = false`).
+    pub usage: Option<std::sync::mpsc::Sender<crate::usage::tally::Batch>>,
 }
 
 impl Worker {
@@ -113,6 +117,7 @@ impl Worker {
             run_id,
             tls,
             backend_tls,
+            usage,
         } = parts;
         Worker {
             id,
@@ -131,6 +136,7 @@ impl Worker {
             backend_tls,
             splice: config.proxy.splice_bodies,
             access_log: config.proxy.access_log,
+            usage: crate::usage::tally::WorkerUsage::new(usage),
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
             pools: RefCell::new(

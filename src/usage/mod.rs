@@ -7,8 +7,13 @@
 //!   again), Ollama's `prompt_eval_count` / `eval_count`, embeddings' usage.
 //! - [`tally`] adds finished requests up per minute in each worker (plain maps, no lock)
 //!   and hands the sums to the writer in batches.
+//! - [`writer`] is the thread that merges the batches and stores them (one transaction per
+//!   `[usage] flush_ms`, retention), so no worker ever touches the database.
+//! - [`series`] is `/metrics`' tokens by domain and model, summed by the writer.
 
+pub mod series;
 pub mod tally;
+pub mod writer;
 
 /// Tokens one answer used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
