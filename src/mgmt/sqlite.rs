@@ -8,8 +8,7 @@
 //! name (the schema's CHECK constraints list them) and read back as `Role`/`DomainRole`.
 //! Usage rows live in `sqlite_usage.rs`.
 
-use super::store::{ApiKeyRow, Domain, Rotation, Storage, StoreError, User};
-use super::store::{UsageQuery, UsageRow};
+use super::store::{ApiKeyRow, Domain, Rotation, Storage, StoreError, UsageQuery, UsageRow, User};
 use crate::auth::claims::Role;
 use crate::auth::directory::DomainRole;
 use crate::usage::tally::{Tally, UsageKey};

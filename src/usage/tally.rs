@@ -154,7 +154,8 @@ pub struct WorkerUsage {
     sums: RefCell<HashMap<UsageKey, Tally, ahash::RandomState>>,
     /// The minute requests are summed under (refreshed by `tick`).
     minute: Cell<i64>,
-    models: RefCell<HashSet<Rc<str>>>,
+    /// Model names seen, shared by the access records that name them.
+    models: RefCell<HashSet<Rc<str>, ahash::RandomState>>,
 }
 
 impl WorkerUsage {
