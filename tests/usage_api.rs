@@ -2,8 +2,8 @@
 //! admin and with an API key are summed by the workers, stored by the usage writer and read
 //! back through `GET /domains/{id}/usage` and `GET /users/profile/usage` — as JSON and as
 //! CSV, seen by each role as it may see them; bad questions are refused naming the
-//! parameter; a clean stop (SIGTERM) keeps even what was not flushed yet, a kill -9 keeps
-//! what was flushed.
+//! parameter; a clean stop (SIGTERM, or a SIGUSR2 hand-over) keeps even what was not
+//! flushed yet, a kill -9 keeps what was flushed.
 //!
 //! Token counts come from the answer meter (issue 12, part 1); these tests check requests
 //! and errors exactly.
@@ -286,13 +286,7 @@ fn usage_by_role_and_format(driver: &str) {
     // last flush happen before the exit, so a restart sees them at once.
     assert_eq!(chat(&gw, &bob, VLLM_MODEL, false), 200);
     assert_eq!(chat(&gw, &bob, VLLM_MODEL, true), 200);
-    gw.signal("TERM");
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(20)),
-        Some(0),
-        "{}",
-        gw.log()
-    );
+    gw.expect_clean_exit("TERM");
     let path = gw.config_path.clone();
     drop(gw);
     let gw = gateway_from(&path);
@@ -309,6 +303,25 @@ fn usage_by_role_and_format(driver: &str) {
     let after = domain_usage(&gw, &admin, "group_by=user");
     assert_eq!(counts(row(&after, "user_id", &json!(bob_id))), (8, 1));
     assert_eq!(counts(&after["total"]), (11, 1));
+}
+
+/// SIGUSR2: the old process stores its sums before it leaves, the successor (same
+/// address, same store) answers them. The writer's interval is a minute here, so what is
+/// stored was written by the stop.
+fn handover_keeps_usage(driver: &str) {
+    let (_vllm, body) = config();
+    let body = body.replace("flush_ms = 200", "flush_ms = 60000");
+    let mut gw = gateway(driver, &body);
+    let mut reaper = Reaper(None);
+    let admin = admin_token(gw.addr);
+    for stream in [false, true, false] {
+        assert_eq!(chat(&gw, &admin, VLLM_MODEL, stream), 200);
+    }
+    gw.expect_clean_exit("USR2");
+    reaper.0 = successor_pid(&gw.log());
+    assert!(reaper.0.is_some(), "no hand-over:\n{}", gw.log());
+    let answer = domain_usage(&gw, &admin, "");
+    assert_eq!(counts(&answer["total"]), (3, 0), "{answer}");
 }
 
 fn usage_off_stores_nothing(driver: &str) {
@@ -328,4 +341,8 @@ fn usage_off_stores_nothing(driver: &str) {
     );
 }
 
-for_each_driver!(usage_by_role_and_format, usage_off_stores_nothing);
+for_each_driver!(
+    usage_by_role_and_format,
+    handover_keeps_usage,
+    usage_off_stores_nothing
+);
