@@ -4,7 +4,8 @@
 //! uncontended relaxed add on cache lines no other core writes; a scrape reads every
 //! worker's values and adds them up. `GET /metrics` on the management listener serves them
 //! in Prometheus' text format. Process-wide events that happen off the data plane (JWKS
-//! fetches, reloads) use [`GLOBAL`].
+//! fetches, reloads) use [`GLOBAL`]; tokens by domain and model come from the usage
+//! writer's sums (`usage::series`), so the request path pays nothing for them.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -381,6 +382,16 @@ fn render_labelled(out: &mut String, registry: &Registry) {
     }
     let n: u64 = registry.iter().map(|w| w.api_key_checks.get()).sum();
     let _ = writeln!(out, "# HELP cubegate_api_key_checks_total API keys looked up (cache misses).\n# TYPE cubegate_api_key_checks_total counter\ncubegate_api_key_checks_total {n}");
+    let _ = writeln!(out, "# HELP cubegate_tokens_total Tokens of answers by domain, model (\"{}\" past a domain's bound) and kind, as stored for usage (trails the answers by about a second).\n# TYPE cubegate_tokens_total counter", crate::usage::series::OTHER);
+    crate::usage::series::each(|domain, model, prompt, completion| {
+        let (domain, model) = (label_value(domain), label_value(model));
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            let _ = writeln!(
+                out,
+                "cubegate_tokens_total{{domain=\"{domain}\",model=\"{model}\",kind=\"{kind}\"}} {n}"
+            );
+        }
+    });
 }
 
 /// Prometheus label values escape backslash, quote and newline.

@@ -24,30 +24,6 @@ fn chat_path() -> String {
     format!("/proxy/{DOMAIN}/v1/chat/completions")
 }
 
-/// Kills a process this test started indirectly (a hand-over's successor) when dropped.
-struct Reaper(Option<u32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-fn successor_pid(log: &str) -> Option<u32> {
-    log.lines()
-        .find(|l| l.contains("hand-over complete"))?
-        .split("successor=")
-        .nth(1)?
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// One short chat on a new connection: `Err` says what went wrong.
 fn one_request(addr: SocketAddr) -> Result<(), String> {
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;

@@ -102,6 +102,7 @@ fn response_head(c: &mut Criterion) {
                 ClientFraming::Chunked,
                 b"0123abcd-00-0000000001",
                 true,
+                b"",
             );
             black_box(&out);
         })

@@ -9,9 +9,11 @@
 mod checks;
 pub mod fleet;
 mod limits;
+mod usage;
 
 pub use fleet::{HealthConfig, Routing};
 pub use limits::{Limits, Timeouts};
+pub use usage::UsageConfig;
 
 use checks::{check_range, parse_listen, validate_models, validate_trusted};
 pub use checks::{is_valid_model_name, parse_backend_url, validate_domain_id};
@@ -38,6 +40,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub usage: UsageConfig,
     #[serde(default)]
     pub domains: Vec<DomainConfig>,
 }
@@ -326,6 +330,7 @@ impl Config {
         check_range("timeouts.drain_s", t.drain_s, 0, 86_400)?;
         check_range("timeouts.queue_s", t.queue_s, 0, 86_400)?;
         self.health.validate()?;
+        self.usage.validate()?;
         check_range(
             "auth.token_cache_entries",
             self.auth.token_cache_entries as u64,
@@ -400,6 +405,8 @@ mod tests {
             ("[proxy]\nlisten = \"nope\"\n", "proxy.listen"),
             ("[limits]\nmax_headers = 100000\n", "limits.max_headers"),
             ("[timeouts]\nfirst_byte_s = 0\n", "timeouts.first_byte_s"),
+            ("[usage]\nflush_ms = 50\n", "usage.flush_ms"),
+            ("[usage]\nretention_days = 0\n", "usage.retention_days"),
             (
                 "[[domains]]\nid = \"a b\"\n[[domains.backends]]\nkind=\"vllm\"\nurl=\"http://127.0.0.1:1\"\nmodels=[\"m\"]\n",
                 "domains[0].id",

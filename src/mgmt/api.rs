@@ -3,8 +3,9 @@
 //!
 //! Bodies are parsed strictly (`deny_unknown_fields`: a typo is a 400 naming it, not a
 //! silently ignored field). Token endpoints live in `login`, keys/backends/disabling in
-//! `access`, who is calling in `caller`, the answers' shapes in `answer`; this module
-//! routes and holds users, domains, memberships and the fleet's `GET /backends`.
+//! `access`, usage in `usage`, who is calling in `caller`, the answers' shapes in
+//! `answer`; this module routes and holds users, domains, memberships and the fleet's
+//! `GET /backends`.
 
 use super::answer::{body, store_error, user_json, Answer};
 use super::caller::{admin, caller, domain_admin};
@@ -29,9 +30,11 @@ pub fn route(m: &Management, req: Request) -> Reply {
         ("POST", ["users"]) => create_user(m, &req),
         ("GET", ["users"]) => list_users(m, &req),
         ("GET", ["users", "profile"]) => caller(m, &req).map(|u| Reply::json(200, &user_json(&u))),
+        ("GET", ["users", "profile", "usage"]) => super::usage::profile_usage(m, &req),
         ("POST", ["domains"]) => create_domain(m, &req),
         ("GET", ["domains"]) => list_domains(m, &req),
         ("GET", ["domains", id]) => get_domain(m, &req, id),
+        ("GET", ["domains", id, "usage"]) => super::usage::domain_usage(m, &req, id),
         ("PUT", ["domains", id, "members", user]) => set_member(m, &req, id, user),
         ("DELETE", ["domains", id, "members", user]) => remove_member(m, &req, id, user),
         ("POST", ["users", id, "disable"]) => super::access::set_disabled(m, &req, id, true),

@@ -5,7 +5,8 @@
 //! publishes what the data plane needs — its public keys, the memberships, the disabled
 //! users and a new revocation epoch — as a new snapshot. Workers pick it up before their
 //! next request and empty their token caches on the epoch change, so a revoked membership
-//! or a disabled user stops working within one request, cached tokens included.
+//! or a disabled user stops working within one request, cached tokens included. Usage is
+//! read back by [`usage`] from rows the usage writer (`crate::usage::writer`) stores.
 
 pub mod access;
 pub mod answer;
@@ -18,8 +19,11 @@ pub mod request;
 pub mod server;
 pub mod sqlite;
 pub mod sqlite_limits;
+pub mod sqlite_usage;
 pub mod store;
 pub mod tokens;
+pub mod usage;
+pub mod usage_query;
 
 use crate::auth::claims::{ClaimRules, Role};
 use crate::config::Config;
@@ -75,17 +79,10 @@ pub fn start(
     inherited: Option<std::net::TcpListener>,
 ) -> Result<(Arc<Management>, std::net::SocketAddr), String> {
     let m = &config.management;
-    std::fs::create_dir_all(&m.data_dir).map_err(|e| {
-        format!(
-            "management.data_dir: cannot create {}: {e}",
-            m.data_dir.display()
-        )
-    })?;
-    let store = Store::open(&m.data_dir.join("cubegate.db"))
-        .map_err(|e| format!("management.data_dir: cannot open the store: {e}"))?;
+    let store = open_store(config)?;
     let keys = tokens::load_or_create_keys(&m.data_dir)?;
     let mgmt = Arc::new(Management {
-        store: Mutex::new(Box::new(store)),
+        store: Mutex::new(store),
         data_dir: m.data_dir.clone(),
         registry,
         keys: std::sync::RwLock::new(keys),
@@ -126,6 +123,17 @@ pub fn start(
     let _ = mgmt.listener.set(listener_copy);
     tracing::info!(listen = %addr, keys = mgmt.keys().len(), "management API listening");
     Ok((mgmt, addr))
+}
+
+/// Opens the store under `management.data_dir` (creating the directory, applying
+/// migrations). The management plane holds one; the usage writer opens its own.
+pub fn open_store(config: &Config) -> Result<Box<dyn Storage>, String> {
+    let dir = &config.management.data_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("management.data_dir: cannot create {}: {e}", dir.display()))?;
+    let store = Store::open(&dir.join("cubegate.db"))
+        .map_err(|e| format!("management.data_dir: cannot open the store: {e}"))?;
+    Ok(Box::new(store))
 }
 
 impl Management {

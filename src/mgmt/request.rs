@@ -32,7 +32,11 @@ pub struct Request {
     pub method: String,
     /// Path without the query.
     pub path: String,
+    /// The query, without the `?` ("" when none).
+    pub query: String,
     pub authorization: Option<String>,
+    /// What the client accepts (the usage API answers CSV to `text/csv`).
+    pub accept: Option<String>,
     pub body: Vec<u8>,
     /// The client: the last `X-Forwarded-For` hop when the request came through the data
     /// plane on loopback, else the peer.
@@ -78,9 +82,16 @@ pub fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, Ref
     let mut head = RequestHead::default();
     read_head(stream, &mut buf, &mut head, deadline)?;
     let target = head.target_str(&buf)?;
-    let path = target.split('?').next().unwrap_or("/").to_string();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_string(), query.to_string());
     let text = |span: Option<Span>| span.map(|s| String::from_utf8_lossy(s.of(&buf)).into_owned());
     let authorization = text(head.authorization);
+    let accept = head
+        .headers
+        .iter()
+        .find(|(name, _)| name.of(&buf).eq_ignore_ascii_case(b"accept"))
+        .map(|(_, value)| *value);
+    let accept = text(accept);
     let client = match text(head.forwarded_for) {
         Some(xff) if peer.is_loopback() => xff
             .rsplit(',')
@@ -98,7 +109,9 @@ pub fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, Ref
     Ok(Request {
         method: head.method.as_str().to_string(),
         path,
+        query,
         authorization,
+        accept,
         body,
         client,
     })
@@ -233,10 +246,12 @@ mod tests {
 
     #[test]
     fn reads_a_request_and_its_client() {
-        let raw = b"POST /users/tokens/issue?x=1 HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer t\r\nX-Forwarded-For: 10.0.0.1, 10.0.0.2\r\nContent-Length: 2\r\n\r\n{}";
+        let raw = b"POST /users/tokens/issue?x=1 HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer t\r\nAccept: text/csv\r\nX-Forwarded-For: 10.0.0.1, 10.0.0.2\r\nContent-Length: 2\r\n\r\n{}";
         let req = read(raw).unwrap();
         assert_eq!(req.method, "POST");
         assert_eq!(req.path, "/users/tokens/issue");
+        assert_eq!(req.query, "x=1");
+        assert_eq!(req.accept.as_deref(), Some("text/csv"));
         assert_eq!(req.authorization.as_deref(), Some("Bearer t"));
         assert_eq!(req.body, b"{}");
         assert_eq!(req.client, IpAddr::from([10, 0, 0, 2]));

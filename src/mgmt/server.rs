@@ -163,7 +163,8 @@ fn write_reply(stream: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
         crate::http::response::reason_phrase(reply.status),
         reply.body.len()
     );
-    if !reply.body.is_empty() {
+    let typed = reply.headers.iter().any(|(n, _)| *n == "Content-Type");
+    if !reply.body.is_empty() && !typed {
         out.push_str("Content-Type: application/json\r\n");
     }
     for (n, v) in &reply.headers {

@@ -6,12 +6,15 @@
 //! change runs in a transaction, so an error leaves nothing half-written. The store is
 //! used only from management threads, never from a data-plane worker. Roles are stored by
 //! name (the schema's CHECK constraints list them) and read back as `Role`/`DomainRole`.
-//! Limits set through the API live in `sqlite_limits.rs`.
+//! Limits set through the API live in `sqlite_limits.rs`, usage rows in `sqlite_usage.rs`.
 
-use super::store::{ApiKeyRow, Domain, LimitsOf, Rotation, Storage, StoreError, User};
+use super::store::{
+    ApiKeyRow, Domain, LimitsOf, Rotation, Storage, StoreError, UsageQuery, UsageRow, User,
+};
 use crate::auth::claims::Role;
 use crate::auth::directory::DomainRole;
 use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
+use crate::usage::tally::{Tally, UsageKey};
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, ToSql};
 use std::path::Path;
@@ -90,6 +93,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE domains ADD COLUMN from_config INTEGER NOT NULL DEFAULT 0;",
     // 3: limits set through the management API.
     super::sqlite_limits::MIGRATION,
+    // 4: usage per minute per (domain, user, API key, model).
+    super::sqlite_usage::MIGRATION,
 ];
 
 pub struct Store {
@@ -435,6 +440,18 @@ impl Storage for Store {
         }
         tx.commit()?;
         Ok(n > 0)
+    }
+
+    fn record_usage(&mut self, rows: &[(UsageKey, Tally)]) -> Result<(), StoreError> {
+        super::sqlite_usage::record(&mut self.db, rows)
+    }
+
+    fn usage(&self, q: &UsageQuery<'_>) -> Result<Vec<UsageRow>, StoreError> {
+        super::sqlite_usage::query(&self.db, q)
+    }
+
+    fn prune_usage(&self, before_minute: i64) -> Result<u64, StoreError> {
+        super::sqlite_usage::prune(&self.db, before_minute)
     }
 }
 

@@ -4,11 +4,14 @@
 //! embedded implementation. A shared database can implement the same trait later to back
 //! a fleet of boxes. Roles are `auth`'s enums (`Role` on the platform, `DomainRole` in a
 //! domain), never strings. Limits set through the API are kept per domain, per member and
-//! per API key ([`LimitsOf`]) and read back whole, as the data plane gets them.
+//! per API key ([`LimitsOf`]) and read back whole, as the data plane gets them. Usage sums
+//! go in through the same trait (the usage writer holds a store of its own) and come out
+//! grouped as the usage API asks ([`UsageQuery`]).
 
 use crate::auth::claims::Role;
 use crate::auth::directory::DomainRole;
 use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
+use crate::usage::tally::{Tally, UsageKey};
 
 /// A stored API key (never the key itself: only its SHA-256).
 #[derive(Debug, Clone)]
@@ -65,6 +68,69 @@ pub enum LimitsOf<'a> {
     Member(&'a str, &'a str),
     /// One API key's set: (domain id, key id).
     Key(&'a str, &'a str),
+}
+
+/// What usage rows are summed by in an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGroup {
+    Domain,
+    User,
+    Key,
+    Model,
+    Hour,
+    Day,
+}
+
+impl UsageGroup {
+    pub const ALL: [UsageGroup; 6] = [
+        UsageGroup::Domain,
+        UsageGroup::User,
+        UsageGroup::Key,
+        UsageGroup::Model,
+        UsageGroup::Hour,
+        UsageGroup::Day,
+    ];
+
+    /// The `group_by` value that asks for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageGroup::Domain => "domain",
+            UsageGroup::User => "user",
+            UsageGroup::Key => "key",
+            UsageGroup::Model => "model",
+            UsageGroup::Hour => "hour",
+            UsageGroup::Day => "day",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<UsageGroup> {
+        UsageGroup::ALL.into_iter().find(|g| g.as_str() == s)
+    }
+}
+
+/// Usage between two minutes (`from` inclusive, `to` exclusive), of one domain and/or one
+/// user when set, summed by `group`.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageQuery<'a> {
+    pub from_minute: i64,
+    pub to_minute: i64,
+    pub domain: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub group: UsageGroup,
+}
+
+/// One group's sums: a name (domain, user, key — "" for none — or model), or the unix
+/// second an hour or a day starts at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsageGroupValue {
+    Name(String),
+    Start(i64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub group: UsageGroupValue,
+    pub sums: Tally,
 }
 
 /// What spending a refresh token did.
@@ -183,4 +249,13 @@ pub trait Storage: Send {
 
     /// Disables or enables a user; disabling also revokes every refresh token of theirs.
     fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError>;
+
+    /// Adds each row's sums to what is stored for its key, all rows in one transaction.
+    fn record_usage(&mut self, rows: &[(UsageKey, Tally)]) -> Result<(), StoreError>;
+
+    /// Stored usage as `q` asks, ordered by group.
+    fn usage(&self, q: &UsageQuery<'_>) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// Deletes the usage of minutes before `before_minute`; returns how many rows went.
+    fn prune_usage(&self, before_minute: i64) -> Result<u64, StoreError>;
 }

@@ -1,14 +1,21 @@
 //! Phase `log`: what a finished request leaves behind — the worker's counters and
-//! histograms, and (when `proxy.access_log` is on) one JSON access record.
+//! histograms, its usage sum (`[usage]`), and (when `proxy.access_log` is on) one JSON
+//! access record.
 //!
 //! Counters are the worker's own (summed at scrape time), so recording is a few
-//! non-atomic adds. The record names the user by id and the API key by its id; never a
-//! token, a password, a prompt or the query string. It carries the answer's tokens and
-//! where they come from (`usage`: `reported` by the host, `counted` by the gateway).
+//! non-atomic adds; the usage sum is a lookup in the worker's own map that allocates only
+//! for a new (minute, domain, user, key, model). A request counts as usage once it was
+//! authorized for its domain: refusals before that (unknown domain, 401, 403) are not the
+//! domain's usage; everything after (unknown model, bad body, full queue, backend errors)
+//! is a request and an error. The access record names the user by id and the API key by
+//! its id; never a token, a password, a prompt or the query string. It carries the
+//! answer's tokens and where they come from (`usage`: `reported` by the host, `counted`
+//! by the gateway).
 
 use super::request::Request;
 use super::worker::Worker;
 use crate::http::head::Span;
+use crate::usage::tally::Tally;
 use std::net::SocketAddr;
 
 /// Phase `log`.
@@ -26,10 +33,20 @@ pub fn log(worker: &Worker, buf: &[u8], peer: SocketAddr, req: &mut Request) {
     }
     let duration = req.started.elapsed();
     m.duration.observe(duration);
+    let text = |s: Span| std::str::from_utf8(s.of(buf)).unwrap_or("");
+    // Usage: every request authorized for a domain (the identity is set only then).
+    if let (Some(domain), Some(identity)) = (record.domain, req.identity.as_ref()) {
+        worker.usage.record(
+            text(domain),
+            identity.user_id(),
+            identity.api_key_id(),
+            record.model.as_deref().unwrap_or(""),
+            &Tally::of_request(record.status, record.usage),
+        );
+    }
     if !worker.access_log {
         return;
     }
-    let text = |s: Span| std::str::from_utf8(s.of(buf)).unwrap_or("");
     let target = text(req.head.target);
     let path = target.split('?').next().unwrap_or("");
     let identity = req.identity.as_ref();

@@ -119,7 +119,8 @@ pub struct AccessRecord {
     pub first_byte: Option<Duration>,
     /// The backend chosen (the last one tried).
     pub backend: Option<SocketAddr>,
-    pub model: Option<String>,
+    /// The model the body named (shared with the worker's earlier records of it).
+    pub model: Option<std::rc::Rc<str>>,
     pub domain: Option<Span>,
     /// (metrics slot of the domain, route kind) of a proxied request.
     pub route: Option<(u16, usize)>,

@@ -106,10 +106,10 @@ async fn run_phases(
     }
 
     let body = read_model(worker, conn, req, domain, route.endpoint).await?;
-    req.admission = admit(worker, req, domain, &snapshot.limits, &body)?;
-    if worker.access_log {
-        req.record.model = body.model().map(str::to_string);
+    if worker.access_log || worker.usage.is_on() {
+        req.record.model = body.model().map(|m| worker.usage.model_name(m));
     }
+    req.admission = admit(worker, req, domain, &snapshot.limits, &body)?;
     let choice = choose_backends(worker, conn.buffer(), req, &route, domain, &body)?;
     req.record.placement = Some(choice.placement);
     let metering = metering(worker, req, &route, &body);

@@ -1,5 +1,5 @@
 //! What one worker thread owns: its configuration share, token cache, upstream pools,
-//! snapshot handle, buffer pool and counters.
+//! snapshot handle, buffer pool, counters and usage sums.
 //!
 //! Everything here is per thread (`Rc`, `Cell`, `RefCell`): nothing on the request path
 //! takes a lock or writes memory another core reads. Counters are per-worker values that
@@ -69,8 +69,12 @@ pub struct Worker {
     pub splice: bool,
     /// Write an access record per request.
     pub access_log: bool,
-    /// Count every answer's tokens ([`crate::usage`]).
+    /// Count every answer's tokens ([`crate::usage`]). Always on: token limits and the
+    /// access record need the counts; `[usage] enabled` only decides whether they are
+    /// stored.
     pub meter_usage: bool,
+    /// This worker's usage sums since its last flush to the usage writer.
+    pub usage: crate::usage::tally::WorkerUsage,
     /// The worker's reusable pipe for splice (taken while in use).
     pipe: RefCell<Option<SplicePipe>>,
     pub snapshot: RefCell<LocalSnapshot>,
@@ -106,6 +110,8 @@ pub struct WorkerParts {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// How `https://` backends are checked (`None`: no trusted CA could be loaded).
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Where usage sums go (`None`: `[usage] enabled = false`).
+    pub usage: Option<std::sync::mpsc::Sender<crate::usage::tally::Batch>>,
 }
 
 impl Worker {
@@ -118,6 +124,7 @@ impl Worker {
             run_id,
             tls,
             backend_tls,
+            usage,
         } = parts;
         Worker {
             id,
@@ -137,6 +144,7 @@ impl Worker {
             splice: config.proxy.splice_bodies,
             access_log: config.proxy.access_log,
             meter_usage: true,
+            usage: crate::usage::tally::WorkerUsage::new(usage),
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
             pools: RefCell::new(

@@ -22,6 +22,7 @@ use crate::notify::{Heartbeats, Notifier};
 use crate::proxy::serve::serve_connection;
 use crate::proxy::worker::{OpenConnection, Worker, WorkerParts};
 use crate::snapshot::{Published, Snapshot};
+use crate::usage::writer::UsageWriter;
 use monoio::net::TcpListener;
 use std::fs::File;
 use std::net::SocketAddr;
@@ -116,6 +117,7 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
         inherited_management,
     )
     .map_err(StartupError::config)?;
+    let usage = start_usage_writer(config, &published)?;
     let jwks_refresh = start_jwks_fetcher(&published)?;
     crate::fleet::health::start(crate::fleet::health::HealthSettings {
         interval: config.health.interval(),
@@ -138,6 +140,7 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
         run_id: run_id(),
         tls,
         backend_tls,
+        usage: usage.as_ref().map(UsageWriter::sender),
     };
     let running = start_workers(config, driver, &parts, listeners)?;
     wait_until_workers_listen(&running.heartbeats);
@@ -163,6 +166,10 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
     };
     let code = handle_signals(signals, &state, &running.remaining, &watch);
     running.join();
+    // Every worker has sent its last usage batch: the writer stores them before the exit.
+    if let Some(writer) = usage {
+        writer.finish();
+    }
     Ok(code)
 }
 
@@ -236,6 +243,20 @@ fn warn_if_unauthenticated(config: &Config) {
             config.proxy.listen
         );
     }
+}
+
+/// The usage writer (`[usage] enabled`), on a store handle of its own.
+fn start_usage_writer(
+    config: &Config,
+    published: &Arc<Published>,
+) -> Result<Option<UsageWriter>, StartupError> {
+    if !config.usage.enabled {
+        return Ok(None);
+    }
+    let store = crate::mgmt::open_store(config).map_err(StartupError::config)?;
+    crate::usage::writer::start(store, &config.usage, published.clone())
+        .map(Some)
+        .map_err(|e| StartupError::system(format!("cannot start the usage writer: {e}")))
 }
 
 /// The thread that fetches trusted issuers' JWKS; the handle asks it for an early refresh.
@@ -387,15 +408,23 @@ async fn worker_main(
     heartbeats.beat(worker.id);
     heartbeats.listening();
     // The drain flag is set by another thread; look at it a few times a second. The same
-    // task stamps this worker's heartbeat: it runs only while the event loop does.
+    // task stamps this worker's heartbeat (it runs only while the event loop does) and,
+    // draining or not, moves the usage minute on and sends the usage sums once a second.
     monoio::spawn({
         let worker = worker.clone();
         async move {
-            while !DRAIN.load(Ordering::Relaxed) {
-                heartbeats.beat(worker.id);
+            for tick in 1u64.. {
+                if DRAIN.load(Ordering::Relaxed) {
+                    worker.start_drain();
+                } else {
+                    heartbeats.beat(worker.id);
+                }
+                worker.usage.tick();
+                if tick % 10 == 0 {
+                    worker.usage.flush();
+                }
                 monoio::time::sleep(Duration::from_millis(100)).await;
             }
-            worker.start_drain();
         }
     });
     // Limit counters of scopes no longer in use are let go once a minute.
@@ -426,6 +455,8 @@ async fn worker_main(
             "drain deadline reached; closing the remaining connections"
         );
     }
+    // The last usage batch: the writer stores it before the process exits.
+    worker.usage.flush();
     Ok(())
 }
 

@@ -7,14 +7,22 @@
 //!   again), Ollama's `prompt_eval_count` / `eval_count`, embeddings' usage.
 //! - [`tally`] adds finished requests up per minute in each worker (plain maps, no lock)
 //!   and hands the sums to the writer in batches.
+//! - [`writer`] is the thread that merges the batches and stores them (one transaction per
+//!   `[usage] flush_ms`, retention), so no worker ever touches the database.
+//! - [`series`] is `/metrics`' tokens by domain and model, summed by the writer.
+//! - [`strip`] takes the usage event the gateway asked for back out of a stream.
+//! - [`limits`] are the limit sets, [`limiter`] their counters shared by the workers,
+//!   [`admission`] the check of one request against them, [`metrics`] its refusals.
 
 pub mod admission;
 pub mod limiter;
 pub mod limits;
 pub mod meter;
 pub mod metrics;
+pub mod series;
 pub mod strip;
 pub mod tally;
+pub mod writer;
 
 /// Tokens one answer used.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

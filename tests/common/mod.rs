@@ -54,6 +54,13 @@ impl Proc {
         assert!(status.success());
     }
 
+    /// Sends `sig` and expects the process to exit 0 within 20 s (failing with its log).
+    pub fn expect_clean_exit(&mut self, sig: &str) {
+        self.signal(sig);
+        let code = self.wait_exit(Duration::from_secs(20));
+        assert_eq!(code, Some(0), "after SIG{sig}:\n{}", self.log());
+    }
+
     /// Waits (bounded) for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let deadline = Instant::now() + limit;
@@ -905,4 +912,29 @@ pub fn same_minute(need: u64) {
     if left() <= need {
         std::thread::sleep(Duration::from_secs(left() + 1));
     }
+}
+
+/// Kills a process this test started indirectly (a hand-over's successor) when dropped.
+pub struct Reaper(pub Option<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// The pid of a hand-over's successor, from the old process's log.
+pub fn successor_pid(log: &str) -> Option<u32> {
+    log.lines()
+        .find(|l| l.contains("hand-over complete"))?
+        .split("successor=")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
