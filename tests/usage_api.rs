@@ -134,7 +134,7 @@ fn csv_records(text: &str) -> Vec<Vec<String>> {
 }
 
 fn usage_by_role_and_format(driver: &str) {
-    let (_vllm, body) = config();
+    let (vllm, body) = config();
     let mut gw = gateway(driver, &body);
     let admin = admin_token(gw.addr);
     let (alice_id, alice) = user(&gw, &admin, "alice@usage.test");
@@ -187,6 +187,27 @@ fn usage_by_role_and_format(driver: &str) {
         let (p, c) = (r["prompt_tokens"].as_u64(), r["completion_tokens"].as_u64());
         assert_eq!(r["total_tokens"].as_u64(), Some(p.unwrap() + c.unwrap()));
     }
+    // Tokens: seven answers (two of them streams the gateway asked usage of), each what
+    // the host reports for this prompt, asked directly.
+    let direct: Value = post(
+        vllm.addr,
+        "/v1/chat/completions",
+        &chat_body(VLLM_MODEL, false, ""),
+    )
+    .json();
+    let served = row(&by_model, "model", &json!(VLLM_MODEL));
+    assert_eq!(
+        (
+            served["prompt_tokens"].as_u64(),
+            served["completion_tokens"].as_u64()
+        ),
+        (
+            Some(7 * direct["usage"]["prompt_tokens"].as_u64().unwrap()),
+            Some(7 * direct["usage"]["completion_tokens"].as_u64().unwrap())
+        ),
+        "{by_model}"
+    );
+    assert_eq!(row(&by_model, "model", &json!(UNSERVED))["total_tokens"], 0);
     let by_hour = domain_usage(&gw, &admin, "group_by=hour");
     assert_eq!(counts(&by_hour["total"]), (8, 1));
     let hour = by_hour["rows"][0]["hour"].as_str().unwrap();
