@@ -335,6 +335,16 @@ fn measure(
     l.rate = Some(stream_rate);
     l.connections = 64;
     let stream = load::run(&l)?;
+    // A system that answered nothing in a measurement is failed, with what it answered
+    // instead: its figures would only measure how fast it refuses.
+    for (what, s) in [
+        ("closed-loop", &closed),
+        ("open-loop", &open),
+        ("single-connection", &single),
+        ("streaming", &stream),
+    ] {
+        answered(what, s)?;
+    }
     let rss = pid.and_then(measure::peak_rss_kib);
     let closed = Phase::of(&closed, cpu_closed);
     let open = Phase::of(
@@ -358,6 +368,26 @@ fn measure(
         peak_rss_kib: rss,
         ..SystemResult::default()
     })
+}
+
+/// `Err` naming what came back instead when no request of a measurement was answered.
+fn answered(what: &str, s: &load::report::Summary) -> Result<(), String> {
+    if s.ok > 0 {
+        return Ok(());
+    }
+    let mut seen: Vec<String> = s
+        .statuses
+        .iter()
+        .map(|(status, n)| format!("{n} × HTTP {status}"))
+        .collect();
+    seen.extend(s.errors.iter().map(|(e, n)| format!("{n} × {e}")));
+    if seen.is_empty() {
+        seen.push("nothing came back".into());
+    }
+    Err(format!(
+        "no request of the {what} measurement was answered ({})",
+        seen.join(", ")
+    ))
 }
 
 /// The machine the run is on (CPUs, model, kernel) and how compare placed its processes.

@@ -376,3 +376,28 @@ fn repeated_rounds_keep_the_median() {
         "failed: x"
     );
 }
+
+/// A measurement in which nothing was answered fails with what came back instead, never
+/// passes as figures (LiteLLM once showed "ok" with 0 answers and 1,833 errors).
+#[test]
+fn a_system_that_answers_nothing_is_failed_with_the_reason() {
+    // A port nothing listens on: every request is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/v1/chat/completions",
+        closed.local_addr().unwrap()
+    );
+    drop(closed);
+    let ep = Endpoint {
+        url,
+        model: "m".into(),
+        cacert: None,
+    };
+    let mut a = load_args(&ep, None, LoadKind::Chat, 4);
+    a.requests = Some(3);
+    a.duration = Some(2.0);
+    let s = load::run(&a).expect("the load generator itself runs");
+    assert_eq!(s.ok, 0);
+    let why = answered("closed-loop", &s).unwrap_err();
+    assert!(why.contains("closed-loop") && why.contains('×'), "{why}");
+}
