@@ -52,7 +52,7 @@ pub async fn read_model(
         let prompt = matches!(endpoint, Endpoint::Chat | Endpoint::Completions);
         Until::Model {
             endpoint,
-            keep: if domain.backends.len() > 1 || (worker.meter_usage && prompt) {
+            keep: if domain.backends.len() > 1 || prompt {
                 REPLAY_LIMIT
             } else {
                 0

@@ -112,7 +112,7 @@ async fn run_phases(
     req.admission = admit(worker, req, domain, &snapshot.limits, &body)?;
     let choice = choose_backends(worker, conn.buffer(), req, &route, domain, &body)?;
     req.record.placement = Some(choice.placement);
-    let metering = metering(worker, req, &route, &body);
+    let metering = metering(req, &route, &body);
     let mut fwd = ForwardRequest {
         domain,
         upstream_target: route.upstream_target,
@@ -124,12 +124,11 @@ async fn run_phases(
     forward(worker, conn, req, &mut fwd, &choice.order).await
 }
 
-/// How this request's answer is metered: a streamed OpenAI chat or completion whose whole
-/// body is at hand and that did not ask for usage itself is asked for it.
-fn metering(worker: &Worker, req: &Request, route: &ProxyRoute, body: &ModelRead) -> Metering {
-    if !worker.meter_usage {
-        return Metering::Off;
-    }
+/// How this request's answer is metered: always (token limits and the access record need
+/// the counts; `[usage] enabled` only decides whether they are stored), and a streamed
+/// OpenAI chat or completion whose whole body is at hand and that did not ask for usage
+/// itself is asked for it.
+fn metering(req: &Request, route: &ProxyRoute, body: &ModelRead) -> Metering {
     let prompt = matches!(route.endpoint, Endpoint::Chat | Endpoint::Completions);
     let whole = body.tracker.is_none() && matches!(req.head.framing, BodyFraming::Length(_));
     match &body.scanner {

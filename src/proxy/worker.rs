@@ -69,10 +69,6 @@ pub struct Worker {
     pub splice: bool,
     /// Write an access record per request.
     pub access_log: bool,
-    /// Count every answer's tokens ([`crate::usage`]). Always on: token limits and the
-    /// access record need the counts; `[usage] enabled` only decides whether they are
-    /// stored.
-    pub meter_usage: bool,
     /// This worker's usage sums since its last flush to the usage writer.
     pub usage: crate::usage::tally::WorkerUsage,
     /// The worker's reusable pipe for splice (taken while in use).
@@ -143,7 +139,6 @@ impl Worker {
             backend_tls,
             splice: config.proxy.splice_bodies,
             access_log: config.proxy.access_log,
-            meter_usage: true,
             usage: crate::usage::tally::WorkerUsage::new(usage),
             pipe: RefCell::new(None),
             snapshot: RefCell::new(LocalSnapshot::new(published)),
