@@ -56,7 +56,7 @@ fn check_head(buf: &[u8], h: &ResponseHead, max: usize, is_head: bool) {
     for client_minor in [0, 1] {
         let framing = client_framing(h.framing, client_minor);
         let mut out = Vec::new();
-        write_client_head(&mut out, buf, h, framing, b"fuzz-id", true);
+        write_client_head(&mut out, buf, h, framing, b"fuzz-id", true, b"");
         let back = parse_response_head(&out, out.len(), is_head);
         let text = String::from_utf8_lossy(&out);
         let back = back.unwrap_or_else(|e| panic!("{e}: {text:?}"));
