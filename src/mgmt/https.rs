@@ -1,0 +1,142 @@
+//! HTTPS on the management listener: a rustls server session over a blocking socket.
+//!
+//! Passwords and tokens cross this listener, so with `[management] tls_cert`/`tls_key` set
+//! it speaks only TLS (1.2 and 1.3, ALPN `http/1.1`, the certificate from a
+//! [`crate::tls::CertStore`] that SIGHUP reloads). The management threads are few, so
+//! every wait is bounded as on the plain path: the handshake must end within
+//! `timeouts.header_read` (as on the public port), and each read of the request steps
+//! rustls by hand — one socket read, then the records it completed — so the request's
+//! whole deadline is checked between socket reads even when a client trickles a TLS
+//! record a byte at a time (`rustls::StreamOwned` would loop inside one `read` until a
+//! record is whole). A client that speaks plain HTTP to the port is told so, with the
+//! public port's answer (400 `plain_http_on_https_port`), and the connection closes.
+
+use super::request::{Wire, IO_TIMEOUT};
+use rustls::{ServerConfig, ServerConnection};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A management connection after its handshake.
+pub struct Https {
+    conn: ServerConnection,
+    sock: TcpStream,
+}
+
+/// Why no TLS session came up.
+pub enum NoSession {
+    /// The client's first byte starts a request line: plain HTTP on the HTTPS port. The
+    /// socket is handed back to answer it.
+    PlainHttp(TcpStream),
+    /// Closed, too slow, or not TLS that rustls accepts.
+    Failed(io::Error),
+}
+
+impl From<io::Error> for NoSession {
+    fn from(e: io::Error) -> Self {
+        NoSession::Failed(e)
+    }
+}
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what.to_string())
+}
+
+/// Runs the server side of the handshake on `sock`, all of it within `limit`.
+pub fn accept(
+    sock: TcpStream,
+    config: Arc<ServerConfig>,
+    limit: Duration,
+) -> Result<Https, NoSession> {
+    let deadline = Instant::now() + limit;
+    sock.set_read_timeout(Some(limit))?;
+    sock.set_write_timeout(Some(limit.min(IO_TIMEOUT)))?;
+    // A TLS record starts with its content type (22 = handshake); a letter is a method.
+    let mut first = [0u8; 1];
+    match sock.peek(&mut first) {
+        Ok(0) => return Err(NoSession::Failed(io::ErrorKind::UnexpectedEof.into())),
+        Ok(_) if first[0].is_ascii_uppercase() => return Err(NoSession::PlainHttp(sock)),
+        Ok(_) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let conn = ServerConnection::new(config).map_err(io::Error::other)?;
+    let mut https = Https { conn, sock };
+    while https.conn.is_handshaking() {
+        https.send_pending()?;
+        if !https.conn.is_handshaking() {
+            break;
+        }
+        if https.receive(deadline)? == 0 {
+            return Err(NoSession::Failed(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    // The handshake's last flight (and TLS 1.3 session tickets) go out now.
+    https.send_pending()?;
+    Ok(https)
+}
+
+impl Https {
+    /// Writes what rustls has encrypted and not yet sent.
+    fn send_pending(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut self.sock)?;
+        }
+        Ok(())
+    }
+
+    /// One socket read (waiting at most until `deadline`), then the records it completed.
+    /// Returns the bytes read (0 = the peer closed).
+    fn receive(&mut self, deadline: Instant) -> io::Result<usize> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out("the TLS peer took too long"));
+        }
+        self.sock.set_read_timeout(Some(left.min(IO_TIMEOUT)))?;
+        let n = self.conn.read_tls(&mut self.sock)?;
+        if let Err(e) = self.conn.process_new_packets() {
+            // The alert that says why goes out before the connection closes.
+            let _ = self.send_pending();
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        // Whatever processing produced (key updates, alerts) goes out first.
+        self.send_pending()?;
+        Ok(n)
+    }
+
+    /// Ends the session: close_notify, then the socket closes when dropped.
+    pub fn close(mut self) {
+        self.conn.send_close_notify();
+        let _ = self.send_pending();
+    }
+}
+
+impl Wire for Https {
+    fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                // 0 = close_notify: the peer ended the session.
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // EOF without close_notify, among others.
+                Err(e) => return Err(e),
+            }
+            // Nothing decrypted yet: one more socket read. At EOF rustls knows it, and the
+            // next `reader().read` says so.
+            self.receive(deadline)?;
+        }
+    }
+}
+
+impl Write for Https {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.conn.writer().write(buf)?;
+        self.send_pending()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.writer().flush()?;
+        self.send_pending()
+    }
+}
