@@ -140,3 +140,66 @@ impl Write for Https {
         self.send_pending()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server configuration with a fresh self-signed certificate, and a client trusting it.
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let dir = std::env::temp_dir().join(format!("cubegate-https-unit-{}", std::process::id()));
+        let (cert, key) = crate::tls::gen_cert::gen_cert(&crate::tls::gen_cert::GenCert {
+            out_dir: dir,
+            names: vec!["localhost".into()],
+            days: 1,
+            force: true,
+        })
+        .unwrap();
+        let store =
+            crate::tls::CertStore::load(crate::tls::Listener::Management, &cert, &key).unwrap();
+        let client = crate::tls::pinned::client_config(Arc::new(store));
+        let store =
+            crate::tls::CertStore::load(crate::tls::Listener::Management, &cert, &key).unwrap();
+        (crate::tls::server_config(Arc::new(store)), client)
+    }
+
+    /// A session whose client trickles a TLS record one byte every 100 ms: the read gives
+    /// up at its deadline, though bytes keep arriving (each socket read succeeds).
+    #[test]
+    fn a_trickled_record_is_bounded_by_the_deadline() {
+        let (server, client) = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let trickler = std::thread::spawn(move || {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let conn = rustls::ClientConnection::new(client, name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap());
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock).unwrap();
+            }
+            // One whole record, sent a byte at a time.
+            tls.conn.writer().write_all(b"GET / HTTP/1.1\r\n").unwrap();
+            let mut record = Vec::new();
+            tls.conn.write_tls(&mut record).unwrap();
+            for byte in record {
+                if tls.sock.write_all(&[byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let (sock, _) = listener.accept().unwrap();
+        let mut session = accept(sock, server, Duration::from_secs(5))
+            .map_err(|_| "handshake")
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        let read = session.read_until(&mut buf, started + Duration::from_millis(700));
+        let waited = started.elapsed();
+        assert!(read.is_err(), "read {read:?}");
+        assert!(waited < Duration::from_secs(2), "held for {waited:?}");
+        drop(session);
+        let _ = trickler.join();
+    }
+}
