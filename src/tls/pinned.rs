@@ -10,7 +10,9 @@
 //! a pin: the server's end-entity certificate must be, byte for byte, the one in the
 //! management [`CertStore`] right now — the same store SIGHUP reloads, so the pin follows
 //! a renewed certificate with no step of its own. The handshake signatures are checked as
-//! usual, so only the holder of that certificate's key can answer.
+//! usual, so only the holder of that certificate's key can answer. (In a hand-over, a
+//! successor that loaded a different certificate — files changed without a SIGHUP — fails
+//! the old process's draining hops with a 502; the same files, the usual case, do not.)
 
 use super::{provider, CertStore, ALPN_HTTP11};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
