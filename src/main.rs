@@ -54,8 +54,9 @@ enum Command {
     },
     /// Validate a configuration file; exits non-zero with a message naming the key.
     ///
-    /// Also reads the TLS certificate and key (proxy.tls_cert, proxy.tls_key) and checks
-    /// that they belong together, and resolves every backend address.
+    /// Also reads the TLS certificates and keys (proxy.tls_cert/tls_key,
+    /// management.tls_cert/tls_key) and checks that each pair belongs together, and
+    /// resolves every backend address.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,

@@ -12,9 +12,8 @@
 mod common;
 
 use common::*;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -24,8 +23,6 @@ use std::time::Duration;
 
 const DOMAIN: &str = "3f8a1c2e-0000-4000-8000-000000000001";
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
-
-type Tls = StreamOwned<ClientConnection, TcpStream>;
 
 fn chat_path() -> String {
     format!("/proxy/{DOMAIN}/v1/chat/completions")
@@ -40,45 +37,6 @@ fn tls_gateway(driver: &str, dir: &Path, backends: &[SocketAddr]) -> Gateway {
         &tls_lines(&cert, &key),
         &domains_config(&[(DOMAIN, &list)]),
     )
-}
-
-/// A client that trusts exactly the certificate in `cert`.
-fn client_config(cert: &Path, tls12_only: bool) -> Arc<ClientConfig> {
-    build_client(&[cert], tls12_only)
-}
-
-fn build_client(certs: &[&Path], tls12_only: bool) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for cert in certs {
-        for c in CertificateDer::pem_file_iter(cert).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
-        &[&rustls::version::TLS12]
-    } else {
-        &[&rustls::version::TLS13, &rustls::version::TLS12]
-    };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
-}
-
-/// Connects and completes the handshake (so a refused certificate shows up here).
-fn tls_connect(addr: SocketAddr, config: Arc<ClientConfig>) -> std::io::Result<Tls> {
-    let tcp = connect(addr);
-    let name = ServerName::try_from("localhost").unwrap();
-    let conn = ClientConnection::new(config, name).unwrap();
-    let mut tls = StreamOwned::new(conn, tcp);
-    while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock)?;
-    }
-    Ok(tls)
 }
 
 fn send_on(tls: &mut Tls, bytes: &[u8]) {

@@ -101,6 +101,9 @@ pub struct ManagementConfig {
     pub admin_password_env: String,
     pub access_token_ttl_s: u64,
     pub refresh_token_ttl_s: u64,
+    /// Both set = the management listener speaks HTTPS with this certificate and key.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for ManagementConfig {
@@ -112,6 +115,8 @@ impl Default for ManagementConfig {
             admin_password_env: "CUBEGATE_ADMIN_PASSWORD".into(),
             access_token_ttl_s: 900,
             refresh_token_ttl_s: 86400,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -275,6 +280,12 @@ impl Config {
         if self.proxy.tls_cert.is_some() != self.proxy.tls_key.is_some() {
             return Err(err(
                 "proxy.tls_cert",
+                "tls_cert and tls_key must be set together (both = HTTPS, neither = HTTP)",
+            ));
+        }
+        if self.management.tls_cert.is_some() != self.management.tls_key.is_some() {
+            return Err(err(
+                "management.tls_cert",
                 "tls_cert and tls_key must be set together (both = HTTPS, neither = HTTP)",
             ));
         }

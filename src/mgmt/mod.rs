@@ -12,6 +12,7 @@ pub mod access;
 pub mod answer;
 pub mod api;
 pub mod caller;
+pub mod https;
 pub mod limits;
 pub mod login;
 pub mod publish;
@@ -77,6 +78,7 @@ pub fn start(
     published: Arc<Published>,
     registry: crate::metrics::Registry,
     inherited: Option<std::net::TcpListener>,
+    certs: Option<Arc<crate::tls::CertStore>>,
 ) -> Result<(Arc<Management>, std::net::SocketAddr), String> {
     let m = &config.management;
     let store = open_store(config)?;
@@ -116,12 +118,17 @@ pub fn start(
     let handler_state = mgmt.clone();
     let handler: server::Handler = Arc::new(move |req| api::route(&handler_state, req));
     let gate = mgmt.gate.clone();
+    let transport = server::Transport {
+        tls: certs.map(crate::tls::server_config),
+        handshake_limit: config.timeouts.header_read(),
+    };
+    let https = transport.tls.is_some();
     std::thread::Builder::new()
         .name("cubegate-mgmt-accept".into())
-        .spawn(move || server::serve(listener, handler, gate))
+        .spawn(move || server::serve(listener, handler, gate, transport))
         .map_err(|e| format!("cannot start the management listener: {e}"))?;
     let _ = mgmt.listener.set(listener_copy);
-    tracing::info!(listen = %addr, keys = mgmt.keys().len(), "management API listening");
+    tracing::info!(listen = %addr, https, keys = mgmt.keys().len(), "management API listening");
     Ok((mgmt, addr))
 }
 

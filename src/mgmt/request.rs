@@ -7,14 +7,15 @@
 //! own (a smaller header count and a 1 MiB body), and the whole request must arrive within
 //! one deadline, so a client trickling bytes cannot hold one of the few management threads.
 //! Chunked bodies are decoded (bounded by [`MAX_BODY`]) as before: the data plane forwards
-//! a client's chunked body as chunked.
+//! a client's chunked body as chunked. The bytes come through [`Wire`]: a plain socket, or
+//! the TLS session of an HTTPS management listener (`super::https`), with the same bounds.
 
 use crate::config::Limits;
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::head::{check_partial, parse_request_head, worth_parsing, BodyFraming};
 use crate::http::head::{RequestHead, Span};
 use crate::http::HttpError;
-use std::io::Read;
+use std::io::{self, Read};
 use std::net::{IpAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,21 @@ pub struct Request {
     /// The client: the last `X-Forwarded-For` hop when the request came through the data
     /// plane on loopback, else the peer.
     pub client: IpAddr,
+}
+
+/// A connection a request is read from: a plain socket, or a TLS session over one.
+pub trait Wire {
+    /// Reads some bytes into `buf`, waiting at most until `deadline` (and at most
+    /// [`IO_TIMEOUT`] on one socket read). `Ok(0)` = the peer closed.
+    fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize>;
+}
+
+impl Wire for TcpStream {
+    fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.set_read_timeout(Some(left.min(IO_TIMEOUT).max(Duration::from_millis(1))))?;
+        self.read(buf)
+    }
 }
 
 /// Why no request could be read. Either way the answer is an error and the connection
@@ -76,7 +92,7 @@ fn head_limits() -> Limits {
 
 /// Reads one request (head and body) within `REQUEST_DEADLINE`. `peer` is the connection's
 /// remote address.
-pub fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, Refusal> {
+pub fn read_request(stream: &mut impl Wire, peer: IpAddr) -> Result<Request, Refusal> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut buf = Vec::with_capacity(4096);
     let mut head = RequestHead::default();
@@ -120,7 +136,7 @@ pub fn read_request(stream: &mut TcpStream, peer: IpAddr) -> Result<Request, Ref
 /// Reads until `buf` starts with a complete head, parsed into `head`. A line that breaks a
 /// rule or a limit is refused as soon as it arrives, not after the whole head.
 fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut impl Wire,
     buf: &mut Vec<u8>,
     head: &mut RequestHead,
     deadline: Instant,
@@ -145,7 +161,7 @@ fn read_head(
 /// A Content-Length body; `body` holds what arrived with the head (bytes past the body
 /// are dropped: one request per connection).
 fn read_sized_body(
-    stream: &mut TcpStream,
+    stream: &mut impl Wire,
     mut body: Vec<u8>,
     length: u64,
     deadline: Instant,
@@ -169,7 +185,7 @@ fn read_sized_body(
 /// A chunked body, decoded; `arrived` is what came with the head. Past `MAX_BODY` of
 /// payload it is refused, however it is cut into chunks.
 fn read_chunked_body(
-    stream: &mut TcpStream,
+    stream: &mut impl Wire,
     arrived: &[u8],
     deadline: Instant,
 ) -> Result<Vec<u8>, Refusal> {
@@ -197,17 +213,15 @@ fn read_chunked_body(
 
 /// Reads more, within what is left of the request's whole deadline.
 fn read_within(
-    stream: &mut TcpStream,
+    stream: &mut impl Wire,
     chunk: &mut [u8],
     deadline: Instant,
 ) -> Result<usize, Refusal> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
+    if Instant::now() >= deadline {
         return Err(transfer(408, "the request took too long to arrive"));
     }
-    let _ = stream.set_read_timeout(Some(left.min(IO_TIMEOUT)));
     stream
-        .read(chunk)
+        .read_until(chunk, deadline)
         .map_err(|_| transfer(408, "timed out reading the request"))
 }
 

@@ -5,10 +5,12 @@
 //! from the data-plane workers. One request per connection (`Connection: close`), read by
 //! [`super::request`] with the data plane's strict head parser, bounded, and with a timeout
 //! on every read. The data plane forwards `/users/*`, `/domains/*` and `/keys/*` here, so
-//! one public address serves everything.
+//! one public address serves everything. With `[management] tls_cert`/`tls_key` set the
+//! listener speaks only HTTPS ([`super::https`]); the data plane's hop then does too.
 
-use super::request::{read_request, Refusal, Request, IO_TIMEOUT};
-use std::io::Write;
+use super::https::{Https, NoSession};
+use super::request::{read_request, Refusal, Request, Wire, IO_TIMEOUT};
+use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -81,8 +83,17 @@ impl Gate {
 /// How long one accept waits before the loop looks at the gate again.
 const ACCEPT_SLICE: Duration = Duration::from_millis(100);
 
+/// How the listener speaks: plain HTTP, or HTTPS.
+#[derive(Clone)]
+pub struct Transport {
+    /// HTTPS: the rustls configuration of every handshake (its certificate reloads).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How long a TLS handshake may take (`timeouts.header_read`, as on the public port).
+    pub handshake_limit: Duration,
+}
+
 /// Accepts connections for the life of the process (the thread is detached).
-pub fn serve(listener: TcpListener, handler: Handler, gate: Arc<Gate>) {
+pub fn serve(listener: TcpListener, handler: Handler, gate: Arc<Gate>, transport: Transport) {
     // Blocking accepts that give up after a slice (SO_RCVTIMEO applies to accept), so a
     // pause takes effect without a wake-up mechanism.
     let _ = listener.set_nonblocking(false);
@@ -102,18 +113,22 @@ pub fn serve(listener: TcpListener, handler: Handler, gate: Arc<Gate>) {
         // its own timeouts before any read.)
         let _ = stream.set_nonblocking(false);
         if active.load(Ordering::Relaxed) >= MAX_CONCURRENT {
-            let _ = write_reply(
-                &mut stream,
-                &error_reply(503, "busy", "the management API is busy; retry shortly"),
-            );
+            // Over TLS there is no answering before a handshake, which is not done on
+            // this thread: the connection just closes.
+            if transport.tls.is_none() {
+                let _ = write_reply(
+                    &mut stream,
+                    &error_reply(503, "busy", "the management API is busy; retry shortly"),
+                );
+            }
             continue;
         }
         active.fetch_add(1, Ordering::SeqCst);
-        let (handler, active) = (handler.clone(), active.clone());
+        let (handler, active, transport) = (handler.clone(), active.clone(), transport.clone());
         let spawned = std::thread::Builder::new()
             .name("cubegate-mgmt".into())
             .spawn(move || {
-                handle(stream, &handler);
+                handle(stream, &handler, &transport);
                 active.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -122,14 +137,50 @@ pub fn serve(listener: TcpListener, handler: Handler, gate: Arc<Gate>) {
     }
 }
 
-fn handle(mut stream: TcpStream, handler: &Handler) {
+fn handle(mut stream: TcpStream, handler: &Handler, transport: &Transport) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let peer = stream
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let reply = match read_request(&mut stream, peer) {
+    let Some(config) = &transport.tls else {
+        answer(&mut stream, peer, handler);
+        return;
+    };
+    match super::https::accept(stream, config.clone(), transport.handshake_limit) {
+        Ok(mut session) => {
+            answer(&mut session, peer, handler);
+            Https::close(session);
+        }
+        Err(NoSession::PlainHttp(stream)) => refuse_plain_http(stream),
+        Err(NoSession::Failed(e)) => {
+            tracing::debug!(%peer, "management TLS handshake failed: {e}");
+        }
+    }
+}
+
+/// Plain HTTP on the HTTPS management port: the public port's answer, then the end.
+fn refuse_plain_http(mut stream: TcpStream) {
+    let reply = Reply {
+        status: 400,
+        body: crate::tls::PLAIN_HTTP_BODY.to_vec(),
+        headers: Vec::new(),
+    };
+    let _ = write_reply(&mut stream, &reply);
+    // The request is still unread: closing on it would reset the connection, and the
+    // client could lose the answer. Half-close, then read it away (briefly, bounded).
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = std::io::copy(&mut (&stream).take(MAX_UNREAD), &mut std::io::sink());
+}
+
+/// Bytes read away after refusing plain HTTP, at most.
+const MAX_UNREAD: u64 = 64 * 1024;
+
+/// Reads one request off the connection and writes the handler's reply.
+fn answer<S: Wire + Write>(stream: &mut S, peer: IpAddr, handler: &Handler) {
+    let reply = match read_request(stream, peer) {
         Ok(req) => handler(req),
         // The same status, code and words as the data plane's answer to this head.
         Err(Refusal::Head(e)) => error_reply(e.status(), e.code(), &e.to_string()),
@@ -137,7 +188,7 @@ fn handle(mut stream: TcpStream, handler: &Handler) {
             error_reply(status, "invalid_request", message)
         }
     };
-    let _ = write_reply(&mut stream, &reply);
+    let _ = write_reply(stream, &reply);
 }
 
 pub fn error_reply(status: u16, code: &str, message: &str) -> Reply {
@@ -156,7 +207,7 @@ pub fn error_reply(status: u16, code: &str, message: &str) -> Reply {
     )
 }
 
-fn write_reply(stream: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
+fn write_reply(stream: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
         reply.status,

@@ -28,8 +28,6 @@ const INITIAL_READ: usize = 4 * 1024;
 /// How long the goodbye (close_notify, FIN) may take before the socket is just closed.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(1);
 
-const PLAIN_HTTP_BODY: &[u8] = br#"{"error":{"message":"this port speaks HTTPS: use https://","type":"invalid_request_error","code":"plain_http_on_https_port"}}"#;
-
 pub struct Connection {
     rd: ClientRead,
     wr: ClientWrite,
@@ -283,7 +281,7 @@ async fn accept_tls(
                 400,
                 &[],
                 "application/json",
-                PLAIN_HTTP_BODY,
+                crate::tls::PLAIN_HTTP_BODY,
                 id.as_bytes(),
                 false,
             );

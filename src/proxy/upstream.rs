@@ -65,12 +65,12 @@ pub async fn try_host(
                 reused: true,
             }
         }
-        None => fresh(worker, backend).await?,
+        None => fresh(worker, backend, fwd.management).await?,
     };
     match attempt(worker, conn, req, fwd, backend, up, fallback).await {
         Err(Attempt::Stale) => {
             // A pooled socket the backend had already closed: once more, fresh.
-            let up = fresh(worker, backend).await?;
+            let up = fresh(worker, backend, fwd.management).await?;
             match attempt(worker, conn, req, fwd, backend, up, fallback).await {
                 Ok(p) => Ok(p),
                 Err(Attempt::Stale) => Err(HostFailed::host(
@@ -85,9 +85,14 @@ pub async fn try_host(
     }
 }
 
-/// A new connection to the host, counted.
-async fn fresh(worker: &Worker, backend: &Backend) -> Result<Upstream, HostFailed> {
-    match connect(worker, backend).await {
+/// A new connection to the host, counted. `management`: the host is the management
+/// listener (its TLS, when on, is checked against its own certificate).
+async fn fresh(
+    worker: &Worker,
+    backend: &Backend,
+    management: bool,
+) -> Result<Upstream, HostFailed> {
+    match connect(worker, backend, management).await {
         Ok(stream) => {
             worker.metrics.upstream_connects.inc();
             Ok(Upstream {
@@ -188,8 +193,12 @@ async fn attempt(
 }
 
 /// Opens a fresh connection with the configured timeout, which also bounds the TLS
-/// handshake of an `https://` backend.
-async fn connect(worker: &Worker, backend: &Backend) -> Result<BackendStream, GatewayError> {
+/// handshake of an `https://` backend (or of an HTTPS management listener).
+async fn connect(
+    worker: &Worker,
+    backend: &Backend,
+    management: bool,
+) -> Result<BackendStream, GatewayError> {
     let timeout = worker.timeouts.upstream_connect();
     let started = Instant::now();
     let tcp = match monoio::time::timeout(timeout, TcpStream::connect_addr(backend.addr)).await {
@@ -203,7 +212,12 @@ async fn connect(worker: &Worker, backend: &Backend) -> Result<BackendStream, Ga
     let Some(name) = &backend.tls else {
         return Ok(BackendStream::plain(tcp));
     };
-    let Some(config) = &worker.backend_tls else {
+    let trust = if management {
+        &worker.mgmt_tls
+    } else {
+        &worker.backend_tls
+    };
+    let Some(config) = trust else {
         return Err(GatewayError::UpstreamConnect(std::io::Error::other(
             "https:// backend, but no CA certificates are trusted: set proxy.backend_ca_file",
         )));

@@ -65,6 +65,8 @@ pub struct Worker {
     /// HTTPS on the public listener: the rustls configuration of every handshake.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    /// HTTPS to the management listener: trusts exactly its certificate.
+    pub mgmt_tls: Option<Arc<rustls::ClientConfig>>,
     /// Move uninspected Content-Length bodies with splice(2).
     pub splice: bool,
     /// Write an access record per request.
@@ -101,6 +103,8 @@ pub struct WorkerParts {
     pub registry: Registry,
     pub jwks_refresh: RefreshHandle,
     pub mgmt_addr: std::net::SocketAddr,
+    /// The hop to an HTTPS management listener (`None`: it speaks plain HTTP).
+    pub mgmt_tls: Option<Arc<rustls::ClientConfig>>,
     pub run_id: u32,
     /// HTTPS on the public listener.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -117,6 +121,7 @@ impl Worker {
             registry,
             jwks_refresh,
             mgmt_addr,
+            mgmt_tls,
             run_id,
             tls,
             backend_tls,
@@ -134,7 +139,8 @@ impl Worker {
             )),
             metrics: registry[id].clone(),
             jwks_refresh,
-            management: management_domain(mgmt_addr),
+            management: management_domain(mgmt_addr, mgmt_tls.is_some()),
+            mgmt_tls,
             tls,
             backend_tls,
             splice: config.proxy.splice_bodies,
@@ -214,13 +220,17 @@ impl Worker {
     }
 }
 
-fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
+/// `https`: the management listener speaks HTTPS (the name is only a label: the hop's
+/// check is the certificate pin of `crate::tls::pinned`).
+fn management_domain(addr: std::net::SocketAddr, https: bool) -> crate::snapshot::Domain {
+    let tls = https.then(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+    let scheme = if https { "https" } else { "http" };
     crate::snapshot::Domain {
         id: "management".into(),
         backends: vec![crate::snapshot::Backend {
             kind: crate::config::BackendKind::Vllm,
             addr,
-            tls: None,
+            tls: tls.clone(),
             authority: addr.to_string(),
             base_path: String::new(),
             models: vec!["*".into()],
@@ -228,10 +238,10 @@ fn management_domain(addr: std::net::SocketAddr) -> crate::snapshot::Domain {
             discover: false,
             // Not a GPU host: never registered with the fleet, so never health-checked.
             host: Arc::new(crate::fleet::host::Host::new(
-                format!("http://{addr}"),
+                format!("{scheme}://{addr}"),
                 crate::config::BackendKind::Vllm,
                 addr,
-                None,
+                tls,
                 addr.to_string(),
                 String::new(),
             )),

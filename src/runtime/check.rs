@@ -41,8 +41,11 @@ pub fn check_config(path: &Path) -> Result<CheckSummary, ConfigError> {
 
 /// The TLS files a configuration names must load.
 fn check_tls_files(config: &Config) -> Result<(), ConfigError> {
-    if let Some((cert, key)) = crate::tls::listener_files(config) {
-        crate::tls::CertStore::load(&cert, &key).map_err(ConfigError::from)?;
+    use crate::tls::Listener;
+    for listener in [Listener::Public, Listener::Management] {
+        if let Some((cert, key)) = listener.files(config) {
+            crate::tls::CertStore::load(listener, &cert, &key).map_err(ConfigError::from)?;
+        }
     }
     if let Some(ca) = &config.proxy.backend_ca_file {
         crate::tls::backend_config(Some(ca)).map_err(ConfigError::from)?;

@@ -22,6 +22,7 @@ use crate::notify::{Heartbeats, Notifier};
 use crate::proxy::serve::serve_connection;
 use crate::proxy::worker::{OpenConnection, Worker, WorkerParts};
 use crate::snapshot::{Published, Snapshot};
+use crate::tls::Listener;
 use crate::usage::writer::UsageWriter;
 use monoio::net::TcpListener;
 use std::fs::File;
@@ -102,8 +103,9 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
     let (inherited_proxy, inherited_management) = split_inherited(inherited);
     let (driver, why) = choose_driver(config.proxy.driver).map_err(StartupError::config)?;
     let workers = crate::proxy::worker::workers_of(config);
-    let certs = load_listener_certificate(config)?;
+    let certs = load_listener_certificate(config, Listener::Public)?;
     let tls = certs.clone().map(crate::tls::server_config);
+    let mgmt_certs = load_listener_certificate(config, Listener::Management)?;
     let backend_tls = load_backend_trust(config)?;
     warn_if_unauthenticated(config);
     let published = publish_first_snapshot(config)?;
@@ -115,6 +117,7 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
         published.clone(),
         registry.clone(),
         inherited_management,
+        mgmt_certs.clone(),
     )
     .map_err(StartupError::config)?;
     let usage = start_usage_writer(config, &published)?;
@@ -137,6 +140,8 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
         registry,
         jwks_refresh,
         mgmt_addr,
+        // The public port's hop to an HTTPS management listener is HTTPS too.
+        mgmt_tls: mgmt_certs.clone().map(crate::tls::pinned::client_config),
         run_id: run_id(),
         tls,
         backend_tls,
@@ -162,6 +167,7 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
         published: &published,
         mgmt: &mgmt,
         certs: certs.as_deref(),
+        mgmt_certs: mgmt_certs.as_deref(),
         sockets: std::cell::RefCell::new(sockets),
     };
     let code = handle_signals(signals, &state, &running.remaining, &watch);
@@ -206,11 +212,12 @@ fn split_inherited(
 /// HTTPS: the certificate is loaded (and checked against its key) before anything listens.
 fn load_listener_certificate(
     config: &Config,
+    listener: Listener,
 ) -> Result<Option<Arc<crate::tls::CertStore>>, StartupError> {
-    let Some((cert, key)) = crate::tls::listener_files(config) else {
+    let Some((cert, key)) = listener.files(config) else {
         return Ok(None);
     };
-    crate::tls::CertStore::load(&cert, &key)
+    crate::tls::CertStore::load(listener, &cert, &key)
         .map(|store| Some(Arc::new(store)))
         .map_err(StartupError::config)
 }

@@ -10,6 +10,7 @@ use crate::auth::keys::KeyStore;
 use crate::config::Config;
 use crate::notify::{Heartbeats, Notifier};
 use crate::snapshot::{Published, Snapshot};
+use crate::tls::Listener;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,7 +21,10 @@ pub(super) struct Reloadable<'a> {
     pub path: &'a Path,
     pub published: &'a Published,
     pub mgmt: &'a crate::mgmt::Management,
+    /// The public listener's certificate (HTTPS on `proxy.listen`).
     pub certs: Option<&'a crate::tls::CertStore>,
+    /// The management listener's certificate (HTTPS on `management.listen`).
+    pub mgmt_certs: Option<&'a crate::tls::CertStore>,
     /// This thread's copies of the public listening sockets, to pass on in a hand-over.
     /// Dropped when draining starts: once the workers close theirs too, a socket nobody
     /// else holds closes, and new connections are refused instead of queueing for no one.
@@ -90,7 +94,8 @@ fn on_reload(state: &Reloadable<'_>, notifier: &Notifier) {
             tracing::error!("reload: {e}");
         }
         state.mgmt.publish();
-        reload_certificate(state.certs, &reloaded);
+        reload_certificate(Listener::Public, state.certs, &reloaded);
+        reload_certificate(Listener::Management, state.mgmt_certs, &reloaded);
     }
 }
 
@@ -148,16 +153,25 @@ const HANDOVER_MGMT_QUIET: Duration = Duration::from_secs(10);
 
 /// SIGHUP with HTTPS on: the certificate and key files are read again, so a renewed
 /// certificate is served from the next handshake on. A bad pair keeps the running one.
-fn reload_certificate(certs: Option<&crate::tls::CertStore>, config: &Config) {
-    let files = crate::tls::listener_files(config);
+fn reload_certificate(listener: Listener, certs: Option<&crate::tls::CertStore>, config: &Config) {
+    let files = listener.files(config);
+    let which = match listener {
+        Listener::Public => "proxy",
+        Listener::Management => "management",
+    };
     match (certs, files) {
         (Some(store), Some((cert, key))) => match store.reload(&cert, &key) {
-            Ok(()) => tracing::info!(cert = %cert.display(), "reloaded the TLS certificate"),
-            Err(e) => tracing::error!("reload kept the running TLS certificate: {e}"),
+            Ok(()) => tracing::info!(
+                cert = %cert.display(),
+                "reloaded the TLS certificate of the {which} listener"
+            ),
+            Err(e) => tracing::error!(
+                "reload kept the running TLS certificate of the {which} listener: {e}"
+            ),
         },
         (None, None) => {}
         _ => tracing::warn!(
-            "reload: turning HTTPS on or off (proxy.tls_cert/tls_key) takes effect at the next restart"
+            "reload: turning HTTPS on or off ({which}.tls_cert/tls_key) takes effect at the next restart"
         ),
     }
 }

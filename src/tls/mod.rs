@@ -1,14 +1,16 @@
-//! TLS: the public listener's certificate and the rustls configurations, for clients
-//! (HTTPS on `proxy.listen`) and for `https://` backends.
+//! TLS: the listeners' certificates and the rustls configurations, for clients (HTTPS on
+//! `proxy.listen` and on `management.listen`) and for `https://` backends.
 //!
 //! The certificate lives in a [`CertStore`] that rustls asks for it on every handshake, so
 //! SIGHUP swaps it in place: handshakes after the swap get the new one, connections
 //! already up keep the session they have. A file that cannot be read, holds no key, or
 //! holds a key that does not sign for the certificate is refused with the key's name and
 //! the path, at startup and at reload (a refused reload keeps the running certificate).
+//! Both listeners load and reload the same way; [`Listener`] says whose files they are.
 //! rustls uses its `ring` provider, the same crypto as token verification.
 
 pub mod gen_cert;
+pub mod pinned;
 pub mod stream;
 
 use arc_swap::ArcSwap;
@@ -29,6 +31,47 @@ const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The answer a TLS port gives to a client that speaks plain HTTP to it (status 400), on
+/// the public and the management listener alike.
+pub const PLAIN_HTTP_BODY: &[u8] = br#"{"error":{"message":"this port speaks HTTPS: use https://","type":"invalid_request_error","code":"plain_http_on_https_port"}}"#;
+
+/// Whose certificate: which listener's files (errors name its configuration keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `[proxy] tls_cert` / `tls_key`: HTTPS on the public listener.
+    Public,
+    /// `[management] tls_cert` / `tls_key`: HTTPS on the management listener.
+    Management,
+}
+
+impl Listener {
+    fn cert_key(self) -> &'static str {
+        match self {
+            Listener::Public => "proxy.tls_cert",
+            Listener::Management => "management.tls_cert",
+        }
+    }
+
+    fn key_key(self) -> &'static str {
+        match self {
+            Listener::Public => "proxy.tls_key",
+            Listener::Management => "management.tls_key",
+        }
+    }
+
+    /// The paths of this listener's certificate and key, when HTTPS is on.
+    pub fn files(self, config: &crate::config::Config) -> Option<(PathBuf, PathBuf)> {
+        let (cert, key) = match self {
+            Listener::Public => (&config.proxy.tls_cert, &config.proxy.tls_key),
+            Listener::Management => (&config.management.tls_cert, &config.management.tls_key),
+        };
+        match (cert, key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// A problem with a TLS file: the configuration key it came from and what is wrong.
@@ -87,12 +130,16 @@ pub fn load_certs(
 }
 
 /// Loads a certificate chain and its private key and checks that they belong together.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsFileError> {
-    let chain = load_certs("proxy.tls_cert", cert)?;
-    let pem = read_pem("proxy.tls_key", key)?;
+pub fn load_certified_key(
+    listener: Listener,
+    cert: &Path,
+    key: &Path,
+) -> Result<CertifiedKey, TlsFileError> {
+    let chain = load_certs(listener.cert_key(), cert)?;
+    let pem = read_pem(listener.key_key(), key)?;
     let private = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         file_error(
-            "proxy.tls_key",
+            listener.key_key(),
             format!(
                 "{} holds no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
                 key.display()
@@ -104,14 +151,14 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsFi
         .load_private_key(private)
         .map_err(|e| {
             file_error(
-                "proxy.tls_key",
+                listener.key_key(),
                 format!("{}: unsupported private key: {e}", key.display()),
             )
         })?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|e| {
         file_error(
-            "proxy.tls_key",
+            listener.key_key(),
             format!(
                 "the key in {} does not belong to the certificate in {} ({e})",
                 key.display(),
@@ -122,9 +169,10 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsFi
     Ok(certified)
 }
 
-/// The listener's certificate, swappable while serving.
+/// A listener's certificate, swappable while serving.
 pub struct CertStore {
     current: ArcSwap<CertifiedKey>,
+    listener: Listener,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -134,17 +182,23 @@ impl std::fmt::Debug for CertStore {
 }
 
 impl CertStore {
-    pub fn load(cert: &Path, key: &Path) -> Result<CertStore, TlsFileError> {
+    pub fn load(listener: Listener, cert: &Path, key: &Path) -> Result<CertStore, TlsFileError> {
         Ok(CertStore {
-            current: ArcSwap::from_pointee(load_certified_key(cert, key)?),
+            current: ArcSwap::from_pointee(load_certified_key(listener, cert, key)?),
+            listener,
         })
     }
 
     /// Loads the files again; on any problem the running certificate stays.
     pub fn reload(&self, cert: &Path, key: &Path) -> Result<(), TlsFileError> {
-        let fresh = load_certified_key(cert, key)?;
+        let fresh = load_certified_key(self.listener, cert, key)?;
         self.current.store(Arc::new(fresh));
         Ok(())
+    }
+
+    /// The certificate handshakes get now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
     }
 }
 
@@ -163,14 +217,6 @@ pub fn server_config(store: Arc<CertStore>) -> Arc<ServerConfig> {
         .with_cert_resolver(store);
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Arc::new(config)
-}
-
-/// The paths of the listener's certificate, when HTTPS is on.
-pub fn listener_files(config: &crate::config::Config) -> Option<(PathBuf, PathBuf)> {
-    match (&config.proxy.tls_cert, &config.proxy.tls_key) {
-        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-        _ => None,
-    }
 }
 
 /// How cubegate checks `https://` backends: the CA bundle of `proxy.backend_ca_file`, or

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use rustls::pki_types::pem::PemObject;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -666,6 +667,57 @@ pub fn tls_lines(cert: &std::path::Path, key: &std::path::Path) -> String {
         cert.display(),
         key.display()
     )
+}
+
+/// A TLS client connection to a gateway.
+pub type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A client that trusts exactly the certificate in `cert`.
+pub fn client_config(
+    cert: &std::path::Path,
+    tls12_only: bool,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    build_client(&[cert], tls12_only)
+}
+
+pub fn build_client(
+    certs: &[&std::path::Path],
+    tls12_only: bool,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+/// Connects and completes the handshake (so a refused certificate shows up here).
+pub fn tls_connect(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<Tls> {
+    let tcp = connect(addr);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
 }
 
 /// What a load client thread reports: requests answered, and what went wrong with the rest.
