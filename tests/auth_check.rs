@@ -101,18 +101,29 @@ fn gateway_for(driver: &str, backend: SocketAddr, check: SocketAddr) -> Gateway 
 }
 
 fn gateway_in_mode(driver: &str, mode: &str, backend: SocketAddr, check: SocketAddr) -> Gateway {
+    let url = format!("http://{check}/check");
+    gateway_checking(driver, mode, backend, &url, "")
+}
+
+fn gateway_checking(
+    driver: &str,
+    mode: &str,
+    backend: SocketAddr,
+    check_url: &str,
+    proxy_extra: &str,
+) -> Gateway {
     let domains = domains_config(&[(D, &[("vllm", backend, &[MODEL])])]);
     let rest = domains
         .strip_prefix("[auth]\nmode = \"none\"\n")
         .expect("domains_config starts with [auth]");
     let body = format!(
         "[auth]\nmode = \"{mode}\"\nclaim_headers = {{ email = \"X-User-Email\" }}\n\
-         check_url = \"http://{check}/check\"\ncheck_timeout_ms = 500\n\n\
+         check_url = \"{check_url}\"\ncheck_timeout_ms = 500\n\n\
          [[auth.trusted]]\nissuer = \"{ISS}\"\nhs_secret_env = \"{HS_ENV}\"\n\n{rest}"
     );
     gateway_with_env(
         driver,
-        "workers = 1",
+        &format!("workers = 1\n{proxy_extra}"),
         &body,
         &[(HS_ENV, HS_SECRET), ("CUBEGATE_LOG_FORMAT", "json")],
     )
@@ -295,7 +306,46 @@ fn development_mode_asks_too(driver: &str) {
     assert!(head.contains("x-user-id: olga\r\n"), "{head}");
 }
 
+/// An https check service, checked against `proxy.backend_ca_file` like https backends:
+/// here a TLS gateway (its certificate from `cubegate gen-cert`) in front of the scripted
+/// service.
+fn https_check_service(driver: &str) {
+    let (check, calls) = check_service();
+    let dir = unique_dir("check-tls");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_cubegate"))
+        .args(["gen-cert", "--name", "127.0.0.1", "--out-dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let tls_front = gateway_with(
+        driver,
+        &tls_lines(&cert, &key),
+        &domains_config(&[("chk", &[("vllm", check, &["*"])])]),
+    );
+    let (backend, seen) = scripted_backend(2, None);
+    let url = format!(
+        "https://127.0.0.1:{}/proxy/chk/v1/check",
+        tls_front.addr.port()
+    );
+    let ca = format!("backend_ca_file = \"{}\"", cert.display());
+    let gw = gateway_checking(driver, "jwt", backend, &url, &ca);
+    let r = chat(&gw, "tok-alice", "tls-alice");
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.log());
+    assert_eq!(calls_for(&calls, "tok-alice"), 1);
+    let head = String::from_utf8_lossy(&seen.lock().unwrap()[0]).to_lowercase();
+    assert!(head.contains("x-user-id: alice\r\n"), "{head}");
+    // Without the CA, the service's certificate is not trusted: the service failed.
+    let untrusting = gateway_checking(driver, "jwt", backend, &url, "");
+    let r = chat(&untrusting, "tok-alice", "tls-untrusted");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(calls_for(&calls, "tok-alice"), 1, "no request got through");
+}
+
 for_each_driver!(
+    https_check_service,
     development_mode_asks_too,
     granted_tokens_reach_the_backend_and_are_cached,
     refusals,
