@@ -230,6 +230,9 @@ fn failures_are_503(driver: &str) {
     assert!(log.contains("answered 500"), "{log}");
     assert!(log.contains("no answer within 500 ms"), "{log}");
     assert!(!log.contains("X-Evil"), "{log}");
+    let mgmt = management_addr(&gw);
+    assert_eq!(metric(mgmt, "cubegate_auth_checks_total"), 5);
+    assert_eq!(metric(mgmt, "cubegate_auth_check_failures_total"), 5);
 }
 
 /// A check service that is not there: 503 at once.

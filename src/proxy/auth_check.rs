@@ -74,6 +74,7 @@ async fn lead(
         tls_name: service.url.tls_name.as_ref(),
         tls_config: worker.backend_tls.as_ref(),
     };
+    worker.metrics.auth_checks.inc();
     let answer = exchange(&peer, request, MAX_ANSWER_BYTES, service.timeout).await;
     let answer = answer.as_ref().map(|(status, body)| (*status, &body[..]));
     let outcome = worker.auth.settle_check(
@@ -81,6 +82,9 @@ async fn lead(
         answer.map_err(Clone::clone),
         &mut worker.tokens.borrow_mut(),
     );
+    if matches!(outcome, Err(CheckFailure::Unavailable(_))) {
+        worker.metrics.auth_check_failures.inc();
+    }
     *shared.borrow_mut() = Some(outcome.clone());
     outcome
 }
