@@ -10,6 +10,9 @@ pub mod auth {
     pub mod cache {
         pub use crate::auth::cache::TokenCache;
     }
+    pub mod check {
+        pub use crate::auth::check::{read_answer, CheckVerdict, MAX_ANSWER_BYTES};
+    }
     pub mod claims {
         pub use crate::auth::claims::{ClaimRules, Role, VerifiedClaims};
     }

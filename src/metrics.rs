@@ -150,6 +150,9 @@ pub struct WorkerMetrics {
     pub signatures: [Counter; 12],
     /// API keys looked up.
     pub api_key_checks: Counter,
+    /// Calls to the check service (`[auth] check_url`), and those that failed (503).
+    pub auth_checks: Counter,
+    pub auth_check_failures: Counter,
     /// Idle pooled backend connections.
     pub upstream_idle: Gauge,
     pub requests: Counter,
@@ -382,6 +385,10 @@ fn render_labelled(out: &mut String, registry: &Registry) {
     }
     let n: u64 = registry.iter().map(|w| w.api_key_checks.get()).sum();
     let _ = writeln!(out, "# HELP cubegate_api_key_checks_total API keys looked up (cache misses).\n# TYPE cubegate_api_key_checks_total counter\ncubegate_api_key_checks_total {n}");
+    let n: u64 = registry.iter().map(|w| w.auth_checks.get()).sum();
+    let _ = writeln!(out, "# HELP cubegate_auth_checks_total Calls to the check service (auth.check_url).\n# TYPE cubegate_auth_checks_total counter\ncubegate_auth_checks_total {n}");
+    let n: u64 = registry.iter().map(|w| w.auth_check_failures.get()).sum();
+    let _ = writeln!(out, "# HELP cubegate_auth_check_failures_total Calls to the check service that failed (down, slow, a bad answer: 503).\n# TYPE cubegate_auth_check_failures_total counter\ncubegate_auth_check_failures_total {n}");
     let _ = writeln!(out, "# HELP cubegate_tokens_total Tokens of answers by domain, model (\"{}\" past a domain's bound) and kind, as stored for usage (trails the answers by about a second).\n# TYPE cubegate_tokens_total counter", crate::usage::series::OTHER);
     crate::usage::series::each(|domain, model, prompt, completion| {
         let (domain, model) = (label_value(domain), label_value(model));

@@ -53,7 +53,10 @@ pub fn authorize(
     };
     // Memberships and disabled users belong to this box's users: only its own tokens and
     // API keys use them (an outside issuer's `sub` is another namespace of ids).
-    let own = keys.issuers.get(claims.issuer()).is_some_and(|i| i.own);
+    let own = claims
+        .issuer()
+        .and_then(|i| keys.issuers.get(i))
+        .is_some_and(|i| i.own);
     if own && directory.is_disabled(claims.sub()) {
         return Err(Denied::Disabled);
     }

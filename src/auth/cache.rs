@@ -7,7 +7,9 @@
 //! (keyed per process, so an attacker cannot aim collisions) finds the slot and a full
 //! comparison confirms it, so a collision can never authenticate. Expiry is re-checked on
 //! every hit. Failed tokens are remembered briefly (negative entries) so a flood of the same
-//! forged token costs one signature check per worker per `NEGATIVE_TTL_S`.
+//! forged token costs one signature check per worker per `NEGATIVE_TTL_S`. The check
+//! service's grants (`[auth] check_url`) are kept for the age its answer names, and its
+//! refusals like failed tokens: one call per token per worker while they last.
 //!
 //! The whole cache is emptied when the key store's generation or the revocation epoch
 //! changes (`sync_epoch`).
@@ -26,7 +28,15 @@ pub const NEGATIVE_TTL_S: f64 = 10.0;
 #[derive(Debug, Clone)]
 pub enum Verdict {
     Valid(Rc<VerifiedClaims>),
-    Invalid { error: TokenError, until: f64 },
+    /// The check service's grant (`[auth] check_url`): good until `until`, then asked again.
+    Vouched {
+        claims: Rc<VerifiedClaims>,
+        until: f64,
+    },
+    Invalid {
+        error: TokenError,
+        until: f64,
+    },
 }
 
 struct Slot {
@@ -96,12 +106,12 @@ impl TokenCache {
             return None;
         }
         match slot.verdict {
-            Verdict::Invalid { until, .. } if until < now => {
+            Verdict::Invalid { until, .. } | Verdict::Vouched { until, .. } if until < now => {
                 self.metrics.token_cache_misses.inc();
                 return None;
             }
             Verdict::Invalid { .. } => self.metrics.token_cache_negative_hits.inc(),
-            Verdict::Valid(_) => self.metrics.token_cache_hits.inc(),
+            Verdict::Valid(_) | Verdict::Vouched { .. } => self.metrics.token_cache_hits.inc(),
         }
         slot.referenced = true;
         Some(&slot.verdict)
@@ -146,6 +156,7 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::claims::Role;
 
     fn claims(sub: &str) -> Verdict {
         let key = crate::auth::directory::ApiKey {
@@ -177,6 +188,24 @@ mod tests {
         );
         assert!(c.get(b"bad", 4.0).is_some());
         assert!(c.get(b"bad", 6.0).is_none(), "negative entries expire");
+        let vouched = |until| Verdict::Vouched {
+            claims: Rc::new(VerifiedClaims::of_check(
+                "v".into(),
+                Vec::new(),
+                Role::User,
+                Vec::new(),
+            )),
+            until,
+        };
+        c.insert(b"checked", vouched(5.0));
+        assert!(matches!(
+            c.get(b"checked", 4.0),
+            Some(Verdict::Vouched { .. })
+        ));
+        assert!(
+            c.get(b"checked", 6.0).is_none(),
+            "the check service's grants expire"
+        );
         c.sync_epoch((1, 0));
         assert!(c.is_empty());
     }

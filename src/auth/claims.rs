@@ -54,8 +54,9 @@ impl fmt::Display for Role {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifiedClaims {
     sub: String,
-    /// Index of the issuer in the key store it was verified with.
-    issuer: usize,
+    /// Index of the issuer in the key store it was verified with; `None`: vouched for by
+    /// the check service (`[auth] check_url`), no issuer of the key store.
+    issuer: Option<usize>,
     exp: Option<f64>,
     nbf: Option<f64>,
     /// The domain ids the token lists (`None`: the claim is absent).
@@ -76,7 +77,7 @@ impl VerifiedClaims {
     pub(super) fn of_api_key(key: &ApiKey, issuer: usize) -> VerifiedClaims {
         VerifiedClaims {
             sub: key.user.clone(),
-            issuer,
+            issuer: Some(issuer),
             exp: key.expires_at.map(|e| e as f64),
             nbf: None,
             domains: Some(vec![key.domain.clone()]),
@@ -87,13 +88,36 @@ impl VerifiedClaims {
         }
     }
 
+    /// What the check service vouched for ([`super::check`]): no issuer of the key store,
+    /// so never one of this box's users; no expiry of its own (its cache entry's age, the
+    /// answer's `max_age_s`, bounds it).
+    pub(super) fn of_check(
+        sub: String,
+        domains: Vec<DomainId>,
+        role: Role,
+        headers: Vec<(String, String)>,
+    ) -> VerifiedClaims {
+        VerifiedClaims {
+            sub,
+            issuer: None,
+            exp: None,
+            nbf: None,
+            domains: Some(domains),
+            role,
+            exact_exp: true,
+            headers,
+            api_key: None,
+        }
+    }
+
     /// The subject: the user id (`X-User-Id` upstream).
     pub fn sub(&self) -> &str {
         &self.sub
     }
 
-    /// Index of the issuer in the key store the claims were verified with.
-    pub fn issuer(&self) -> usize {
+    /// Index of the issuer in the key store the claims were verified with (`None`: the
+    /// check service vouched for them).
+    pub fn issuer(&self) -> Option<usize> {
         self.issuer
     }
 
@@ -211,24 +235,10 @@ pub fn validate(
         .and_then(Value::as_str)
         .and_then(Role::parse)
         .unwrap_or(Role::User);
-    // Claims mapped to headers: only values that can travel as a header value unchanged.
-    let headers = rules
-        .claim_headers
-        .iter()
-        .filter_map(|(claim, header)| {
-            let value = match payload.get(claim)? {
-                Value::String(s) => s.clone(),
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                _ => return None,
-            };
-            let safe = value.len() <= 1024 && value.bytes().all(|b| (0x20..0x7f).contains(&b));
-            safe.then(|| (header.clone(), value))
-        })
-        .collect();
+    let headers = mapped_headers(rules, |claim| payload.get(claim));
     Ok(VerifiedClaims {
         sub,
-        issuer: issuer_index,
+        issuer: Some(issuer_index),
         exp,
         nbf,
         domains,
@@ -237,6 +247,28 @@ pub fn validate(
         headers,
         api_key: None,
     })
+}
+
+/// `[auth] claim_headers` of the claims `lookup` finds: only values that can travel as a
+/// header value unchanged (a plain printable string, number or boolean, at most 1 KiB).
+pub(super) fn mapped_headers<'a>(
+    rules: &ClaimRules,
+    lookup: impl Fn(&str) -> Option<&'a Value>,
+) -> Vec<(String, String)> {
+    rules
+        .claim_headers
+        .iter()
+        .filter_map(|(claim, header)| {
+            let value = match lookup(claim)? {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => return None,
+            };
+            let safe = value.len() <= 1024 && value.bytes().all(|b| (0x20..0x7f).contains(&b));
+            safe.then(|| (header.clone(), value))
+        })
+        .collect()
 }
 
 /// Re-checks the time claims of a cached verdict.
@@ -265,7 +297,8 @@ fn numeric(payload: &JsonObject, name: &'static str) -> Result<Option<f64>, Toke
     }
 }
 
-fn is_header_safe(s: &str) -> bool {
+/// A `sub` that can travel as the `X-User-Id` header: 1..=256 printable characters.
+pub(super) fn is_header_safe(s: &str) -> bool {
     !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 

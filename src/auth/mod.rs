@@ -15,11 +15,17 @@
 //! endpoints only by the shared names in `crate::scope`. So it can be tested and fuzzed on
 //! its own.
 //!
+//! With `[auth] check_url`, a token that is neither an API key nor a JWT of a trusted
+//! issuer is refused with [`AuthError::NeedsCheck`]: the data plane then asks the check
+//! service (an async call this leaf does not make) and hands the answer to
+//! [`Authenticator::settle_check`], which judges it ([`check`]) and caches the verdict.
+//!
 //! `auth.mode = "none"` (development) makes every caller an anonymous platform admin, and
 //! says so loudly at startup.
 
 mod authorize;
 pub mod cache;
+pub mod check;
 pub mod claims;
 pub mod directory;
 pub mod jwks_fetch;
@@ -30,6 +36,8 @@ pub use authorize::{authorize, Denied};
 
 use crate::config::{AuthConfig, AuthMode};
 use cache::{TokenCache, Verdict, NEGATIVE_TTL_S};
+pub use check::CheckFailure;
+use check::{of_trusted_issuer, CheckService};
 use claims::{ClaimRules, Role, VerifiedClaims};
 use directory::Directory;
 use keys::KeyStore;
@@ -59,6 +67,8 @@ pub enum TokenError {
     WrongType,
     UnknownApiKey,
     Disabled,
+    /// The check service (`[auth] check_url`) answered 401 or 403.
+    CheckRefused,
 }
 
 impl fmt::Display for TokenError {
@@ -90,6 +100,9 @@ impl fmt::Display for TokenError {
             }
             TokenError::UnknownApiKey => f.write_str("unknown or revoked API key"),
             TokenError::Disabled => f.write_str("the user of this token is disabled"),
+            TokenError::CheckRefused => {
+                f.write_str("the authentication service (auth.check_url) refused this token")
+            }
         }
     }
 }
@@ -100,6 +113,9 @@ pub enum AuthError {
     Missing,
     NotBearer,
     Token(TokenError),
+    /// Neither an API key nor a JWT of a trusted issuer, and a check service is configured:
+    /// the data plane asks it (a caller that cannot ask refuses the token).
+    NeedsCheck,
 }
 
 impl fmt::Display for AuthError {
@@ -112,6 +128,9 @@ impl fmt::Display for AuthError {
                 f.write_str("the Authorization header must be \"Bearer <token>\"")
             }
             AuthError::Token(e) => write!(f, "{e}"),
+            AuthError::NeedsCheck => f.write_str(
+                "this token is neither an API key nor a token of a trusted issuer, and the authentication service cannot be asked here",
+            ),
         }
     }
 }
@@ -170,12 +189,21 @@ impl Identity {
 pub struct Authenticator {
     mode: AuthMode,
     rules: ClaimRules,
+    /// `[auth] check_url`: where tokens this box cannot verify are checked.
+    check: Option<CheckService>,
 }
 
 impl Authenticator {
     pub fn new(config: &AuthConfig) -> Authenticator {
+        // The config was validated at load; a check_url that fails now (its name stopped
+        // resolving) leaves custom authentication off: those tokens are refused, not let in.
+        let check = CheckService::from_config(config).unwrap_or_else(|e| {
+            tracing::error!("custom authentication is off: {e}");
+            None
+        });
         Authenticator {
             mode: config.mode,
+            check,
             rules: ClaimRules {
                 leeway_s: config.leeway_s as f64,
                 namespace: config.claims_namespace.clone(),
@@ -204,7 +232,12 @@ impl Authenticator {
         // Development mode: no credential is needed, but a token or API key that is sent
         // is checked as in production (what a client tests here is what production does).
         // Anything else (an SDK's placeholder `api_key="unused"`) counts as none.
-        if self.mode == AuthMode::None && !authorization.is_some_and(looks_like_a_credential) {
+        // With a check service, any bearer value may be a credential it knows.
+        let credential = |a: &[u8]| match self.check {
+            Some(_) => bearer_credential(a).is_some(),
+            None => looks_like_a_credential(a),
+        };
+        if self.mode == AuthMode::None && !authorization.is_some_and(credential) {
             return Ok(Authenticated {
                 identity: Identity::Development,
                 from_cache: false,
@@ -231,12 +264,22 @@ impl Authenticator {
                         from_cache: true,
                     })
                 }
+                Verdict::Vouched { claims, .. } => Ok(Authenticated {
+                    identity: self.identity(claims.clone()),
+                    from_cache: true,
+                }),
                 Verdict::Invalid { error, .. } => Err(cached(*error)),
             };
         }
         // Only tokens that passed this check are ever cached, so a hit needs no re-check.
         if !is_token68(token) {
             return Err(fresh(AuthError::NotBearer));
+        }
+        if self.check.is_some()
+            && !token.starts_with(API_KEY_PREFIX)
+            && !of_trusted_issuer(token, keys)
+        {
+            return Err(fresh(AuthError::NeedsCheck));
         }
         let metrics = &cache.metrics;
         metrics.token_verifications.inc();

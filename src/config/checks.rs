@@ -48,6 +48,19 @@ pub fn check_jwks_url(url: &str) -> Result<(), String> {
     }
 }
 
+/// `[auth] check_url`: a URL as backends have them. Bearer tokens travel in it, so plain
+/// http only to a loopback address (a sidecar); anything else must be https.
+pub fn check_url(key: &str, url: &str) -> Result<BackendUrl, ConfigError> {
+    let parsed = parse_backend_url(key, url)?;
+    if parsed.tls_name.is_none() && !parsed.addr.ip().is_loopback() {
+        return Err(err(
+            key,
+            format!("{url:?}: tokens travel in this call, so plain http is only allowed to a loopback address; use https://"),
+        ));
+    }
+    Ok(parsed)
+}
+
 pub(super) fn check_range(key: &str, v: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if v < min || v > max {
         return Err(err(key, format!("{v} is out of range ({min}..={max})")));

@@ -15,6 +15,7 @@ pub use fleet::{HealthConfig, Routing};
 pub use limits::{Limits, Timeouts};
 pub use usage::UsageConfig;
 
+pub use checks::check_url;
 use checks::{check_range, parse_listen, validate_models, validate_trusted};
 pub use checks::{is_valid_model_name, parse_backend_url, validate_domain_id};
 use serde::Deserialize;
@@ -141,6 +142,13 @@ pub struct AuthConfig {
     /// Claim name → header sent upstream with its value (e.g. "email" = "X-User-Email").
     pub claim_headers: std::collections::BTreeMap<String, String>,
     pub trusted: Vec<TrustedIssuer>,
+    /// Custom authentication: a bearer token that is neither a JWT of a trusted issuer nor
+    /// an API key is POSTed here (`http[s]://host[:port]/path`; plain http only to loopback).
+    pub check_url: Option<String>,
+    /// The whole call to `check_url` (connect, TLS, request, answer).
+    pub check_timeout_ms: u64,
+    /// Longest a granted check is remembered, whatever its `max_age_s` asks.
+    pub check_max_age_s: u64,
 }
 
 impl Default for AuthConfig {
@@ -154,6 +162,9 @@ impl Default for AuthConfig {
             token_cache_entries: 65536,
             claim_headers: Default::default(),
             trusted: Vec::new(),
+            check_url: None,
+            check_timeout_ms: 1000,
+            check_max_age_s: 300,
         }
     }
 }
@@ -351,6 +362,16 @@ impl Config {
         for (i, t) in self.auth.trusted.iter().enumerate() {
             validate_trusted(i, t)?;
         }
+        if let Some(url) = &self.auth.check_url {
+            check_url("auth.check_url", url)?;
+        }
+        check_range(
+            "auth.check_timeout_ms",
+            self.auth.check_timeout_ms,
+            1,
+            60_000,
+        )?;
+        check_range("auth.check_max_age_s", self.auth.check_max_age_s, 0, 86_400)?;
         for (claim, header) in &self.auth.claim_headers {
             let key = format!("auth.claim_headers.{claim:?}");
             let token = !header.is_empty()
@@ -431,6 +452,12 @@ mod tests {
                 "domains[0].backends[0].models",
             ),
             ("[[domains]]\nid = \"a\"\n", "domains[0].backends"),
+            ("[auth]\ncheck_url = \"ftp://x/check\"\n", "auth.check_url"),
+            (
+                "[auth]\ncheck_url = \"http://192.0.2.1/check\"\n",
+                "auth.check_url",
+            ),
+            ("[auth]\ncheck_timeout_ms = 0\n", "auth.check_timeout_ms"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err();

@@ -14,16 +14,12 @@
 
 use super::host::Host;
 use crate::config::BackendKind;
-use crate::http::response::{parse_response_head, ResponseFraming};
-use crate::proxy::body::BodyTracker;
-use crate::proxy::io::BackendStream;
-use monoio::net::TcpStream;
+use crate::proxy::exchange::{exchange, Peer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest answer read from a health or metrics endpoint.
 const MAX_ANSWER: usize = 1 << 20;
-const MAX_HEAD: usize = 16 * 1024;
 
 #[derive(Clone)]
 pub struct HealthSettings {
@@ -147,68 +143,18 @@ pub fn parse_model_list(kind: BackendKind, body: &[u8]) -> Option<Vec<String>> {
 
 /// `GET path` on its own connection, the whole exchange within the timeout.
 async fn get(host: &Host, path: &str, settings: &HealthSettings) -> Result<(u16, Vec<u8>), ()> {
-    monoio::time::timeout(settings.timeout, fetch(host, path, settings))
-        .await
-        .map_err(|_| ())?
-}
-
-async fn fetch(host: &Host, path: &str, settings: &HealthSettings) -> Result<(u16, Vec<u8>), ()> {
-    let tcp = TcpStream::connect_addr(host.addr).await.map_err(|_| ())?;
-    let mut stream = match (&host.tls, &settings.tls) {
-        (None, _) => BackendStream::plain(tcp),
-        (Some(name), Some(config)) => {
-            BackendStream::tls(tcp, config.clone(), name.clone(), settings.timeout)
-                .await
-                .map_err(|_| ())?
-        }
-        (Some(_), None) => return Err(()),
+    let peer = Peer {
+        addr: host.addr,
+        tls_name: host.tls.as_ref(),
+        tls_config: settings.tls.as_ref(),
     };
     let request = format!(
         "GET {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: cubegate-health\r\nConnection: close\r\n\r\n",
         host.base_path, host.authority
     );
-    let (res, _) = stream.write_all(request.into_bytes()).await;
-    res.map_err(|_| ())?;
-    let mut buf = Vec::with_capacity(4096);
-    let head = loop {
-        if let Some(h) = parse_response_head(&buf, MAX_HEAD, false).map_err(|_| ())? {
-            break h;
-        }
-        let (res, b) = stream.read_more(buf, 4096).await;
-        buf = b;
-        if res.map_err(|_| ())? == 0 {
-            return Err(());
-        }
-    };
-    let mut tracker = match head.framing {
-        ResponseFraming::None => return Ok((head.status, Vec::new())),
-        ResponseFraming::Length(n) if n > MAX_ANSWER as u64 => return Err(()),
-        ResponseFraming::Length(n) => BodyTracker::length(n),
-        ResponseFraming::Chunked => BodyTracker::chunked(),
-        ResponseFraming::UntilClose => BodyTracker::UntilClose,
-    };
-    let mut body = Vec::new();
-    let mut at = head.len;
-    loop {
-        tracker
-            .feed(&buf[at..], MAX_ANSWER as u64, |payload| {
-                body.extend_from_slice(payload)
-            })
-            .map_err(|_| ())?;
-        if tracker.is_done() || body.len() > MAX_ANSWER {
-            break;
-        }
-        buf.clear();
-        at = 0;
-        let (res, b) = stream.read_more(buf, 16 * 1024).await;
-        buf = b;
-        match res {
-            Ok(0) if matches!(tracker, BodyTracker::UntilClose) => break,
-            Ok(0) | Err(_) => return Err(()),
-            Ok(_) => {}
-        }
-    }
-    Ok((head.status, body))
+    exchange(&peer, request.into_bytes(), MAX_ANSWER, settings.timeout)
+        .await
+        .map_err(|_| ())
 }
 
 /// What a vLLM `/metrics` page says about the host's load.

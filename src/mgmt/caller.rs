@@ -28,7 +28,8 @@ pub(super) fn caller(m: &Management, req: &Request) -> Result<User, Reply> {
     let snapshot = m.published.load();
     let claims = crate::auth::verify_token(token, &snapshot.keys, &m.rules, unix_now() as f64)
         .map_err(|e| unauthorized(&e.to_string()))?;
-    if !snapshot.keys.issuers[claims.issuer()].own {
+    let own = claims.issuer().and_then(|i| snapshot.keys.issuers.get(i));
+    if !own.is_some_and(|i| i.own) {
         return Err(unauthorized(
             "the management API takes tokens issued by this box",
         ));

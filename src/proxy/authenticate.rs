@@ -7,8 +7,11 @@
 //! and the request waits for that attempt (at most a rate-limit window and a fetch) before
 //! it is answered. A verdict the cache already held was waited for once and is not waited
 //! for again; a refresh that changed keys empties the caches, so a token refused before
-//! it is checked anew.
+//! it is checked anew. The other case that waits: with `[auth] check_url`, a token that is
+//! neither an API key nor a JWT of a trusted issuer is settled by the check service
+//! ([`super::auth_check`]), its verdict cached like a verified token's.
 
+use super::auth_check::check_with_service;
 use super::connection::Connection;
 use super::error::GatewayError;
 use super::request::Request;
@@ -56,6 +59,10 @@ pub async fn authenticate(
             }
             None => return Err(refusal.into()),
         },
+        Err(Refusal {
+            error: AuthError::NeedsCheck,
+            ..
+        }) => check_with_service(worker, conn, req, authorization).await?,
         other => other?,
     };
     Ok(authenticated.identity)

@@ -41,6 +41,9 @@ pub enum GatewayError {
     /// Waited `timeouts.queue_s` for a host with room.
     QueueTimeout,
     Unauthorized(AuthError),
+    /// The check service (`[auth] check_url`) is down, slow or answered nonsense: not the
+    /// client's fault, so not a 401.
+    AuthCheckUnavailable,
     Forbidden(String),
     UpstreamConnect(std::io::Error),
     UpstreamConnectTimeout,
@@ -73,7 +76,7 @@ impl GatewayError {
             | UpstreamClosed
             | UpstreamUnavailable(_) => 502,
             UpstreamConnectTimeout | UpstreamFirstByteTimeout | UpstreamWriteTimeout => 504,
-            NoHealthyBackend | QueueTimeout => 503,
+            NoHealthyBackend | QueueTimeout | AuthCheckUnavailable => 503,
             QueueFull | RateLimited(_) => 429,
         }
     }
@@ -114,6 +117,7 @@ impl GatewayError {
             QueueFull => "queue_full",
             QueueTimeout => "queue_timeout",
             Unauthorized(_) => "invalid_token",
+            AuthCheckUnavailable => "auth_check_unavailable",
             Forbidden(_) => "forbidden",
             UpstreamConnect(_) => "backend_unreachable",
             UpstreamConnectTimeout => "backend_connect_timeout",
@@ -147,7 +151,9 @@ impl GatewayError {
     /// refusals that pass.
     pub fn retry_after_s(&self) -> Option<u32> {
         match self {
-            GatewayError::NoHealthyBackend | GatewayError::QueueFull => Some(1),
+            GatewayError::NoHealthyBackend
+            | GatewayError::QueueFull
+            | GatewayError::AuthCheckUnavailable => Some(1),
             GatewayError::QueueTimeout => Some(5),
             GatewayError::RateLimited(r) => Some(r.retry_after_s.max(1)),
             _ => None,
@@ -208,6 +214,9 @@ impl fmt::Display for GatewayError {
                 "no GPU host serving this model had room within timeouts.queue_s; retry after the time in Retry-After",
             ),
             Unauthorized(why) => write!(f, "{why}"),
+            AuthCheckUnavailable => f.write_str(
+                "the authentication service that checks this token (auth.check_url) is unavailable; retry after the time in Retry-After",
+            ),
             Forbidden(why) => write!(f, "{why}"),
             UpstreamConnect(e) => write!(f, "could not connect to the backend: {e}"),
             UpstreamConnectTimeout => f.write_str("timed out connecting to the backend"),

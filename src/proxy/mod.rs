@@ -8,7 +8,8 @@
 //! → [`log`].
 //! The [`connection`] owns the sockets and the read buffer and outlives its requests; each
 //! [`request`] is a fresh value. Below them: socket types ([`io`]), body framing
-//! ([`body`]), the model scanner ([`model_scan`]), upstream pools ([`pool`]), splice
+//! ([`body`]), the model scanner ([`model_scan`]), upstream pools ([`pool`]), small
+//! whole exchanges such as health probes and the auth check ([`exchange`]), splice
 //! ([`splice`]) and the one error map ([`error`]). Worker state is explicit and
 //! per-thread: nothing on this path takes a lock or writes memory another core reads,
 //! except the limit counters of a limited request (atomics, [`crate::usage::limiter`]).
@@ -16,12 +17,14 @@
 pub mod admit;
 pub mod answer_locally;
 pub mod answer_tap;
+pub mod auth_check;
 pub mod authenticate;
 pub mod authorize;
 pub mod body;
 pub mod choose_backends;
 pub mod connection;
 pub mod error;
+pub mod exchange;
 pub mod forward;
 pub mod io;
 pub mod log;

@@ -11,7 +11,7 @@ use super::request_id::RequestId;
 use super::splice::SplicePipe;
 use crate::auth::cache::TokenCache;
 use crate::auth::jwks_fetch::RefreshHandle;
-use crate::auth::Authenticator;
+use crate::auth::{Authenticated, Authenticator, CheckFailure};
 use crate::config::{Config, Limits, Timeouts};
 use crate::metrics::{Registry, WorkerMetrics};
 use crate::snapshot::{LocalSnapshot, Published};
@@ -55,6 +55,9 @@ pub struct Worker {
     pub claim_header_names: Vec<String>,
     /// This worker's verified-token cache.
     pub tokens: RefCell<TokenCache>,
+    /// Tokens this worker is asking the check service about (`[auth] check_url`), each with
+    /// the verdict-to-be that concurrent requests with the same token wait for.
+    pub checks_in_flight: RefCell<std::collections::HashMap<Box<[u8]>, SharedCheck>>,
     /// This worker's counters (summed with the others' at scrape time).
     pub metrics: Arc<WorkerMetrics>,
     /// Asks the JWKS fetcher to refresh now (a token named an unknown key).
@@ -95,6 +98,10 @@ pub struct Worker {
     run_id: u32,
     free_buffers: RefCell<Vec<Vec<u8>>>,
 }
+
+/// One call to the check service that several requests may wait for: `None` until it
+/// is settled.
+pub type SharedCheck = Rc<RefCell<Option<Result<Authenticated, CheckFailure>>>>;
 
 /// What every worker is built from: the process-wide pieces each one holds a handle to.
 #[derive(Clone)]
@@ -137,6 +144,7 @@ impl Worker {
                 config.auth.token_cache_entries,
                 registry[id].clone(),
             )),
+            checks_in_flight: RefCell::default(),
             metrics: registry[id].clone(),
             jwks_refresh,
             management: management_domain(mgmt_addr, mgmt_tls.is_some()),
