@@ -110,15 +110,11 @@ fn response_head(c: &mut Criterion) {
 }
 
 /// What `choose_backends` adds per request: the prefix keys of a chat body (8 KiB of
-/// history; the message ends come from the model scan, which runs anyway) and the `auto`
-/// policy's order over 8 hosts.
+/// history) and the `auto` policy's order over 8 hosts.
 fn host_choice(c: &mut Criterion) {
     let body = chat_body(8 * 1024);
-    let mut scanner = ModelScanner::new();
-    scanner.feed(&body).unwrap();
-    let messages = *scanner.message_ends();
     c.bench_function("fleet/prefix_keys_8k_body", |b| {
-        b.iter(|| black_box(PrefixKeys::of(black_box(&body), true, &messages)))
+        b.iter(|| black_box(PrefixKeys::of(black_box(&body), true)))
     });
     let hosts: Vec<std::sync::Arc<Host>> = (0..8)
         .map(|i| {
@@ -135,7 +131,7 @@ fn host_choice(c: &mut Criterion) {
         .collect();
     let candidates: Vec<(usize, &Host)> =
         hosts.iter().enumerate().map(|(i, h)| (i, &**h)).collect();
-    let keys = PrefixKeys::of(&body, true, &messages);
+    let keys = PrefixKeys::of(&body, true);
     let mut state = RoutingState::default();
     let mut out = Vec::with_capacity(8);
     c.bench_function("fleet/rank_auto_8_hosts", |b| {

@@ -38,13 +38,6 @@ impl AffinityIndex {
         self.current.insert(key, host);
     }
 
-    /// Remembers `key` on `host` unless it is remembered already.
-    pub fn insert_if_absent(&mut self, key: u64, host: u64) {
-        if self.get(key).is_none() {
-            self.insert(key, host);
-        }
-    }
-
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.current.len() + self.previous.len()

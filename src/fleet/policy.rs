@@ -122,31 +122,21 @@ pub fn rank(
                 .map(|(b, h)| (rendezvous(key, h.seed), *b, *h))
                 .collect();
             hosts.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
-            let remembered = keys.all().iter().enumerate().rev().find_map(|(i, k)| {
+            let remembered = keys.all().iter().rev().find_map(|k| {
                 let seed = state.affinity.get(*k)?;
-                let at = hosts
-                    .iter()
-                    .position(|(_, _, h)| h.seed == seed && fits(h))?;
-                Some((i, at))
+                hosts.iter().position(|(_, _, h)| h.seed == seed && fits(h))
             });
-            let (first, placement, matched) = match remembered {
-                Some((matched, at)) => (at, Placement::PrefixHit, matched),
+            let (first, placement) = match remembered {
+                Some(at) => (at, Placement::PrefixHit),
                 None => match hosts.iter().position(|(_, _, h)| fits(h)) {
-                    Some(0) => (0, Placement::Consistent, 0),
-                    Some(at) => (at, Placement::Spill, 0),
-                    None => (0, Placement::Consistent, 0),
+                    Some(0) => (0, Placement::Consistent),
+                    Some(at) => (at, Placement::Spill),
+                    None => (0, Placement::Consistent),
                 },
             };
-            // The matched prefix and what extends it are on the chosen host now. Shorter
-            // keys (a session's group: its system prompt) keep the host they had: one
-            // session following its history elsewhere does not move its whole group.
             let chosen_seed = hosts[first].2.seed;
-            for (i, k) in keys.all().iter().enumerate() {
-                if i >= matched {
-                    state.affinity.insert(*k, chosen_seed);
-                } else {
-                    state.affinity.insert_if_absent(*k, chosen_seed);
-                }
+            for k in keys.all() {
+                state.affinity.insert(*k, chosen_seed);
             }
             out.push(hosts[first].1);
             out.extend(
@@ -204,7 +194,7 @@ mod tests {
     }
 
     fn key(text: &str) -> PrefixKeys {
-        crate::fleet::prefix::tests::keyed(text.repeat(200).as_bytes(), true)
+        PrefixKeys::of(text.repeat(200).as_bytes(), true)
     }
 
     #[test]
@@ -250,7 +240,7 @@ mod tests {
         let h = hosts(4);
         let mut st = RoutingState::default();
         let system = "shared system prompt ".repeat(40);
-        let turn1 = crate::fleet::prefix::tests::keyed(
+        let turn1 = PrefixKeys::of(
             format!("{system}{}", "turn one ".repeat(200)).as_bytes(),
             true,
         );
@@ -260,7 +250,7 @@ mod tests {
         for k in &turn1.all()[1..] {
             st.affinity.insert(*k, h[other].seed);
         }
-        let turn2 = crate::fleet::prefix::tests::keyed(
+        let turn2 = PrefixKeys::of(
             format!(
                 "{system}{}{}",
                 "turn one ".repeat(200),

@@ -5,8 +5,8 @@
 //! operations that name a model the domain does not list yet, such as a pull); the
 //! domain's routing policy ([`crate::fleet::policy`]) orders those in rotation. For chat
 //! and completion requests the policy sees the request's prefix keys, hashed from the body
-//! bytes `read_model` already holds (and the message ends its scanner found), and an
-//! `X-Session-Id` header pins a session to its host the same way.
+//! bytes `read_model` already holds, and an `X-Session-Id` header pins a session to its
+//! host the same way.
 
 use super::error::GatewayError;
 use super::read_model::ModelRead;
@@ -14,8 +14,7 @@ use super::request::Request;
 use super::route::{Api, ProxyRoute};
 use super::worker::Worker;
 use crate::fleet::policy::{rank, Placement, Policy};
-use crate::fleet::prefix::{MessageEnds, PrefixKeys};
-use crate::http::head::BodyFraming;
+use crate::fleet::prefix::PrefixKeys;
 use crate::http::headers::eq_ignore_case;
 use crate::scope::Endpoint;
 use crate::snapshot::Domain;
@@ -59,7 +58,7 @@ pub fn choose_backends(
         });
     }
     let keys = match domain.routing {
-        Policy::Auto | Policy::Prefix => prefix_keys(buf, req, route.endpoint, body),
+        Policy::Auto | Policy::Prefix => prefix_keys(buf, req, route.endpoint),
         Policy::LeastLoaded | Policy::RoundRobin => PrefixKeys::default(),
     };
     let mut order = Vec::with_capacity(candidates.len());
@@ -72,7 +71,7 @@ pub fn choose_backends(
 
 /// What places this request by its content: its session when it names one, else the
 /// leading bytes of a prompt-carrying body.
-fn prefix_keys(buf: &[u8], req: &Request, endpoint: Endpoint, body: &ModelRead) -> PrefixKeys {
+fn prefix_keys(buf: &[u8], req: &Request, endpoint: Endpoint) -> PrefixKeys {
     let session = req
         .head
         .headers
@@ -85,14 +84,7 @@ fn prefix_keys(buf: &[u8], req: &Request, endpoint: Endpoint, body: &ModelRead) 
     }
     match endpoint {
         Endpoint::Chat | Endpoint::Completions => {
-            // The scanner counts payload bytes: its offsets are the buffer's only when no
-            // chunk framing sits between them.
-            let messages = match (&body.scanner, req.head.framing) {
-                (Some(s), BodyFraming::Length(_)) => *s.message_ends(),
-                _ => MessageEnds::default(),
-            };
-            let raw = &buf[req.head.len..req.consumed];
-            PrefixKeys::of(raw, !req.body_pending(), &messages)
+            PrefixKeys::of(&buf[req.head.len..req.consumed], !req.body_pending())
         }
         _ => PrefixKeys::default(),
     }

@@ -9,12 +9,7 @@
 //! top-level `"model"` key (JSON parsers in backends take the last one) would let a client
 //! pass the check with one model and be served another. For the same reason a top-level key
 //! written with escape sequences is refused: it could spell `model` in disguise.
-//!
-//! Walking the structure anyway, it also records where the elements of top-level arrays
-//! end (a chat's messages): routing keys a session's history by them
-//! ([`crate::fleet::prefix`]).
 
-use crate::fleet::prefix::MessageEnds;
 use std::fmt;
 
 const MAX_MODEL_BYTES: usize = 256;
@@ -84,9 +79,6 @@ pub struct ModelScanner {
     found: bool,
     /// Payload bytes fed before the current piece.
     fed: usize,
-    /// The container at depth 2 (a top-level value) is an array.
-    top_array: bool,
-    messages: MessageEnds,
     /// The current top-level key's first bytes (`KEY_BUF + 1` = longer than that).
     key_buf: [u8; KEY_BUF],
     key_len: usize,
@@ -130,8 +122,6 @@ impl ModelScanner {
             value_len: 0,
             found: false,
             fed: 0,
-            top_array: false,
-            messages: MessageEnds::default(),
             key_buf: [0; KEY_BUF],
             key_len: 0,
             want_stream: false,
@@ -150,11 +140,6 @@ impl ModelScanner {
         } else {
             None
         }
-    }
-
-    /// Where the last elements of top-level arrays ended, as payload offsets.
-    pub fn message_ends(&self) -> &MessageEnds {
-        &self.messages
     }
 
     /// The body asks for a stream (`"stream": true` at top level).
@@ -264,14 +249,8 @@ impl ModelScanner {
                     return Err(ScanError::TooDeep);
                 }
                 self.depth += 1;
-                if self.depth == 2 {
-                    self.top_array = b == b'[';
-                }
             }
             b'}' | b']' => {
-                if self.depth == 3 && self.top_array {
-                    self.messages.push(at + 1);
-                }
                 self.depth -= 1;
                 if self.depth == 0 {
                     self.phase = Phase::End;

@@ -1,5 +1,5 @@
 //! Tests of the model scanner: the model, the disguises it refuses, and what else it
-//! records on the way (message ends, `stream`, `max_tokens`).
+//! records on the way (`stream`, `stream_options`, `max_tokens`).
 
 use super::*;
 
@@ -112,117 +112,6 @@ fn agrees_with_a_full_parser() {
             "{}",
             String::from_utf8_lossy(&body)
         );
-    }
-}
-
-/// The message ends recorded while scanning, fed in random pieces, are those of a plain
-/// byte walk over the whole body.
-#[test]
-fn records_message_ends_as_a_plain_walk_does() {
-    use crate::fleet::prefix::tests::{ends, naive_ends};
-    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut rnd = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
-    let texts = [
-        "plain words ",
-        "a \"quoted\" }] word ",
-        "\\ back ",
-        "ü [{",
-        "\n",
-    ];
-    let mut recorded = 0;
-    for _ in 0..300 {
-        let messages: Vec<serde_json::Value> = (0..1 + rnd(12))
-            .map(|_| {
-                let content: String = (0..rnd(60))
-                    .map(|_| texts[rnd(texts.len() as u64) as usize])
-                    .collect();
-                serde_json::json!({"role": "user", "content": content, "n": [1, {"x": []}]})
-            })
-            .collect();
-        let tools = serde_json::json!([{"type": "function"}, "t"]);
-        let body = serde_json::to_vec(&serde_json::json!(
-            {"model": "m", "messages": messages, "tools": tools, "options": {"a": [1]}}
-        ))
-        .unwrap();
-        let mut s = ModelScanner::new();
-        let mut at = 0;
-        while at < body.len() {
-            let end = (at + 1 + rnd(700) as usize).min(body.len());
-            s.feed(&body[at..end]).unwrap();
-            at = end;
-        }
-        assert_eq!(
-            ends(s.message_ends()),
-            ends(&naive_ends(&body)),
-            "{}",
-            String::from_utf8_lossy(&body)
-        );
-        recorded += ends(s.message_ends()).len();
-    }
-    assert!(recorded > 500, "too few ends to compare: {recorded}");
-}
-
-#[test]
-fn sees_max_tokens() {
-    for (body, want) in [
-        (&br#"{"model":"m","max_tokens":512}"#[..], Some(512)),
-        (br#"{"max_completion_tokens" : 77 ,"model":"m"}"#, Some(77)),
-        (br#"{"model":"m","max_tokens":null}"#, None),
-        (
-            br#"{"model":"m","max_tokens":99999999999999999999999}"#,
-            None,
-        ),
-        (br#"{"model":"m","options":{"max_tokens":5}}"#, None),
-    ] {
-        for step in 1..body.len() {
-            let mut s = ModelScanner::new();
-            for piece in body.chunks(step) {
-                s.feed(piece).unwrap();
-            }
-            assert_eq!(s.max_tokens(), want, "{}", String::from_utf8_lossy(body));
-        }
-    }
-}
-
-#[test]
-fn sees_stream_and_stream_options() {
-    let cases: [(&[u8], bool, bool); 7] = [
-        (br#"{"model":"m","stream":true}"#, true, false),
-        (br#" {"stream" : true,"model":"m"}"#, true, false),
-        (br#"{"model":"m","stream":false}"#, false, false),
-        (br#"{"model":"m","stream":"true"}"#, false, false),
-        (
-            br#"{"model":"m","x":{"stream":true},"streamx":true}"#,
-            false,
-            false,
-        ),
-        (
-            br#"{"stream":true,"stream_options":{"include_usage":false},"model":"m"}"#,
-            true,
-            true,
-        ),
-        (
-            br#"{"model":"m","messages":[{"stream_options":1}],"Stream":true}"#,
-            false,
-            false,
-        ),
-    ];
-    for (body, stream, options) in cases {
-        for step in 1..body.len() {
-            let mut s = ModelScanner::new();
-            for piece in body.chunks(step) {
-                s.feed(piece).unwrap();
-            }
-            let what = String::from_utf8_lossy(body);
-            assert_eq!(s.stream(), stream, "{what}");
-            assert_eq!(s.has_stream_options(), options, "{what}");
-            assert_eq!(body[s.open_at()], b'{', "{what}");
-        }
     }
 }
 
