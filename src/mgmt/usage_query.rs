@@ -70,7 +70,9 @@ pub fn usage_params(
     };
     let to = match to {
         Some(v) => time("to", &v)?,
-        None => now,
+        // The end of the current minute: rows are kept by minute, and the minute under way
+        // (requests of the last seconds) is part of "now".
+        None => (now.div_euclid(60) + 1) * 60,
     };
     let from = match from {
         Some(v) => time("from", &v)?,
@@ -252,7 +254,7 @@ mod tests {
         let p = params("").unwrap();
         assert_eq!(
             (p.from, p.to, p.group),
-            (1_799_913_600, 1_800_000_000, UsageGroup::Model)
+            (1_799_913_660, 1_800_000_060, UsageGroup::Model)
         );
         let p = params("from=60&to=121&group_by=hour").unwrap();
         assert_eq!(p.minutes(), (1, 3));
