@@ -87,6 +87,25 @@ fn journey(driver: &str) {
         Some(json!({"email": "b@example.com", "password": "password123"})),
     );
     assert_eq!(weak.status, 400);
+    // Judged by zxcvbn, not a word list: a capitalized word, a year and two marks is
+    // long enough and still refused, and the answer says why in zxcvbn's words.
+    let guessable = call(
+        &gw,
+        "POST",
+        "/users",
+        Some(&admin),
+        Some(json!({"email": "c@example.com", "password": "Summer2026!!"})),
+    );
+    assert_eq!(guessable.status, 400, "{}", guessable.text());
+    assert_eq!(guessable.json()["error"]["code"], "weak_password");
+    let why = guessable.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("too easy to guess:") && why.len() > 50,
+        "{why}"
+    );
 
     // Not a member yet: 403.
     let (alice, alice_refresh) = tokens(&login(gw.addr, "alice@example.com", alice_pw));
