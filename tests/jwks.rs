@@ -151,16 +151,7 @@ fn jwks_rotation(driver: &str) {
     let server = JwksServer::start(String::new());
     server.set(&[&k1]);
     let vllm = sim("vllm", &[]);
-    let mut body = domains_config(&[("dom", &[("vllm", vllm.addr, &[VLLM_MODEL])])]);
-    body = body.replace("mode = \"none\"", "mode = \"jwt\"");
-    body.push_str(&format!(
-        "\n[[auth.trusted]]\nissuer = \"{ISSUER}\"\naudiences = [\"cubegate\"]\njwks_url = \"http://{}/jwks\"\n",
-        server.addr
-    ));
-    let gw = gateway(driver, &body);
-    assert!(eventually(Duration::from_secs(10), || gw
-        .log()
-        .contains("JWKS loaded")));
+    let gw = jwks_gateway(driver, &[(ISSUER, &server)], &vllm);
 
     let r = chat(&gw, &k1.token("alice", &["dom"]));
     assert_eq!(r.status, 200, "{}\n{}", r.text(), gw.log());
@@ -205,11 +196,11 @@ fn jwks_rotation(driver: &str) {
     assert!(server.fetches.load(Ordering::SeqCst) <= before + 1);
 }
 
-/// A gateway trusting two issuers, A and B, each with its own JWKS endpoint.
-fn two_issuers(driver: &str, a: &JwksServer, b: &JwksServer, sim: &Proc) -> Gateway {
+/// A gateway in `jwt` mode trusting each (issuer, JWKS server), once every JWKS is loaded.
+fn jwks_gateway(driver: &str, issuers: &[(&str, &JwksServer)], sim: &Proc) -> Gateway {
     let mut body = domains_config(&[("dom", &[("vllm", sim.addr, &[VLLM_MODEL])])]);
     body = body.replace("mode = \"none\"", "mode = \"jwt\"");
-    for (iss, server) in [(ISSUER_A, a), (ISSUER_B, b)] {
+    for (iss, server) in issuers {
         body.push_str(&format!(
             "\n[[auth.trusted]]\nissuer = \"{iss}\"\naudiences = [\"cubegate\"]\njwks_url = \"http://{}/jwks\"\n",
             server.addr
@@ -220,7 +211,7 @@ fn two_issuers(driver: &str, a: &JwksServer, b: &JwksServer, sim: &Proc) -> Gate
         .log()
         .matches("JWKS loaded")
         .count()
-        >= 2));
+        >= issuers.len()));
     gw
 }
 
@@ -244,7 +235,11 @@ fn jwks_refresh_per_issuer_and_deferred(driver: &str) {
     server_a.set(&[&a1]);
     server_b.set(&[&b1]);
     let vllm = sim("vllm", &[]);
-    let gw = two_issuers(driver, &server_a, &server_b, &vllm);
+    let gw = jwks_gateway(
+        driver,
+        &[(ISSUER_A, &server_a), (ISSUER_B, &server_b)],
+        &vllm,
+    );
     assert_eq!(
         chat(&gw, &a1.token_of(ISSUER_A, "ann", &["dom"])).status,
         200
@@ -305,26 +300,13 @@ fn jwks_refresh_per_issuer_and_deferred(driver: &str) {
 fn expiring_keys(driver: &str) {
     let (k1, k2) = (Key::new("k1", 41), Key::new("k2", 42));
     let server = JwksServer::start(String::new());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let k1_until = now + 7;
+    let k1_until = unix_in(7);
     let with_exp = k1
         .jwk()
         .replacen('{', &format!(r#"{{"exp":{k1_until},"#), 1);
     *server.doc.lock().unwrap() = format!(r#"{{"keys":[{with_exp}]}}"#);
     let vllm = sim("vllm", &[]);
-    let mut body = domains_config(&[("dom", &[("vllm", vllm.addr, &[VLLM_MODEL])])]);
-    body = body.replace("mode = \"none\"", "mode = \"jwt\"");
-    body.push_str(&format!(
-        "\n[[auth.trusted]]\nissuer = \"{ISSUER}\"\naudiences = [\"cubegate\"]\njwks_url = \"http://{}/jwks\"\n",
-        server.addr
-    ));
-    let gw = gateway(driver, &body);
-    assert!(eventually(Duration::from_secs(10), || gw
-        .log()
-        .contains("JWKS loaded")));
+    let gw = jwks_gateway(driver, &[(ISSUER, &server)], &vllm);
     assert_eq!(chat(&gw, &k1.token("ann", &["dom"])).status, 200);
     // The provider adds k2; no token asks for it, yet it is fetched before k1 expires.
     *server.doc.lock().unwrap() = format!(r#"{{"keys":[{with_exp},{}]}}"#, k2.jwk());
@@ -338,13 +320,9 @@ fn expiring_keys(driver: &str) {
     );
     assert_eq!(chat(&gw, &k2.token("bea", &["dom"])).status, 200);
     // Past k1's expiry its tokens are refused, and say why.
-    let wait = k1_until + 1
-        - std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            .min(k1_until + 1);
-    std::thread::sleep(Duration::from_secs(wait));
+    std::thread::sleep(Duration::from_secs(
+        (k1_until + 1).saturating_sub(unix_in(0)),
+    ));
     let r = chat(&gw, &k1.token("ann", &["dom"]));
     assert_eq!(r.status, 401);
     assert!(

@@ -39,9 +39,13 @@ pub fn admit(
     };
     let user = identity.user_id();
     let key = identity.api_key_id();
+    let own = book.domain(domain);
     let scopes = [
-        (ScopeKind::Domain, book.domain(domain).domain),
-        (ScopeKind::Member, book.member(domain, user)),
+        (ScopeKind::Domain, own.domain),
+        (
+            ScopeKind::Member,
+            book.own_member(domain, user).unwrap_or(own.per_member),
+        ),
         (ScopeKind::Key, key.map(|k| book.key(k)).unwrap_or_default()),
     ];
     if scopes.iter().all(|(_, l)| l.is_none()) {
@@ -83,9 +87,14 @@ fn worker_counters(worker: &Worker, scope: Scope<'_>) -> Arc<Counters> {
         .clone()
 }
 
+/// A prompt's tokens as guessed from its body: a quarter of its bytes.
+fn prompt_estimate(req: &Request) -> u64 {
+    (req.body_in_buffer() / 4) as u64
+}
+
 /// Tokens a request reserves: its prompt's estimate and the completion it may ask for.
 fn reservation(req: &Request, body: &ModelRead) -> u32 {
-    let prompt = (req.body_in_buffer() / 4) as u64;
+    let prompt = prompt_estimate(req);
     let completion = body
         .scanner
         .as_ref()
@@ -98,7 +107,7 @@ fn reservation(req: &Request, body: &ModelRead) -> u32 {
 /// figures, or (when it reported none) the prompt's estimate and the events delivered;
 /// nothing when no answer came.
 pub fn settle(req: &mut Request) {
-    let estimate = (req.body_in_buffer() / 4) as u64;
+    let estimate = prompt_estimate(req);
     let Some(admission) = req.admission.as_mut() else {
         return;
     };

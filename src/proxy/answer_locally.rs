@@ -106,16 +106,11 @@ pub async fn send_error(
         retry_after = s.to_string();
         extra.push(("Retry-After", &retry_after));
     }
-    let mut rate = Vec::new();
-    if let GatewayError::RateLimited(r) = e {
-        r.headers.write(&mut rate);
-    }
-    let rate = String::from_utf8(rate).unwrap_or_default();
-    for line in rate.split_terminator("\r\n") {
-        if let Some((name, value)) = line.split_once(": ") {
-            extra.push((name, value));
-        }
-    }
+    let rate = match e {
+        GatewayError::RateLimited(r) => r.headers.pairs(),
+        _ => Vec::new(),
+    };
+    extra.extend(rate.iter().map(|(name, value)| (*name, value.as_str())));
     if let GatewayError::Unauthorized(why) = e {
         challenge = match why {
             AuthError::Missing => "Bearer realm=\"cubegate\"".to_string(),

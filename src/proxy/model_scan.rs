@@ -212,11 +212,12 @@ impl ModelScanner {
         if self.in_string {
             return self.string_byte(b);
         }
-        if self.want_stream && !matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b':') {
+        let gap = matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b':');
+        if self.want_stream && !gap {
             self.want_stream = false;
             self.stream = b == b't';
         }
-        if self.want_max && !matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b':') {
+        if self.want_max && !gap {
             if b.is_ascii_digit() {
                 let digit = u64::from(b - b'0');
                 let n = self.max_tokens.unwrap_or(0);

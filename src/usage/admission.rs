@@ -87,15 +87,42 @@ pub struct RateHeaders {
 impl RateHeaders {
     /// The header lines (each ending in CRLF), appended to `out`.
     pub fn write(&self, out: &mut Vec<u8>) {
-        use std::io::Write as _;
-        for (what, figures) in [("requests", self.requests), ("tokens", self.tokens)] {
+        for (name, value) in self.pairs() {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The headers as (name, value).
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (names, figures) in [
+            (
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+                self.requests,
+            ),
+            (
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+                self.tokens,
+            ),
+        ] {
             if let Some((limit, remaining, reset)) = figures {
-                let _ = write!(
-                    out,
-                    "x-ratelimit-limit-{what}: {limit}\r\nx-ratelimit-remaining-{what}: {remaining}\r\nx-ratelimit-reset-{what}: {reset}s\r\n"
-                );
+                out.push((names[0], limit.to_string()));
+                out.push((names[1], remaining.to_string()));
+                out.push((names[2], format!("{reset}s")));
             }
         }
+        out
     }
 }
 

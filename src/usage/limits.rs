@@ -70,12 +70,13 @@ impl LimitBook {
 
     /// The limits of `user` in `domain`: their own set, else the domain's per-member one.
     pub fn member(&self, domain: &str, user: &str) -> Limits {
-        self.api
-            .members
-            .get(domain)
-            .and_then(|m| m.get(user))
-            .copied()
+        self.own_member(domain, user)
             .unwrap_or_else(|| self.domain(domain).per_member)
+    }
+
+    /// The set `user` has of their own in `domain`, if any.
+    pub fn own_member(&self, domain: &str, user: &str) -> Option<Limits> {
+        self.api.members.get(domain)?.get(user).copied()
     }
 
     /// An API key's own limits.

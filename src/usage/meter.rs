@@ -131,7 +131,7 @@ impl Meter {
         }
         Usage {
             prompt_tokens: 0,
-            completion_tokens: self.messages - u64::from(self.done_marker.min(self.messages > 0)),
+            completion_tokens: self.messages.saturating_sub(u64::from(self.done_marker)),
             source: UsageSource::Counted,
         }
     }
