@@ -141,8 +141,18 @@ fn chat(gw: &Gateway, token: &str) -> Response {
         ],
         body.as_bytes(),
     );
-    raw(gw.addr, &req).unwrap_or_else(|| panic!("no answer; gateway log:\n{}", gw.log()))
+    // A token under an unknown kid may wait out a whole forced-refresh window (10 s) and
+    // the fetch before it is answered: the client waits longer than that.
+    let mut s = connect(gw.addr);
+    s.set_read_timeout(Some(CLIENT_PATIENCE)).unwrap();
+    s.write_all(&req).unwrap();
+    Reader::new(s)
+        .response()
+        .unwrap_or_else(|| panic!("no answer; gateway log:\n{}", gw.log()))
 }
+
+/// Longer than the gateway's longest wait for a JWKS refresh (window + fetch).
+const CLIENT_PATIENCE: Duration = Duration::from_secs(30);
 
 fn jwks_rotation(driver: &str) {
     let k1 = Key::new("k1", 1);
