@@ -105,6 +105,22 @@ pub struct ManagementConfig {
     /// Both set = the management listener speaks HTTPS with this certificate and key.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Where users, tokens, domains and keys live: this box's SQLite file, or a PostgreSQL
+    /// database shared by several boxes.
+    pub store: StoreKind,
+    /// The environment variable holding the PostgreSQL connection string (a URL or
+    /// `key=value` pairs), so the password is not in the config file.
+    pub postgres_url_env: String,
+    /// The environment variable holding the key (32 bytes, hex or base64) that seals the
+    /// signing keys' private halves in PostgreSQL.
+    pub key_encryption_key_env: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
 }
 
 impl Default for ManagementConfig {
@@ -118,6 +134,9 @@ impl Default for ManagementConfig {
             refresh_token_ttl_s: 86400,
             tls_cert: None,
             tls_key: None,
+            store: StoreKind::Sqlite,
+            postgres_url_env: "CUBEGATE_POSTGRES_URL".into(),
+            key_encryption_key_env: "CUBEGATE_KEY_ENCRYPTION_KEY".into(),
         }
     }
 }

@@ -22,6 +22,14 @@ pub(super) fn store_error(e: StoreError) -> Reply {
             tracing::error!("management store: {err}");
             error_reply(500, "store_error", "the store failed; nothing was changed")
         }
+        StoreError::Unavailable(ref err) => {
+            tracing::error!("management store unreachable: {err}");
+            error_reply(
+                503,
+                "store_unavailable",
+                "the management store (PostgreSQL) is unreachable; nothing was changed. The proxy keeps serving from the last state; try again shortly",
+            )
+        }
     }
 }
 

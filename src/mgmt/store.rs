@@ -148,12 +148,15 @@ pub enum Rotation {
 pub enum StoreError {
     Conflict(&'static str),
     NotFound(&'static str),
-    Db(rusqlite::Error),
+    /// The database refused or failed the work (nothing was changed).
+    Db(String),
+    /// The database cannot be reached (a shared store down or its connection lost).
+    Unavailable(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Db(e)
+        StoreError::Db(e.to_string())
     }
 }
 
@@ -163,6 +166,7 @@ impl std::fmt::Display for StoreError {
             StoreError::Conflict(what) => write!(f, "{what} already exists"),
             StoreError::NotFound(what) => write!(f, "{what} not found"),
             StoreError::Db(e) => write!(f, "store error: {e}"),
+            StoreError::Unavailable(e) => write!(f, "store unreachable: {e}"),
         }
     }
 }
