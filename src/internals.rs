@@ -17,7 +17,7 @@ pub mod auth {
         pub use crate::auth::claims::{ClaimRules, Role, VerifiedClaims};
     }
     pub mod directory {
-        pub use crate::auth::directory::Directory;
+        pub use crate::auth::directory::{Directory, DomainRole};
     }
     pub mod jws {
         pub use crate::auth::jws::{
@@ -62,6 +62,21 @@ pub mod http {
     }
 }
 
+pub mod mgmt {
+    pub mod postgres {
+        pub use crate::mgmt::postgres::{connect_listener, PgStore, CHANGES_CHANNEL};
+    }
+    pub mod sqlite {
+        pub use crate::mgmt::sqlite::Store;
+    }
+    pub mod store {
+        pub use crate::mgmt::store::{
+            ApiKeyRow, Domain, LimitsOf, Rotation, Storage, StoreError, UsageGroup,
+            UsageGroupValue, UsageQuery, UsageRow, User,
+        };
+    }
+}
+
 pub mod proxy {
     pub mod io {
         pub use crate::proxy::io::BackendStream;
@@ -80,6 +95,15 @@ pub mod snapshot {
 
 pub mod scope {
     pub use crate::scope::DomainId;
+}
+
+pub mod usage {
+    pub mod limits {
+        pub use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
+    }
+    pub mod tally {
+        pub use crate::usage::tally::{Tally, UsageKey};
+    }
 }
 
 pub mod tls {

@@ -1,8 +1,8 @@
 //! What the management plane stores, and the [`Storage`] trait it stores it through.
 //!
 //! The management plane only talks to `dyn Storage`; [`crate::mgmt::sqlite::Store`] is the
-//! embedded implementation. A shared database can implement the same trait later to back
-//! a fleet of boxes. Roles are `auth`'s enums (`Role` on the platform, `DomainRole` in a
+//! embedded implementation, [`crate::mgmt::postgres::PgStore`] the same answers on a
+//! PostgreSQL server that a fleet of boxes shares. Roles are `auth`'s enums (`Role` on the platform, `DomainRole` in a
 //! domain), never strings. Limits set through the API are kept per domain, per member and
 //! per API key ([`LimitsOf`]) and read back whole, as the data plane gets them. Usage sums
 //! go in through the same trait (the usage writer holds a store of its own) and come out
@@ -171,8 +171,8 @@ impl std::fmt::Display for StoreError {
     }
 }
 
-/// What the management plane needs from a store. SQLite ([`Store`]) backs one box; a shared
-/// database can implement the same trait to back a fleet.
+/// What the management plane needs from a store. SQLite backs one box; PostgreSQL, shared,
+/// backs a fleet.
 pub trait Storage: Send {
     fn user_count(&self) -> Result<u64, StoreError>;
 
