@@ -71,7 +71,7 @@ pub mod mgmt {
     }
     pub mod store {
         pub use crate::mgmt::store::{
-            ApiKeyRow, Domain, LimitsOf, Rotation, Storage, StoreError, UsageGroup,
+            ApiKeyRow, Domain, LimitsOf, Rotation, SealedKey, Storage, StoreError, UsageGroup,
             UsageGroupValue, UsageQuery, UsageRow, User,
         };
     }

@@ -32,5 +32,6 @@ mod usage;
 pub mod internals;
 
 pub use config::{Config, ConfigError};
+pub use mgmt::migrate::run as migrate_store;
 pub use runtime::{check_config, serve, CheckSummary};
 pub use tls::gen_cert::{gen_cert, GenCert};

@@ -81,6 +81,33 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Copy a box's SQLite store and signing keys into PostgreSQL, so the box can join a
+    /// fleet on the shared store (management.store = "postgres") without anyone logging in
+    /// again.
+    ///
+    /// Copies users, domains, memberships, live API keys and refresh tokens, backends and
+    /// limits set through the API, usage, and the signing keys (sealed with the key in
+    /// --key-encryption-key-env). Refuses a database that already holds users unless
+    /// --force; with it (and on a second run) what is there is kept and only what is
+    /// missing is copied, usage included, so no token is counted twice. Stop the box
+    /// first: changes made meanwhile would not be copied.
+    MigrateStore {
+        /// The box's management.data_dir (holding cubegate.db and keys/).
+        #[arg(long)]
+        from: PathBuf,
+        /// Where to: "postgres".
+        #[arg(long, value_parser = ["postgres"])]
+        to: String,
+        /// The environment variable holding the PostgreSQL connection string.
+        #[arg(long, default_value = "CUBEGATE_POSTGRES_URL")]
+        postgres_url_env: String,
+        /// The environment variable holding the 32-byte key that seals the signing keys.
+        #[arg(long, default_value = "CUBEGATE_KEY_ENCRYPTION_KEY")]
+        key_encryption_key_env: String,
+        /// Copy into a database that already holds users (what is there is kept).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Human-readable lines on a terminal; JSON lines under systemd (journald sets
@@ -149,6 +176,25 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("cubegate gen-cert: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::MigrateStore {
+            from,
+            to: _,
+            postgres_url_env,
+            key_encryption_key_env,
+            force,
+        } => {
+            match cubegate::migrate_store(&from, &postgres_url_env, &key_encryption_key_env, force)
+            {
+                Ok(copied) => {
+                    println!("copied {} into PostgreSQL:\n{copied}", from.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cubegate migrate-store: {e}");
                     ExitCode::from(2)
                 }
             }

@@ -19,16 +19,6 @@ fn call(
     api_call(gw.addr, method, path, bearer, body)
 }
 
-#[track_caller]
-fn tokens(r: &Response) -> (String, String) {
-    assert_eq!(r.status, 201, "{}", r.text());
-    let v = r.json();
-    (
-        v["access_token"].as_str().unwrap().to_string(),
-        v["refresh_token"].as_str().unwrap().to_string(),
-    )
-}
-
 fn chat(gw: &Gateway, access: &str) -> Response {
     let auth = format!("Bearer {access}");
     post_with(

@@ -14,8 +14,8 @@ use cubegate::internals::auth::directory::DomainRole;
 use cubegate::internals::mgmt::postgres::{connect_listener, PgStore, CHANGES_CHANNEL};
 use cubegate::internals::mgmt::sqlite::Store;
 use cubegate::internals::mgmt::store::{
-    ApiKeyRow, Domain, LimitsOf, Rotation, Storage, StoreError, UsageGroup, UsageGroupValue,
-    UsageQuery, UsageRow, User,
+    ApiKeyRow, Domain, LimitsOf, Rotation, SealedKey, Storage, StoreError, UsageGroup,
+    UsageGroupValue, UsageQuery, UsageRow, User,
 };
 use cubegate::internals::usage::limits::{ApiLimits, DomainLimits, Limits};
 use cubegate::internals::usage::tally::{Tally, UsageKey};
@@ -233,7 +233,7 @@ fn rotate(s: &mut dyn Storage, t: &mut Transcript, old: &str, new: &str, now: i6
 fn refresh_tokens(s: &mut dyn Storage, t: &mut Transcript) {
     t.ok("r1", s.insert_refresh("r1", "f1", "u1", 100));
     let again = t.note("r1 again", s.insert_refresh("r1", "f1", "u1", 100));
-    assert!(is_db_error(again));
+    assert_eq!(conflict(again), Some("a refresh token with this id"));
     let no_user = t.note("no user", s.insert_refresh("rx", "fx", "nobody", 100));
     assert!(is_db_error(no_user));
     assert_eq!(rotate(s, t, "r1", "r2", 10), Rotation::Rotated);
@@ -270,10 +270,13 @@ fn api_keys_and_backends(s: &mut dyn Storage, t: &mut Transcript) {
     for k in &keys {
         t.ok(&k.id, s.insert_api_key(k, 1));
     }
-    assert!(is_db_error(t.note(
-        "same digest",
-        s.insert_api_key(&api_key("k4", "d1", 1, None), 1)
-    )));
+    assert_eq!(
+        conflict(t.note(
+            "same digest",
+            s.insert_api_key(&api_key("k4", "d1", 1, None), 1)
+        )),
+        Some("an API key with this id or digest")
+    );
     assert!(is_db_error(t.note(
         "no domain",
         s.insert_api_key(&api_key("k5", "nope", 5, None), 1)
@@ -645,17 +648,28 @@ fn changes_the_data_plane_sees_are_notified() {
         .unwrap();
     assert_eq!(next_version(&mut listener), version + 2);
 
-    store.insert_signing_key("k2", 2, b"sealed two").unwrap();
+    let sealed = |kid: &str, at: i64, blob: &[u8]| SealedKey {
+        kid: kid.into(),
+        created_at_ns: at,
+        sealed: blob.to_vec(),
+    };
+    store
+        .insert_sealed_key(&sealed("k2", 2, b"sealed two"))
+        .unwrap();
     assert_eq!(next_version(&mut listener), version + 3);
-    store.insert_signing_key("k1", 2, b"sealed one").unwrap();
-    store.insert_signing_key("k0", 3, b"sealed zero").unwrap();
-    let again = store.insert_signing_key("k1", 4, b"other");
+    store
+        .insert_sealed_key(&sealed("k1", 2, b"sealed one"))
+        .unwrap();
+    store
+        .insert_sealed_key(&sealed("k0", 3, b"sealed zero"))
+        .unwrap();
+    let again = store.insert_sealed_key(&sealed("k1", 4, b"other"));
     assert_eq!(conflict(again), Some("a signing key with this kid"));
-    let kids: Vec<(String, i64)> = (store.signing_keys().unwrap().into_iter())
-        .map(|(kid, at, _)| (kid, at))
+    let kids: Vec<(String, i64)> = (store.sealed_keys().unwrap().into_iter())
+        .map(|k| (k.kid, k.created_at_ns))
         .collect();
     assert_eq!(kids, [("k1".into(), 2), ("k2".into(), 2), ("k0".into(), 3)]);
-    assert_eq!(store.signing_keys().unwrap()[0].2, b"sealed one");
+    assert_eq!(store.sealed_keys().unwrap()[0].sealed, b"sealed one");
 }
 
 #[test]

@@ -44,14 +44,14 @@ pub fn route(m: &Management, req: Request) -> Reply {
         ("DELETE", ["domains", id, "keys", key]) => super::access::revoke_key(m, &req, id, key),
         (_, ["domains", id, rest @ .., "limits"]) => super::limits::route(m, &req, id, rest),
         ("POST", ["keys", "rotate"]) => admin(m, &req).and_then(|_| {
-            m.rotate_key(&m.data_dir)
+            m.rotate_key()
                 .map(|kid| Reply::json(201, &json!({"kid": kid})))
                 .map_err(|e| error_reply(500, "rotation_failed", &e))
         }),
         ("GET", ["backends"]) => admin(m, &req).map(|_| backends(m)),
         ("GET", ["metrics"]) => Ok(Reply {
             status: 200,
-            body: crate::metrics::render(&m.registry).into_bytes(),
+            body: (crate::metrics::render(&m.registry) + &m.health.render()).into_bytes(),
             headers: vec![("Content-Type", "text/plain; version=0.0.4".into())],
         }),
         ("GET", ["keys", ".well-known", "jwks.json"]) => Ok(Reply::json(

@@ -13,8 +13,10 @@ pub mod answer;
 pub mod api;
 pub mod caller;
 pub mod https;
+pub mod keyring;
 pub mod limits;
 pub mod login;
+pub mod migrate;
 pub mod postgres;
 pub mod postgres_limits;
 pub mod postgres_schema;
@@ -24,15 +26,17 @@ pub mod publish;
 pub mod request;
 pub mod server;
 pub mod sqlite;
+pub mod sqlite_export;
 pub mod sqlite_limits;
 pub mod sqlite_usage;
 pub mod store;
 pub mod tokens;
 pub mod usage;
 pub mod usage_query;
+pub mod watch;
 
 use crate::auth::claims::{ClaimRules, Role};
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::snapshot::Published;
 use sqlite::Store;
 use std::collections::HashMap;
@@ -57,7 +61,10 @@ pub struct Management {
     /// The listening socket (a copy), to pass on in a hand-over.
     pub listener: std::sync::OnceLock<std::net::TcpListener>,
     store: Mutex<Box<dyn Storage>>,
-    data_dir: std::path::PathBuf,
+    /// Where the signing keys are kept (files, or the shared store).
+    key_home: keyring::KeyHome,
+    /// Whether a shared store is reachable, for `/metrics`.
+    pub(crate) health: watch::StoreHealth,
     /// Every worker's counters, for `GET /metrics`.
     registry: crate::metrics::Registry,
     /// Oldest first; the last one signs.
@@ -87,10 +94,17 @@ pub fn start(
 ) -> Result<(Arc<Management>, std::net::SocketAddr), String> {
     let m = &config.management;
     let store = open_store(config)?;
-    let keys = tokens::load_or_create_keys(&m.data_dir)?;
+    let key_home = match m.store {
+        StoreKind::Sqlite => keyring::KeyHome::Files(m.data_dir.clone()),
+        StoreKind::Postgres => keyring::KeyHome::Store(Box::new(keyring::Sealer::from_env(
+            &m.key_encryption_key_env,
+        )?)),
+    };
+    let keys = key_home.load_or_create(&*store)?;
     let mgmt = Arc::new(Management {
         store: Mutex::new(store),
-        data_dir: m.data_dir.clone(),
+        key_home,
+        health: watch::StoreHealth::default(),
         registry,
         keys: std::sync::RwLock::new(keys),
         published,
@@ -133,19 +147,55 @@ pub fn start(
         .spawn(move || server::serve(listener, handler, gate, transport))
         .map_err(|e| format!("cannot start the management listener: {e}"))?;
     let _ = mgmt.listener.set(listener_copy);
+    if m.store == StoreKind::Postgres {
+        watch::spawn(mgmt.clone(), postgres_url(config)?)
+            .map_err(|e| format!("cannot start the store watcher: {e}"))?;
+    }
     tracing::info!(listen = %addr, https, keys = mgmt.keys().len(), "management API listening");
     Ok((mgmt, addr))
 }
 
-/// Opens the store under `management.data_dir` (creating the directory, applying
-/// migrations). The management plane holds one; the usage writer opens its own.
+/// Opens the configured store: SQLite under `management.data_dir` (creating the
+/// directory), or PostgreSQL, waiting for it while it cannot be reached (the box is not
+/// ready until it has its state). Migrations are applied either way. The management plane
+/// holds one; the usage writer opens its own.
 pub fn open_store(config: &Config) -> Result<Box<dyn Storage>, String> {
-    let dir = &config.management.data_dir;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("management.data_dir: cannot create {}: {e}", dir.display()))?;
-    let store = Store::open(&dir.join("cubegate.db"))
-        .map_err(|e| format!("management.data_dir: cannot open the store: {e}"))?;
-    Ok(Box::new(store))
+    match config.management.store {
+        StoreKind::Sqlite => {
+            let dir = &config.management.data_dir;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                format!("management.data_dir: cannot create {}: {e}", dir.display())
+            })?;
+            let store = Store::open(&dir.join("cubegate.db"))
+                .map_err(|e| format!("management.data_dir: cannot open the store: {e}"))?;
+            Ok(Box::new(store))
+        }
+        StoreKind::Postgres => {
+            let url = postgres_url(config)?;
+            let mut wait = Duration::from_millis(250);
+            loop {
+                match postgres::PgStore::connect(&url) {
+                    Ok(store) => return Ok(Box::new(store)),
+                    Err(store::StoreError::Unavailable(why)) => {
+                        tracing::warn!(
+                            "waiting for PostgreSQL (management.store = \"postgres\"): {why}; retrying in {wait:?}"
+                        );
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => return Err(format!("management.store = \"postgres\": {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// The PostgreSQL connection string, from the variable `management.postgres_url_env` names.
+fn postgres_url(config: &Config) -> Result<String, String> {
+    let var = &config.management.postgres_url_env;
+    std::env::var(var).map_err(|_| {
+        format!("management.store = \"postgres\": set the connection string in the environment variable {var} (management.postgres_url_env), e.g. postgresql://cubegate@db.example/cubegate")
+    })
 }
 
 impl Management {
@@ -173,8 +223,12 @@ impl Management {
             disabled: false,
             created_at: unix_now(),
         };
-        self.store().insert_user(&user).map_err(|e| e.to_string())?;
-        tracing::info!(email = %user.email, "created the platform admin");
+        match self.store().insert_user(&user) {
+            Ok(()) => tracing::info!(email = %user.email, "created the platform admin"),
+            // Another box on the same shared store made it at the same moment.
+            Err(store::StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
         Ok(())
     }
 
@@ -239,19 +293,26 @@ impl Management {
     }
 
     /// Adds a new signing key: it signs from now on, the older ones keep verifying (and stay
-    /// in the JWKS) so tokens they issued live out their time.
-    pub fn rotate_key(&self, data_dir: &std::path::Path) -> Result<String, String> {
-        let path = tokens::create_key(&data_dir.join("keys"))?;
-        let fresh = tokens::load_or_create_keys(data_dir)?;
-        let kid = fresh
-            .iter()
+    /// in the JWKS) so tokens they issued live out their time. On a shared store every box
+    /// takes it up through the change notification.
+    pub fn rotate_key(&self) -> Result<String, String> {
+        let home = self.key_home.add(&**self.store())?;
+        self.reload_keys()?;
+        let kid = self
+            .keys()
             .last()
             .map(|k| k.kid.clone())
             .ok_or("no key after rotation")?;
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         self.publish();
-        tracing::info!(kid, path = %path.display(), "signing key rotated");
+        tracing::info!(kid, home, "signing key rotated");
         Ok(kid)
+    }
+
+    /// Reads the signing keys again from where they are kept.
+    pub(crate) fn reload_keys(&self) -> Result<(), String> {
+        let fresh = self.key_home.load_or_create(&**self.store())?;
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
     }
 
     /// `Some(retry_after)` when the account or the address has failed too often; counts a

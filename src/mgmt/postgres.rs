@@ -18,7 +18,8 @@
 use super::postgres_schema::migrate;
 use super::postgres_session::{conflict, missing, session_config, Session};
 use super::store::{
-    ApiKeyRow, Domain, LimitsOf, Rotation, Storage, StoreError, UsageQuery, UsageRow, User,
+    ApiKeyRow, Domain, LimitsOf, Rotation, SealedKey, Storage, StoreError, UsageQuery, UsageRow,
+    User,
 };
 use crate::auth::claims::Role;
 use crate::auth::directory::DomainRole;
@@ -103,30 +104,6 @@ impl PgStore {
             });
         }
         result
-    }
-
-    /// Every sealed signing key: (kid, created_at, sealed), oldest first.
-    pub fn signing_keys(&self) -> Result<Vec<(String, i64, Vec<u8>)>, StoreError> {
-        self.select(
-            "SELECT kid, created_at, sealed FROM signing_keys
-             ORDER BY created_at, kid COLLATE \"C\"",
-            &[],
-            |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)),
-        )
-    }
-
-    pub fn insert_signing_key(
-        &self,
-        kid: &str,
-        created_at: i64,
-        sealed: &[u8],
-    ) -> Result<(), StoreError> {
-        self.change_or(
-            "INSERT INTO signing_keys (kid, created_at, sealed) VALUES ($1, $2, $3)",
-            &[&kid, &created_at, &sealed],
-            |e| conflict(e, "a signing key with this kid"),
-        )?;
-        Ok(())
     }
 
     /// How many changes the data plane must see have been committed (what the last
@@ -221,7 +198,11 @@ impl Storage for PgStore {
         user_id: &str,
         expires_at: i64,
     ) -> Result<(), StoreError> {
-        self.change(INSERT_REFRESH, &[&jti, &family, &user_id, &expires_at])?;
+        self.change_or(
+            INSERT_REFRESH,
+            &[&jti, &family, &user_id, &expires_at],
+            |e| conflict(e, "a refresh token with this id"),
+        )?;
         Ok(())
     }
 
@@ -364,7 +345,7 @@ impl Storage for PgStore {
     }
 
     fn insert_api_key(&self, k: &ApiKeyRow, now: i64) -> Result<(), StoreError> {
-        self.change(
+        self.change_or(
             "INSERT INTO api_keys (id, domain_id, name, digest, created_by, expires_at, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[
@@ -376,6 +357,7 @@ impl Storage for PgStore {
                 &k.expires_at,
                 &now,
             ],
+            |e| conflict(e, "an API key with this id or digest"),
         )?;
         Ok(())
     }
@@ -459,5 +441,29 @@ impl Storage for PgStore {
 
     fn prune_usage(&self, before_minute: i64) -> Result<u64, StoreError> {
         self.with_client(|c| super::postgres_usage::prune(c, before_minute))
+    }
+
+    fn sealed_keys(&self) -> Result<Vec<SealedKey>, StoreError> {
+        self.select(
+            "SELECT kid, created_at, sealed FROM signing_keys
+             ORDER BY created_at, kid COLLATE \"C\"",
+            &[],
+            |r| {
+                Ok(SealedKey {
+                    kid: r.try_get(0)?,
+                    created_at_ns: r.try_get(1)?,
+                    sealed: r.try_get(2)?,
+                })
+            },
+        )
+    }
+
+    fn insert_sealed_key(&self, key: &SealedKey) -> Result<(), StoreError> {
+        self.change_or(
+            "INSERT INTO signing_keys (kid, created_at, sealed) VALUES ($1, $2, $3)",
+            &[&key.kid, &key.created_at_ns, &key.sealed],
+            |e| conflict(e, "a signing key with this kid"),
+        )?;
+        Ok(())
     }
 }

@@ -29,7 +29,8 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 const RECHECK_IDLE: Duration = Duration::from_secs(1);
 const RECHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Each session's first statement: no statement (or lock wait) outlasts it.
-const SESSION_SETUP: &str = "SET statement_timeout = '10s'";
+/// Notices ("already exists, skipping") are not errors: only warnings and worse reach the log.
+const SESSION_SETUP: &str = "SET statement_timeout = '10s'; SET client_min_messages = warning";
 
 /// A connection and when it was last used.
 pub(super) struct Session {

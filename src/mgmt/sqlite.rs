@@ -98,13 +98,22 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 pub struct Store {
-    db: Connection,
+    pub(super) db: Connection,
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
             || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+/// A unique-key failure as `Conflict(what)`, any other as itself.
+fn conflict_or(e: rusqlite::Error, what: &'static str) -> StoreError {
+    if is_unique_violation(&e) {
+        StoreError::Conflict(what)
+    } else {
+        e.into()
+    }
 }
 
 impl Store {
@@ -200,10 +209,12 @@ impl Storage for Store {
         user_id: &str,
         expires_at: i64,
     ) -> Result<(), StoreError> {
-        self.db.execute(
-            "INSERT INTO refresh_tokens (jti, family, user_id, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![jti, family, user_id, expires_at],
-        )?;
+        self.db
+            .execute(
+                "INSERT INTO refresh_tokens (jti, family, user_id, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![jti, family, user_id, expires_at],
+            )
+            .map_err(|e| conflict_or(e, "a refresh token with this id"))?;
         Ok(())
     }
 
@@ -371,7 +382,8 @@ impl Storage for Store {
                 k.expires_at,
                 now
             ],
-        )?;
+        )
+        .map_err(|e| conflict_or(e, "an API key with this id or digest"))?;
         Ok(())
     }
 

@@ -133,6 +133,16 @@ pub struct UsageRow {
     pub sums: Tally,
 }
 
+/// A signing key as a shared store keeps it: its private half sealed
+/// ([`super::keyring`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedKey {
+    pub kid: String,
+    /// Keys made later sign; nanoseconds since the epoch.
+    pub created_at_ns: i64,
+    pub sealed: Vec<u8>,
+}
+
 /// What spending a refresh token did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rotation {
@@ -262,4 +272,14 @@ pub trait Storage: Send {
 
     /// Deletes the usage of minutes before `before_minute`; returns how many rows went.
     fn prune_usage(&self, before_minute: i64) -> Result<u64, StoreError>;
+
+    /// The signing keys a shared store keeps, oldest first. SQLite keeps none: one box's
+    /// keys are files under `data_dir` ([`super::keyring::KeyHome`]).
+    fn sealed_keys(&self) -> Result<Vec<SealedKey>, StoreError> {
+        Err(StoreError::Db("this store keeps no signing keys".into()))
+    }
+
+    fn insert_sealed_key(&self, _key: &SealedKey) -> Result<(), StoreError> {
+        Err(StoreError::Db("this store keeps no signing keys".into()))
+    }
 }

@@ -60,39 +60,83 @@ impl SigningKey {
 pub fn load_or_create_keys(data_dir: &Path) -> Result<Vec<SigningKey>, String> {
     let dir = data_dir.join("keys");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
+    if key_paths(&dir)?.is_empty() {
+        create_key(&dir)?;
+    }
+    key_paths(&dir)?
+        .iter()
+        .map(|path| {
+            let bytes =
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            key_from_pkcs8(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+/// The key files of `dir`, oldest first (their names are their creation times).
+fn key_paths(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "pk8"))
         .collect();
     names.sort();
-    if names.is_empty() {
-        names.push(create_key(&dir)?);
+    Ok(names)
+}
+
+/// Every key file under `<data_dir>/keys` as (creation time in ns, PKCS#8), oldest first.
+pub fn key_files(data_dir: &Path) -> Result<Vec<(i64, Vec<u8>)>, String> {
+    let dir = data_dir.join("keys");
+    if !dir.exists() {
+        return Ok(Vec::new());
     }
-    names
+    key_paths(&dir)?
         .iter()
-        .map(|path| {
+        .enumerate()
+        .map(|(i, path)| {
             let bytes =
                 std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let pair = Ed25519KeyPair::from_pkcs8(&bytes)
-                .map_err(|e| format!("{} is not an Ed25519 PKCS#8 key: {e}", path.display()))?;
-            Ok(SigningKey {
-                kid: kid_of(pair.public_key().as_ref()),
-                pair,
-            })
+            let made = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(i as i64);
+            Ok((made, bytes))
         })
         .collect()
+}
+
+/// A signing key from its PKCS#8 document.
+pub fn key_from_pkcs8(pkcs8: &[u8]) -> Result<SigningKey, String> {
+    let pair =
+        Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))?;
+    Ok(SigningKey {
+        kid: kid_of(pair.public_key().as_ref()),
+        pair,
+    })
+}
+
+/// A new Ed25519 key: its key id and PKCS#8 document.
+pub fn generate_pkcs8() -> Result<(String, Vec<u8>), String> {
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+        .map_err(|_| "cannot generate a key")?;
+    let key = key_from_pkcs8(pkcs8.as_ref())?;
+    Ok((key.kid, pkcs8.as_ref().to_vec()))
+}
+
+/// Nanoseconds since the epoch: keys made later sort later.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// Writes a new key file (mode 0600) named so that it sorts after the existing ones.
 pub fn create_key(dir: &Path) -> Result<std::path::PathBuf, String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let rng = SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| "cannot generate a key")?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let (_, pkcs8) = generate_pkcs8()?;
+    let now = now_ns();
     let path = dir.join(format!("{now:032}.pk8"));
     // Written under a temporary name, synced, then renamed: a crash never leaves a
     // half-written key file that would stop the next start.

@@ -854,6 +854,17 @@ pub fn login(addr: SocketAddr, email: &str, password: &str) -> Response {
     )
 }
 
+/// (access token, refresh token) of a `201` token answer.
+#[track_caller]
+pub fn tokens(r: &Response) -> (String, String) {
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    (
+        v["access_token"].as_str().unwrap().to_string(),
+        v["refresh_token"].as_str().unwrap().to_string(),
+    )
+}
+
 /// An access token of the platform admin every test gateway bootstraps.
 pub fn admin_token(addr: SocketAddr) -> String {
     let r = login(addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD);

@@ -1,0 +1,383 @@
+//! Several boxes as one: three cubegate processes on one PostgreSQL database (a real server
+//! on loopback, `common::services`). A user made on one box logs in on another, a token one
+//! box issues verifies on the others, a refresh token replayed on another box revokes its
+//! family everywhere, a membership removed on one box is refused on the others within a
+//! second (cached tokens included), a key rotated on one box verifies on all. With the
+//! database stopped the data plane keeps serving and management answers 503; all is well
+//! again once it is back; a box started before its database waits for it.
+
+mod common;
+use common::services::Postgres;
+use common::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const D: &str = "dom";
+const KEK: &str = "8f1e7c2a9b3d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccdde";
+const ALICE_PW: &str = "alice's long passphrase 42";
+
+/// The config of one box on the shared database at `url`.
+fn shared_box(driver: &str, vllm: &Proc, url: &str) -> Gateway {
+    let body = format!(
+        "[management]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_email = \"{TEST_ADMIN_EMAIL}\"\nstore = \"postgres\"\n\n{}",
+        unique_dir("shared").display(),
+        domains_config(&[(D, &[("vllm", vllm.addr, &[VLLM_MODEL])])])
+            .replace("mode = \"none\"", "mode = \"jwt\"")
+    );
+    gateway_env(
+        driver,
+        &body,
+        &[
+            ("CUBEGATE_POSTGRES_URL", url),
+            ("CUBEGATE_KEY_ENCRYPTION_KEY", KEK),
+        ],
+    )
+}
+
+fn chat(gw: &Gateway, access: &str) -> u16 {
+    let auth = format!("Bearer {access}");
+    post_with(
+        gw.addr,
+        &format!("/proxy/{D}/v1/chat/completions"),
+        &[("Authorization", &auth)],
+        &chat_body(VLLM_MODEL, false, ""),
+    )
+    .status
+}
+
+/// Makes alice on `on` and a member of the domain; returns her id.
+fn make_alice(on: &Gateway, admin: &str) -> String {
+    let created = api_call(
+        on.addr,
+        "POST",
+        "/users",
+        Some(admin),
+        Some(json!({"email": "alice@example.com", "password": ALICE_PW})),
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    created.json()["id"].as_str().unwrap().to_string()
+}
+
+fn set_member(on: &Gateway, admin: &str, user: &str) {
+    let r = api_call(
+        on.addr,
+        "PUT",
+        &format!("/domains/{D}/members/{user}"),
+        Some(admin),
+        Some(json!({"role": "member"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// How long until `cond` holds (polled every 10 ms), or None after `limit`.
+fn time_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn three_boxes_act_as_one(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database(&format!("three_{driver}"));
+    let vllm = sim("vllm", &[]);
+    // Started together: the migrations and the first key and admin are made once.
+    let boxes: Vec<Gateway> = std::thread::scope(|s| {
+        let starting: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| shared_box(driver, &vllm, &url)))
+            .collect();
+        starting.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (a, b, c) = (&boxes[0], &boxes[1], &boxes[2]);
+    let admin = admin_token(a.addr);
+    let jwks =
+        |g: &Gateway| api_call(g.addr, "GET", "/keys/.well-known/jwks.json", None, None).json();
+    assert_eq!(jwks(a), jwks(b), "one key set for every box");
+    assert_eq!(jwks(b), jwks(c));
+
+    // A user made on A logs in on B; a membership set on C; B's token works on A and C.
+    let alice = make_alice(a, &admin);
+    let (access, refresh) = tokens(&login(b.addr, "alice@example.com", ALICE_PW));
+    set_member(c, &admin, &alice);
+    for g in [a, b, c] {
+        assert!(
+            time_until(Duration::from_secs(1), || chat(g, &access) == 200).is_some(),
+            "the member set on C serves on every box within 1 s:\n{}",
+            g.log()
+        );
+    }
+
+    // A refresh token spent on A and replayed on B revokes the family on every box.
+    let (_, refresh2) = tokens(&api_call(
+        a.addr,
+        "POST",
+        "/users/tokens/refresh",
+        Some(&refresh),
+        None,
+    ));
+    let replay = api_call(
+        b.addr,
+        "POST",
+        "/users/tokens/refresh",
+        Some(&refresh),
+        None,
+    );
+    assert_eq!(replay.status, 401, "{}", replay.text());
+    let after = api_call(
+        c.addr,
+        "POST",
+        "/users/tokens/refresh",
+        Some(&refresh2),
+        None,
+    );
+    assert_eq!(
+        after.status,
+        401,
+        "the family is revoked on C too: {}",
+        after.text()
+    );
+
+    // A membership removed on B is refused on A and C within a second, cached tokens
+    // included (both served her token a moment ago).
+    let r = api_call(
+        b.addr,
+        "DELETE",
+        &format!("/domains/{D}/members/{alice}"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    for g in [a, c] {
+        let took = time_until(Duration::from_secs(1), || chat(g, &access) == 403);
+        assert!(
+            took.is_some(),
+            "removal on B not in force within 1 s:\n{}",
+            g.log()
+        );
+    }
+
+    // A key rotated on A: its tokens verify on B and C, which publish it in their JWKS.
+    set_member(a, &admin, &alice);
+    let r = api_call(a.addr, "POST", "/keys/rotate", Some(&admin), None);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let kid = r.json()["kid"].as_str().unwrap().to_string();
+    let (fresh, _) = tokens(&login(a.addr, "alice@example.com", ALICE_PW));
+    for g in [b, c] {
+        assert!(
+            time_until(Duration::from_secs(1), || chat(g, &fresh) == 200).is_some(),
+            "a token of the rotated key verifies on every box within 1 s:\n{}",
+            g.log()
+        );
+        assert!(jwks(g).to_string().contains(&kid));
+    }
+    // The signing keys' private halves are sealed in the database, never in clear.
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let rows = db
+        .query("SELECT kid, sealed FROM signing_keys", &[])
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        let sealed: Vec<u8> = row.get(1);
+        // A clear PKCS#8 document would carry the Ed25519 OID (06 03 2b 65 70).
+        assert!(!sealed
+            .windows(5)
+            .any(|w| w == [0x06, 0x03, 0x2b, 0x65, 0x70]));
+        assert!(sealed.len() > 48);
+    }
+}
+
+fn database_down_and_back(driver: &str) {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database(&format!("down_{driver}"));
+    let vllm = sim("vllm", &[]);
+    let a = shared_box(driver, &vllm, &url);
+    let b = shared_box(driver, &vllm, &url);
+    let admin = admin_token(a.addr);
+    let alice = make_alice(&a, &admin);
+    set_member(&a, &admin, &alice);
+    let (access, _) = tokens(&login(a.addr, "alice@example.com", ALICE_PW));
+    assert!(time_until(Duration::from_secs(1), || chat(&b, &access) == 200).is_some());
+    let up = |g: &Gateway| metric(management_addr(g), "cubegate_store_up");
+    assert_eq!(up(&a), 1);
+
+    pg.stop();
+    // The data plane keeps serving from the last state, on both boxes.
+    for g in [&a, &b] {
+        assert_eq!(chat(g, &access), 200, "{}", g.log());
+    }
+    // Management answers 503 naming the store, and nothing hangs.
+    let started = Instant::now();
+    let r = api_call(
+        a.addr,
+        "POST",
+        "/users",
+        Some(&admin),
+        Some(json!({"email": "bob@example.com", "password": ALICE_PW})),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.error_code(), "store_unavailable");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(
+        time_until(Duration::from_secs(5), || up(&b) == 0).is_some(),
+        "/metrics says the store is down"
+    );
+    expect_log(
+        &b,
+        "shared store (PostgreSQL) is unreachable",
+        Duration::from_secs(5),
+    );
+    assert_eq!(chat(&b, &access), 200);
+
+    pg.run();
+    // Back: writes work again, and a change on one box reaches the other.
+    let made = time_until(Duration::from_secs(10), || {
+        api_call(
+            a.addr,
+            "POST",
+            "/users",
+            Some(&admin),
+            Some(json!({"email": "bob@example.com", "password": ALICE_PW})),
+        )
+        .status
+            == 201
+    });
+    assert!(made.is_some(), "management works again:\n{}", a.log());
+    assert!(time_until(Duration::from_secs(10), || up(&b) == 1).is_some());
+    let r = api_call(
+        a.addr,
+        "DELETE",
+        &format!("/domains/{D}/members/{alice}"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 204);
+    assert!(
+        time_until(Duration::from_secs(1), || chat(&b, &access) == 403).is_some(),
+        "changes reach B again after the database came back:\n{}",
+        b.log()
+    );
+}
+
+fn starts_before_its_database(driver: &str) {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database(&format!("late_{driver}"));
+    let vllm = sim("vllm", &[]);
+    pg.stop();
+    let gw = std::thread::scope(|s| {
+        let starting = s.spawn(|| shared_box(driver, &vllm, &url));
+        std::thread::sleep(Duration::from_secs(2));
+        pg.run();
+        starting.join().unwrap()
+    });
+    assert!(gw.log().contains("waiting for PostgreSQL"), "{}", gw.log());
+    assert_eq!(
+        login(gw.addr, TEST_ADMIN_EMAIL, TEST_ADMIN_PASSWORD).status,
+        201
+    );
+}
+
+/// `cubegate migrate-store` with the database from `url`.
+fn migrate_store(data_dir: &str, url: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cubegate"))
+        .args(["migrate-store", "--from", data_dir, "--to", "postgres"])
+        .args(extra)
+        .env("CUBEGATE_POSTGRES_URL", url)
+        .env("CUBEGATE_KEY_ENCRYPTION_KEY", KEK)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+/// A box on SQLite moves to PostgreSQL: its users, memberships, keys, sessions, usage and
+/// signing keys come along (old tokens verify on the new box); a second run refuses, and
+/// with --force copies nothing twice.
+fn migrates_a_box_store(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database(&format!("moved_{driver}"));
+    let vllm = sim("vllm", &[]);
+    let body = domains_config(&[(D, &[("vllm", vllm.addr, &[VLLM_MODEL])])])
+        .replace("mode = \"none\"", "mode = \"jwt\"");
+    let mut old = gateway(driver, &body);
+    let config = std::fs::read_to_string(&old.config_path).unwrap();
+    let data_dir = config
+        .lines()
+        .find_map(|l| l.strip_prefix("data_dir = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_string();
+    let admin = admin_token(old.addr);
+    let alice = make_alice(&old, &admin);
+    set_member(&old, &admin, &alice);
+    let (access, refresh) = tokens(&login(old.addr, "alice@example.com", ALICE_PW));
+    let key = api_call(
+        old.addr,
+        "POST",
+        &format!("/domains/{D}/keys"),
+        Some(&admin),
+        Some(json!({"name": "ci"})),
+    );
+    assert_eq!(key.status, 201, "{}", key.text());
+    let key = key.json()["key"].as_str().unwrap().to_string();
+    assert_eq!(chat(&old, &access), 200);
+    assert_eq!(chat(&old, &key), 200);
+    old.expect_clean_exit("TERM");
+
+    let (code, text) = migrate_store(&data_dir, &url, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("users:          2"), "{text}");
+    assert!(text.contains("signing keys:   1"), "{text}");
+    let (code, text) = migrate_store(&data_dir, &url, &[]);
+    assert_eq!(code, Some(2), "a second run refuses: {text}");
+    assert!(text.contains("--force"), "{text}");
+    let (code, text) = migrate_store(&data_dir, &url, &["--force"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("users:          0 (already there: 2)"),
+        "{text}"
+    );
+    assert!(text.contains("usage rows:     0"), "{text}");
+
+    let moved = shared_box(driver, &vllm, &url);
+    // Tokens and keys the old box issued work on the new one; the session refreshes.
+    assert_eq!(chat(&moved, &access), 200, "{}", moved.log());
+    assert_eq!(chat(&moved, &key), 200);
+    let r = api_call(
+        moved.addr,
+        "POST",
+        "/users/tokens/refresh",
+        Some(&refresh),
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    // The usage the old box stored is there, once.
+    let usage = api_call(
+        moved.addr,
+        "GET",
+        &format!("/domains/{D}/usage"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(usage.status, 200, "{}", usage.text());
+    let total = usage.json()["total"]["requests"].as_u64().unwrap();
+    assert!(total >= 2, "{}", usage.text());
+    let (code, text) = migrate_store(&data_dir, "postgresql://cubegate@127.0.0.1:1/none", &[]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("PostgreSQL"), "{text}");
+}
+
+for_each_driver!(
+    three_boxes_act_as_one,
+    database_down_and_back,
+    starts_before_its_database,
+    migrates_a_box_store
+);
