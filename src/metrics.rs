@@ -304,6 +304,7 @@ pub fn render(registry: &Registry) -> String {
         );
     }
     render_labelled(&mut out, registry);
+    crate::usage::fleet::view::render(&mut out);
     let placements: Vec<u64> = (0..5)
         .map(|i| registry.iter().map(|w| w.placements[i].get()).sum())
         .collect();

@@ -8,10 +8,12 @@
 
 mod checks;
 pub mod fleet;
+mod fleet_limits;
 mod limits;
 mod usage;
 
 pub use fleet::{HealthConfig, Routing};
+pub use fleet_limits::FleetConfig;
 pub use limits::{Limits, Timeouts};
 pub use usage::UsageConfig;
 
@@ -43,6 +45,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub usage: UsageConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
     #[serde(default)]
     pub domains: Vec<DomainConfig>,
 }
@@ -372,6 +376,7 @@ impl Config {
         check_range("timeouts.queue_s", t.queue_s, 0, 86_400)?;
         self.health.validate()?;
         self.usage.validate()?;
+        self.fleet.validate()?;
         check_range(
             "auth.token_cache_entries",
             self.auth.token_cache_entries as u64,
@@ -458,6 +463,8 @@ mod tests {
             ("[timeouts]\nfirst_byte_s = 0\n", "timeouts.first_byte_s"),
             ("[usage]\nflush_ms = 50\n", "usage.flush_ms"),
             ("[usage]\nretention_days = 0\n", "usage.retention_days"),
+            ("[fleet]\nsync_ms = 5\n", "fleet.sync_ms"),
+            ("[fleet]\nredis_url_env = \"A=B\"\n", "fleet.redis_url_env"),
             (
                 "[[domains]]\nid = \"a b\"\n[[domains.backends]]\nkind=\"vllm\"\nurl=\"http://127.0.0.1:1\"\nmodels=[\"m\"]\n",
                 "domains[0].id",

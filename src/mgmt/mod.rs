@@ -16,6 +16,7 @@ pub mod https;
 pub mod keyring;
 pub mod limits;
 pub mod login;
+pub mod login_limit;
 pub mod migrate;
 pub mod postgres;
 pub mod postgres_limits;
@@ -320,6 +321,9 @@ impl Management {
     /// at most once a second, and when it is full every login waits (fails closed) rather
     /// than the table growing.
     fn login_limited(&self, email: &str, client: IpAddr, failed: bool) -> Option<u64> {
+        // With `[fleet]`, counted over every box too; the local table still counts (it is
+        // what decides whenever Redis does not answer).
+        let fleet = login_limit::fleet_limited(email, client, failed, LOGIN_FAILURES, LOGIN_WINDOW);
         let mut guard = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let (table, swept) = &mut *guard;
         let now = Instant::now();
@@ -350,7 +354,7 @@ impl Management {
         if table.len() >= MAX_TRACKED {
             return Some(LOGIN_WINDOW.as_secs());
         }
-        limited
+        limited.max(fleet)
     }
 }
 

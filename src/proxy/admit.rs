@@ -16,6 +16,7 @@ use super::request::Request;
 use super::worker::Worker;
 use crate::snapshot::Domain;
 use crate::usage::admission::{admit as admit_to, Admission, Applied, ScopeKind};
+use crate::usage::fleet::view::Fleet;
 use crate::usage::limiter::{counters, Clock, Counters, Scope};
 use crate::usage::limits::LimitBook;
 use crate::usage::UsageSource;
@@ -68,7 +69,7 @@ pub fn admit(
         })
         .collect();
     let reserve = reservation(req, body);
-    admit_to(applied, Clock::now(), reserve)
+    admit_to(applied, Clock::now(), Fleet::now(), reserve)
         .map(Some)
         .map_err(|r| {
             worker.metrics.limit_rejections.count(metrics_slot, &r);
@@ -83,7 +84,7 @@ fn worker_counters(worker: &Worker, scope: Scope<'_>) -> Arc<Counters> {
         .limit_counters
         .borrow_mut()
         .entry(key)
-        .or_insert_with(|| counters(key))
+        .or_insert_with(|| counters(&scope))
         .clone()
 }
 

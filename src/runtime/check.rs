@@ -1,6 +1,7 @@
 //! `cubegate check-config`: everything `serve` would refuse in a configuration file, found
 //! without starting anything — the file's keys, the domain map and trusted issuers as a
-//! snapshot would be built from them, and the TLS files it names.
+//! snapshot would be built from them, the TLS files it names and the `[fleet]` Redis URL
+//! its environment holds.
 
 use crate::auth::keys::KeyStore;
 use crate::config::{Config, ConfigError};
@@ -31,6 +32,8 @@ pub fn check_config(path: &Path) -> Result<CheckSummary, ConfigError> {
     let keys = KeyStore::from_config(&config, 0)?;
     let snapshot = Snapshot::from_config(&config, 0, keys)?;
     check_tls_files(&config)?;
+    // The Redis URL comes from the environment, as at `serve`; it is not connected to.
+    crate::usage::fleet::settings(&config.fleet)?;
     Ok(CheckSummary {
         domains: snapshot.domains.len(),
         backends: snapshot.domains.values().map(|d| d.backends.len()).sum(),

@@ -121,6 +121,7 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
     )
     .map_err(StartupError::config)?;
     let usage = start_usage_writer(config, &published)?;
+    start_fleet_exchange(config)?;
     let jwks_refresh = start_jwks_fetcher(&published)?;
     crate::fleet::health::start(crate::fleet::health::HealthSettings {
         interval: config.health.interval(),
@@ -264,6 +265,17 @@ fn start_usage_writer(
     crate::usage::writer::start(store, &config.usage, published.clone())
         .map(Some)
         .map_err(|e| StartupError::system(format!("cannot start the usage writer: {e}")))
+}
+
+/// `[fleet]`: the thread that shares this box's limit counts with the other boxes.
+fn start_fleet_exchange(config: &Config) -> Result<(), StartupError> {
+    let Some(settings) =
+        crate::usage::fleet::settings(&config.fleet).map_err(StartupError::config)?
+    else {
+        return Ok(());
+    };
+    crate::usage::fleet::start(settings)
+        .map_err(|e| StartupError::system(format!("cannot start the fleet exchange: {e}")))
 }
 
 /// The thread that fetches trusted issuers' JWKS; the handle asks it for an early refresh.

@@ -6,8 +6,11 @@
 //! back what the request already took, so a refused request costs no one quota. The
 //! admitted request holds an [`Admission`]: it reports the `x-ratelimit-*` figures,
 //! settles the token reservation to the real count, and leaves the concurrency count when
-//! dropped.
+//! dropped. Use is counted as [`Fleet`] says (this box's, plus the other boxes' while Redis
+//! answers); the figures report the limit as configured and what remains of it for this
+//! box (of its share, while Redis does not answer).
 
+use super::fleet::view::Fleet;
 use super::limiter::{Clock, Counters};
 use super::limits::Limits;
 use std::fmt;
@@ -172,7 +175,12 @@ struct Taken {
 }
 
 /// Admits a request reserving `reserve` tokens against every scope in `applied`.
-pub fn admit(applied: Vec<Applied>, clock: Clock, reserve: u32) -> Result<Admission, Refusal> {
+pub fn admit(
+    applied: Vec<Applied>,
+    clock: Clock,
+    fleet: Fleet,
+    reserve: u32,
+) -> Result<Admission, Refusal> {
     let mut taken = [Taken::default(); 3];
     let mut headers = RateHeaders::default();
     for (i, a) in applied.iter().enumerate() {
@@ -186,7 +194,7 @@ pub fn admit(applied: Vec<Applied>, clock: Clock, reserve: u32) -> Result<Admiss
         };
         let step = (|| {
             if l.concurrent > 0 {
-                if !c.enter(l.concurrent) {
+                if !c.enter(l.concurrent, fleet) {
                     return Err(refuse(LimitKind::Concurrent, l.concurrent, 1));
                 }
                 taken[i].entered = true;
@@ -195,24 +203,24 @@ pub fn admit(applied: Vec<Applied>, clock: Clock, reserve: u32) -> Result<Admiss
                 let lim = l.requests_per_minute;
                 let used = c
                     .requests_per_minute
-                    .take(clock.minute, 1, lim)
+                    .take(clock.minute, 1, lim, fleet)
                     .map_err(|()| refuse(LimitKind::RequestsPerMinute, lim, clock.minute_left_s))?;
                 taken[i].request = true;
-                fewest(&mut headers.requests, lim, used, clock.minute_left_s);
+                fewest(&mut headers.requests, lim, fleet, used, clock.minute_left_s);
             }
             if l.tokens_per_minute > 0 {
                 let lim = l.tokens_per_minute;
                 let used = c
                     .tokens_per_minute
-                    .take(clock.minute, reserve, lim)
+                    .take(clock.minute, reserve, lim, fleet)
                     .map_err(|()| refuse(LimitKind::TokensPerMinute, lim, clock.minute_left_s))?;
                 taken[i].minute_tokens = true;
-                fewest(&mut headers.tokens, lim, used, clock.minute_left_s);
+                fewest(&mut headers.tokens, lim, fleet, used, clock.minute_left_s);
             }
             if l.tokens_per_day > 0 {
                 let lim = l.tokens_per_day;
                 c.tokens_per_day
-                    .take(clock.day, reserve, lim)
+                    .take(clock.day, reserve, lim, fleet)
                     .map_err(|()| refuse(LimitKind::TokensPerDay, lim, clock.day_left_s))?;
                 taken[i].day_tokens = true;
             }
@@ -220,7 +228,7 @@ pub fn admit(applied: Vec<Applied>, clock: Clock, reserve: u32) -> Result<Admiss
         })();
         if let Err(mut refusal) = step {
             roll_back(&applied, &taken, clock, reserve);
-            refusal.headers = figures_now(&applied, clock);
+            refusal.headers = figures_now(&applied, clock, fleet);
             return Err(refusal);
         }
     }
@@ -228,10 +236,11 @@ pub fn admit(applied: Vec<Applied>, clock: Clock, reserve: u32) -> Result<Admiss
         // No per-minute token limit: report the daily one, if any.
         for a in &applied {
             if a.limits.tokens_per_day > 0 {
-                let used = a.counters.tokens_per_day.used(clock.day);
+                let used = a.counters.tokens_per_day.counted(clock.day, fleet);
                 fewest(
                     &mut headers.tokens,
                     a.limits.tokens_per_day,
+                    fleet,
                     used,
                     clock.day_left_s,
                 );
@@ -246,9 +255,10 @@ pub fn admit(applied: Vec<Applied>, clock: Clock, reserve: u32) -> Result<Admiss
     })
 }
 
-/// Keeps the figures of the scope with the fewest remaining.
-fn fewest(slot: &mut Option<(u32, u32, u32)>, limit: u32, used: u32, reset: u32) {
-    let remaining = limit.saturating_sub(used);
+/// Keeps the figures of the scope with the fewest remaining (of what `fleet` lets this box
+/// use of `limit`).
+fn fewest(slot: &mut Option<(u32, u32, u32)>, limit: u32, fleet: Fleet, used: u32, reset: u32) {
+    let remaining = fleet.limit(limit).saturating_sub(used);
     if slot.is_none_or(|(_, r, _)| remaining < r) {
         *slot = Some((limit, remaining, reset));
     }
@@ -274,7 +284,7 @@ fn roll_back(applied: &[Applied], taken: &[Taken; 3], clock: Clock, reserve: u32
 }
 
 /// The figures as they stand (for a refused request's answer).
-fn figures_now(applied: &[Applied], clock: Clock) -> RateHeaders {
+fn figures_now(applied: &[Applied], clock: Clock, fleet: Fleet) -> RateHeaders {
     let mut h = RateHeaders::default();
     for a in applied {
         let (l, c) = (&a.limits, &a.counters);
@@ -287,7 +297,8 @@ fn figures_now(applied: &[Applied], clock: Clock) -> RateHeaders {
             (l.tokens_per_minute, &c.tokens_per_minute, &mut h.tokens),
         ] {
             if limit > 0 {
-                fewest(slot, limit, window.used(clock.minute), clock.minute_left_s);
+                let used = window.counted(clock.minute, fleet);
+                fewest(slot, limit, fleet, used, clock.minute_left_s);
             }
         }
     }
@@ -358,10 +369,10 @@ mod tests {
                 applied(ScopeKind::Key, kl, &key),
             ]
         };
-        let first = admit(scopes(), clock, 100).unwrap();
+        let first = admit(scopes(), clock, Fleet::Alone, 100).unwrap();
         assert_eq!(first.headers().requests, Some((1, 0, 60)));
         assert_eq!(first.headers().tokens, Some((1000, 900, 60)));
-        let refused = admit(scopes(), clock, 100).err().unwrap();
+        let refused = admit(scopes(), clock, Fleet::Alone, 100).err().unwrap();
         assert_eq!(
             (refused.scope, refused.kind),
             (ScopeKind::Key, LimitKind::RequestsPerMinute)
@@ -388,7 +399,13 @@ mod tests {
             ..Limits::default()
         };
         let clock = Clock::at(3600);
-        let mut a = admit(vec![applied(ScopeKind::Member, l, &c)], clock, 800).unwrap();
+        let mut a = admit(
+            vec![applied(ScopeKind::Member, l, &c)],
+            clock,
+            Fleet::Alone,
+            800,
+        )
+        .unwrap();
         a.settle(30);
         assert_eq!(c.tokens_per_minute.used(clock.minute), 30);
         assert_eq!(c.tokens_per_day.used(clock.day), 30);
@@ -398,5 +415,22 @@ mod tests {
             String::from_utf8(h).unwrap(),
             "x-ratelimit-limit-tokens: 1000\r\nx-ratelimit-remaining-tokens: 200\r\nx-ratelimit-reset-tokens: 60s\r\n"
         );
+    }
+
+    #[test]
+    fn the_figures_count_the_fleet_and_the_share() {
+        let c = Arc::new(Counters::default());
+        let l = Limits {
+            requests_per_minute: 60,
+            ..Limits::default()
+        };
+        let clock = Clock::at(600);
+        c.requests_per_minute.set_others(clock.minute, 50);
+        let scope = || vec![applied(ScopeKind::Domain, l, &c)];
+        let shared = admit(scope(), clock, Fleet::Shared, 0).unwrap();
+        assert_eq!(shared.headers().requests, Some((60, 9, 60)));
+        // Cut off from 3 boxes: this box's 20, of which it has now used 2.
+        let cut = admit(scope(), clock, Fleet::Cut { boxes: 3 }, 0).unwrap();
+        assert_eq!(cut.headers().requests, Some((60, 18, 60)));
     }
 }

@@ -13,8 +13,11 @@
 //! - [`strip`] takes the usage event the gateway asked for back out of a stream.
 //! - [`limits`] are the limit sets, [`limiter`] their counters shared by the workers,
 //!   [`admission`] the check of one request against them, [`metrics`] its refusals.
+//! - [`fleet`] shares the limiter's counts with the other boxes of a fleet (`[fleet]`,
+//!   through Redis), so limits hold over all of them.
 
 pub mod admission;
+pub mod fleet;
 pub mod limiter;
 pub mod limits;
 pub mod meter;
