@@ -16,22 +16,77 @@ const D: &str = "dom";
 const KEK: &str = "8f1e7c2a9b3d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccdde";
 const ALICE_PW: &str = "alice's long passphrase 42";
 
-/// The config of one box on the shared database at `url`.
-fn shared_box(driver: &str, vllm: &Proc, url: &str) -> Gateway {
-    let body = format!(
+/// The config body of one box on the shared store.
+fn shared_body(vllm: &Proc) -> String {
+    format!(
         "[management]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_email = \"{TEST_ADMIN_EMAIL}\"\nstore = \"postgres\"\n\n{}",
         unique_dir("shared").display(),
         domains_config(&[(D, &[("vllm", vllm.addr, &[VLLM_MODEL])])])
             .replace("mode = \"none\"", "mode = \"jwt\"")
-    );
+    )
+}
+
+/// One box on the shared database at `url`.
+fn shared_box(driver: &str, vllm: &Proc, url: &str) -> Gateway {
     gateway_env(
         driver,
-        &body,
+        &shared_body(vllm),
         &[
             ("CUBEGATE_POSTGRES_URL", url),
             ("CUBEGATE_KEY_ENCRYPTION_KEY", KEK),
         ],
     )
+}
+
+/// Settings waiting cannot fix stop the box at once (exit 2, naming them); check-config
+/// finds the ones it can without the database.
+fn store_settings_are_checked(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let vllm = sim("vllm", &[]);
+    let path = unique_dir("settings").join("cubegate.toml");
+    std::fs::write(&path, config_text(driver, &shared_body(&vllm))).unwrap();
+    let serve = |envs: &[(&str, &str)]| run_cubegate(&["serve", "--config"], &path, envs);
+    let check = |envs: &[(&str, &str)]| run_cubegate(&["check-config", "--config"], &path, envs);
+
+    let (code, err) = check(&[("CUBEGATE_KEY_ENCRYPTION_KEY", KEK)]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("CUBEGATE_POSTGRES_URL"), "{err}");
+    let url = pg.url("postgres");
+    let (code, err) = check(&[("CUBEGATE_POSTGRES_URL", &url)]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("CUBEGATE_KEY_ENCRYPTION_KEY"), "{err}");
+    let (code, err) = check(&[
+        ("CUBEGATE_POSTGRES_URL", "host=127.0.0.1 port=many"),
+        ("CUBEGATE_KEY_ENCRYPTION_KEY", KEK),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("port"), "{err}");
+    let (code, err) = check(&[
+        ("CUBEGATE_POSTGRES_URL", &url),
+        ("CUBEGATE_KEY_ENCRYPTION_KEY", "short"),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("32-byte"), "{err}");
+
+    // A database that does not exist is a setting to fix: the box stops, saying so.
+    let (code, err) = serve(&[
+        ("CUBEGATE_POSTGRES_URL", &pg.url("no_such_db")),
+        ("CUBEGATE_KEY_ENCRYPTION_KEY", KEK),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no_such_db"), "{err}");
+    // Keys sealed under one key do not open under another: the box stops, naming it.
+    let url = pg.database(&format!("sealed_{driver}"));
+    drop(shared_box(driver, &vllm, &url));
+    let (code, err) = serve(&[
+        ("CUBEGATE_POSTGRES_URL", &url),
+        ("CUBEGATE_KEY_ENCRYPTION_KEY", &"ab".repeat(32)),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("does not open with the key in CUBEGATE_KEY_ENCRYPTION_KEY"),
+        "{err}"
+    );
 }
 
 fn chat(gw: &Gateway, access: &str) -> u16 {
@@ -379,5 +434,6 @@ for_each_driver!(
     three_boxes_act_as_one,
     database_down_and_back,
     starts_before_its_database,
-    migrates_a_box_store
+    migrates_a_box_store,
+    store_settings_are_checked
 );

@@ -32,9 +32,17 @@ impl KeyHome {
             KeyHome::Store(sealer) => {
                 let mut keys = self.load(store, sealer)?;
                 if keys.is_empty() {
-                    // Two boxes starting on an empty database may both make one: both keys
-                    // are kept and the newer signs, on every box alike.
-                    self.add(store)?;
+                    // Boxes starting together on an empty database make one first key
+                    // between them.
+                    let (kid, pkcs8) = tokens::generate_pkcs8()?;
+                    let first = SealedKey {
+                        sealed: sealer.seal(&kid, &pkcs8)?,
+                        kid,
+                        created_at_ns: tokens::now_ns(),
+                    };
+                    store
+                        .insert_first_sealed_key(&first)
+                        .map_err(|e| format!("cannot store the first signing key: {e}"))?;
                     keys = self.load(store, sealer)?;
                 }
                 Ok(keys)

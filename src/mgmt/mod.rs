@@ -191,6 +191,17 @@ pub fn open_store(config: &Config) -> Result<Box<dyn Storage>, String> {
     }
 }
 
+/// What `check-config` can know of the store without reaching it: with PostgreSQL, that
+/// the connection string and the key encryption key are in the environment and well
+/// formed.
+pub fn check_store_settings(config: &Config) -> Result<(), String> {
+    if config.management.store == StoreKind::Postgres {
+        postgres_session::session_config(&postgres_url(config)?).map_err(|e| e.to_string())?;
+        keyring::Sealer::from_env(&config.management.key_encryption_key_env)?;
+    }
+    Ok(())
+}
+
 /// The PostgreSQL connection string, from the variable `management.postgres_url_env` names.
 fn postgres_url(config: &Config) -> Result<String, String> {
     let var = &config.management.postgres_url_env;

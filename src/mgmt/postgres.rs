@@ -458,6 +458,27 @@ impl Storage for PgStore {
         )
     }
 
+    fn insert_first_sealed_key(&self, key: &SealedKey) -> Result<bool, StoreError> {
+        self.with_client(|c| {
+            let mut tx = c.transaction()?;
+            // Boxes starting together on an empty database: one makes the first key, the
+            // others wait here and then find it.
+            tx.batch_execute("LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE")?;
+            let held: i64 = tx
+                .query_one("SELECT COUNT(*) FROM signing_keys", &[])?
+                .try_get(0)?;
+            if held > 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO signing_keys (kid, created_at, sealed) VALUES ($1, $2, $3)",
+                &[&key.kid, &key.created_at_ns, &key.sealed],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
     fn insert_sealed_key(&self, key: &SealedKey) -> Result<(), StoreError> {
         self.change_or(
             "INSERT INTO signing_keys (kid, created_at, sealed) VALUES ($1, $2, $3)",

@@ -39,10 +39,20 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// A new session; any failure to make one is `Unavailable`.
+    /// A new session. A server that refuses these credentials or has no such database is
+    /// `Db` (a setting to fix: waiting will not help); any other failure is `Unavailable`.
     pub(super) fn open(config: &Config) -> Result<Session, StoreError> {
         let unreachable = |e: postgres::Error| StoreError::Unavailable(describe(&e));
-        let mut client = config.connect(NoTls).map_err(unreachable)?;
+        let mut client = config.connect(NoTls).map_err(|e| {
+            let refused = e.code().is_some_and(|c| {
+                c.code().starts_with("28") || *c == SqlState::INVALID_CATALOG_NAME
+            });
+            if refused {
+                StoreError::Db(describe(&e))
+            } else {
+                unreachable(e)
+            }
+        })?;
         client.batch_execute(SESSION_SETUP).map_err(unreachable)?;
         Ok(Session {
             client,
@@ -123,7 +133,7 @@ pub(super) fn missing(e: postgres::Error, what: &'static str) -> StoreError {
 /// ours has. A parse error says which option's value is wrong, never the value: other
 /// messages of the parser can quote a piece of the string (an unquoted password with a
 /// space in it reads as further options), so they are replaced by what the string must be.
-pub(super) fn session_config(url: &str) -> Result<Config, StoreError> {
+pub(crate) fn session_config(url: &str) -> Result<Config, StoreError> {
     let mut config: Config = url.parse().map_err(|e: postgres::Error| {
         let which = std::error::Error::source(&e)
             .map(ToString::to_string)

@@ -282,4 +282,9 @@ pub trait Storage: Send {
     fn insert_sealed_key(&self, _key: &SealedKey) -> Result<(), StoreError> {
         Err(StoreError::Db("this store keeps no signing keys".into()))
     }
+
+    /// Stores `key` only if the store holds none yet; false when another box was first.
+    fn insert_first_sealed_key(&self, _key: &SealedKey) -> Result<bool, StoreError> {
+        Err(StoreError::Db("this store keeps no signing keys".into()))
+    }
 }

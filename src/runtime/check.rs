@@ -34,6 +34,10 @@ pub fn check_config(path: &Path) -> Result<CheckSummary, ConfigError> {
     check_tls_files(&config)?;
     // The Redis URL comes from the environment, as at `serve`; it is not connected to.
     crate::usage::fleet::settings(&config.fleet)?;
+    crate::mgmt::check_store_settings(&config).map_err(|problem| ConfigError {
+        key: "management.store".into(),
+        problem,
+    })?;
     Ok(CheckSummary {
         domains: snapshot.domains.len(),
         backends: snapshot.domains.values().map(|d| d.backends.len()).sum(),

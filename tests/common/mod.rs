@@ -765,13 +765,25 @@ pub fn metric(addr: SocketAddr, name: &str) -> u64 {
 /// Runs `cubegate check-config --config path` (bounded: killed after 30 s); returns the
 /// exit code and stderr.
 pub fn check_config(path: &std::path::Path) -> (Option<i32>, String) {
+    run_cubegate(&["check-config", "--config"], path, &[])
+}
+
+/// Runs `cubegate <args> <path>` with `envs` (bounded: killed after 30 s); returns the
+/// exit code (None when killed) and stderr.
+pub fn run_cubegate(
+    args: &[&str],
+    path: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> (Option<i32>, String) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cubegate"))
-        .args(["check-config", "--config"])
+        .args(args)
         .arg(path)
+        .envs(envs.iter().copied())
+        .env("CUBEGATE_ADMIN_PASSWORD", TEST_ADMIN_PASSWORD)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("spawn cubegate check-config");
+        .expect("spawn cubegate");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
