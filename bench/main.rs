@@ -6,12 +6,17 @@
 //! - `compare`: the side-by-side comparison with peer proxies (see `compare/`).
 //! - `fleet`: routing across simulated GPU hosts, cubegate's policies next to peer routers
 //!   (see `fleet/`).
+//! - `propagation`: several boxes on one PostgreSQL store, how soon a change made on one is
+//!   in force on the others (see `propagation/`; the database from `services.rs`, which the
+//!   tests share).
 //!
 //! This binary shares no code with `src/`: a parser bug in one must not hide in the other.
 
 mod compare;
 mod fleet;
 mod load;
+mod propagation;
+mod services;
 mod sim;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -59,6 +64,11 @@ enum Cmd {
     /// system prompts, open loop at --rates; then a faults run. Table on stdout,
     /// results.md/.json and ttft_p99.svg in --out.
     Fleet(fleet::FleetArgs),
+    /// Several boxes on one PostgreSQL store: --boxes cubegate processes on a throwaway
+    /// database; a user's membership removed and re-added --changes times, round robin over
+    /// the boxes; for each change, the write's latency and how long until every other box's
+    /// data plane answers her accordingly (403 / 200). Markdown on stdout, --out for files.
+    Propagation(propagation::PropagationArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +134,7 @@ fn main() -> ExitCode {
         Cmd::Load(a) => load_cmd(a),
         Cmd::Compare(a) => compare::command(&a),
         Cmd::Fleet(a) => fleet::command(&a),
+        Cmd::Propagation(a) => propagation::command(&a),
     }
 }
 

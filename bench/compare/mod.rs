@@ -4,9 +4,11 @@
 //! It starts two vLLM simulators (release binaries, `cubegate-bench backend`): one answering
 //! whole answers of `--tokens` tokens at once, one streaming `--stream-tokens` tokens
 //! `--token-delay-us` apart. Then, one system at a time (`systems.rs`): direct to the
-//! simulators (the floor), cubegate with JWT auth, nginx, HAProxy verifying JWTs, HAProxy in
-//! TCP mode, LiteLLM; each is started with a generated config, probed with one real request,
-//! warmed up, then measured with the in-process load generator (`crate::load`):
+//! simulators (the floor), cubegate with JWT auth, the same with its management store on a
+//! throwaway PostgreSQL (`cubegate-pg`, `crate::services`), nginx, HAProxy verifying JWTs,
+//! HAProxy in TCP mode, LiteLLM; each is started with a generated config, probed with one
+//! real request, warmed up, then measured with the in-process load generator
+//! (`crate::load`):
 //!
 //! 1. closed loop, `--connections` connections, as fast as it goes: requests/s, and the
 //!    proxy's CPU seconds (`measure.rs`, /proc) per 1,000 requests;
@@ -28,12 +30,13 @@ pub mod systems;
 mod tests;
 
 use crate::load::{self, Kind as LoadKind, LoadArgs};
+use crate::services::{Postgres, StartError};
 use report::{Machine, Phase, Report, Settings, SystemResult};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use systems::{Endpoint, Env, Kind, NotRun, Proc};
+use systems::{Endpoint, Env, Kind, NotRun, Proc, SharedStore};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CompareArgs {
@@ -49,7 +52,7 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
     /// Systems to run, comma-separated, in this order [default: all]: direct, cubegate,
-    /// nginx, haproxy-jwt, haproxy-tcp, litellm.
+    /// cubegate-pg, nginx, haproxy-jwt, haproxy-tcp, litellm.
     #[arg(long, value_delimiter = ',')]
     pub systems: Vec<String>,
     /// Open-loop rate for the latency measurement, requests/s.
@@ -128,9 +131,10 @@ pub fn sign_hs256(secret: &[u8], now: u64) -> String {
     format!("{input}.{}", B64.encode(sig.as_ref()))
 }
 
-fn random_secret() -> Result<String, String> {
+/// `n` random bytes as hex digits.
+pub fn random_hex(n: usize) -> Result<String, String> {
     use ring::rand::SecureRandom;
-    let mut b = [0u8; 24];
+    let mut b = vec![0u8; n];
     ring::rand::SystemRandom::new()
         .fill(&mut b)
         .map_err(|_| "no randomness".to_string())?;
@@ -202,7 +206,7 @@ pub fn wait_listening(addr: SocketAddr, p: &mut Proc, limit: Duration) -> Result
 }
 
 /// Starts one simulator process, pinned with compare's own CPUs.
-fn start_sim(
+pub fn start_sim(
     bin: &std::path::Path,
     dir: &std::path::Path,
     name: &str,
@@ -502,7 +506,7 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
         "simulators on {fast} (whole answers) and {stream} (streams, {} µs per token)",
         a.token_delay_us
     ));
-    let secret = random_secret()?;
+    let secret = random_hex(24)?;
     let token = sign_hs256(secret.as_bytes(), unix_now());
     let cubegate_bin = a
         .cubegate
@@ -513,6 +517,24 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
     } else {
         None
     };
+    // cubegate-pg's database, on the load generator's CPUs like the simulators.
+    let postgres = kinds
+        .contains(&Kind::CubegatePg)
+        .then(|| Postgres::start_in(&tmp.0));
+    let shared_store = match &postgres {
+        None => Err("not selected".to_string()),
+        Some(Err(StartError::NotInstalled)) => {
+            Err("PostgreSQL not installed (apt-get install postgresql)".into())
+        }
+        Some(Err(StartError::Failed(why))) => Err(format!("PostgreSQL: {why}")),
+        Some(Ok(pg)) => Ok(SharedStore {
+            url: pg.create_database("cubegate")?,
+            key_encryption_key: random_hex(32)?,
+        }),
+    };
+    if let Ok(store) = &shared_store {
+        progress(&format!("PostgreSQL for cubegate-pg at {}", store.url));
+    }
     let env = Env {
         tls,
         dir: tmp.0.clone(),
@@ -523,6 +545,7 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
         workers,
         proxy_cpus: proxy_cpus.clone(),
         cubegate_bin,
+        shared_store,
     };
     let shape = Shape {
         duration: a.duration,
@@ -556,7 +579,7 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
                     }
                 }
                 Ok(mut running) => {
-                    if kind == Kind::Cubegate {
+                    if matches!(kind, Kind::Cubegate | Kind::CubegatePg) {
                         if let Some(p) = &running.proc {
                             let log = std::fs::read_to_string(&p.log).unwrap_or_default();
                             driver = systems::driver_from_log(&log);

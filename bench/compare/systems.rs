@@ -32,6 +32,8 @@ pub const ADMIN_PASSWORD: &str = "bench passphrase long enough";
 pub enum Kind {
     Direct,
     Cubegate,
+    /// cubegate with its management store on PostgreSQL (several boxes' setup).
+    CubegatePg,
     Nginx,
     HaproxyJwt,
     HaproxyTcp,
@@ -39,9 +41,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Direct,
         Kind::Cubegate,
+        Kind::CubegatePg,
         Kind::Nginx,
         Kind::HaproxyJwt,
         Kind::HaproxyTcp,
@@ -52,6 +55,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Cubegate => "cubegate",
+            Kind::CubegatePg => "cubegate-pg",
             Kind::Nginx => "nginx",
             Kind::HaproxyJwt => "haproxy-jwt",
             Kind::HaproxyTcp => "haproxy-tcp",
@@ -64,6 +68,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct to the simulator (floor)",
             Kind::Cubegate => "cubegate, JWT HS256",
+            Kind::CubegatePg => "cubegate, JWT HS256, store on PostgreSQL",
             Kind::Nginx => "nginx reverse proxy, no auth",
             Kind::HaproxyJwt => "HAProxy http, jwt_verify HS256",
             Kind::HaproxyTcp => "HAProxy tcp mode",
@@ -377,6 +382,16 @@ pub struct Env {
     pub workers: usize,
     pub proxy_cpus: Option<Vec<usize>>,
     pub cubegate_bin: Option<PathBuf>,
+    /// The database `cubegate-pg` runs on, or why there is none.
+    pub shared_store: Result<SharedStore, String>,
+}
+
+/// A throwaway PostgreSQL database for `cubegate-pg`, and the key its signing keys are
+/// sealed with (fixed for the run: every round's start unseals what the first sealed).
+pub struct SharedStore {
+    pub url: String,
+    /// 64 hex digits.
+    pub key_encryption_key: String,
 }
 
 /// A system ready for load.
@@ -436,7 +451,11 @@ pub fn start(kind: Kind, env: &Env, probe: Probe) -> Result<Running, NotRun> {
                 notes: Vec::new(),
             }
         }
-        Kind::Cubegate => start_cubegate(env)?,
+        Kind::Cubegate => start_cubegate(env, None)?,
+        Kind::CubegatePg => match &env.shared_store {
+            Ok(store) => start_cubegate(env, Some(store))?,
+            Err(why) => return Err(NotRun::Skipped(why.clone())),
+        },
         Kind::Nginx => start_nginx(env)?,
         Kind::HaproxyJwt => start_haproxy(env, true)?,
         Kind::HaproxyTcp => start_haproxy(env, false)?,
@@ -509,13 +528,13 @@ fn port() -> Result<u16, NotRun> {
 }
 
 /// cubegate's config for the bench: JWT auth with one HS256 issuer, one domain per
-/// simulator, `workers` workers.
-pub fn cubegate_config(env: &Env, port: u16) -> String {
-    let data = env.dir.join("cubegate-data");
+/// simulator, `workers` workers; the management store in `data_dir` (SQLite) or, with
+/// `postgres`, on the database named by `CUBEGATE_POSTGRES_URL`.
+pub fn cubegate_config(env: &Env, port: u16, data: &Path, postgres: bool) -> String {
     let mut s = format!(
         "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\ndriver = \"auto\"\n{}\n\
          [management]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
-         admin_email = \"admin@example.com\"\nadmin_password_env = \"CUBEGATE_ADMIN_PASSWORD\"\n\n\
+         admin_email = \"admin@example.com\"\nadmin_password_env = \"CUBEGATE_ADMIN_PASSWORD\"\n{}\n\
          [auth]\nmode = \"jwt\"\n\n[[auth.trusted]]\nissuer = \"{ISSUER}\"\n\
          hs_secret_env = \"CUBEGATE_BENCH_SECRET\"\n",
         env.workers,
@@ -524,7 +543,8 @@ pub fn cubegate_config(env: &Env, port: u16) -> String {
             t.cert.display(),
             t.key.display()
         )),
-        data.display()
+        data.display(),
+        if postgres { "store = \"postgres\"\n" } else { "" }
     );
     for (id, name, addr) in [
         (FAST_DOMAIN, "bench-fast", env.fast),
@@ -539,12 +559,20 @@ pub fn cubegate_config(env: &Env, port: u16) -> String {
     s
 }
 
-fn start_cubegate(env: &Env) -> Result<Running, NotRun> {
+/// cubegate, its management store in SQLite, or with `shared` on PostgreSQL (`cubegate-pg`:
+/// the same config otherwise, so the two rows differ only by the store).
+fn start_cubegate(env: &Env, shared: Option<&SharedStore>) -> Result<Running, NotRun> {
     let Some(bin) = env.cubegate_bin.clone() else {
         return Err(NotRun::Skipped(
             "not built (run `cargo build --release`)".into(),
         ));
     };
+    let name = if shared.is_some() {
+        "cubegate-pg"
+    } else {
+        "cubegate"
+    };
+    let data = env.dir.join(format!("{name}-data"));
     let command = |cfg: &Path| {
         let mut cmd = Command::new(&bin);
         cmd.arg("serve")
@@ -553,15 +581,20 @@ fn start_cubegate(env: &Env) -> Result<Running, NotRun> {
             .env("CUBEGATE_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("CUBEGATE_BENCH_SECRET", &env.secret)
             .env("CUBEGATE_LOG", "info");
+        if let Some(store) = shared {
+            cmd.env("CUBEGATE_POSTGRES_URL", &store.url)
+                .env("CUBEGATE_KEY_ENCRYPTION_KEY", &store.key_encryption_key);
+        }
         cmd
     };
+    let config = |port| cubegate_config(env, port, &data, shared.is_some());
     // The first start of a store creates the platform admin, hashing its password with
     // argon2 (19 MiB): a one-time cost that would otherwise be the run's peak RSS. Start
     // once to bootstrap the store, stop, then start the instance that is measured.
-    if !env.dir.join("cubegate-data").exists() {
+    if !data.exists() {
         let port = port()?;
-        let cfg = write(env, "cubegate-bootstrap.toml", &cubegate_config(env, port))?;
-        let mut boot = spawn(env, "cubegate-bootstrap", command(&cfg))?;
+        let cfg = write(env, &format!("{name}-bootstrap.toml"), &config(port))?;
+        let mut boot = spawn(env, &format!("{name}-bootstrap"), command(&cfg))?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
@@ -574,10 +607,13 @@ fn start_cubegate(env: &Env) -> Result<Running, NotRun> {
             std::thread::sleep(Duration::from_millis(20));
         }
         boot.stop();
+        // A PostgreSQL store leaves data_dir unmade: mark the bootstrap as done.
+        fs::create_dir_all(&data)
+            .map_err(|e| NotRun::Failed(format!("cannot make {}: {e}", data.display())))?;
     }
     let port = port()?;
-    let cfg = write(env, "cubegate.toml", &cubegate_config(env, port))?;
-    let proc = spawn(env, "cubegate", command(&cfg))?;
+    let cfg = write(env, &format!("{name}.toml"), &config(port))?;
+    let proc = spawn(env, name, command(&cfg))?;
     let (fast, stream) = proxy_urls(env, port);
     Ok(Running {
         proc: Some(proc),
