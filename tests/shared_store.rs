@@ -319,6 +319,68 @@ fn database_down_and_back(driver: &str) {
     );
 }
 
+/// A change notified while this box cannot read the store (here its read is blocked by a
+/// lock, then cancelled: a statement timeout, a fail-over) is not lost: the box reads it
+/// again at its next counter check, so a removed member is refused within seconds, not
+/// served until some other change happens to come.
+fn a_change_whose_read_failed_is_applied_later(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database(&format!("retry_{driver}"));
+    let vllm = sim("vllm", &[]);
+    let gw = shared_box(driver, &vllm, &url);
+    let admin = admin_token(gw.addr);
+    let alice = make_alice(&gw, &admin);
+    set_member(&gw, &admin, &alice);
+    let (access, _) = tokens(&login(gw.addr, "alice@example.com", ALICE_PW));
+    assert!(time_until(Duration::from_secs(2), || chat(&gw, &access) == 200).is_some());
+
+    // Another box (here, this test) removes her while the users table is locked, so this
+    // box's read of the new state waits; the wait is then cancelled.
+    let mut locker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    other
+        .execute("DELETE FROM memberships WHERE user_id = $1", &[&alice])
+        .unwrap();
+    let mut blocked = || {
+        other
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                 AND datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .first()
+            .map(|r| r.get::<_, i32>(0))
+    };
+    let mut pid = None;
+    assert!(
+        time_until(Duration::from_secs(5), || {
+            pid = blocked();
+            pid.is_some()
+        })
+        .is_some(),
+        "the box never read the change:\n{}",
+        gw.log()
+    );
+    other
+        .execute("SELECT pg_cancel_backend($1)", &[&pid.unwrap()])
+        .unwrap();
+    expect_log(
+        &gw,
+        "not publishing management changes",
+        Duration::from_secs(5),
+    );
+    lock.rollback().unwrap();
+    assert!(
+        time_until(Duration::from_secs(5), || chat(&gw, &access) == 403).is_some(),
+        "the removal whose read failed is never applied:\n{}",
+        gw.log()
+    );
+}
+
 fn starts_before_its_database(driver: &str) {
     let Some(mut pg) = Postgres::start() else {
         return;
@@ -433,6 +495,7 @@ fn migrates_a_box_store(driver: &str) {
 for_each_driver!(
     three_boxes_act_as_one,
     database_down_and_back,
+    a_change_whose_read_failed_is_applied_later,
     starts_before_its_database,
     migrates_a_box_store,
     store_settings_are_checked

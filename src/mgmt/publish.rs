@@ -23,11 +23,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 impl Management {
-    pub fn publish(&self) {
+    /// Publishes the store's state; false when the store could not be read (the running
+    /// snapshot stays, and a caller following another box's changes must try again).
+    pub fn publish(&self) -> bool {
+        let read = std::cell::Cell::new(true);
         self.published.replace(|old, generation| {
             let (directory, api_domains, api_limits) = match self.read_state() {
                 Ok(state) => state,
                 Err(e) => {
+                    read.set(false);
                     tracing::error!("not publishing management changes, the store failed: {e}");
                     return Snapshot {
                         generation,
@@ -67,6 +71,7 @@ impl Management {
                 },
             }
         });
+        read.get()
     }
 
     fn read_state(&self) -> Result<(Directory, Vec<Arc<Domain>>, ApiLimits), StoreError> {

@@ -6,7 +6,8 @@
 //! new snapshot, exactly as a change made on this box does (the revocation epoch moves, so
 //! cached tokens are checked again). Notifications are lost while the connection is down,
 //! so the counter is also compared on every (re)connect and every [`VERSION_CHECK`]: a
-//! missed change is picked up then.
+//! missed change is picked up then, and so is one whose read failed (a change counts as
+//! seen only once its keys and state were read and published).
 //!
 //! While the database cannot be reached the box serves the data plane from its last
 //! snapshot, management writes answer 503 (`store_unavailable`), the log says so once,
@@ -113,8 +114,9 @@ fn follow(
             let version: i64 = client
                 .query_one("SELECT version FROM cubegate_state", &[])?
                 .get(0);
-            if *seen != Some(version) {
-                apply(mgmt);
+            // A change is seen only once applied: one whose read failed is tried again at
+            // the next check.
+            if *seen != Some(version) && apply(mgmt) {
                 *seen = Some(version);
             }
             checked = Some(Instant::now());
@@ -131,18 +133,26 @@ fn follow(
             }
         }
         if let Some(version) = newest {
-            apply(mgmt);
-            *seen = (*seen).max(version);
+            if apply(mgmt) {
+                *seen = (*seen).max(version);
+            } else {
+                // Unknown until a publication succeeds: the next check applies it again.
+                *seen = None;
+            }
         }
     }
 }
 
 /// Reloads the signing keys (another box may have rotated them) and publishes the store's
-/// state as a new snapshot.
-fn apply(mgmt: &Management) {
-    if let Err(e) = mgmt.reload_keys() {
+/// state as a new snapshot; false when either could not be read.
+fn apply(mgmt: &Management) -> bool {
+    let keys = mgmt.reload_keys();
+    if let Err(e) = &keys {
         tracing::error!("keeping the signing keys in use: {e}");
     }
-    mgmt.publish();
-    mgmt.health.applied.fetch_add(1, Ordering::Relaxed);
+    let published = mgmt.publish();
+    if keys.is_ok() && published {
+        mgmt.health.applied.fetch_add(1, Ordering::Relaxed);
+    }
+    keys.is_ok() && published
 }
