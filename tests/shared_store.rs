@@ -381,6 +381,142 @@ fn a_change_whose_read_failed_is_applied_later(driver: &str) {
     );
 }
 
+/// A database that hangs (its server frozen: connections accepted, nothing answered) must
+/// not stop the box: a SIGHUP's store work waits for it off the thread that feeds systemd's
+/// watchdog, so the watchdog keeps being fed (else systemd kills the box, and a box
+/// restarted without its database does not serve at all), the data plane keeps serving,
+/// and the trusted issuers' keys can still be published.
+fn a_hung_database_starves_no_watchdog(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database(&format!("hung_{driver}"));
+    let vllm = sim("vllm", &[]);
+    let (notes, socket) = notify_listener("hung-db");
+    let body = shared_body(&vllm);
+    let gw = gateway_env(
+        driver,
+        &body,
+        &[
+            ("CUBEGATE_POSTGRES_URL", &url),
+            ("CUBEGATE_KEY_ENCRYPTION_KEY", KEK),
+            ("NOTIFY_SOCKET", &socket),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let admin = admin_token(gw.addr);
+    let next = || {
+        let mut buf = [0u8; 256];
+        notes
+            .recv(&mut buf)
+            .ok()
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    assert!(
+        (0..20).any(|_| next().as_deref() == Some("WATCHDOG=1")),
+        "the watchdog is fed:\n{}",
+        gw.log()
+    );
+
+    let frozen = pg.freeze();
+    // Past the store session's idle recheck, so the next store call finds it hung.
+    std::thread::sleep(Duration::from_millis(1500));
+    gw.signal("HUP");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < deadline {
+        match next() {
+            Some(note) => seen.push(note),
+            None => break,
+        }
+    }
+    let reloading = seen
+        .iter()
+        .position(|m| m == "RELOADING=1")
+        .unwrap_or_else(|| panic!("no RELOADING=1 in {seen:?}"));
+    let fed_after = seen[reloading..]
+        .iter()
+        .filter(|m| *m == "WATCHDOG=1")
+        .count();
+    // The data plane answers meanwhile (the admin may use every domain).
+    let served = chat(&gw, &admin);
+    drop(frozen);
+    assert!(
+        fed_after >= 3,
+        "the watchdog went hungry after the SIGHUP while the database hung: {seen:?}\n{}",
+        gw.log()
+    );
+    assert_eq!(served, 200, "{}", gw.log());
+}
+
+/// A publication whose read of the store waits (here on a lock another session holds; a
+/// slow or unreachable database does the same) holds up no other publication: a SIGHUP's
+/// file goes out meanwhile and the thread that publishes it keeps feeding the watchdog.
+fn a_slow_store_read_holds_up_no_reload(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database(&format!("slow_{driver}"));
+    let vllm = sim("vllm", &[]);
+    let (notes, socket) = notify_listener("slow-db");
+    let gw = gateway_env(
+        driver,
+        &shared_body(&vllm),
+        &[
+            ("CUBEGATE_POSTGRES_URL", &url),
+            ("CUBEGATE_KEY_ENCRYPTION_KEY", KEK),
+            ("NOTIFY_SOCKET", &socket),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let next = || {
+        let mut buf = [0u8; 256];
+        notes
+            .recv(&mut buf)
+            .ok()
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    assert!((0..20).any(|_| next().as_deref() == Some("WATCHDOG=1")));
+
+    // A change from elsewhere makes the box publish; its read of users waits on the lock.
+    let mut locker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    other
+        .execute("UPDATE domains SET name = name || '-renamed'", &[])
+        .unwrap();
+    let waiting = time_until(Duration::from_secs(5), || {
+        !other
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                 AND datname = current_database()",
+                &[],
+            )
+            .unwrap()
+            .is_empty()
+    });
+    assert!(waiting.is_some(), "the box never read the change");
+    while let Some(n) = next() {
+        if n == "WATCHDOG=1" {
+            break;
+        }
+    }
+    gw.signal("HUP");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match next() {
+            Some(note) => seen.push(note),
+            None => break,
+        }
+    }
+    lock.rollback().unwrap();
+    let fed = seen.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(
+        fed >= 3 && seen.iter().any(|m| m == "READY=1"),
+        "the reload waited for the store's read and the watchdog went hungry: {seen:?}\n{}",
+        gw.log()
+    );
+}
+
 fn starts_before_its_database(driver: &str) {
     let Some(mut pg) = Postgres::start() else {
         return;
@@ -496,6 +632,8 @@ for_each_driver!(
     three_boxes_act_as_one,
     database_down_and_back,
     a_change_whose_read_failed_is_applied_later,
+    a_hung_database_starves_no_watchdog,
+    a_slow_store_read_holds_up_no_reload,
     starts_before_its_database,
     migrates_a_box_store,
     store_settings_are_checked

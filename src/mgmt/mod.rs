@@ -71,6 +71,11 @@ pub struct Management {
     /// Oldest first; the last one signs.
     keys: std::sync::RwLock<Vec<SigningKey>>,
     published: Arc<Published>,
+    /// Held by one management publication at a time, from its read of the store to its
+    /// snapshot.
+    publishing: Mutex<()>,
+    /// A SIGHUP's reload the management plane has yet to apply.
+    pending_sync: Mutex<publish::PendingSync>,
     issuer: String,
     access_ttl: u64,
     refresh_ttl: u64,
@@ -109,6 +114,8 @@ pub fn start(
         registry,
         keys: std::sync::RwLock::new(keys),
         published,
+        publishing: Mutex::new(()),
+        pending_sync: Mutex::default(),
         issuer: config.auth.issuer.clone(),
         access_ttl: m.access_token_ttl_s,
         refresh_ttl: m.refresh_token_ttl_s,

@@ -20,7 +20,7 @@ pub(super) struct Reloadable<'a> {
     pub config: &'a Config,
     pub path: &'a Path,
     pub published: &'a Published,
-    pub mgmt: &'a crate::mgmt::Management,
+    pub mgmt: &'a std::sync::Arc<crate::mgmt::Management>,
     /// The public listener's certificate (HTTPS on `proxy.listen`).
     pub certs: Option<&'a crate::tls::CertStore>,
     /// The management listener's certificate (HTTPS on `management.listen`).
@@ -88,12 +88,9 @@ fn on_reload(state: &Reloadable<'_>, notifier: &Notifier) {
     let reloaded = reload(state.config, state.path, state.published);
     notifier.send("READY=1");
     if let Some(reloaded) = reloaded {
-        // Domains the file now declares exist in the store too, so members can be added
-        // to them without a restart.
-        if let Err(e) = state.mgmt.sync_config_domains(&reloaded) {
-            tracing::error!("reload: {e}");
-        }
-        state.mgmt.publish();
+        // The store's part waits on a database when it is shared: never on this thread,
+        // which feeds the watchdog.
+        state.mgmt.sync_in_background(reloaded.clone());
         reload_certificate(Listener::Public, state.certs, &reloaded);
         reload_certificate(Listener::Management, state.mgmt_certs, &reloaded);
     }

@@ -218,6 +218,35 @@ impl Postgres {
         }
     }
 
+    /// Freezes the server (SIGSTOP to it and its backends) until the guard is dropped: it
+    /// hangs as a server on a dead disk does, its sockets still accepting and acknowledging.
+    pub fn freeze(&self) -> Frozen {
+        let Some(child) = &self.child else {
+            panic!("PostgreSQL is not running");
+        };
+        let postmaster = child.id() as i32;
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": the fields after the command's closing paren.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for &pid in &pids {
+            // SAFETY: kill(2) on the server's own processes.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(pids)
+    }
+
     /// A connection string for database `db` as the trusted user.
     pub fn url(&self, db: &str) -> String {
         format!("postgresql://cubegate@127.0.0.1:{}/{db}", self.port)
@@ -234,6 +263,18 @@ impl Postgres {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+/// A frozen server's processes, continued on drop.
+pub struct Frozen(Vec<i32>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: kill(2) on processes this guard stopped.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
     }
 }
 
