@@ -517,6 +517,71 @@ fn a_slow_store_read_holds_up_no_reload(driver: &str) {
     );
 }
 
+/// A logout (revoking the refresh family) on one box while the same session refreshes on
+/// another: whichever commits first, no token of the family is left alive. (Here the
+/// refresh is held between storing its new token and committing by a lock on the user's
+/// row, so the revocation starts inside that moment.)
+fn a_logout_racing_a_refresh_leaves_no_live_token(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database(&format!("logout_{driver}"));
+    let vllm = sim("vllm", &[]);
+    let a = shared_box(driver, &vllm, &url);
+    let b = shared_box(driver, &vllm, &url);
+    let admin = admin_token(a.addr);
+    let alice = make_alice(&a, &admin);
+    let (_, refresh) = tokens(&login(a.addr, "alice@example.com", ALICE_PW));
+
+    let mut locker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut watcher = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut waiting = |n: usize| {
+        time_until(Duration::from_secs(5), || {
+            watcher
+                .query(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                     AND datname = current_database()",
+                    &[],
+                )
+                .unwrap()
+                .len()
+                >= n
+        })
+        .is_some()
+    };
+    let mut lock = locker.transaction().unwrap();
+    lock.query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&alice])
+        .unwrap();
+    let (refreshed, revoked) = std::thread::scope(|s| {
+        let refreshing = s.spawn(|| {
+            api_call(
+                a.addr,
+                "POST",
+                "/users/tokens/refresh",
+                Some(&refresh),
+                None,
+            )
+        });
+        assert!(waiting(1), "the refresh never reached the store");
+        let revoking =
+            s.spawn(|| api_call(b.addr, "POST", "/users/tokens/revoke", Some(&refresh), None));
+        // The revocation is under way (waiting, or done) before the refresh commits.
+        let _ = waiting(2);
+        std::thread::sleep(Duration::from_millis(200));
+        lock.rollback().unwrap();
+        (refreshing.join().unwrap(), revoking.join().unwrap())
+    });
+    assert_eq!(revoked.status, 204, "{}", revoked.text());
+    if refreshed.status == 201 {
+        let (_, newer) = tokens(&refreshed);
+        let r = api_call(b.addr, "POST", "/users/tokens/refresh", Some(&newer), None);
+        assert_eq!(
+            r.status,
+            401,
+            "a token of the revoked family still refreshes: {}",
+            r.text()
+        );
+    }
+}
+
 fn starts_before_its_database(driver: &str) {
     let Some(mut pg) = Postgres::start() else {
         return;
@@ -634,6 +699,7 @@ for_each_driver!(
     a_change_whose_read_failed_is_applied_later,
     a_hung_database_starves_no_watchdog,
     a_slow_store_read_holds_up_no_reload,
+    a_logout_racing_a_refresh_leaves_no_live_token,
     starts_before_its_database,
     migrates_a_box_store,
     store_settings_are_checked
