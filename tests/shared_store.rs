@@ -68,6 +68,23 @@ fn store_settings_are_checked(driver: &str) {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("32-byte"), "{err}");
 
+    // TLS to the database is a setting this build cannot meet (it connects without TLS):
+    // check-config says so, and the box stops rather than waiting for ever.
+    let tls_url = format!("{url}?sslmode=require");
+    let tls = [
+        ("CUBEGATE_POSTGRES_URL", tls_url.as_str()),
+        ("CUBEGATE_KEY_ENCRYPTION_KEY", KEK),
+    ];
+    let (code, err) = check(&tls);
+    assert_eq!(code, Some(2), "check-config passes sslmode=require: {err}");
+    assert!(err.contains("sslmode"), "{err}");
+    let (code, err) = serve(&tls);
+    assert_eq!(
+        code,
+        Some(2),
+        "serve waits for a TLS it cannot speak: {err}"
+    );
+    assert!(err.contains("sslmode"), "{err}");
     // A database that does not exist is a setting to fix: the box stops, saying so.
     let (code, err) = serve(&[
         ("CUBEGATE_POSTGRES_URL", &pg.url("no_such_db")),
@@ -602,6 +619,55 @@ fn starts_before_its_database(driver: &str) {
     );
 }
 
+/// A box waiting for its database at start still obeys SIGTERM (as `systemctl stop`
+/// sends it): it stops waiting and exits 0 within a few seconds, rather than ignoring the
+/// signal until systemd kills it.
+fn stops_while_waiting_for_its_database(driver: &str) {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database(&format!("stop_{driver}"));
+    pg.stop();
+    let vllm = sim("vllm", &[]);
+    let dir = unique_dir("stop-waiting");
+    let path = dir.join("cubegate.toml");
+    std::fs::write(&path, config_text(driver, &shared_body(&vllm))).unwrap();
+    let log_path = dir.join("stderr.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cubegate"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("CUBEGATE_LOG", "info")
+        .env("CUBEGATE_ADMIN_PASSWORD", TEST_ADMIN_PASSWORD)
+        .env("CUBEGATE_POSTGRES_URL", &url)
+        .env("CUBEGATE_KEY_ENCRYPTION_KEY", KEK)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let waiting = time_until(Duration::from_secs(10), || {
+        log().contains("waiting for PostgreSQL")
+    });
+    assert!(waiting.is_some(), "{}", log());
+    // SAFETY: kill(2) on our own child, not yet waited for.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut status = None;
+    let _ = time_until(Duration::from_secs(8), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "SIGTERM while waiting for the database:\n{}",
+        log()
+    );
+}
+
 /// `cubegate migrate-store` with the database from `url`.
 fn migrate_store(data_dir: &str, url: &str, extra: &[&str]) -> (Option<i32>, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cubegate"))
@@ -700,6 +766,7 @@ for_each_driver!(
     a_hung_database_starves_no_watchdog,
     a_slow_store_read_holds_up_no_reload,
     a_logout_racing_a_refresh_leaves_no_live_token,
+    stops_while_waiting_for_its_database,
     starts_before_its_database,
     migrates_a_box_store,
     store_settings_are_checked

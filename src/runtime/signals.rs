@@ -12,7 +12,8 @@ use crate::notify::{Heartbeats, Notifier};
 use crate::snapshot::{Published, Snapshot};
 use crate::tls::Listener;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the signals act on.
@@ -29,6 +30,18 @@ pub(super) struct Reloadable<'a> {
     /// Dropped when draining starts: once the workers close theirs too, a socket nobody
     /// else holds closes, and new connections are refused instead of queueing for no one.
     pub sockets: std::cell::RefCell<Vec<std::net::TcpListener>>,
+}
+
+/// The signals the main loop handles, and a flag SIGTERM and SIGINT also raise, which the
+/// waits of startup (for the database) watch, since the loop does not run yet.
+pub(super) fn install() -> std::io::Result<(signal_hook::iterator::Signals, Arc<AtomicBool>)> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR2])?;
+    Ok((signals, stop))
 }
 
 pub(super) fn handle_signals(
