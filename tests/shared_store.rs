@@ -464,6 +464,40 @@ fn a_hung_database_starves_no_watchdog(driver: &str) {
     assert_eq!(served, 200, "{}", gw.log());
 }
 
+/// A database that hangs (frozen: it accepts and acknowledges, answers nothing) is
+/// reported as down, in `/metrics` and the log, as one that refuses connections is; and as
+/// up again once it answers.
+fn a_hung_database_is_reported_down(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database(&format!("hungup_{driver}"));
+    let vllm = sim("vllm", &[]);
+    let gw = shared_box(driver, &vllm, &url);
+    let up = || metric(management_addr(&gw), "cubegate_store_up");
+    assert_eq!(up(), 1);
+    // Frozen between two checks, not while the box reads its state at start (a read that
+    // hangs holds the watcher as it holds the management API: the known defect below).
+    let applied = || metric(management_addr(&gw), "cubegate_store_changes_applied_total");
+    assert!(time_until(Duration::from_secs(5), || applied() >= 1).is_some());
+    std::thread::sleep(Duration::from_millis(200));
+    let frozen = pg.freeze();
+    let down = time_until(Duration::from_secs(8), || up() == 0);
+    let log = gw.log();
+    drop(frozen);
+    assert!(
+        down.is_some(),
+        "a hung database still reads as up after 8 s:\n{log}"
+    );
+    assert!(
+        log.contains("shared store (PostgreSQL) is unreachable"),
+        "{log}"
+    );
+    assert!(
+        time_until(Duration::from_secs(15), || up() == 1).is_some(),
+        "{}",
+        gw.log()
+    );
+}
+
 /// A publication whose read of the store waits (here on a lock another session holds; a
 /// slow or unreachable database does the same) holds up no other publication: a SIGHUP's
 /// file goes out meanwhile and the thread that publishes it keeps feeding the watchdog.
@@ -764,6 +798,7 @@ for_each_driver!(
     database_down_and_back,
     a_change_whose_read_failed_is_applied_later,
     a_hung_database_starves_no_watchdog,
+    a_hung_database_is_reported_down,
     a_slow_store_read_holds_up_no_reload,
     a_logout_racing_a_refresh_leaves_no_live_token,
     stops_while_waiting_for_its_database,
