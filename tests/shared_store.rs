@@ -743,6 +743,66 @@ fn stops_while_waiting_for_its_database(driver: &str) {
     );
 }
 
+/// Usage names what clients sent: a model name with a NUL byte in it (JSON forbids a raw
+/// one, the model scanner lets it through to a domain that takes any model) is usage like
+/// any other. PostgreSQL's TEXT cannot hold a NUL: such a row must not stop the usage
+/// writer, whose batch would otherwise fail on every flush and never store anything again.
+fn a_nul_in_a_model_name_stops_no_usage(driver: &str) {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database(&format!("nul_{driver}"));
+    let vllm = sim("vllm", &[]);
+    let body = format!(
+        "[management]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_email = \"{TEST_ADMIN_EMAIL}\"\nstore = \"postgres\"\n\n[usage]\nflush_ms = 200\n\n{}",
+        unique_dir("nul").display(),
+        domains_config(&[(D, &[("vllm", vllm.addr, &["*"]), ("vllm", vllm.addr, &["*"])])])
+            .replace("mode = \"none\"", "mode = \"jwt\"")
+    );
+    let gw = gateway_env(
+        driver,
+        &body,
+        &[
+            ("CUBEGATE_POSTGRES_URL", &url),
+            ("CUBEGATE_KEY_ENCRYPTION_KEY", KEK),
+        ],
+    );
+    let admin = admin_token(gw.addr);
+    let auth = format!("Bearer {admin}");
+    let path = format!("/proxy/{D}/v1/chat/completions");
+    let send = |model: &str| {
+        post_with(
+            gw.addr,
+            &path,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            &chat_body(model, false, ""),
+        )
+        .status
+    };
+    send("bad\0model");
+    assert_eq!(send(VLLM_MODEL), 200, "{}", gw.log());
+    let usage = || {
+        api_call(
+            gw.addr,
+            "GET",
+            &format!("/domains/{D}/usage?group_by=model"),
+            Some(&admin),
+            None,
+        )
+        .json()
+    };
+    let stored = time_until(Duration::from_secs(5), || {
+        usage().to_string().contains(VLLM_MODEL)
+    });
+    assert!(
+        stored.is_some(),
+        "no usage stored after a NUL in a model name: {}\n{}",
+        usage(),
+        gw.log()
+    );
+}
+
 /// `cubegate migrate-store` with the database from `url`.
 fn migrate_store(data_dir: &str, url: &str, extra: &[&str]) -> (Option<i32>, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cubegate"))
@@ -843,6 +903,7 @@ for_each_driver!(
     a_slow_store_read_holds_up_no_reload,
     a_logout_racing_a_refresh_leaves_no_live_token,
     stops_while_waiting_for_its_database,
+    a_nul_in_a_model_name_stops_no_usage,
     starts_before_its_database,
     migrates_a_box_store,
     store_settings_are_checked
