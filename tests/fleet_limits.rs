@@ -192,6 +192,35 @@ fn a_redis_restarted_with_its_data_counts_nothing_twice(driver: &str) {
     assert_eq!(unix_minute(), minute, "the run crossed a minute");
 }
 
+/// Redis losing the counts without restarting (keys evicted under memory pressure, a
+/// FLUSHALL): each box finds its own field missing from what it reads back and writes its
+/// use again, so the minute's use is not forgotten. One box spends 30 of 60 and goes
+/// quiet; after the loss the other two let through the 30 left (within one round's
+/// delay), not 60.
+fn counts_lost_in_a_running_redis_are_written_again(driver: &str) {
+    let Some(redis) = Redis::start() else { return };
+    let host = sim("vllm", &["--tokens", "2"]);
+    let gws = fleet(driver, &redis, 3, &host, PER_MINUTE);
+    same_minute(30);
+    let minute = unix_minute();
+    assert_eq!(round_robin(&gws[..1], 30, Duration::ZERO), [30]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("FLUSHALL").exec(&mut conn).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = round_robin(&gws[1..], 60, Duration::from_millis(50));
+    let total = after.iter().sum::<u32>();
+    // 60 ± 5 % in all: what one round's delay lets through beyond the 30 left.
+    assert!(
+        (30..=33).contains(&total),
+        "the 30 left of the minute's 60 pass, not {total}: {after:?}"
+    );
+    assert_eq!(unix_minute(), minute, "the run crossed a minute");
+}
+
 /// A concurrency limit of 1 over two boxes: while a stream holds the slot on one box, the
 /// other refuses once it has heard of it (a round later), and admits again when it ends.
 /// (A box hears of a scope's use elsewhere only once it has served the scope itself: the
@@ -333,6 +362,7 @@ for_each_driver!(
     a_domain_limit_holds_over_three_boxes,
     redis_down_each_box_takes_its_share,
     a_redis_restarted_with_its_data_counts_nothing_twice,
+    counts_lost_in_a_running_redis_are_written_again,
     concurrency_is_counted_over_the_fleet,
     token_settlements_reach_the_other_boxes,
     failed_logins_lock_the_account_on_every_box,

@@ -11,7 +11,9 @@
 //! past the window's end, and reads the hash back; the others' use is the sum of the
 //! other fields. Each box writes what it has used, never a change to add, so writing again
 //! cannot count anything twice: a round whose reply was lost, or a Redis restarted with or
-//! without its data (which is why a new `run_id` makes a box write everything again).
+//! without its data (which is why a new `run_id` makes a box write everything again); and a
+//! box that reads its own field back missing or different (keys evicted, flushed) writes
+//! it again in the next round.
 //! Requests in flight are a count, not a window: each box writes its own in the hash
 //! `cubegate:inflight:{scope}` (field = the box), which lives a few exchanges past the last
 //! write, and the others' are the fields of boxes still alive. A scope the workers let go
@@ -260,11 +262,21 @@ impl Exchange {
                 window,
                 wrote,
             } => {
+                let at = (counters.label.clone(), kind);
                 if let Some(used) = wrote {
-                    let sent = Sent { window, used };
-                    self.sent.insert((counters.label.clone(), kind), sent);
+                    self.sent.insert(at.clone(), Sent { window, used });
                 }
                 let per_box: HashMap<String, i64> = from_redis_value(value).unwrap_or_default();
+                // Redis lost this box's field (keys evicted, flushed): written again next
+                // round, changed or not.
+                let own = per_box.get(&self.box_id).copied();
+                if self
+                    .sent
+                    .get(&at)
+                    .is_some_and(|s| own != Some(i64::from(s.used)))
+                {
+                    self.sent.remove(&at);
+                }
                 let others: i64 = per_box
                     .iter()
                     .filter(|(id, _)| **id != self.box_id)
