@@ -241,6 +241,12 @@ impl Postgres {
         }
     }
 
+    /// The server's process id while it runs (the tests freeze it by pid).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// A connection string for database `db` as the trusted user.
     pub fn url(&self, db: &str) -> String {
         format!("postgresql://cubegate@127.0.0.1:{}/{db}", self.port)

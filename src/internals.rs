@@ -98,6 +98,13 @@ pub mod scope {
 }
 
 pub mod usage {
+    pub mod fleet {
+        pub use crate::usage::fleet::exchange::Exchange;
+        pub use crate::usage::fleet::view::Fleet;
+    }
+    pub mod limiter {
+        pub use crate::usage::limiter::{counters, prune, Scope};
+    }
     pub mod limits {
         pub use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
     }

@@ -2,9 +2,10 @@
 //! real Redis (loopback, `common::services`) enforce a domain's limit together — N a
 //! minute over three boxes, not 3N; with Redis stopped each box keeps answering and lets
 //! through its share (the limit over the boxes last seen), says so once in its log and in
-//! `cubegate_fleet_redis_up`, and shares again when Redis is back (empty, so each box sends
-//! its whole use); a concurrency limit is counted over the boxes, token reservations
-//! settle over them; failed logins spread over two boxes lock the account on both.
+//! `cubegate_fleet_redis_up`, and shares again when Redis is back (each box writes its use
+//! again: nothing forgotten when Redis lost its data, nothing counted twice when it kept
+//! it); a concurrency limit is counted over the boxes, token reservations settle over
+//! them; failed logins spread over two boxes lock the account on both.
 
 mod common;
 
@@ -119,8 +120,8 @@ fn a_domain_limit_holds_over_three_boxes(driver: &str) {
 /// Redis stopped mid-run: every request is still answered (200 or 429, never a 5xx), each
 /// box letting through its share of the minute (60 / 3 boxes = 20, the 5 it had let
 /// through before included); the gauge reads 0 and the log says so once. Redis back
-/// (empty): the gauge reads 1, and the boxes, having sent their whole use again, know
-/// that the minute's 60 are spent.
+/// (empty): the gauge reads 1, and the boxes, having written their use again, know that
+/// the minute's 60 are spent.
 fn redis_down_each_box_takes_its_share(driver: &str) {
     let Some(mut redis) = Redis::start() else {
         return;
@@ -157,6 +158,66 @@ fn redis_down_each_box_takes_its_share(driver: &str) {
         let r = chat(gw.addr);
         assert_eq!(r.status, 429, "the fleet's 60 are spent: {}", r.text());
     }
+    assert_eq!(unix_minute(), minute, "the run crossed a minute");
+}
+
+/// Redis restarted cleanly with its data (Debian's default: an RDB snapshot written on
+/// SIGTERM and read back): its `run_id` changes but the minute's use is still there, so the
+/// boxes must not add their whole use to it again. 30 of 60 spent before, 30 more pass
+/// after, and then the 60 are spent.
+fn a_redis_restarted_with_its_data_counts_nothing_twice(driver: &str) {
+    let Some(mut redis) = Redis::start_persistent() else {
+        return;
+    };
+    let host = sim("vllm", &["--tokens", "2"]);
+    let gws = fleet(driver, &redis, 3, &host, PER_MINUTE);
+    same_minute(30);
+    let minute = unix_minute();
+    assert_eq!(round_robin(&gws, 30, Duration::ZERO), [10, 10, 10]);
+    // A few rounds, so every box's use is in Redis before it stops.
+    std::thread::sleep(Duration::from_millis(500));
+    redis.restart_cleanly();
+    expect_redis_up(&gws, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = round_robin(&gws, 30, Duration::from_millis(20));
+    assert_eq!(
+        after.iter().sum::<u32>(),
+        30,
+        "30 of the minute's 60 are left after the restart, not fewer: {after:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for gw in &gws {
+        assert_eq!(chat(gw.addr).status, 429, "the fleet's 60 are spent");
+    }
+    assert_eq!(unix_minute(), minute, "the run crossed a minute");
+}
+
+/// Redis losing the counts without restarting (keys evicted under memory pressure, a
+/// FLUSHALL): each box finds its own field missing from what it reads back and writes its
+/// use again, so the minute's use is not forgotten. One box spends 30 of 60 and goes
+/// quiet; after the loss the other two let through the 30 left (within one round's
+/// delay), not 60.
+fn counts_lost_in_a_running_redis_are_written_again(driver: &str) {
+    let Some(redis) = Redis::start() else { return };
+    let host = sim("vllm", &["--tokens", "2"]);
+    let gws = fleet(driver, &redis, 3, &host, PER_MINUTE);
+    same_minute(30);
+    let minute = unix_minute();
+    assert_eq!(round_robin(&gws[..1], 30, Duration::ZERO), [30]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("FLUSHALL").exec(&mut conn).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = round_robin(&gws[1..], 60, Duration::from_millis(50));
+    let total = after.iter().sum::<u32>();
+    // 60 ± 5 % in all: what one round's delay lets through beyond the 30 left.
+    assert!(
+        (30..=33).contains(&total),
+        "the 30 left of the minute's 60 pass, not {total}: {after:?}"
+    );
     assert_eq!(unix_minute(), minute, "the run crossed a minute");
 }
 
@@ -201,8 +262,8 @@ fn concurrency_is_counted_over_the_fleet(driver: &str) {
 }
 
 /// Tokens per minute over two boxes: each request reserves ~1,030 tokens and settles to
-/// the 18 its answer used, and the settlement reaches the other box (a negative `INCRBY`),
-/// so about 200 / 18 answers pass in all — as on one box — where reservations left
+/// the 18 its answer used, and the settlement reaches the other box (the box's use written
+/// lower), so about 200 / 18 answers pass in all — as on one box — where reservations left
 /// standing in Redis would stop the second.
 fn token_settlements_reach_the_other_boxes(driver: &str) {
     let Some(redis) = Redis::start() else { return };
@@ -257,9 +318,51 @@ fn failed_logins_lock_the_account_on_every_box(driver: &str) {
     }
 }
 
+/// A scope's counters let go of (idle, pruned once a minute by each worker) between two
+/// exchanges: the request that ended just before is still written in Redis as in flight
+/// on this box. Its field must go with the counters, or every other box keeps counting
+/// that request (its concurrency limit refusing) for as long as any box uses the scope.
+#[test]
+fn a_scope_let_go_of_leaves_no_request_in_flight_behind() {
+    use cubegate::internals::usage::fleet::{Exchange, Fleet};
+    use cubegate::internals::usage::limiter::{counters, prune, Scope};
+    let Some(redis) = Redis::start() else { return };
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let now_ms = || unix_in(0) * 1000;
+    let mut exchange = Exchange::new("box-a".into(), 5_000);
+    let scope = Scope::Domain("let-go-of");
+    let key = "cubegate:inflight:d:let-go-of";
+    let in_flight = |conn: &mut redis::Connection| -> Option<u32> {
+        redis::cmd("HGET")
+            .arg(key)
+            .arg("box-a")
+            .query(conn)
+            .unwrap()
+    };
+    let slot = counters(&scope);
+    assert!(slot.enter(1, Fleet::Shared));
+    exchange.round(&mut conn, now_ms()).unwrap();
+    assert_eq!(in_flight(&mut conn), Some(1));
+    // The request ends and the counters go before the next exchange.
+    slot.leave();
+    drop(slot);
+    prune(&mut Default::default());
+    exchange.round(&mut conn, now_ms()).unwrap();
+    assert_eq!(
+        in_flight(&mut conn).unwrap_or(0),
+        0,
+        "the ended request is still in flight on box-a for the other boxes"
+    );
+}
+
 for_each_driver!(
     a_domain_limit_holds_over_three_boxes,
     redis_down_each_box_takes_its_share,
+    a_redis_restarted_with_its_data_counts_nothing_twice,
+    counts_lost_in_a_running_redis_are_written_again,
     concurrency_is_counted_over_the_fleet,
     token_settlements_reach_the_other_boxes,
     failed_logins_lock_the_account_on_every_box,

@@ -696,3 +696,64 @@ fn a_bad_connection_string_is_named_without_its_password() {
     };
     assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
 }
+
+/// `migrate-store` that fails part way through the usage (the connection lost, a row the
+/// target refuses) must leave no usage behind: a second run copies usage only into minutes
+/// the target has none for, so a partial first copy would make it skip the rest for good.
+#[test]
+fn a_migration_failing_in_its_usage_loses_none_on_the_next_run() {
+    let Some(pg) = Postgres::start() else { return };
+    let url = pg.database("partial");
+    drop(PgStore::connect(&url).unwrap());
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    // The target refuses one row, far into the copy.
+    db.batch_execute(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.model = 'poison' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON usage
+             FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("cubegate-partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut source = Store::open(&dir.join("cubegate.db")).unwrap();
+    let rows: Vec<(UsageKey, Tally)> = (0..1500)
+        .map(|i| {
+            let model = if i == 1200 { "poison" } else { "m" };
+            (
+                usage_key(1_000 + i, "d", "u", None, model),
+                tally(1, 0, 0, 0, 0),
+            )
+        })
+        .collect();
+    source.record_usage(&rows).unwrap();
+    drop(source);
+    let migrate = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cubegate"))
+            .args(["migrate-store", "--from"])
+            .arg(&dir)
+            .args(["--to", "postgres", "--force"])
+            .env("CUBEGATE_POSTGRES_URL", &url)
+            .env("CUBEGATE_KEY_ENCRYPTION_KEY", "ab".repeat(32))
+            .output()
+            .unwrap()
+    };
+    let first = migrate();
+    assert_eq!(first.status.code(), Some(2), "{first:?}");
+    db.batch_execute("DROP TRIGGER refuse_poison ON usage")
+        .unwrap();
+    let second = migrate();
+    assert!(second.status.success(), "{second:?}");
+    let copied: i64 = db
+        .query_one("SELECT COALESCE(SUM(requests), 0)::BIGINT FROM usage", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        copied,
+        1500,
+        "after a failed first run: {}",
+        String::from_utf8_lossy(&second.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -12,7 +12,8 @@
 //! It refuses a target that already holds users unless `--force`; then, and on any second
 //! run, everything already there is left as it is (rows are matched by id), and usage is
 //! copied only into a target that holds none for those minutes, so running it again never
-//! counts a token twice.
+//! counts a token twice; it is copied in one transaction, so a run that failed part way
+//! leaves none of it and the next run copies it all.
 
 use super::keyring::{KeyHome, Sealer};
 use super::sqlite::Store;
@@ -169,10 +170,9 @@ fn copy_usage(
         done.usage_skipped = true;
         return Ok(());
     }
-    // In batches, as the usage writer writes.
-    for batch in rows.chunks(1000) {
-        target.record_usage(batch)?;
-    }
+    // In one transaction: a copy that failed part way must leave nothing, since the next
+    // run copies usage only into minutes that hold none.
+    target.record_usage(&rows)?;
     done.usage_rows = rows.len();
     Ok(())
 }

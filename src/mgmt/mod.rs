@@ -42,6 +42,7 @@ use crate::snapshot::Published;
 use sqlite::Store;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::{Storage, User};
@@ -71,6 +72,11 @@ pub struct Management {
     /// Oldest first; the last one signs.
     keys: std::sync::RwLock<Vec<SigningKey>>,
     published: Arc<Published>,
+    /// Held by one management publication at a time, from its read of the store to its
+    /// snapshot.
+    publishing: Mutex<()>,
+    /// A SIGHUP's reload the management plane has yet to apply.
+    pending_sync: Mutex<publish::PendingSync>,
     issuer: String,
     access_ttl: u64,
     refresh_ttl: u64,
@@ -85,16 +91,18 @@ pub struct Management {
 /// Opens the store, bootstraps the admin and keys on first start, publishes the first
 /// management snapshot and starts the management listener.
 /// Returns the plane and the address its listener is bound to.
-/// `inherited` = a listening socket passed by systemd or by the previous process.
+/// `inherited` = a listening socket passed by systemd or by the previous process;
+/// `stop` = a SIGTERM came (see [`open_store`]).
 pub fn start(
     config: &Config,
     published: Arc<Published>,
     registry: crate::metrics::Registry,
     inherited: Option<std::net::TcpListener>,
     certs: Option<Arc<crate::tls::CertStore>>,
+    stop: &AtomicBool,
 ) -> Result<(Arc<Management>, std::net::SocketAddr), String> {
     let m = &config.management;
-    let store = open_store(config)?;
+    let store = open_store(config, stop)?;
     let key_home = match m.store {
         StoreKind::Sqlite => keyring::KeyHome::Files(m.data_dir.clone()),
         StoreKind::Postgres => keyring::KeyHome::Store(Box::new(keyring::Sealer::from_env(
@@ -109,6 +117,8 @@ pub fn start(
         registry,
         keys: std::sync::RwLock::new(keys),
         published,
+        publishing: Mutex::new(()),
+        pending_sync: Mutex::default(),
         issuer: config.auth.issuer.clone(),
         access_ttl: m.access_token_ttl_s,
         refresh_ttl: m.refresh_token_ttl_s,
@@ -158,9 +168,10 @@ pub fn start(
 
 /// Opens the configured store: SQLite under `management.data_dir` (creating the
 /// directory), or PostgreSQL, waiting for it while it cannot be reached (the box is not
-/// ready until it has its state). Migrations are applied either way. The management plane
+/// ready until it has its state) unless `stop` is set meanwhile (a SIGTERM: the wait ends
+/// with [`STOPPED_WAITING`]). Migrations are applied either way. The management plane
 /// holds one; the usage writer opens its own.
-pub fn open_store(config: &Config) -> Result<Box<dyn Storage>, String> {
+pub fn open_store(config: &Config, stop: &AtomicBool) -> Result<Box<dyn Storage>, String> {
     match config.management.store {
         StoreKind::Sqlite => {
             let dir = &config.management.data_dir;
@@ -181,7 +192,13 @@ pub fn open_store(config: &Config) -> Result<Box<dyn Storage>, String> {
                         tracing::warn!(
                             "waiting for PostgreSQL (management.store = \"postgres\"): {why}; retrying in {wait:?}"
                         );
-                        std::thread::sleep(wait);
+                        let until = Instant::now() + wait;
+                        while Instant::now() < until {
+                            if stop.load(Ordering::Relaxed) {
+                                return Err(STOPPED_WAITING.into());
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
                         wait = (wait * 2).min(Duration::from_secs(5));
                     }
                     Err(e) => return Err(format!("management.store = \"postgres\": {e}")),
@@ -190,6 +207,9 @@ pub fn open_store(config: &Config) -> Result<Box<dyn Storage>, String> {
         }
     }
 }
+
+/// What [`open_store`] answers when a SIGTERM ended its wait for the database.
+pub const STOPPED_WAITING: &str = "stopped while waiting for PostgreSQL";
 
 /// What `check-config` can know of the store without reaching it: with PostgreSQL, that
 /// the connection string and the key encryption key are in the environment and well

@@ -9,11 +9,13 @@
 //! and drops the session, so once the server is back the next call works, with no restart.
 //! Boxes starting at once migrate one after the other, and every change the data plane must
 //! see is notified on [`CHANGES_CHANNEL`] (`postgres_schema.rs`). Several boxes spending one
-//! refresh token at once: the token's row is locked, so exactly one rotates it. Text SQLite
-//! compares BINARY or NOCASE is compared `COLLATE "C"` here (emails by `lower(email COLLATE
-//! "C")`, which folds ASCII only, as NOCASE does), so uniqueness and order match byte for
-//! byte whatever the database's default collation. Limits live in `postgres_limits.rs`,
-//! usage in `postgres_usage.rs`.
+//! refresh token at once: the token's row is locked, so exactly one rotates it; rotating,
+//! revoking and disabling also take the user's advisory lock first, so a revocation never
+//! misses the token a concurrent rotation is making. Text SQLite compares BINARY or NOCASE
+//! is compared `COLLATE "C"` here (emails by `lower(email COLLATE "C")`, which folds ASCII
+//! only, as NOCASE does), so uniqueness and order match byte for byte whatever the
+//! database's default collation. Limits live in `postgres_limits.rs`, usage in
+//! `postgres_usage.rs`.
 
 use super::postgres_schema::migrate;
 use super::postgres_session::{conflict, missing, session_config, Session};
@@ -26,7 +28,7 @@ use crate::auth::directory::DomainRole;
 use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
 use crate::usage::tally::{Tally, UsageKey};
 use postgres::types::ToSql;
-use postgres::{Client, Config, Row};
+use postgres::{Client, Config, Row, Transaction};
 use std::cell::RefCell;
 use std::time::Instant;
 
@@ -48,6 +50,20 @@ fn parsed<T>(name: &str, parse: fn(&str) -> Option<T>, what: &str) -> Result<T, 
 /// [`CHANGES_CHANNEL`].
 pub fn connect_listener(url: &str) -> Result<Client, StoreError> {
     Ok(Session::open(&session_config(url)?)?.client)
+}
+
+/// The advisory lock class of a user's refresh tokens ("cube").
+const SESSIONS_LOCK: i32 = 0x6375_6265;
+
+/// Serializes every change to `user`'s refresh tokens (rotating, revoking, disabling) until
+/// the transaction ends. Row locks alone do not: a statement's snapshot misses the token a
+/// concurrent rotation inserts, so a revocation racing it would leave that token alive.
+fn lock_sessions_of(tx: &mut Transaction<'_>, user: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&SESSIONS_LOCK, &user],
+    )?;
+    Ok(())
 }
 
 const INSERT_REFRESH: &str =
@@ -215,8 +231,14 @@ impl Storage for PgStore {
     ) -> Result<Rotation, StoreError> {
         self.with_client(|c| {
             let mut tx = c.transaction()?;
-            // Locked until commit: a second box spending the same token waits, then
-            // reads it spent and answers Reused.
+            let owner =
+                tx.query_opt("SELECT user_id FROM refresh_tokens WHERE jti = $1", &[&old])?;
+            let Some(owner) = owner else {
+                return Ok(Rotation::Invalid);
+            };
+            lock_sessions_of(&mut tx, &owner.try_get::<_, String>(0)?)?;
+            // Read after the lock (a new snapshot), and locked until commit: a second box
+            // spending the same token waits, then reads it spent and answers Reused.
             let row = tx.query_opt(
                 "SELECT t.family, t.user_id, t.expires_at, t.spent, t.revoked, u.disabled
                  FROM refresh_tokens t JOIN users u ON u.id = t.user_id WHERE t.jti = $1
@@ -253,12 +275,23 @@ impl Storage for PgStore {
     }
 
     fn revoke_family_of(&self, jti: &str) -> Result<bool, StoreError> {
-        let changed = self.change(
-            "UPDATE refresh_tokens SET revoked = true
-             WHERE family = (SELECT family FROM refresh_tokens WHERE jti = $1)",
-            &[&jti],
-        )?;
-        Ok(changed > 0)
+        self.with_client(|c| {
+            let mut tx = c.transaction()?;
+            let sql = "SELECT user_id, family FROM refresh_tokens WHERE jti = $1";
+            let Some(row) = tx.query_opt(sql, &[&jti])? else {
+                return Ok(false);
+            };
+            let (user, family): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            // After the lock no rotation of the family is under way: every token it made
+            // is committed, and this statement's snapshot sees it.
+            lock_sessions_of(&mut tx, &user)?;
+            let changed = tx.execute(
+                "UPDATE refresh_tokens SET revoked = true WHERE family = $1",
+                &[&family],
+            )?;
+            tx.commit()?;
+            Ok(changed > 0)
+        })
     }
 
     fn insert_domain(&self, d: &Domain, now: i64) -> Result<(), StoreError> {
@@ -416,6 +449,7 @@ impl Storage for PgStore {
     fn set_disabled(&mut self, user: &str, disabled: bool) -> Result<bool, StoreError> {
         self.with_client(|c| {
             let mut tx = c.transaction()?;
+            lock_sessions_of(&mut tx, user)?;
             let n = tx.execute(
                 "UPDATE users SET disabled = $2 WHERE id = $1",
                 &[&user, &disabled],

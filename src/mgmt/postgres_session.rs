@@ -7,10 +7,12 @@
 //! the work was refused (`Db`, or `Conflict`/`NotFound` where the store names the case) or
 //! the server is going away or timed the statement out (`Unavailable`); an error without
 //! one is `Unavailable` when it closed the connection, else `Db` (a value that does not
-//! convert). A session idle for a second is checked with an empty query before it is used
+//! convert). Sessions are plain TCP (or a Unix socket): a connection string that demands
+//! TLS is refused as a setting, by `check-config` too. A session idle for a second is checked with an empty query before it is used
 //! again, so a server restarted meanwhile costs no failed call.
 
 use super::store::StoreError;
+use postgres::config::{ChannelBinding, SslMode};
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls};
 use std::time::{Duration, Instant};
@@ -141,6 +143,15 @@ pub(crate) fn session_config(url: &str) -> Result<Config, StoreError> {
         let why = which.unwrap_or_else(|| "expected a postgresql:// URL or key=value pairs".into());
         StoreError::Db(format!("PostgreSQL connection string: {why}"))
     })?;
+    // Sessions are made without TLS: a string that demands it could never connect, and
+    // waiting would not help.
+    let needs_tls = config.get_ssl_mode() == SslMode::Require
+        || config.get_channel_binding() == ChannelBinding::Require;
+    if needs_tls {
+        return Err(StoreError::Db(
+            "PostgreSQL connection string: sslmode=require (or channel_binding=require) asks for TLS, which cubegate does not speak to PostgreSQL: use sslmode=prefer or disable, on a private network or through a TLS tunnel".into(),
+        ));
+    }
     config
         .connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)

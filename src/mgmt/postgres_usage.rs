@@ -9,7 +9,8 @@
 //! rows in one fixed order, so two boxes adding to the same rows wait for each other rather
 //! than deadlock; names are grouped and ordered `COLLATE "C"`, byte order as in SQLite.
 //! Usage does not notify the data plane (it is not what a box republishes), and has no
-//! foreign keys: it outlives the users and domains it names.
+//! foreign keys: it outlives the users and domains it names. A NUL in a name (TEXT cannot
+//! hold one) is stored as U+FFFD rather than failing the batch.
 
 use super::store::{StoreError, UsageGroup, UsageGroupValue, UsageQuery, UsageRow};
 use crate::usage::tally::{Tally, UsageKey};
@@ -43,6 +44,17 @@ const UPSERT: &str = "INSERT INTO usage
         errors = usage.errors + excluded.errors,
         counted = usage.counted + excluded.counted";
 
+/// TEXT as PostgreSQL can hold it: a NUL byte (which SQLite keeps, and which a client can
+/// put in a model name) becomes U+FFFD, since one refused row would fail its whole batch
+/// on every flush and no usage would be stored again.
+fn storable(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.contains('\0') {
+        name.replace('\0', "\u{FFFD}").into()
+    } else {
+        name.into()
+    }
+}
+
 /// BIGINT is signed.
 fn stored(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -63,10 +75,10 @@ pub(super) fn record(c: &mut Client, rows: &[(UsageKey, Tally)]) -> Result<(), S
             &upsert,
             &[
                 &k.minute,
-                &&*k.domain,
-                &&*k.user,
-                &k.key.as_deref().unwrap_or(""),
-                &&*k.model,
+                &storable(&k.domain),
+                &storable(&k.user),
+                &storable(k.key.as_deref().unwrap_or("")),
+                &storable(&k.model),
                 &stored(t.requests),
                 &stored(t.prompt_tokens),
                 &stored(t.completion_tokens),

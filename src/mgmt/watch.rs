@@ -6,11 +6,14 @@
 //! new snapshot, exactly as a change made on this box does (the revocation epoch moves, so
 //! cached tokens are checked again). Notifications are lost while the connection is down,
 //! so the counter is also compared on every (re)connect and every [`VERSION_CHECK`]: a
-//! missed change is picked up then.
+//! missed change is picked up then, and so is one whose read failed (a change counts as
+//! seen only once its keys and state were read and published).
 //!
 //! While the database cannot be reached the box serves the data plane from its last
 //! snapshot, management writes answer 503 (`store_unavailable`), the log says so once,
-//! `cubegate_store_up` is 0, and this thread reconnects by itself with a capped backoff.
+//! `cubegate_store_up` is 0, and this thread reconnects by itself with a capped backoff. A
+//! server that hangs rather than refuses is found by a bounded check before each counter
+//! read.
 
 use super::postgres::{connect_listener, CHANGES_CHANNEL};
 use super::Management;
@@ -21,6 +24,8 @@ use std::time::{Duration, Instant};
 
 /// How often the change counter is read even without a notification.
 const VERSION_CHECK: Duration = Duration::from_secs(2);
+/// How long the server has to answer the check that precedes each counter read.
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one wait for notifications lasts before the counter is due again.
 const WAIT: Duration = Duration::from_millis(500);
 /// Reconnection backoff.
@@ -82,18 +87,23 @@ fn run(mgmt: &Management, url: &str) {
     // connection's check publishes once (the start-up publication read the same state).
     let mut seen: Option<i64> = None;
     loop {
-        let outcome = connect_listener(url)
-            .map_err(|e| e.to_string())
-            .and_then(|mut client| {
-                client
+        match connect_listener(url) {
+            Ok(mut client) => {
+                let outcome = client
                     .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
-                    .map_err(|e| e.to_string())?;
-                mgmt.health.set_up(true, &"");
-                backoff = RETRY_MIN;
-                follow(mgmt, &mut client, &mut seen).map_err(|e| e.to_string())
-            });
-        if let Err(why) = outcome {
-            mgmt.health.set_up(false, &why);
+                    .and_then(|()| {
+                        mgmt.health.set_up(true, &"");
+                        backoff = RETRY_MIN;
+                        follow(mgmt, &mut client, &mut seen)
+                    });
+                if let Err(why) = outcome {
+                    mgmt.health.set_up(false, &why);
+                }
+                // Said first: closing a session waits for the server to acknowledge,
+                // which a hung server does only once it answers again.
+                drop(client);
+            }
+            Err(why) => mgmt.health.set_up(false, &why),
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(RETRY_MAX);
@@ -110,11 +120,15 @@ fn follow(
     let mut checked: Option<Instant> = None;
     loop {
         if checked.is_none_or(|t| t.elapsed() >= VERSION_CHECK) {
+            // Bounded: a server that hangs (frozen, its sockets still acknowledging) would
+            // hold a plain query for ever and keep reading as up.
+            client.is_valid(LIVENESS_TIMEOUT)?;
             let version: i64 = client
                 .query_one("SELECT version FROM cubegate_state", &[])?
                 .get(0);
-            if *seen != Some(version) {
-                apply(mgmt);
+            // A change is seen only once applied: one whose read failed is tried again at
+            // the next check.
+            if *seen != Some(version) && apply(mgmt) {
                 *seen = Some(version);
             }
             checked = Some(Instant::now());
@@ -131,18 +145,26 @@ fn follow(
             }
         }
         if let Some(version) = newest {
-            apply(mgmt);
-            *seen = (*seen).max(version);
+            if apply(mgmt) {
+                *seen = (*seen).max(version);
+            } else {
+                // Unknown until a publication succeeds: the next check applies it again.
+                *seen = None;
+            }
         }
     }
 }
 
 /// Reloads the signing keys (another box may have rotated them) and publishes the store's
-/// state as a new snapshot.
-fn apply(mgmt: &Management) {
-    if let Err(e) = mgmt.reload_keys() {
+/// state as a new snapshot; false when either could not be read.
+fn apply(mgmt: &Management) -> bool {
+    let keys = mgmt.reload_keys();
+    if let Err(e) = &keys {
         tracing::error!("keeping the signing keys in use: {e}");
     }
-    mgmt.publish();
-    mgmt.health.applied.fetch_add(1, Ordering::Relaxed);
+    let published = mgmt.publish();
+    if keys.is_ok() && published {
+        mgmt.health.applied.fetch_add(1, Ordering::Relaxed);
+    }
+    keys.is_ok() && published
 }

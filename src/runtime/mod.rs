@@ -75,6 +75,16 @@ impl StartupError {
         StartupError { exit_code: 2 }
     }
 
+    /// Opening the store failed: a setting (exit 2), or a SIGTERM that ended the wait for
+    /// the database (exit 0, as any requested stop).
+    fn store(message: String) -> StartupError {
+        if message == crate::mgmt::STOPPED_WAITING {
+            tracing::info!("{message}: exiting");
+            return StartupError { exit_code: 0 };
+        }
+        StartupError::config(message)
+    }
+
     /// The system refused a resource (a thread, signal handlers, a socket): exit 1.
     fn system(message: impl std::fmt::Display) -> StartupError {
         tracing::error!("{message}");
@@ -99,7 +109,8 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
     let ready_pipe = open_ready_pipe(inherited.as_ref())?;
     // Signal handlers go in before anything listens: a SIGHUP or SIGTERM that arrives
     // during startup must reload or drain, not kill the process.
-    let signals = install_signal_handlers()?;
+    let (signals, stop) = signals::install()
+        .map_err(|e| StartupError::system(format!("cannot install signal handlers: {e}")))?;
     let (inherited_proxy, inherited_management) = split_inherited(inherited);
     let (driver, why) = choose_driver(config.proxy.driver).map_err(StartupError::config)?;
     let workers = crate::proxy::worker::workers_of(config);
@@ -118,9 +129,10 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
         registry.clone(),
         inherited_management,
         mgmt_certs.clone(),
+        &stop,
     )
-    .map_err(StartupError::config)?;
-    let usage = start_usage_writer(config, &published)?;
+    .map_err(StartupError::store)?;
+    let usage = start_usage_writer(config, &published, &stop)?;
     start_fleet_exchange(config)?;
     let jwks_refresh = start_jwks_fetcher(&published)?;
     crate::fleet::health::start(crate::fleet::health::HealthSettings {
@@ -184,12 +196,6 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
 fn open_ready_pipe(inherited: Option<&Inherited>) -> Result<Option<File>, StartupError> {
     let passed = inherited.map_or(0, Inherited::count);
     crate::handover::ready_pipe(passed).map_err(|e| StartupError::config(format!("hand-over: {e}")))
-}
-
-fn install_signal_handlers() -> Result<signal_hook::iterator::Signals, StartupError> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
-    signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR2])
-        .map_err(|e| StartupError::system(format!("cannot install signal handlers: {e}")))
 }
 
 /// The inherited public sockets and management socket, each if any (said in the log).
@@ -257,11 +263,12 @@ fn warn_if_unauthenticated(config: &Config) {
 fn start_usage_writer(
     config: &Config,
     published: &Arc<Published>,
+    stop: &AtomicBool,
 ) -> Result<Option<UsageWriter>, StartupError> {
     if !config.usage.enabled {
         return Ok(None);
     }
-    let store = crate::mgmt::open_store(config).map_err(StartupError::config)?;
+    let store = crate::mgmt::open_store(config, stop).map_err(StartupError::store)?;
     crate::usage::writer::start(store, &config.usage, published.clone())
         .map(Some)
         .map_err(|e| StartupError::system(format!("cannot start the usage writer: {e}")))

@@ -12,7 +12,8 @@ use crate::notify::{Heartbeats, Notifier};
 use crate::snapshot::{Published, Snapshot};
 use crate::tls::Listener;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the signals act on.
@@ -20,7 +21,7 @@ pub(super) struct Reloadable<'a> {
     pub config: &'a Config,
     pub path: &'a Path,
     pub published: &'a Published,
-    pub mgmt: &'a crate::mgmt::Management,
+    pub mgmt: &'a std::sync::Arc<crate::mgmt::Management>,
     /// The public listener's certificate (HTTPS on `proxy.listen`).
     pub certs: Option<&'a crate::tls::CertStore>,
     /// The management listener's certificate (HTTPS on `management.listen`).
@@ -29,6 +30,18 @@ pub(super) struct Reloadable<'a> {
     /// Dropped when draining starts: once the workers close theirs too, a socket nobody
     /// else holds closes, and new connections are refused instead of queueing for no one.
     pub sockets: std::cell::RefCell<Vec<std::net::TcpListener>>,
+}
+
+/// The signals the main loop handles, and a flag SIGTERM and SIGINT also raise, which the
+/// waits of startup (for the database) watch, since the loop does not run yet.
+pub(super) fn install() -> std::io::Result<(signal_hook::iterator::Signals, Arc<AtomicBool>)> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    let signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR2])?;
+    Ok((signals, stop))
 }
 
 pub(super) fn handle_signals(
@@ -88,12 +101,9 @@ fn on_reload(state: &Reloadable<'_>, notifier: &Notifier) {
     let reloaded = reload(state.config, state.path, state.published);
     notifier.send("READY=1");
     if let Some(reloaded) = reloaded {
-        // Domains the file now declares exist in the store too, so members can be added
-        // to them without a restart.
-        if let Err(e) = state.mgmt.sync_config_domains(&reloaded) {
-            tracing::error!("reload: {e}");
-        }
-        state.mgmt.publish();
+        // The store's part waits on a database when it is shared: never on this thread,
+        // which feeds the watchdog.
+        state.mgmt.sync_in_background(reloaded.clone());
         reload_certificate(Listener::Public, state.certs, &reloaded);
         reload_certificate(Listener::Management, state.mgmt_certs, &reloaded);
     }

@@ -50,18 +50,68 @@ impl Postgres {
     pub fn database(&self, db: &str) -> String {
         self.create_database(db).unwrap_or_else(|e| panic!("{e}"))
     }
+
+    /// Freezes the server (SIGSTOP to it and its backends) until the guard is dropped: it
+    /// hangs as a server on a dead disk does, its sockets still accepting and acknowledging.
+    pub fn freeze(&self) -> Frozen {
+        let postmaster = self.pid().expect("PostgreSQL is not running") as i32;
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": the fields after the command's closing paren.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for &pid in &pids {
+            // SAFETY: kill(2) on the server's own processes.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(pids)
+    }
 }
 
-/// A Redis server of its own on 127.0.0.1, without persistence.
+/// A frozen server's processes, continued on drop.
+pub struct Frozen(Vec<i32>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: kill(2) on processes this guard stopped.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// A Redis server of its own on 127.0.0.1, without persistence (or, from
+/// [`Redis::start_persistent`], with Debian's default: an RDB snapshot, written on a clean
+/// shutdown and read back at start).
 pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    persistent: bool,
 }
 
 impl Redis {
     /// None (skipped) where Redis is not installed and CI does not require it.
     pub fn start() -> Option<Redis> {
+        Self::start_with(false)
+    }
+
+    /// Like [`Redis::start`], keeping its data over [`Redis::restart_cleanly`].
+    pub fn start_persistent() -> Option<Redis> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Option<Redis> {
         let bin = Path::new("/usr/bin/redis-server");
         if !bin.exists() {
             return missing("Redis", "redis-server");
@@ -74,18 +124,20 @@ impl Redis {
             port,
             dir,
             child: None,
+            persistent,
         };
         r.run();
         Some(r)
     }
 
-    /// Starts the server (again, after [`Redis::stop`]: same port, empty).
+    /// Starts the server (again, after [`Redis::stop`]: same port, empty unless persistent).
     pub fn run(&mut self) {
         assert!(self.child.is_none(), "Redis is already running");
         let log = self.dir.join("redis.log");
+        let save = if self.persistent { "3600 1" } else { "" };
         let mut child = Command::new("/usr/bin/redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--logfile"])
+            .args(["--save", save, "--appendonly", "no", "--logfile"])
             .arg(&log)
             .arg("--dir")
             .arg(&self.dir)
@@ -108,6 +160,17 @@ impl Redis {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops the server as its service manager would (SIGTERM: a persistent one writes its
+    /// snapshot first) and starts it again: a new `run_id`, the same data when persistent.
+    pub fn restart_cleanly(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid, which we have not yet waited for.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        self.run();
     }
 
     pub fn url(&self) -> String {

@@ -1,20 +1,26 @@
-//! One exchange of limit counts with the fleet's Redis: what this box used since the last
-//! one goes in, the fleet's totals come back, and the others' part of each is stored where
-//! admission reads it ([`Window::set_others`], `Counters::others_in_flight`).
+//! One exchange of limit counts with the fleet's Redis: what this box has used goes in, the
+//! fleet's use comes back, and the others' part of each is stored where admission reads it
+//! ([`Window::set_others`], `Counters::others_in_flight`).
 //!
 //! Every key of one exchange travels in one pipeline (one round trip, no MULTI: each
 //! command stands alone). Per window a box has taken from — requests per minute, tokens
-//! per minute, tokens per day, each of every scope still in the registry — the key
-//! `cubegate:limit:{rpm|tpm|tpd}:{window number}:{scope}` gets `INCRBY` of this box's
-//! change since the last exchange (negative when a token reservation settled lower) and an
-//! `EXPIRE` a minute past the window's end; a window with no change is read with `GET`.
-//! Its reply is the fleet's total, so the others' use is that minus what this box has
-//! sent. Requests in flight are a count, not a window: each box writes its own in the hash
+//! per minute, tokens per day, each of every scope still in the registry — the hash
+//! `cubegate:use:{rpm|tpm|tpd}:{window number}:{scope}` holds each box's whole use of the
+//! window under the box's own field: a box `HSET`s its use when it changed since it last
+//! wrote it (lower, after a token reservation settled lower), with an `EXPIRE` a minute
+//! past the window's end, and reads the hash back; the others' use is the sum of the
+//! other fields. Each box writes what it has used, never a change to add, so writing again
+//! cannot count anything twice: a round whose reply was lost, or a Redis restarted with or
+//! without its data (which is why a new `run_id` makes a box write everything again); and a
+//! box that reads its own field back missing or different (keys evicted, flushed) writes
+//! it again in the next round.
+//! Requests in flight are a count, not a window: each box writes its own in the hash
 //! `cubegate:inflight:{scope}` (field = the box), which lives a few exchanges past the last
-//! write, and the others' are the fields of boxes still alive. Boxes announce themselves
-//! in the sorted set `cubegate:boxes` (score = when, in ms); those not heard of for
-//! `stale_ms` are dropped, and the rest are the count a box divides its limits by when
-//! Redis cannot be reached.
+//! write, and the others' are the fields of boxes still alive. A scope the workers let go
+//! of (idle, pruned) has its fields deleted, so no use or request in flight of it is left
+//! behind. Boxes announce themselves in the sorted set `cubegate:boxes` (score = when, in
+//! ms); those not heard of for `stale_ms` are dropped, and the rest are the count a box
+//! divides its limits by when Redis cannot be reached.
 
 use crate::usage::limiter::{every_scope, Clock, Counters, Window};
 use redis::{from_redis_value, Connection, Pipeline, RedisResult, Value};
@@ -66,7 +72,7 @@ impl Kind {
     }
 
     fn key(self, window: u32, label: &str) -> String {
-        format!("cubegate:limit:{}:{window}:{label}", self.tag())
+        format!("cubegate:use:{}:{window}:{label}", self.tag())
     }
 }
 
@@ -76,24 +82,26 @@ fn in_flight_key(label: &str) -> String {
 
 /// What one reply of the pipeline answers.
 enum Reply {
-    /// A window's fleet total; this box will have sent `sent` to it in all.
+    /// A window's use per box; `wrote` = the use this box wrote to it in this round.
     Window {
         counters: Arc<Counters>,
         kind: Kind,
         window: u32,
-        sent: i64,
+        wrote: Option<u32>,
     },
-    /// What a scope no longer held had sent to the current window, taken back.
+    /// This box's field of a window the scope no longer held here was deleted.
     TakenBack { label: Arc<str>, kind: Kind },
     /// A scope's requests in flight, per box.
     InFlight { counters: Arc<Counters> },
+    /// This box's in-flight field of a scope no longer held here was deleted.
+    InFlightLeft { label: Arc<str> },
 }
 
-/// What this box has added to one window's key so far.
+/// What this box last wrote to one window's hash.
 #[derive(Debug, Clone, Copy)]
 struct Sent {
     window: u32,
-    total: i64,
+    used: u32,
 }
 
 /// The exchange's memory between rounds.
@@ -102,6 +110,8 @@ pub struct Exchange {
     /// Boxes not heard of for this long are gone (ms).
     stale_ms: u64,
     sent: HashMap<(Arc<str>, Kind), Sent>,
+    /// Scopes whose in-flight hash holds a field of this box.
+    in_flight_sent: HashSet<Arc<str>>,
     /// (hash, field) of boxes found gone, deleted in the next round.
     gone: Vec<(String, String)>,
 }
@@ -112,6 +122,7 @@ impl Exchange {
             box_id,
             stale_ms,
             sent: HashMap::new(),
+            in_flight_sent: HashSet::new(),
             gone: Vec::new(),
         }
     }
@@ -120,17 +131,17 @@ impl Exchange {
         &self.box_id
     }
 
-    /// Redis lost what it had (it restarted, or it is another server): the next round
-    /// sends this box's whole use of the current windows, not its change.
+    /// Redis may have lost what it had (it restarted, or it is another server): the next
+    /// round writes this box's use of every current window again, changed or not.
     pub fn forget_sent(&mut self) {
         self.sent.clear();
     }
 
-    fn sent_to(&self, label: &Arc<str>, kind: Kind, window: u32) -> i64 {
+    fn sent_to(&self, label: &Arc<str>, kind: Kind, window: u32) -> Option<u32> {
         self.sent
             .get(&(label.clone(), kind))
             .filter(|s| s.window == window)
-            .map_or(0, |s| s.total)
+            .map(|s| s.used)
     }
 
     /// One round trip at `now_ms` (the wall clock); the number of boxes alive.
@@ -170,6 +181,7 @@ impl Exchange {
     fn plan(&self, pipe: &mut Pipeline, clock: Clock) -> Vec<Reply> {
         let mut replies = Vec::new();
         let mut held = HashSet::new();
+        let mut held_in_flight = HashSet::new();
         for counters in every_scope() {
             for kind in KINDS {
                 let (last, used) = kind.of(&counters).own();
@@ -178,15 +190,29 @@ impl Exchange {
                     continue;
                 }
                 let (window, ttl) = kind.now(clock);
-                let used = if last == window { i64::from(used) } else { 0 };
+                let used = if last == window { used } else { 0 };
+                let key = kind.key(window, &counters.label);
                 let before = self.sent_to(&counters.label, kind, window);
-                add_to_window(pipe, &kind.key(window, &counters.label), used - before, ttl);
+                // Nothing to write when the field says so already (or would say 0).
+                let wrote = (before != Some(used) && (used != 0 || before.is_some())).then(|| {
+                    pipe.cmd("HSET")
+                        .arg(&key)
+                        .arg(&self.box_id)
+                        .arg(used)
+                        .ignore()
+                        .cmd("EXPIRE")
+                        .arg(&key)
+                        .arg(ttl)
+                        .ignore();
+                    used
+                });
+                pipe.cmd("HGETALL").arg(&key);
                 held.insert((counters.label.clone(), kind));
                 replies.push(Reply::Window {
                     counters: counters.clone(),
                     kind,
                     window,
-                    sent: used,
+                    wrote,
                 });
             }
             if counters.concurrency_limited() {
@@ -202,20 +228,28 @@ impl Exchange {
                     .ignore()
                     .cmd("HGETALL")
                     .arg(&key);
+                held_in_flight.insert(counters.label.clone());
                 replies.push(Reply::InFlight { counters });
             }
         }
-        // A scope the workers let go of (idle, pruned) may still owe the fleet a settlement
-        // that lowered its use after the last round: its remainder is taken back.
+        // A scope the workers let go of (idle, pruned) has nothing of its own left in use
+        // or in flight here: its fields go, whatever they said last.
         for ((label, kind), sent) in &self.sent {
-            let (window, ttl) = kind.now(clock);
-            if sent.window == window && sent.total != 0 && !held.contains(&(label.clone(), *kind)) {
-                add_to_window(pipe, &kind.key(window, label), -sent.total, ttl);
+            if sent.window == kind.now(clock).0 && !held.contains(&(label.clone(), *kind)) {
+                pipe.cmd("HDEL")
+                    .arg(kind.key(sent.window, label))
+                    .arg(&self.box_id);
                 replies.push(Reply::TakenBack {
                     label: label.clone(),
                     kind: *kind,
                 });
             }
+        }
+        for label in self.in_flight_sent.difference(&held_in_flight) {
+            pipe.cmd("HDEL").arg(in_flight_key(label)).arg(&self.box_id);
+            replies.push(Reply::InFlightLeft {
+                label: label.clone(),
+            });
         }
         replies
     }
@@ -226,26 +260,36 @@ impl Exchange {
                 counters,
                 kind,
                 window,
-                sent,
+                wrote,
             } => {
-                let total = from_redis_value::<Option<i64>>(value)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0);
-                self.sent.insert(
-                    (counters.label.clone(), kind),
-                    Sent {
-                        window,
-                        total: sent,
-                    },
-                );
-                let others = (total - sent).clamp(0, i64::from(u32::MAX)) as u32;
+                let at = (counters.label.clone(), kind);
+                if let Some(used) = wrote {
+                    self.sent.insert(at.clone(), Sent { window, used });
+                }
+                let per_box: HashMap<String, i64> = from_redis_value(value).unwrap_or_default();
+                // Redis lost this box's field (keys evicted, flushed): written again next
+                // round, changed or not.
+                let own = per_box.get(&self.box_id).copied();
+                if self
+                    .sent
+                    .get(&at)
+                    .is_some_and(|s| own != Some(i64::from(s.used)))
+                {
+                    self.sent.remove(&at);
+                }
+                let others: i64 = per_box
+                    .iter()
+                    .filter(|(id, _)| **id != self.box_id)
+                    .map(|(_, n)| (*n).max(0))
+                    .sum();
+                let others = others.clamp(0, i64::from(u32::MAX)) as u32;
                 kind.of(&counters).set_others(window, others);
             }
             Reply::TakenBack { label, kind } => {
                 self.sent.remove(&(label, kind));
             }
             Reply::InFlight { counters } => {
+                self.in_flight_sent.insert(counters.label.clone());
                 let per_box: HashMap<String, u32> = from_redis_value(value).unwrap_or_default();
                 let mut others = 0u32;
                 for (id, n) in per_box {
@@ -260,21 +304,9 @@ impl Exchange {
                 }
                 counters.others_in_flight.store(others, Ordering::Relaxed);
             }
+            Reply::InFlightLeft { label } => {
+                self.in_flight_sent.remove(&label);
+            }
         }
-    }
-}
-
-/// `INCRBY` (with the key's expiry) when this box's use changed, else a plain read.
-fn add_to_window(pipe: &mut Pipeline, key: &str, change: i64, ttl_s: u32) {
-    if change == 0 {
-        pipe.cmd("GET").arg(key);
-    } else {
-        pipe.cmd("INCRBY")
-            .arg(key)
-            .arg(change)
-            .cmd("EXPIRE")
-            .arg(key)
-            .arg(ttl_s)
-            .ignore();
     }
 }

@@ -9,8 +9,9 @@
 //! round's delay. When Redis cannot be reached ([`link`]'s short timeouts bound each try),
 //! each box enforces its share of every limit — the limit divided by the boxes last seen,
 //! rounded up — and says so once in the log and in `cubegate_fleet_redis_up` ([`view`]);
-//! it keeps trying and shares again as soon as Redis answers. A Redis that comes back empty
-//! (restarted: its `run_id` changed) is sent each box's whole use of the current windows.
+//! it keeps trying and shares again as soon as Redis answers. Each box writes its whole use
+//! of a window, not a change to add, so a Redis restarted (its `run_id` changed: each box
+//! writes all its windows again) counts nothing twice whether or not it kept its data.
 //!
 //! Not to be confused with `crate::fleet`, the GPU hosts a request is routed to.
 
@@ -101,7 +102,7 @@ impl Sync {
                     .unwrap_or_else(|| Err(std::io::Error::other("no Redis URL").into()))?;
                 let run_id = server_run_id(&mut conn)?;
                 if self.run_id.as_ref().is_some_and(|r| *r != run_id) {
-                    tracing::info!("fleet: Redis restarted or changed; sending this box's whole use of the current windows");
+                    tracing::info!("fleet: Redis restarted or changed; writing this box's use of the current windows again");
                 }
                 if self.run_id.as_ref() != Some(&run_id) {
                     self.exchange.forget_sent();
