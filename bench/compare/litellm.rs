@@ -15,7 +15,8 @@
 //!   and `HF_HUB_OFFLINE` makes any other Hub lookup fail at once instead of retrying.
 //!
 //! `LITELLM_LOG=WARNING` also turns off uvicorn's access line per request: access logs are
-//! off for every system compare measures.
+//! off for every system compare measures. Idle client connections are kept 75 s, as by
+//! the other systems.
 
 use super::systems::{self, Endpoint, Env, NotRun, Running, MODEL};
 use std::process::Command;
@@ -24,6 +25,12 @@ use std::time::Duration;
 /// How long LiteLLM may take to answer its first requests: it imports for seconds, and
 /// for tens of seconds on a busy machine.
 pub const START_LIMIT: Duration = Duration::from_secs(120);
+
+/// Seconds an idle client connection is kept, as nginx (`keepalive_timeout 75s`) and
+/// cubegate (`idle_keepalive_s`) keep theirs. uvicorn's default is 5 s: the streams' open
+/// loop, 64 connections at a few streams/s, comes back to a connection after longer than
+/// that and found it closed (a quarter of the streams failed).
+const KEEPALIVE_S: u32 = 75;
 
 /// The master key, sent as the bearer.
 const KEY: &str = "sk-cubegate-bench";
@@ -70,6 +77,8 @@ pub fn start(env: &Env) -> Result<Running, NotRun> {
         .arg(port.to_string())
         .arg("--num_workers")
         .arg(env.workers.to_string())
+        .arg("--keepalive_timeout")
+        .arg(KEEPALIVE_S.to_string())
         .envs(ENV);
     let proc = systems::spawn(env, "litellm", cmd)?;
     let ep = |m: &str| Endpoint {
