@@ -6,11 +6,13 @@
 //! without it does not measure as a proxy at all:
 //! - at start it fetches its model price list from GitHub, retrying; the bundled copy
 //!   (`LITELLM_LOCAL_MODEL_COST_MAP`) is used instead;
-//! - after every streamed answer it counts the tokens, and for a model whose name holds
-//!   `llama-3` it loads the Hugging Face tokenizer `Xenova/llama-3-tokenizer` first. A
-//!   failed load is not cached, and the download is retried five times with sleeps
-//!   (1 + 2 + 4 + 8 + 8 s) on the event-loop thread: every stream stopped the whole proxy
-//!   for ~23 s, so the closed loop that followed timed out on every connection.
+//! - before the first chunk of every streamed answer it prices the request by counting
+//!   the prompt's tokens, and for a model whose name holds `llama-3` it loads the Hugging
+//!   Face tokenizer `Xenova/llama-3-tokenizer` to count them. Offline the download is
+//!   retried five times with sleeps (1 + 2 + 4 + 8 + 8 s) on the event-loop thread, and
+//!   the failure is not cached: every stream stopped the whole proxy for ~23 s, so the
+//!   closed loop after the warmup's streams timed out on every connection (the probe
+//!   sends whole answers, which carry their usage and count nothing).
 //!   `disable_hf_tokenizer_download` makes it count with its bundled tiktoken encoding,
 //!   and `HF_HUB_OFFLINE` makes any other Hub lookup fail at once instead of retrying.
 //!
