@@ -6,9 +6,9 @@
 //! `--token-delay-us` apart. Then, one system at a time (`systems.rs`): direct to the
 //! simulators (the floor), cubegate with JWT auth, the same with its management store on a
 //! throwaway PostgreSQL (`cubegate-pg`, `crate::services`), nginx, HAProxy verifying JWTs,
-//! HAProxy in TCP mode, LiteLLM; each is started with a generated config, probed with one
-//! real request, warmed up, then measured with the in-process load generator
-//! (`crate::load`):
+//! HAProxy in TCP mode, LiteLLM (`litellm.rs`); each is started with a generated config,
+//! probed with one real request, warmed up, then measured with the in-process load
+//! generator (`crate::load`):
 //!
 //! 1. closed loop, `--connections` connections, as fast as it goes: requests/s, and the
 //!    proxy's CPU seconds (`measure.rs`, /proc) per 1,000 requests;
@@ -17,10 +17,13 @@
 //! 3. one connection, one request at a time: latency p50/p99 without queueing;
 //! 4. streams, open loop at `--stream-rate`: time to first token, gap between chunks;
 //!
-//! then its peak RSS is read and it is stopped. Systems not installed are reported as
+//! (a system that forwarded less than twice `--rate` in 1., as LiteLLM with its one
+//! Python worker, runs both open loops at half its closed-loop rate instead, said by its
+//! name), then its peak RSS is read and it is stopped. Systems not installed are reported as
 //! skipped. `report.rs` writes the table (stdout and `results.md`), `results.json` and two
 //! SVG charts into `--out`.
 
+mod litellm;
 pub mod measure;
 pub mod report;
 pub mod svg;
@@ -322,9 +325,11 @@ fn measure(
         (Some(x), Some(y)) => Some(y - x),
         _ => None,
     };
+    answered("closed-loop", &closed)?;
+    let rates = OpenLoopRates::for_system(a.rate, stream_rate, closed.requests_per_s);
     // 2. Latency at a fixed moderate rate, open loop.
     let mut l = base(&r.fast, LoadKind::Chat, a.tokens);
-    l.rate = Some(a.rate);
+    l.rate = Some(rates.rate);
     l.connections = a.connections.max(64);
     let o0 = cpu();
     let open = load::run(&l)?;
@@ -336,13 +341,12 @@ fn measure(
     let single = load::run(&l)?;
     // 4. Streams, open loop.
     let mut l = base(&r.stream, LoadKind::ChatStream, a.stream_tokens);
-    l.rate = Some(stream_rate);
+    l.rate = Some(rates.stream_rate);
     l.connections = 64;
     let stream = load::run(&l)?;
     // A system that answered nothing in a measurement is failed, with what it answered
     // instead: its figures would only measure how fast it refuses.
     for (what, s) in [
-        ("closed-loop", &closed),
         ("open-loop", &open),
         ("single-connection", &single),
         ("streaming", &stream),
@@ -362,8 +366,22 @@ fn measure(
         .cpu_s
         .filter(|_| closed.ok > 0)
         .map(|c| c / closed.ok as f64 * 1000.0);
+    let notes = rates
+        .lowered
+        .then(|| {
+            format!(
+                "open loop at {:.1} requests/s and {:.1} streams/s, half of what it forwarded \
+                 in the closed loop ({:.1}/s): {} and {} would only measure its queue",
+                rates.rate, rates.stream_rate, closed.requests_per_s, a.rate, stream_rate
+            )
+        })
+        .into_iter()
+        .collect();
     Ok(SystemResult {
         status: "ok".into(),
+        notes,
+        open_rate: Some(rates.rate),
+        stream_rate: Some(rates.stream_rate),
         closed: Some(closed),
         open: Some(open),
         single: Some(Phase::of(&single, None)),
@@ -372,6 +390,38 @@ fn measure(
         peak_rss_kib: rss,
         ..SystemResult::default()
     })
+}
+
+/// The open-loop rates one system is measured at.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct OpenLoopRates {
+    rate: f64,
+    stream_rate: f64,
+    /// Below the asked rates.
+    lowered: bool,
+}
+
+impl OpenLoopRates {
+    /// The asked rates, or, for a system that forwarded less than twice `rate` in the
+    /// closed loop, both scaled down to half its closed-loop rate: an open loop above
+    /// what a system can carry measures a queue that only grows (and the requests it
+    /// never sends), not the system. Streams scale with whole answers.
+    fn for_system(rate: f64, stream_rate: f64, closed_rps: f64) -> OpenLoopRates {
+        let half = closed_rps / 2.0;
+        if !(half.is_finite() && half > 0.0) || half >= rate {
+            return OpenLoopRates {
+                rate,
+                stream_rate,
+                lowered: false,
+            };
+        }
+        let f = half / rate;
+        OpenLoopRates {
+            rate: half,
+            stream_rate: stream_rate * f,
+            lowered: true,
+        }
+    }
 }
 
 /// `Err` naming what came back instead when no request of a measurement was answered.
@@ -601,7 +651,7 @@ pub fn run(a: &CompareArgs, progress: &mut dyn FnMut(&str)) -> Result<Report, St
                         }
                     }
                     r.version = Some(running.version.clone());
-                    r.notes = running.notes.clone();
+                    r.notes.splice(0..0, running.notes.iter().cloned());
                     drop(running); // stops the system before the next starts
                     r
                 }

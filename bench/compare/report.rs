@@ -63,12 +63,16 @@ pub struct SystemResult {
     pub notes: Vec<String>,
     /// Closed loop, `connections` connections.
     pub closed: Option<Phase>,
-    /// Open loop at `rate`.
+    /// Open loop at `open_rate`.
     pub open: Option<Phase>,
     /// One connection, closed loop.
     pub single: Option<Phase>,
     /// Streams, open loop at `stream_rate`.
     pub stream: Option<Phase>,
+    /// The open-loop rates this system was measured at: the settings' rates, or half its
+    /// closed-loop rate when that is lower (see the notes).
+    pub open_rate: Option<f64>,
+    pub stream_rate: Option<f64>,
     /// Proxy CPU seconds per 1,000 requests (closed loop).
     pub cpu_s_per_1k: Option<f64>,
     /// Peak RSS of the proxy's processes, KiB (sum of VmHWM).
@@ -78,6 +82,15 @@ pub struct SystemResult {
 impl SystemResult {
     pub fn measured(&self) -> bool {
         self.status == "ok"
+    }
+
+    /// The name, with the rate it was measured at when that is below `asked` (the
+    /// column headers name the asked rates).
+    fn name_at(&self, rate: Option<f64>, asked: f64, unit: &str) -> String {
+        match rate {
+            Some(r) if r < asked => format!("{} (at {r:.1} {unit}/s)", self.name),
+            _ => self.name.clone(),
+        }
     }
 }
 
@@ -158,12 +171,19 @@ fn added(v: u64, base: u64) -> String {
     }
 }
 
-fn ratio(a: f64, b: f64) -> String {
-    if a.is_finite() && b.is_finite() && a > 0.0 && b > 0.0 {
-        format!("{:.2}×", a / b)
-    } else {
-        DASH.into()
+/// `a / b` with two decimals, or two significant digits below 0.1 (cubegate against a
+/// Python gateway is ~0.002×, which two decimals would show as 0.00×).
+pub fn ratio(a: f64, b: f64) -> String {
+    if !(a.is_finite() && b.is_finite() && a > 0.0 && b > 0.0) {
+        return DASH.into();
     }
+    let r = a / b;
+    let decimals = if r >= 0.1 {
+        2
+    } else {
+        (1 - r.log10().floor() as i64).clamp(2, 9) as usize
+    };
+    format!("{r:.decimals$}×")
 }
 
 fn row(cells: &[String]) -> String {
@@ -230,7 +250,8 @@ pub fn markdown(r: &Report) -> String {
         "- Load: vLLM simulator; whole answers of {} tokens; {} s per measurement after {} s \
          warmup; each proxy has {} worker(s); throughput closed loop with {} connections; \
          latency open loop at {} requests/s and at concurrency 1; streams of {} tokens {} µs \
-         apart, open loop at {} streams/s.",
+         apart, open loop at {} streams/s (both lower for a system that forwards less than \
+         twice that: the rate is then by its name).",
         st.tokens,
         st.duration_s,
         st.warmup_s,
@@ -291,7 +312,7 @@ pub fn markdown(r: &Report) -> String {
             .filter_map(|p| p.as_ref().map(|p| p.bad))
             .sum();
         s.push_str(&row(&[
-            x.name.clone(),
+            x.name_at(x.open_rate, st.rate, "requests"),
             format!("{:.0}", c.requests_per_s),
             ms(o.p50_us),
             ms(o.p99_us),
@@ -332,7 +353,7 @@ pub fn markdown(r: &Report) -> String {
             None => DASH.into(),
         };
         s.push_str(&row(&[
-            x.name.clone(),
+            x.name_at(x.stream_rate, st.stream_rate, "streams"),
             ms(p.ttft_p50_us),
             ms(p.ttft_p99_us),
             base(|q| q.ttft_p50_us),
@@ -420,7 +441,10 @@ pub fn svg_latency(r: &Report) -> String {
         .filter_map(|x| {
             let o = x.open.as_ref()?;
             let v = [o.p50_us, o.p90_us, o.p99_us].map(|u| u as f64 / 1000.0);
-            Some((x.name.clone(), v.to_vec()))
+            Some((
+                x.name_at(x.open_rate, r.settings.rate, "requests"),
+                v.to_vec(),
+            ))
         })
         .collect();
     bars(

@@ -187,10 +187,15 @@ impl Proc {
         self.child.try_wait().ok().flatten()
     }
 
-    /// The last lines of the process's log.
+    /// The last lines of the process's log that say something: terminal colours and
+    /// blank or banner lines (LiteLLM prints both) left out.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
+        let all: Vec<String> = text
+            .lines()
+            .map(plain_text)
+            .filter(|l| l.chars().any(char::is_alphanumeric))
+            .collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
@@ -229,6 +234,27 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A log line without terminal escape sequences (`ESC [ … letter`), trimmed.
+fn plain_text(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: parameters and intermediates up to a final byte in '@'..='~'.
+            if chars.next() == Some('[') {
+                for f in chars.by_ref() {
+                    if ('@'..='~').contains(&f) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out.trim().to_string()
 }
 
 /// A temporary directory, removed when dropped.
@@ -459,10 +485,14 @@ pub fn start(kind: Kind, env: &Env, probe: Probe) -> Result<Running, NotRun> {
         Kind::Nginx => start_nginx(env)?,
         Kind::HaproxyJwt => start_haproxy(env, true)?,
         Kind::HaproxyTcp => start_haproxy(env, false)?,
-        Kind::Litellm => start_litellm(env)?,
+        Kind::Litellm => super::litellm::start(env)?,
     };
-    let limit = if kind == Kind::Litellm { 90 } else { 20 };
-    wait_ready(running, probe, Duration::from_secs(limit))
+    let limit = if kind == Kind::Litellm {
+        super::litellm::START_LIMIT
+    } else {
+        Duration::from_secs(20)
+    };
+    wait_ready(running, probe, limit)
 }
 
 fn wait_ready(mut r: Running, probe: Probe, limit: Duration) -> Result<Running, NotRun> {
@@ -496,9 +526,11 @@ fn wait_ready(mut r: Running, probe: Probe, limit: Duration) -> Result<Running, 
                 .proc
                 .as_ref()
                 .map(|p| p.log_tail(5).replace('\n', " | "))
+                .filter(|t| !t.is_empty())
+                .map(|t| format!("; its log ends: {t}"))
                 .unwrap_or_default();
             return Err(NotRun::Failed(format!(
-                "not ready after {} s ({last}) {tail}",
+                "not ready after {} s ({last}){tail}",
                 limit.as_secs()
             )));
         }
@@ -506,7 +538,7 @@ fn wait_ready(mut r: Running, probe: Probe, limit: Duration) -> Result<Running, 
     }
 }
 
-fn spawn(env: &Env, name: &str, cmd: Command) -> Result<Proc, NotRun> {
+pub(super) fn spawn(env: &Env, name: &str, cmd: Command) -> Result<Proc, NotRun> {
     Proc::spawn(
         name,
         cmd,
@@ -516,14 +548,14 @@ fn spawn(env: &Env, name: &str, cmd: Command) -> Result<Proc, NotRun> {
     .map_err(|e| NotRun::Failed(format!("cannot start {name}: {e}")))
 }
 
-fn write(env: &Env, file: &str, text: &str) -> Result<PathBuf, NotRun> {
+pub(super) fn write(env: &Env, file: &str, text: &str) -> Result<PathBuf, NotRun> {
     let p = env.dir.join(file);
     fs::write(&p, text)
         .map_err(|e| NotRun::Failed(format!("cannot write {}: {e}", p.display())))?;
     Ok(p)
 }
 
-fn port() -> Result<u16, NotRun> {
+pub(super) fn port() -> Result<u16, NotRun> {
     free_port().map_err(|e| NotRun::Failed(format!("no free port: {e}")))
 }
 
@@ -845,50 +877,6 @@ pub fn haproxy_has_jwt(version_line: &str) -> bool {
     (major, minor) >= (2, 5)
 }
 
-fn start_litellm(env: &Env) -> Result<Running, NotRun> {
-    if env.tls.is_some() {
-        return Err(NotRun::Skipped("not set up for --tls".into()));
-    }
-    let Some(bin) = find_program("litellm") else {
-        return Err(NotRun::Skipped("not installed".into()));
-    };
-    let port = port()?;
-    let key = "sk-cubegate-bench";
-    let cfg = format!(
-        "model_list:\n\
-         \x20 - model_name: fast\n    litellm_params:\n      model: hosted_vllm/{MODEL}\n\
-         \x20     api_base: http://{}/v1\n      api_key: none\n\
-         \x20 - model_name: stream\n    litellm_params:\n      model: hosted_vllm/{MODEL}\n\
-         \x20     api_base: http://{}/v1\n      api_key: none\n\
-         general_settings:\n  master_key: {key}\n",
-        env.fast, env.stream
-    );
-    let cfg = write(env, "litellm.yaml", &cfg)?;
-    let mut cmd = Command::new(&bin);
-    cmd.arg("--config")
-        .arg(&cfg)
-        .arg("--host")
-        .arg("127.0.0.1")
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--num_workers")
-        .arg(env.workers.to_string());
-    let proc = spawn(env, "litellm", cmd)?;
-    let ep = |m: &str| Endpoint {
-        url: format!("http://127.0.0.1:{port}/v1/chat/completions"),
-        model: m.into(),
-        cacert: None,
-    };
-    Ok(Running {
-        proc: Some(proc),
-        fast: ep("fast"),
-        stream: ep("stream"),
-        bearer: Some(key.into()),
-        version: version_of(&bin, &["--version"]),
-        notes: Vec::new(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -912,6 +900,19 @@ mod tests {
             Some("Uring (auto: io_uring is available)")
         );
         assert_eq!(driver_from_log("nothing"), None);
+    }
+
+    #[test]
+    fn log_lines_lose_terminal_colours() {
+        assert_eq!(
+            plain_text("\u{1b}[32mLiteLLM: Proxy initialized\u{1b}[0m  "),
+            "LiteLLM: Proxy initialized"
+        );
+        assert_eq!(plain_text("\u{1b}[1;31mError\u{1b}[0m: x"), "Error: x");
+        assert_eq!(plain_text("plain"), "plain");
+        // A lone or cut-off escape is dropped, not a panic.
+        assert_eq!(plain_text("a\u{1b}"), "a");
+        assert_eq!(plain_text("a\u{1b}[1;3"), "a");
     }
 
     #[test]
