@@ -113,7 +113,9 @@ impl PgStore {
         let result = work(&mut session.client);
         session.last_used = Instant::now();
         if session.client.is_closed() || matches!(result, Err(StoreError::Unavailable(_))) {
-            *slot = None;
+            if let Some(lost) = slot.take() {
+                lost.abandon();
+            }
             return result.map_err(|e| match e {
                 StoreError::Db(text) => StoreError::Unavailable(text),
                 other => other,

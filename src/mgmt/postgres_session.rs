@@ -43,7 +43,35 @@ pub(super) struct Session {
 impl Session {
     /// A new session. A server that refuses these credentials or has no such database is
     /// `Db` (a setting to fix: waiting will not help); any other failure is `Unavailable`.
+    ///
+    /// The `postgres` client bounds only the TCP connect: a server that accepts and then
+    /// never answers (frozen, its disk stalled) would hold the caller for as long as it
+    /// hangs. So the session is made on a thread of its own and waited for at most
+    /// [`OPEN_LIMIT`]; past it the caller gets `Unavailable` and the thread finishes (or
+    /// gives up) by itself. At most [`MAX_OPENING`] such threads exist at once.
     pub(super) fn open(config: &Config) -> Result<Session, StoreError> {
+        let Some(slot) = OpeningSlot::take() else {
+            return Err(StoreError::Unavailable(
+                "earlier connection attempts to PostgreSQL are still unanswered".into(),
+            ));
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let config = config.clone();
+        std::thread::Builder::new()
+            .name("cubegate-pg-open".into())
+            .spawn(move || {
+                let _slot = slot;
+                let _ = tx.send(Session::open_here(&config));
+            })
+            .map_err(|e| StoreError::Unavailable(format!("cannot start a thread: {e}")))?;
+        rx.recv_timeout(OPEN_LIMIT).unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "PostgreSQL took the connection but did not answer within {OPEN_LIMIT:?}"
+            )))
+        })
+    }
+
+    fn open_here(config: &Config) -> Result<Session, StoreError> {
         let unreachable = |e: postgres::Error| StoreError::Unavailable(describe(&e));
         let mut client = config.connect(NoTls).map_err(|e| {
             let refused = e.code().is_some_and(|c| {
@@ -67,7 +95,52 @@ impl Session {
         let stale = self.last_used.elapsed() >= RECHECK_IDLE;
         let lost =
             self.client.is_closed() || (stale && self.client.is_valid(RECHECK_TIMEOUT).is_err());
-        (!lost).then_some(self)
+        if lost {
+            self.abandon();
+            return None;
+        }
+        Some(self)
+    }
+
+    /// Lets the session go without waiting: closing a client waits for the server to take
+    /// its goodbye, which a hung server never does, so that wait happens on a thread of
+    /// its own.
+    pub(super) fn abandon(self) {
+        let dropped = std::thread::Builder::new()
+            .name("cubegate-pg-close".into())
+            .spawn(move || drop(self));
+        if let Err(e) = dropped {
+            tracing::warn!("cannot close a PostgreSQL session in the background: {e}");
+        }
+    }
+}
+
+/// The longest a caller waits for a new session (the TCP connect's own limit and a
+/// moment for the server's answer).
+const OPEN_LIMIT: Duration = Duration::from_secs(6);
+/// Session-opening threads at most at once: a hung server holds each until it answers or
+/// the kernel gives up on it.
+const MAX_OPENING: usize = 4;
+static OPENING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`MAX_OPENING`] places for a session-opening thread, given back on drop.
+struct OpeningSlot;
+
+impl OpeningSlot {
+    fn take() -> Option<OpeningSlot> {
+        use std::sync::atomic::Ordering;
+        OPENING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_OPENING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| OpeningSlot)
+    }
+}
+
+impl Drop for OpeningSlot {
+    fn drop(&mut self) {
+        OPENING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
