@@ -141,18 +141,6 @@ fn set_member(on: &Gateway, admin: &str, user: &str) {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// How long until `cond` holds (polled every 10 ms), or None after `limit`.
-fn time_until(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
-}
-
 fn three_boxes_act_as_one(driver: &str) {
     let Some(pg) = Postgres::start() else { return };
     let url = pg.database(&format!("three_{driver}"));
@@ -177,7 +165,7 @@ fn three_boxes_act_as_one(driver: &str) {
     set_member(c, &admin, &alice);
     for g in [a, b, c] {
         assert!(
-            time_until(Duration::from_secs(1), || chat(g, &access) == 200).is_some(),
+            eventually(Duration::from_secs(1), || chat(g, &access) == 200),
             "the member set on C serves on every box within 1 s:\n{}",
             g.log()
         );
@@ -224,12 +212,8 @@ fn three_boxes_act_as_one(driver: &str) {
     );
     assert_eq!(r.status, 204, "{}", r.text());
     for g in [a, c] {
-        let took = time_until(Duration::from_secs(1), || chat(g, &access) == 403);
-        assert!(
-            took.is_some(),
-            "removal on B not in force within 1 s:\n{}",
-            g.log()
-        );
+        let took = eventually(Duration::from_secs(1), || chat(g, &access) == 403);
+        assert!(took, "removal on B not in force within 1 s:\n{}", g.log());
     }
 
     // A key rotated on A: its tokens verify on B and C, which publish it in their JWKS.
@@ -240,7 +224,7 @@ fn three_boxes_act_as_one(driver: &str) {
     let (fresh, _) = tokens(&login(a.addr, "alice@example.com", ALICE_PW));
     for g in [b, c] {
         assert!(
-            time_until(Duration::from_secs(1), || chat(g, &fresh) == 200).is_some(),
+            eventually(Duration::from_secs(1), || chat(g, &fresh) == 200),
             "a token of the rotated key verifies on every box within 1 s:\n{}",
             g.log()
         );
@@ -274,7 +258,7 @@ fn database_down_and_back(driver: &str) {
     let alice = make_alice(&a, &admin);
     set_member(&a, &admin, &alice);
     let (access, _) = tokens(&login(a.addr, "alice@example.com", ALICE_PW));
-    assert!(time_until(Duration::from_secs(1), || chat(&b, &access) == 200).is_some());
+    assert!(eventually(Duration::from_secs(1), || chat(&b, &access) == 200));
     let up = |g: &Gateway| metric(management_addr(g), "cubegate_store_up");
     assert_eq!(up(&a), 1);
 
@@ -296,7 +280,7 @@ fn database_down_and_back(driver: &str) {
     assert_eq!(r.error_code(), "store_unavailable");
     assert!(started.elapsed() < Duration::from_secs(8));
     assert!(
-        time_until(Duration::from_secs(5), || up(&b) == 0).is_some(),
+        eventually(Duration::from_secs(5), || up(&b) == 0),
         "/metrics says the store is down"
     );
     expect_log(
@@ -308,7 +292,7 @@ fn database_down_and_back(driver: &str) {
 
     pg.run();
     // Back: writes work again, and a change on one box reaches the other.
-    let made = time_until(Duration::from_secs(10), || {
+    let made = eventually(Duration::from_secs(10), || {
         api_call(
             a.addr,
             "POST",
@@ -319,8 +303,8 @@ fn database_down_and_back(driver: &str) {
         .status
             == 201
     });
-    assert!(made.is_some(), "management works again:\n{}", a.log());
-    assert!(time_until(Duration::from_secs(10), || up(&b) == 1).is_some());
+    assert!(made, "management works again:\n{}", a.log());
+    assert!(eventually(Duration::from_secs(10), || up(&b) == 1));
     let r = api_call(
         a.addr,
         "DELETE",
@@ -330,7 +314,7 @@ fn database_down_and_back(driver: &str) {
     );
     assert_eq!(r.status, 204);
     assert!(
-        time_until(Duration::from_secs(1), || chat(&b, &access) == 403).is_some(),
+        eventually(Duration::from_secs(1), || chat(&b, &access) == 403),
         "changes reach B again after the database came back:\n{}",
         b.log()
     );
@@ -349,7 +333,7 @@ fn a_change_whose_read_failed_is_applied_later(driver: &str) {
     let alice = make_alice(&gw, &admin);
     set_member(&gw, &admin, &alice);
     let (access, _) = tokens(&login(gw.addr, "alice@example.com", ALICE_PW));
-    assert!(time_until(Duration::from_secs(2), || chat(&gw, &access) == 200).is_some());
+    assert!(eventually(Duration::from_secs(2), || chat(&gw, &access) == 200));
 
     // Another box (here, this test) removes her while the users table is locked, so this
     // box's read of the new state waits; the wait is then cancelled.
@@ -374,11 +358,10 @@ fn a_change_whose_read_failed_is_applied_later(driver: &str) {
     };
     let mut pid = None;
     assert!(
-        time_until(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(5), || {
             pid = blocked();
             pid.is_some()
-        })
-        .is_some(),
+        }),
         "the box never read the change:\n{}",
         gw.log()
     );
@@ -392,7 +375,7 @@ fn a_change_whose_read_failed_is_applied_later(driver: &str) {
     );
     lock.rollback().unwrap();
     assert!(
-        time_until(Duration::from_secs(5), || chat(&gw, &access) == 403).is_some(),
+        eventually(Duration::from_secs(5), || chat(&gw, &access) == 403),
         "the removal whose read failed is never applied:\n{}",
         gw.log()
     );
@@ -477,22 +460,19 @@ fn a_hung_database_is_reported_down(driver: &str) {
     // Frozen between two checks, not while the box reads its state at start (a read that
     // hangs holds the watcher as it holds the management API: the known defect below).
     let applied = || metric(management_addr(&gw), "cubegate_store_changes_applied_total");
-    assert!(time_until(Duration::from_secs(5), || applied() >= 1).is_some());
+    assert!(eventually(Duration::from_secs(5), || applied() >= 1));
     std::thread::sleep(Duration::from_millis(200));
     let frozen = pg.freeze();
-    let down = time_until(Duration::from_secs(8), || up() == 0);
+    let down = eventually(Duration::from_secs(8), || up() == 0);
     let log = gw.log();
     drop(frozen);
-    assert!(
-        down.is_some(),
-        "a hung database still reads as up after 8 s:\n{log}"
-    );
+    assert!(down, "a hung database still reads as up after 8 s:\n{log}");
     assert!(
         log.contains("shared store (PostgreSQL) is unreachable"),
         "{log}"
     );
     assert!(
-        time_until(Duration::from_secs(15), || up() == 1).is_some(),
+        eventually(Duration::from_secs(15), || up() == 1),
         "{}",
         gw.log()
     );
@@ -571,7 +551,7 @@ fn a_slow_store_read_holds_up_no_reload(driver: &str) {
     other
         .execute("UPDATE domains SET name = name || '-renamed'", &[])
         .unwrap();
-    let waiting = time_until(Duration::from_secs(5), || {
+    let waiting = eventually(Duration::from_secs(5), || {
         !other
             .query(
                 "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'
@@ -581,7 +561,7 @@ fn a_slow_store_read_holds_up_no_reload(driver: &str) {
             .unwrap()
             .is_empty()
     });
-    assert!(waiting.is_some(), "the box never read the change");
+    assert!(waiting, "the box never read the change");
     while let Some(n) = next() {
         if n == "WATCHDOG=1" {
             break;
@@ -622,7 +602,7 @@ fn a_logout_racing_a_refresh_leaves_no_live_token(driver: &str) {
     let mut locker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let mut watcher = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let mut waiting = |n: usize| {
-        time_until(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(5), || {
             watcher
                 .query(
                     "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'
@@ -633,7 +613,6 @@ fn a_logout_racing_a_refresh_leaves_no_live_token(driver: &str) {
                 .len()
                 >= n
         })
-        .is_some()
     };
     let mut lock = locker.transaction().unwrap();
     lock.query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", &[&alice])
@@ -716,14 +695,14 @@ fn stops_while_waiting_for_its_database(driver: &str) {
         .spawn()
         .unwrap();
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let waiting = time_until(Duration::from_secs(10), || {
+    let waiting = eventually(Duration::from_secs(10), || {
         log().contains("waiting for PostgreSQL")
     });
-    assert!(waiting.is_some(), "{}", log());
+    assert!(waiting, "{}", log());
     // SAFETY: kill(2) on our own child, not yet waited for.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let mut status = None;
-    let _ = time_until(Duration::from_secs(8), || {
+    let _ = eventually(Duration::from_secs(8), || {
         status = child.try_wait().unwrap();
         status.is_some()
     });
@@ -788,11 +767,11 @@ fn a_nul_in_a_model_name_stops_no_usage(driver: &str) {
         )
         .json()
     };
-    let stored = time_until(Duration::from_secs(5), || {
+    let stored = eventually(Duration::from_secs(5), || {
         usage().to_string().contains(VLLM_MODEL)
     });
     assert!(
-        stored.is_some(),
+        stored,
         "no usage stored after a NUL in a model name: {}\n{}",
         usage(),
         gw.log()

@@ -12,7 +12,9 @@
 //! the key's row is read `FOR SHARE`, so a revocation either waits for the write (and its
 //! trigger then drops the set) or is seen by it.
 
-use super::store::{LimitsOf, StoreError};
+use super::store::{
+    limit_figures, LimitsOf, StoreError, LIMIT_COLUMNS as SET, MEMBER_LIMIT_COLUMNS as MEMBER_SET,
+};
 use crate::scope::DomainId;
 use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
 use postgres::error::SqlState;
@@ -58,21 +60,9 @@ pub(super) const MIGRATION: &str = "CREATE TABLE domain_limits (
         FOR EACH ROW WHEN (NEW.revoked) EXECUTE FUNCTION key_limits_go_with_the_key();
     SELECT cubegate_notify_on(ARRAY['domain_limits', 'member_limits', 'key_limits']);";
 
-/// A set's columns, in the order of [`figures`] and [`limits_at`].
-const SET: &str = "requests_per_minute, tokens_per_minute, tokens_per_day, concurrent";
-/// The domain's members' default, likewise.
-const MEMBER_SET: &str =
-    "member_requests_per_minute, member_tokens_per_minute, member_tokens_per_day, member_concurrent";
-
-/// The four figures of a set, in the columns' order.
+/// The four figures of a set, in the columns' order, as BIGINT.
 fn figures(l: &Limits) -> [i64; 4] {
-    [
-        l.requests_per_minute,
-        l.tokens_per_minute,
-        l.tokens_per_day,
-        l.concurrent,
-    ]
-    .map(i64::from)
+    limit_figures(l).map(i64::from)
 }
 
 /// The set in the four columns from `at`.

@@ -10,7 +10,10 @@
 //! meanwhile cannot be given a set. The API reads every set at each publication; there
 //! are as many rows as members and keys with limits, a management-path cost only.
 
-use super::store::{LimitsOf, StoreError};
+use super::store::{
+    limit_figures as figures, LimitsOf, StoreError, LIMIT_COLUMNS as SET,
+    MEMBER_LIMIT_COLUMNS as MEMBER_SET,
+};
 use crate::scope::DomainId;
 use crate::usage::limits::{ApiLimits, DomainLimits, Limits};
 use rusqlite::{params, Connection, Row};
@@ -50,22 +53,6 @@ pub(super) const MIGRATION: &str = "CREATE TABLE domain_limits (
     BEGIN
         DELETE FROM key_limits WHERE key_id = NEW.id;
     END;";
-
-/// A set's columns, in the order of [`figures`] and [`limits_at`].
-const SET: &str = "requests_per_minute, tokens_per_minute, tokens_per_day, concurrent";
-/// The domain's members' default, likewise.
-const MEMBER_SET: &str =
-    "member_requests_per_minute, member_tokens_per_minute, member_tokens_per_day, member_concurrent";
-
-/// The four figures of a set, in the columns' order.
-fn figures(l: &Limits) -> [u32; 4] {
-    [
-        l.requests_per_minute,
-        l.tokens_per_minute,
-        l.tokens_per_day,
-        l.concurrent,
-    ]
-}
 
 /// The set in the four columns from `at`.
 fn limits_at(r: &Row<'_>, at: usize) -> rusqlite::Result<Limits> {

@@ -59,6 +59,24 @@ pub struct Domain {
     pub name: String,
 }
 
+/// A limit set's four columns, as both stores' schemas name them, in the order of
+/// [`limit_figures`].
+pub const LIMIT_COLUMNS: &str =
+    "requests_per_minute, tokens_per_minute, tokens_per_day, concurrent";
+/// A domain's members' default set, likewise.
+pub const MEMBER_LIMIT_COLUMNS: &str =
+    "member_requests_per_minute, member_tokens_per_minute, member_tokens_per_day, member_concurrent";
+
+/// The four figures of a set, in the columns' order.
+pub fn limit_figures(l: &Limits) -> [u32; 4] {
+    [
+        l.requests_per_minute,
+        l.tokens_per_minute,
+        l.tokens_per_day,
+        l.concurrent,
+    ]
+}
+
 /// Whose limit set, among those the management API sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitsOf<'a> {
