@@ -560,11 +560,12 @@ pub(super) fn port() -> Result<u16, NotRun> {
 }
 
 /// cubegate's config for the bench: JWT auth with one HS256 issuer, one domain per
-/// simulator, `workers` workers; the management store in `data_dir` (SQLite) or, with
+/// simulator, `workers` workers, no access records (every peer runs without its access
+/// log); the management store in `data_dir` (SQLite) or, with
 /// `postgres`, on the database named by `CUBEGATE_POSTGRES_URL`.
 pub fn cubegate_config(env: &Env, port: u16, data: &Path, postgres: bool) -> String {
     let mut s = format!(
-        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\ndriver = \"auto\"\n{}\n\
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\nworkers = {}\ndriver = \"auto\"\naccess_log = false\n{}\n\
          [management]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
          admin_email = \"admin@example.com\"\nadmin_password_env = \"CUBEGATE_ADMIN_PASSWORD\"\n{}\n\
          [auth]\nmode = \"jwt\"\n\n[[auth.trusted]]\nissuer = \"{ISSUER}\"\n\

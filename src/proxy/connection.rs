@@ -233,6 +233,11 @@ impl Connection {
             if self.rbuf.capacity() > 4 * READ_SIZE && self.rbuf.len() <= READ_SIZE {
                 self.rbuf.shrink_to(READ_SIZE);
             }
+            // Trimmed while a slow answer was awaited (stream_response): back to the
+            // usual room, rather than the full READ_SIZE the next read would reserve.
+            if self.rbuf.capacity() < INITIAL_READ {
+                self.rbuf.reserve_exact(INITIAL_READ - self.rbuf.len());
+            }
         }
         self.spare_head = Some(req.head);
         persistence

@@ -13,9 +13,10 @@
 
 use super::connection::Connection;
 use super::error::GatewayError;
+use super::read_answer::WATCH_BUF;
 use super::read_model::read_whole_body;
 use super::request::{ForwardRequest, Metering, Persistence, Request};
-use super::stream_response::{Fallback, WATCH_BUF};
+use super::stream_response::Fallback;
 use super::upstream::try_host;
 use super::worker::Worker;
 use crate::fleet::host::InFlight;

@@ -30,6 +30,7 @@ pub mod io;
 pub mod log;
 pub mod model_scan;
 pub mod pool;
+pub mod read_answer;
 pub mod read_model;
 pub mod request;
 pub mod request_id;

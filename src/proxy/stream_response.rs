@@ -9,7 +9,8 @@
 //! and the backend connection is dropped, so the GPU stops generating for nobody. If it
 //! completes with data instead (a pipelined request), the data is kept for later. At the end
 //! the watch is cancelled through monoio's `Canceller`, which returns any data that raced
-//! the cancellation instead of losing it.
+//! the cancellation instead of losing it. One read of the answer racing the watch, and the
+//! buffer it reads into, are in [`super::read_answer`].
 
 use super::answer_tap::AnswerTap;
 use super::body::BodyTracker;
@@ -17,6 +18,7 @@ use super::connection::{write_within, Connection};
 use super::error::GatewayError;
 use super::io::ClientWrite;
 use super::pool::Upstream;
+use super::read_answer::{read_upstream, size_next_read, UpRead, Watch, SMALL_READ, WATCH_BUF};
 use super::request::{Metering, Persistence, Request};
 use super::splice::splice_exact;
 use super::worker::Worker;
@@ -26,15 +28,12 @@ use crate::http::response::{
     client_framing, parse_response_head, write_client_head, ClientFraming, ResponseFraming,
     ResponseHead,
 };
-use futures_util::future::{select, Either};
 use monoio::buf::IoBuf;
 use monoio::io::Canceller;
 use monoio::BufResult;
 use std::future::Future;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::time::{Duration, Instant};
-
-const READ_SIZE: usize = 16 * 1024;
 
 pub enum StreamEnd {
     Complete {
@@ -57,35 +56,6 @@ pub enum StreamError {
     Gateway(GatewayError),
 }
 
-enum UpRead {
-    /// The host was taken out of rotation while its first byte was awaited.
-    HostEjected,
-    Data,
-    Eof,
-    Failed,
-    TimedOut,
-    ClientGone,
-}
-
-/// The client watch: a read kept in flight on the client socket.
-struct Watch<'a, W> {
-    fut: Option<Pin<&'a mut W>>,
-    saved: Option<(usize, Vec<u8>)>,
-    /// The watch read has been submitted. It is armed only once the backend keeps us
-    /// waiting longer than `WATCH_GRACE`: a quick answer needs no watch (and saves the
-    /// read and its cancellation, two io_uring operations per request).
-    armed: bool,
-}
-
-/// The client watch's read: it only has to show that the client is alive or gone.
-pub const WATCH_BUF: usize = 1024;
-
-/// How often a host's rotation is looked at while its first byte is awaited.
-const EJECTION_POLL: Duration = Duration::from_millis(100);
-
-/// How long a backend may keep the client waiting before the client watch is armed.
-const WATCH_GRACE: Duration = Duration::from_millis(20);
-
 /// What the caller can still do if this host fails before its first byte.
 #[derive(Clone, Copy)]
 pub struct Fallback<'a> {
@@ -107,7 +77,8 @@ pub async fn stream_response(
     let canceller = Canceller::new();
     // Small: it only has to show that the client is alive or gone (pipelined bytes
     // beyond it stay in the socket for the next head read).
-    let watch_buf = Vec::with_capacity(WATCH_BUF);
+    // Allocated by the read itself, once armed: a quick answer allocates nothing.
+    let watch_buf = Vec::new();
     // A client already far ahead with pipelined requests is alive and needs no watch; not
     // arming it also keeps the backlog from growing by a read per request.
     let arm_watch = conn.pending_bytes(req.consumed) < worker.limits.max_head_bytes;
@@ -122,6 +93,7 @@ pub async fn stream_response(
                 fut: arm_watch.then_some(watch_fut),
                 saved: None,
                 armed: false,
+                client_buf: rbuf,
             },
             wr,
             out: &mut scratch,
@@ -132,6 +104,7 @@ pub async fn stream_response(
         };
         let result = relay.run().await;
         let mut watch = relay.watch;
+        let rbuf = watch.client_buf;
         // Stop watching; keep whatever the client sent meanwhile (a pipelined request).
         if let Some(fut) = watch.fut.take() {
             let _ = canceller.cancel();
@@ -199,8 +172,8 @@ where
     W: Future<Output = BufResult<usize, Vec<u8>>>,
 {
     async fn run(&mut self) -> Result<StreamEnd, StreamError> {
-        let mut pooled = self.worker.buffer();
-        let ubuf = &mut pooled.buf;
+        let mut read_buf = Vec::with_capacity(SMALL_READ);
+        let ubuf = &mut read_buf;
         let steps = async {
             let head = self.read_response_head(ubuf).await?;
             let mut answer = self.send_response_head(ubuf, &head).await?;
@@ -209,6 +182,7 @@ where
             Ok::<_, Stop>(answer)
         };
         let result = steps.await;
+        self.worker.recycle(read_buf);
         if let (Some(usage), Ok(_) | Err(Stop::Aborted)) = (self.tap.usage(), &result) {
             self.req.record.usage = Some(usage);
         }
@@ -256,8 +230,15 @@ where
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let host = self.fallback.host;
-            let (r, buf) =
-                read_upstream(self.up, std::mem::take(ubuf), left, &mut self.watch, host).await;
+            let (r, buf) = read_upstream(
+                self.up,
+                std::mem::take(ubuf),
+                SMALL_READ,
+                left,
+                &mut self.watch,
+                host,
+            )
+            .await;
             *ubuf = buf;
             match r {
                 UpRead::Data => received_any = true,
@@ -377,10 +358,11 @@ where
             if t.is_done() {
                 break;
             }
-            ubuf.clear();
+            let want = size_next_read(self.worker, ubuf);
             let (r, buf) = read_upstream(
                 self.up,
                 std::mem::take(ubuf),
+                want,
                 self.between,
                 &mut self.watch,
                 None,
@@ -459,85 +441,5 @@ where
             super::admit::settle(self.req);
         }
         Ok(used)
-    }
-}
-
-/// One read from the backend, racing the client watch.
-async fn read_upstream<W>(
-    up: &mut Upstream,
-    buf: Vec<u8>,
-    limit: Duration,
-    watch: &mut Watch<'_, W>,
-    host: Option<&Host>,
-) -> (UpRead, Vec<u8>)
-where
-    W: Future<Output = BufResult<usize, Vec<u8>>>,
-{
-    let mut read = pin!(monoio::time::timeout(
-        limit,
-        up.stream.read_more(buf, READ_SIZE)
-    ));
-    if watch.fut.is_some() && !watch.armed {
-        // Give the backend a moment before arming the watch; the read stays in flight
-        // either way (select hands back the unfinished future, nothing is cancelled).
-        let grace = pin!(monoio::time::sleep(WATCH_GRACE));
-        match select(read.as_mut(), grace).await {
-            Either::Left((r, _)) => return up_read(r),
-            Either::Right(((), _)) => watch.armed = true,
-        }
-    }
-    loop {
-        // While a host is watched (before its first byte), look at its rotation now and
-        // then; otherwise no timer at all (this runs once per read of a streamed answer).
-        let ticker = pin!(async {
-            match host {
-                Some(_) => monoio::time::sleep(EJECTION_POLL).await,
-                None => std::future::pending::<()>().await,
-            }
-        });
-        let result = match watch.fut.as_mut() {
-            None => match select(read.as_mut(), ticker).await {
-                Either::Left((r, _)) => r,
-                Either::Right(_) => {
-                    if host.is_some_and(|h| !h.is_up()) {
-                        return (UpRead::HostEjected, Vec::new());
-                    }
-                    continue;
-                }
-            },
-            Some(w) => match select(read.as_mut(), select(w.as_mut(), ticker)).await {
-                Either::Left((r, _)) => r,
-                Either::Right((Either::Left(((res, wbuf), _)), _)) => {
-                    watch.fut = None;
-                    match res {
-                        Ok(n) if n > 0 => {
-                            watch.saved = Some((n, wbuf));
-                            continue;
-                        }
-                        // EOF or reset from the client: it is gone. Dropping the pending
-                        // read (and then the connection) tells the backend to stop.
-                        _ => return (UpRead::ClientGone, Vec::new()),
-                    }
-                }
-                Either::Right((Either::Right(_), _)) => {
-                    if host.is_some_and(|h| !h.is_up()) {
-                        return (UpRead::HostEjected, Vec::new());
-                    }
-                    continue;
-                }
-            },
-        };
-        return up_read(result);
-    }
-}
-
-fn up_read(
-    result: Result<BufResult<usize, Vec<u8>>, monoio::time::error::Elapsed>,
-) -> (UpRead, Vec<u8>) {
-    match result {
-        Ok((Ok(0), b)) => (UpRead::Eof, b),
-        Ok((Ok(_), b)) => (UpRead::Data, b),
-        Ok((Err(_), b)) => (UpRead::Failed, b),
-        Err(_) => (UpRead::TimedOut, Vec::new()),
     }
 }

@@ -192,12 +192,18 @@ impl Worker {
 
     /// An empty buffer of `BUFFER_SIZE` capacity: from the pool when one is free.
     pub fn buffer(&self) -> PooledBuf<'_> {
-        let buf = self
-            .free_buffers
+        PooledBuf {
+            worker: self,
+            buf: self.take_buffer(),
+        }
+    }
+
+    /// Like [`Worker::buffer`], for a holder that gives it back with `recycle` itself.
+    pub fn take_buffer(&self) -> Vec<u8> {
+        self.free_buffers
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE));
-        PooledBuf { worker: self, buf }
+            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
     }
 
     /// Gives a buffer back to the pool (buffers that grew or shrank are let go).

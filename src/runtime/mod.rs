@@ -19,8 +19,7 @@ use crate::auth::keys::KeyStore;
 use crate::config::{AuthMode, Config, Driver};
 use crate::listeners::Inherited;
 use crate::notify::{Heartbeats, Notifier};
-use crate::proxy::serve::serve_connection;
-use crate::proxy::worker::{OpenConnection, Worker, WorkerParts};
+use crate::proxy::worker::{Worker, WorkerParts};
 use crate::snapshot::{Published, Snapshot};
 use crate::tls::Listener;
 use crate::usage::writer::UsageWriter;
@@ -31,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+mod accept;
 mod check;
 pub use check::{check_config, CheckSummary};
 mod signals;
@@ -465,7 +465,7 @@ async fn worker_main(
     });
     let loops: Vec<_> = listeners
         .into_iter()
-        .map(|l| monoio::spawn(accept_loop(worker.clone(), l)))
+        .map(|l| monoio::spawn(accept::accept_loop(worker.clone(), l)))
         .collect();
     for accepting in loops {
         accepting.await;
@@ -484,46 +484,6 @@ async fn worker_main(
     // The last usage batch: the writer stores it before the process exits.
     worker.usage.flush();
     Ok(())
-}
-
-/// Accepts on one listening socket until draining starts; the socket is then closed here
-/// (another process may still hold it: a hand-over's successor keeps accepting on it).
-async fn accept_loop(worker: Rc<Worker>, listener: TcpListener) {
-    loop {
-        if worker.draining.get() {
-            break;
-        }
-        if worker.connections.get() >= worker.max_connections {
-            // Full: stop accepting until a connection closes; new ones wait in the
-            // kernel's backlog instead of costing memory here.
-            monoio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        }
-        let handle = worker.drain.borrow().handle();
-        match listener.cancelable_accept(handle).await {
-            Ok((stream, peer)) => {
-                // A bug that panics while serving one connection must not take the worker
-                // (and every connection its listener would accept) down with it.
-                let served = std::panic::AssertUnwindSafe(serve_connection(
-                    worker.clone(),
-                    stream,
-                    peer,
-                    OpenConnection::new(worker.clone()),
-                ));
-                monoio::spawn(async move {
-                    if futures_util::FutureExt::catch_unwind(served).await.is_err() {
-                        tracing::error!(%peer, "connection handler panicked; connection closed");
-                    }
-                });
-            }
-            Err(_) if worker.draining.get() => break,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(worker = worker.id, "accept failed: {e}");
-                monoio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 fn has_https_backends(config: &Config) -> bool {
