@@ -23,7 +23,8 @@ pub struct Upstream {
 }
 
 pub struct Pools {
-    idle: HashMap<SocketAddr, Vec<(BackendStream, Instant)>>,
+    /// aHash, not SipHash: looked up twice per proxied request, keyed by our own config.
+    idle: HashMap<SocketAddr, Vec<(BackendStream, Instant)>, ahash::RandomState>,
     max_idle: usize,
     /// Idle connections held, mirrored into the worker's gauge.
     idle_count: usize,
@@ -33,7 +34,7 @@ pub struct Pools {
 impl Pools {
     pub fn new(max_idle: usize) -> Pools {
         Pools {
-            idle: HashMap::new(),
+            idle: HashMap::default(),
             max_idle,
             idle_count: 0,
             metrics: None,

@@ -19,7 +19,8 @@
 //! (NDJSON), each about one token, and says so ([`UsageSource::Counted`]).
 
 use super::{Usage, UsageSource};
-use memchr::memmem;
+use memchr::memmem::Finder;
+use std::sync::LazyLock;
 
 /// How the answer's payload is cut into messages, from its Content-Type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,13 @@ impl Framing {
 /// before those.
 const TOKENS: &[u8] = b"tokens\":";
 const COUNT: &[u8] = b"count\":";
+
+/// Searchers built once per process: `memmem::find` builds one per call, which showed in
+/// a proxied request's profile.
+static FIND_TOKENS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(TOKENS));
+static FIND_COUNT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(COUNT));
+static FIND_EVENT_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\n\n"));
+static FIND_DONE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"[DONE]"));
 
 #[derive(Clone, Copy)]
 enum Field {
@@ -138,8 +146,9 @@ impl Meter {
 
     /// Records every key in `bytes` whose number is complete within it.
     fn find_keys(&mut self, bytes: &[u8]) {
-        for (ending, is_tokens) in [(TOKENS, true), (COUNT, false)] {
-            for at in memmem::find_iter(bytes, ending) {
+        for (finder, is_tokens) in [(&*FIND_TOKENS, true), (&*FIND_COUNT, false)] {
+            let ending = finder.needle();
+            for at in finder.find_iter(bytes) {
                 let before = &bytes[..at];
                 let field = if is_tokens {
                     if before.ends_with(b"\"prompt_") {
@@ -171,12 +180,12 @@ impl Meter {
             Framing::Whole => {}
             Framing::Lines => self.messages += memchr::memchr_iter(b'\n', piece).count() as u64,
             Framing::Sse => {
-                let mut ends = memmem::find_iter(piece, b"\n\n").count() as u64;
+                let mut ends = FIND_EVENT_END.find_iter(piece).count() as u64;
                 if self.newline_at_end && piece[0] == b'\n' {
                     ends += 1;
                 }
                 self.messages += ends;
-                if memmem::find(piece, b"[DONE]").is_some() {
+                if FIND_DONE.find(piece).is_some() {
                     self.done_marker = true;
                 }
             }
@@ -249,7 +258,8 @@ data: [DONE]\n\n";
 
     #[test]
     fn a_stream_without_a_report_counts_what_was_delivered() {
-        let usage_event = memmem::find(SSE, b"data: {\"id\":\"c1\",\"choices\":[]").unwrap();
+        let usage_event =
+            memchr::memmem::find(SSE, b"data: {\"id\":\"c1\",\"choices\":[]").unwrap();
         let cut = &SSE[..usage_event];
         let got = meter(Framing::Sse, &[cut]);
         assert_eq!(got.source, UsageSource::Counted);
