@@ -7,8 +7,8 @@
 mod common;
 use common::*;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 const D: &str = "reads-domain";
@@ -28,30 +28,9 @@ fn script() -> Vec<(Duration, Vec<u8>)> {
     ]
 }
 
-/// Reads one request (head and Content-Length body) off `s`; its body, or `None` at EOF.
-fn read_request(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Vec<u8>> {
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if pending.len() >= end + 4 + len {
-                let body = pending[end + 4..end + 4 + len].to_vec();
-                pending.drain(..end + 4 + len);
-                return Some(body);
-            }
-        }
-        let n = s.read(&mut buf).ok().filter(|n| *n > 0)?;
-        pending.extend_from_slice(&buf[..n]);
-    }
-}
-
 /// A backend that streams `script()` as a chunked answer to a request whose body says
 /// "stream", and answers anything else with a small whole answer naming it.
-fn scripted_backend() -> SocketAddr {
+fn trickling_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -59,9 +38,9 @@ fn scripted_backend() -> SocketAddr {
             let Ok(mut s) = conn else { return };
             std::thread::spawn(move || {
                 s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                let mut pending = Vec::new();
-                while let Some(body) = read_request(&mut s, &mut pending) {
-                    let text = String::from_utf8_lossy(&body).into_owned();
+                while let Some(request) = read_request(&mut s) {
+                    let head_end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                    let text = String::from_utf8_lossy(&request[head_end + 4..]).into_owned();
                     if text.contains("stream") {
                         s.write_all(
                             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
@@ -93,7 +72,7 @@ fn scripted_backend() -> SocketAddr {
 }
 
 fn trickle_flood_trickle_and_a_pipelined_request(driver: &str) {
-    let backend = scripted_backend();
+    let backend = trickling_backend();
     let gw = gateway(
         driver,
         &domains_config(&[(D, &[("vllm", backend, &["m"])])]),
