@@ -7,18 +7,13 @@
 //! 16 KiB one only while it flows) and this future (one timer for all its waits).
 
 use super::pool::Upstream;
-use super::worker::{Worker, BUFFER_SIZE};
+use super::worker::{Worker, BUFFER_SIZE, SMALL_BUFFER_SIZE};
 use crate::fleet::host::Host;
 use futures_util::future::{select, Either};
 use monoio::BufResult;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::time::{Duration, Instant};
-
-/// The read buffer of an answer that has not begun or trickles in (a token stream): what
-/// a stream waiting for its next token holds. A read that fills it moves the answer to a
-/// pooled `BUFFER_SIZE` buffer; see [`size_next_read`].
-pub const SMALL_READ: usize = 2 * 1024;
 
 /// How one read of the answer ended.
 pub enum UpRead {
@@ -57,15 +52,15 @@ const WATCH_GRACE: Duration = Duration::from_millis(20);
 
 /// Empties `ubuf` for the next read of an answer's body and sizes it by the last read,
 /// which `ubuf` holds: one that filled its buffer (the answer flows) gets a pooled
-/// `BUFFER_SIZE` one; a trickle (under half of `SMALL_READ`: a token or two) goes back
-/// to `SMALL_READ`, and the large buffer back to the pool, so thousands of streams waiting
-/// for their next token hold 2 KiB each, not 16. Returns the read's size.
+/// `BUFFER_SIZE` one; a trickle (under half of `SMALL_BUFFER_SIZE`: a token or two) goes
+/// back to a small one, and the large buffer back to the pool, so thousands of streams
+/// waiting for their next token hold 2 KiB each, not 16. Returns the read's size.
 pub fn size_next_read(worker: &Worker, ubuf: &mut Vec<u8>) -> usize {
     let (last, cap) = (ubuf.len(), ubuf.capacity());
     if last >= cap && cap < BUFFER_SIZE {
-        *ubuf = worker.take_buffer();
-    } else if last < SMALL_READ / 2 && cap > SMALL_READ {
-        worker.recycle(std::mem::replace(ubuf, Vec::with_capacity(SMALL_READ)));
+        worker.recycle(std::mem::replace(ubuf, worker.take_buffer()));
+    } else if last < SMALL_BUFFER_SIZE / 2 && cap > SMALL_BUFFER_SIZE {
+        worker.recycle(std::mem::replace(ubuf, worker.take_small_buffer()));
     }
     ubuf.clear();
     ubuf.capacity()

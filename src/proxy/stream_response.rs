@@ -18,10 +18,10 @@ use super::connection::{write_within, Connection};
 use super::error::GatewayError;
 use super::io::ClientWrite;
 use super::pool::Upstream;
-use super::read_answer::{read_upstream, size_next_read, UpRead, Watch, SMALL_READ, WATCH_BUF};
+use super::read_answer::{read_upstream, size_next_read, UpRead, Watch, WATCH_BUF};
 use super::request::{Metering, Persistence, Request};
 use super::splice::splice_exact;
-use super::worker::Worker;
+use super::worker::{Worker, SMALL_BUFFER_SIZE};
 use crate::fleet::host::Host;
 use crate::http::head::Method;
 use crate::http::response::{
@@ -172,7 +172,7 @@ where
     W: Future<Output = BufResult<usize, Vec<u8>>>,
 {
     async fn run(&mut self) -> Result<StreamEnd, StreamError> {
-        let mut read_buf = Vec::with_capacity(SMALL_READ);
+        let mut read_buf = self.worker.take_small_buffer();
         let ubuf = &mut read_buf;
         let steps = async {
             let head = self.read_response_head(ubuf).await?;
@@ -233,7 +233,7 @@ where
             let (r, buf) = read_upstream(
                 self.up,
                 std::mem::take(ubuf),
-                SMALL_READ,
+                SMALL_BUFFER_SIZE,
                 left,
                 &mut self.watch,
                 host,

@@ -30,6 +30,10 @@ pub fn workers_of(config: &Config) -> usize {
 
 /// Size of the pooled I/O buffers: one read from a backend or a client body.
 pub const BUFFER_SIZE: usize = 16 * 1024;
+/// Size of the small pooled buffers: the read of an answer that has not begun or trickles
+/// in (a token stream), which is what a stream waiting for its next token holds
+/// (`read_answer::size_next_read`).
+pub const SMALL_BUFFER_SIZE: usize = 2 * 1024;
 /// Free buffers kept per worker (beyond that they are freed).
 const POOL_MAX: usize = 1024;
 
@@ -97,6 +101,7 @@ pub struct Worker {
     request_seq: Cell<u64>,
     run_id: u32,
     free_buffers: RefCell<Vec<Vec<u8>>>,
+    free_small_buffers: RefCell<Vec<Vec<u8>>>,
 }
 
 /// One call to the check service that several requests may wait for: `None` until it
@@ -176,6 +181,7 @@ impl Worker {
             request_seq: Cell::new(0),
             run_id,
             free_buffers: RefCell::new(Vec::new()),
+            free_small_buffers: RefCell::new(Vec::new()),
         }
     }
 
@@ -200,16 +206,23 @@ impl Worker {
 
     /// Like [`Worker::buffer`], for a holder that gives it back with `recycle` itself.
     pub fn take_buffer(&self) -> Vec<u8> {
-        self.free_buffers
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BUFFER_SIZE))
+        take_from(&self.free_buffers, BUFFER_SIZE)
     }
 
-    /// Gives a buffer back to the pool (buffers that grew or shrank are let go).
+    /// An empty buffer of `SMALL_BUFFER_SIZE` capacity, to give back with `recycle`.
+    pub fn take_small_buffer(&self) -> Vec<u8> {
+        take_from(&self.free_small_buffers, SMALL_BUFFER_SIZE)
+    }
+
+    /// Gives a buffer back to its pool (buffers that grew or shrank are let go).
     pub fn recycle(&self, mut buf: Vec<u8>) {
-        let mut free = self.free_buffers.borrow_mut();
-        if buf.capacity() == BUFFER_SIZE && free.len() < POOL_MAX {
+        let pool = match buf.capacity() {
+            BUFFER_SIZE => &self.free_buffers,
+            SMALL_BUFFER_SIZE => &self.free_small_buffers,
+            _ => return,
+        };
+        let mut free = pool.borrow_mut();
+        if free.len() < POOL_MAX {
             buf.clear();
             free.push(buf);
         }
@@ -287,4 +300,10 @@ impl Drop for OpenConnection {
         self.0.connections.set(self.0.connections.get() - 1);
         self.0.metrics.connections.down();
     }
+}
+
+fn take_from(pool: &RefCell<Vec<Vec<u8>>>, size: usize) -> Vec<u8> {
+    pool.borrow_mut()
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(size))
 }
