@@ -77,6 +77,8 @@ pub struct Domain {
     pub metrics_slot: u16,
     /// How requests choose among the hosts (`[[domains]] routing`).
     pub routing: crate::config::Routing,
+    /// What pins a conversation to its host (`[[domains]] sticky`).
+    pub sticky: crate::config::Sticky,
 }
 
 impl Domain {
@@ -166,6 +168,7 @@ impl Domain {
             from_api,
             metrics_slot: crate::metrics::domain_slot(id),
             routing: crate::config::Routing::default(),
+            sticky: crate::config::Sticky::default(),
         })
     }
 }
@@ -183,6 +186,7 @@ impl Snapshot {
         for (i, d) in config.domains.iter().enumerate() {
             let mut domain = Domain::build(&format!("domains[{i}]"), &d.id, &d.backends, false)?;
             domain.routing = d.routing;
+            domain.sticky = d.sticky;
             let own = crate::usage::limits::DomainLimits {
                 domain: d.limits,
                 per_member: d.member_limits,

@@ -20,6 +20,21 @@ pub enum Routing {
     RoundRobin,
 }
 
+/// `[[domains]] sticky`: what pins a conversation to the host that served it, beyond its
+/// prefix (under `auto` and `prefix`; the other policies look at no request content).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sticky {
+    /// An `X-Session-Id` header.
+    #[default]
+    Header,
+    /// The header, else the body's top-level OpenAI `"user"` (the end user's id): each
+    /// user's requests go to one host while it has room.
+    User,
+    /// Nothing: the prefix alone places every request.
+    None,
+}
+
 /// `[health]`: active checks (vLLM `GET /health` and its `/metrics`, Ollama
 /// `GET /api/version`).
 #[derive(Debug, Clone, Deserialize)]

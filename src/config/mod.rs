@@ -12,7 +12,7 @@ mod fleet_limits;
 mod limits;
 mod usage;
 
-pub use fleet::{HealthConfig, Routing};
+pub use fleet::{HealthConfig, Routing, Sticky};
 pub use fleet_limits::FleetConfig;
 pub use limits::{Limits, Timeouts};
 pub use usage::UsageConfig;
@@ -219,6 +219,8 @@ pub struct DomainConfig {
     pub name: String,
     #[serde(default)]
     pub routing: Routing,
+    #[serde(default)]
+    pub sticky: Sticky,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
     /// The whole domain's limits (`[domains.limits]`).

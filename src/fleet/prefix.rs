@@ -64,6 +64,16 @@ impl PrefixKeys {
         out
     }
 
+    /// A key from the hash of an end user's id (the body's `"user"`).
+    pub fn of_user(id_hash: u64) -> PrefixKeys {
+        let mut out = PrefixKeys::default();
+        // Mixed with a seed of its own: a user id never equals a session id's key or a
+        // body prefix's hash.
+        out.keys[0] = xxhash_rust::xxh3::xxh3_64_with_seed(&id_hash.to_le_bytes(), 0x05e2_1d00);
+        out.len = 1;
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -5,14 +5,16 @@
 //! operations that name a model the domain does not list yet, such as a pull); the
 //! domain's routing policy ([`crate::fleet::policy`]) orders those in rotation. For chat
 //! and completion requests the policy sees the request's prefix keys, hashed from the body
-//! bytes `read_model` already holds, and an `X-Session-Id` header pins a session to its
-//! host the same way.
+//! bytes `read_model` already holds. The domain's `sticky` may pin a conversation instead:
+//! an `X-Session-Id` header (the default), or the body's OpenAI `"user"` field, which the
+//! model scanner hashed on its way through.
 
 use super::error::GatewayError;
 use super::read_model::ModelRead;
 use super::request::Request;
 use super::route::{Api, ProxyRoute};
 use super::worker::Worker;
+use crate::config::Sticky;
 use crate::fleet::policy::{rank, Placement, Policy};
 use crate::fleet::prefix::PrefixKeys;
 use crate::http::headers::eq_ignore_case;
@@ -58,7 +60,7 @@ pub fn choose_backends(
         });
     }
     let keys = match domain.routing {
-        Policy::Auto | Policy::Prefix => prefix_keys(buf, req, route.endpoint),
+        Policy::Auto | Policy::Prefix => prefix_keys(buf, req, route.endpoint, domain, body),
         Policy::LeastLoaded | Policy::RoundRobin => PrefixKeys::default(),
     };
     let mut order = Vec::with_capacity(candidates.len());
@@ -69,18 +71,31 @@ pub fn choose_backends(
     Ok(Choice { order, placement })
 }
 
-/// What places this request by its content: its session when it names one, else the
-/// leading bytes of a prompt-carrying body.
-fn prefix_keys(buf: &[u8], req: &Request, endpoint: Endpoint) -> PrefixKeys {
-    let session = req
-        .head
-        .headers
-        .iter()
-        .find(|(n, _)| eq_ignore_case(n.of(buf), b"x-session-id"))
-        .map(|(_, v)| v.of(buf))
-        .filter(|v| !v.is_empty());
-    if let Some(id) = session {
-        return PrefixKeys::of_session(id);
+/// What places this request by its content: its session or user when the domain pins
+/// those and the request names one, else the leading bytes of a prompt-carrying body.
+fn prefix_keys(
+    buf: &[u8],
+    req: &Request,
+    endpoint: Endpoint,
+    domain: &Domain,
+    body: &ModelRead,
+) -> PrefixKeys {
+    if domain.sticky != Sticky::None {
+        let session = req
+            .head
+            .headers
+            .iter()
+            .find(|(n, _)| eq_ignore_case(n.of(buf), b"x-session-id"))
+            .map(|(_, v)| v.of(buf))
+            .filter(|v| !v.is_empty());
+        if let Some(id) = session {
+            return PrefixKeys::of_session(id);
+        }
+    }
+    if domain.sticky == Sticky::User {
+        if let Some(user) = body.scanner.as_ref().and_then(|s| s.user()) {
+            return PrefixKeys::of_user(user);
+        }
     }
     match endpoint {
         Endpoint::Chat | Endpoint::Completions => {

@@ -14,6 +14,10 @@ use std::fmt;
 
 const MAX_MODEL_BYTES: usize = 256;
 const KEY: &[u8] = b"model";
+/// FNV-1a over the user id's bytes as they pass: no buffer, any length, pieces split
+/// anywhere. (Only equal ids must agree; the policy mixes the result before use.)
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// Nesting deeper than this is refused (and the depth counter can never wrap).
 const MAX_DEPTH: u32 = 512;
 
@@ -94,6 +98,13 @@ pub struct ModelScanner {
     /// next.
     want_max: bool,
     max_tokens: Option<u64>,
+    /// The last top-level key was "user" (the OpenAI end-user id): its string is next.
+    want_user: bool,
+    /// The current string is the user value; `user_acc` hashes its raw bytes.
+    in_user: bool,
+    user_acc: u64,
+    /// The hash of the last top-level `"user"` string (raw bytes, escapes included).
+    user: Option<u64>,
 }
 
 /// Top-level keys are remembered this far (the longest one looked for is
@@ -130,6 +141,10 @@ impl ModelScanner {
             open_at: 0,
             want_max: false,
             max_tokens: None,
+            want_user: false,
+            in_user: false,
+            user_acc: 0,
+            user: None,
         }
     }
 
@@ -157,6 +172,12 @@ impl ModelScanner {
         self.max_tokens
     }
 
+    /// A hash of the top-level `"user"` string when the body has a non-empty one: the
+    /// OpenAI end-user id, which `sticky = "user"` pins to a host.
+    pub fn user(&self) -> Option<u64> {
+        self.user
+    }
+
     /// The payload offset of the top-level object's `{`.
     pub fn open_at(&self) -> usize {
         self.open_at
@@ -172,7 +193,7 @@ impl ModelScanner {
         while i < input.len() {
             // Inside a string nobody cares about (chat history: most of a body), jump to
             // the next quote or backslash instead of stepping byte by byte.
-            if self.in_string && !self.escape && !self.in_key && !self.in_value {
+            if self.in_string && !self.escape && !self.in_key && !self.in_value && !self.in_user {
                 match memchr::memchr2(b'"', b'\\', &input[i..]) {
                     Some(skip) => i += skip,
                     None => break,
@@ -217,6 +238,10 @@ impl ModelScanner {
             self.want_stream = false;
             self.stream = b == b't';
         }
+        if self.want_user && !gap && b != b'"' {
+            // Not a string (null, a number): no user id.
+            self.want_user = false;
+        }
         if self.want_max && !gap {
             if b.is_ascii_digit() {
                 let digit = u64::from(b - b'0');
@@ -240,6 +265,10 @@ impl ModelScanner {
                     self.want_value = false;
                     self.in_value = true;
                     self.value_len = 0;
+                } else if self.depth == 1 && self.want_user {
+                    self.want_user = false;
+                    self.in_user = true;
+                    self.user_acc = FNV_OFFSET;
                 }
             }
             b'{' | b'[' => {
@@ -270,6 +299,10 @@ impl ModelScanner {
     }
 
     fn string_byte(&mut self, b: u8) -> Result<(), ScanError> {
+        // Every byte of the id but its closing quote (escapes included) goes in the hash.
+        if self.in_user && (b != b'"' || self.escape) {
+            self.user_acc = (self.user_acc ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+        }
         if self.escape {
             self.escape = false;
             return Ok(());
@@ -295,6 +328,7 @@ impl ModelScanner {
                             self.max_tokens = None;
                         }
                         b"stream_options" => self.stream_options = true,
+                        b"user" => self.want_user = true,
                         _ => {}
                     }
                     if self.key_pos == Some(KEY.len()) {
@@ -309,6 +343,10 @@ impl ModelScanner {
                         return Err(ScanError::NotUtf8);
                     }
                     self.found = true;
+                } else if self.in_user {
+                    self.in_user = false;
+                    // An empty id names nobody.
+                    self.user = (self.user_acc != FNV_OFFSET).then_some(self.user_acc);
                 }
             }
             _ => {

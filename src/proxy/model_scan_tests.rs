@@ -89,7 +89,7 @@ fn agrees_with_a_full_parser() {
     for _ in 0..2000 {
         let mut obj = serde_json::Map::new();
         for _ in 0..rnd(5) {
-            let k = ["messages", "stream", "options", "prompt"][rnd(4) as usize];
+            let k = ["messages", "stream", "options", "prompt", "user"][rnd(5) as usize];
             obj.insert(k.to_string(), value(&mut rnd, 0));
         }
         if rnd(4) > 0 {
@@ -112,6 +112,13 @@ fn agrees_with_a_full_parser() {
             "{}",
             String::from_utf8_lossy(&body)
         );
+        let user = obj.get("user").and_then(|u| u.as_str());
+        assert_eq!(
+            s.user().is_some(),
+            user.is_some_and(|u| !u.is_empty()),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
     }
 }
 
@@ -119,4 +126,50 @@ fn agrees_with_a_full_parser() {
 fn escapes_inside_other_values_are_fine() {
     let (m, _) = scan(br#"{"prompt":"a\\\"}","model":"m"}"#, 1).unwrap();
     assert_eq!(m.as_deref(), Some("m"));
+}
+
+fn user_of(body: &[u8], step: usize) -> Option<u64> {
+    let mut s = ModelScanner::new();
+    for piece in body.chunks(step) {
+        s.feed(piece).unwrap();
+    }
+    s.user()
+}
+
+#[test]
+fn finds_the_top_level_user_however_the_body_is_split() {
+    let body = br#"{"messages":[{"role":"user","content":"hi","user":"inner"}],"model":"m","user":"alice \"A\" smith"}"#;
+    let whole = user_of(body, body.len()).expect("a user");
+    for step in 1..body.len() {
+        assert_eq!(user_of(body, step), Some(whole), "pieces of {step}");
+    }
+    // The same id anywhere at top level hashes alike; another id does not; the nested
+    // "user" (a role, a message's field) is not the end user.
+    assert_eq!(
+        user_of(br#"{"user":"alice \"A\" smith","model":"m"}"#, 3),
+        Some(whole)
+    );
+    assert_ne!(
+        user_of(br#"{"user":"alice \"A\" smitH","model":"m"}"#, 3),
+        Some(whole)
+    );
+    let nested = br#"{"messages":[{"role":"user","user":"inner"}],"model":"m"}"#;
+    assert_eq!(user_of(nested, 1), None);
+}
+
+#[test]
+fn a_user_that_is_no_string_or_empty_is_none() {
+    for body in [
+        &br#"{"user":null,"model":"m"}"#[..],
+        br#"{"user":42,"model":"m"}"#,
+        br#"{"user":{"id":"x"},"model":"m"}"#,
+        br#"{"user":["x"],"model":"m"}"#,
+        br#"{"user":"","model":"m"}"#,
+        br#"{"model":"m","user" : "" }"#,
+    ] {
+        assert_eq!(user_of(body, 1), None, "{}", String::from_utf8_lossy(body));
+    }
+    // A key that only starts like it is another key.
+    assert_eq!(user_of(br#"{"username":"x","model":"m"}"#, 1), None);
+    assert!(user_of(br#"{"model":"m", "user" :"x"}"#, 1).is_some());
 }

@@ -280,6 +280,7 @@ fn management_domain(addr: std::net::SocketAddr, https: bool) -> crate::snapshot
         from_api: false,
         metrics_slot: 0,
         routing: crate::config::Routing::RoundRobin,
+        sticky: crate::config::Sticky::None,
     }
 }
 
