@@ -11,6 +11,7 @@
 use super::headers::{eq_ignore_case, has_token};
 use crate::config::{Limits, MAX_HEADERS_CEILING};
 use crate::http::HttpError;
+use std::mem::MaybeUninit;
 
 /// A byte range of the connection's read buffer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -142,9 +143,11 @@ pub fn parse_request_head(
     limits: &Limits,
     head: &mut RequestHead,
 ) -> Result<Option<()>, HttpError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
-    let mut req = httparse::Request::new(&mut storage[..limits.max_headers]);
-    let status = match req.parse(buf) {
+    // Uninitialized: filling 256 empty headers (8 KiB) before every parse was a measured
+    // 1 % of a proxied request's CPU; httparse writes only the headers it finds.
+    let mut storage = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS_CEILING];
+    let mut req = httparse::Request::new(&mut []);
+    let status = match req.parse_with_uninit_headers(buf, &mut storage[..limits.max_headers]) {
         Ok(s) => s,
         Err(httparse::Error::TooManyHeaders) => {
             return Err(HttpError::TooManyHeaders(limits.max_headers))

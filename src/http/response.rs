@@ -7,6 +7,7 @@
 use super::head::Span;
 use super::headers::{eq_ignore_case, has_token, is_hop_by_hop_response};
 use crate::config::MAX_HEADERS_CEILING;
+use std::mem::MaybeUninit;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFraming {
@@ -43,9 +44,15 @@ pub fn parse_response_head(
     max_head: usize,
     request_was_head: bool,
 ) -> Result<Option<ResponseHead>, UpstreamHeadError> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_CEILING];
-    let mut resp = httparse::Response::new(&mut storage);
-    let len = match resp.parse(buf) {
+    // Uninitialized, as for requests (`head::parse_request_head`).
+    let mut storage = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS_CEILING];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut storage,
+    );
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() >= max_head {

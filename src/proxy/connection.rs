@@ -33,6 +33,9 @@ pub struct Connection {
     wr: ClientWrite,
     rbuf: Vec<u8>,
     peer: SocketAddr,
+    /// The peer's address as text, written once: every request forwards it
+    /// (X-Forwarded-For), and formatting it each time was 0.5 % of a request's CPU.
+    peer_ip: PeerIp,
     /// Scratch for heads and local answers, reused across requests.
     out: Vec<u8>,
     /// The last request's head, kept so its header vector is reused.
@@ -59,6 +62,7 @@ impl Connection {
             wr,
             rbuf: Vec::with_capacity(INITIAL_READ),
             peer,
+            peer_ip: PeerIp::of(peer),
             out: Vec::with_capacity(1024),
             spare_head: None,
             carried_request: false,
@@ -67,6 +71,11 @@ impl Connection {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The peer's IP address as text (`192.0.2.1`, `2001:db8::1`).
+    pub fn peer_ip_text(&self) -> &[u8] {
+        &self.peer_ip.text[..self.peer_ip.len as usize]
     }
 
     /// The bytes read so far: the current request's head at 0, then its body, then more.
@@ -261,6 +270,23 @@ pub async fn write_within<B: OutBuf>(wr: &mut ClientWrite, buf: B, limit: Durati
     }
 }
 
+/// An IP address as text, inline (the longest, an IPv4-mapped IPv6 address, is 45 bytes).
+struct PeerIp {
+    text: [u8; 46],
+    len: u8,
+}
+
+impl PeerIp {
+    fn of(peer: SocketAddr) -> PeerIp {
+        use std::io::Write;
+        let mut text = [0u8; 46];
+        let mut cursor = std::io::Cursor::new(&mut text[..]);
+        let _ = write!(cursor, "{}", peer.ip());
+        let len = cursor.position() as u8;
+        PeerIp { text, len }
+    }
+}
+
 /// The TLS handshake of a new connection, bounded by the head-read timeout. Plain HTTP
 /// sent to the HTTPS port gets a 400 in HTTP, the only language that client understands.
 async fn accept_tls(
@@ -316,4 +342,25 @@ async fn accept_tls(
             tls: writer,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PeerIp;
+
+    #[test]
+    fn peer_ip_text_is_the_address_alone() {
+        for (peer, text) in [
+            ("192.0.2.1:443", "192.0.2.1"),
+            ("[2001:db8::1]:80", "2001:db8::1"),
+            (
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            ),
+            ("[::ffff:255.255.255.255]:1", "::ffff:255.255.255.255"),
+        ] {
+            let ip = PeerIp::of(peer.parse().unwrap());
+            assert_eq!(&ip.text[..ip.len as usize], text.as_bytes());
+        }
+    }
 }

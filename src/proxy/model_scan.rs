@@ -193,10 +193,21 @@ impl ModelScanner {
         while i < input.len() {
             // Inside a string nobody cares about (chat history: most of a body), jump to
             // the next quote or backslash instead of stepping byte by byte.
-            if self.in_string && !self.escape && !self.in_key && !self.in_value && !self.in_user {
-                match memchr::memchr2(b'"', b'\\', &input[i..]) {
-                    Some(skip) => i += skip,
-                    None => break,
+            if self.in_string && !self.escape {
+                if !self.in_key && !self.in_value && !self.in_user {
+                    match memchr::memchr2(b'"', b'\\', &input[i..]) {
+                        Some(skip) => i += skip,
+                        None => break,
+                    }
+                } else {
+                    // A string it records (a top-level key, the model, the user): the run
+                    // up to the next quote or backslash in one go, not byte by byte.
+                    let run = memchr::memchr2(b'"', b'\\', &input[i..]).unwrap_or(input.len() - i);
+                    if run > 0 {
+                        self.string_run(&input[i..i + run])?;
+                        i += run;
+                        continue;
+                    }
                 }
             }
             self.step(input[i], self.fed + i)?;
@@ -299,8 +310,9 @@ impl ModelScanner {
     }
 
     fn string_byte(&mut self, b: u8) -> Result<(), ScanError> {
-        // Every byte of the id but its closing quote (escapes included) goes in the hash.
-        if self.in_user && (b != b'"' || self.escape) {
+        // Every byte of the id but its closing quote goes in the hash: plain runs through
+        // `string_run`, a backslash and the byte it escapes here.
+        if self.in_user && (b == b'\\' || self.escape) {
             self.user_acc = (self.user_acc ^ u64::from(b)).wrapping_mul(FNV_PRIME);
         }
         if self.escape {
@@ -349,25 +361,37 @@ impl ModelScanner {
                     self.user = (self.user_acc != FNV_OFFSET).then_some(self.user_acc);
                 }
             }
-            _ => {
-                if self.in_key {
-                    if self.key_len < KEY_BUF {
-                        self.key_buf[self.key_len] = b;
-                    }
-                    self.key_len = self.key_len.saturating_add(1);
-                    self.key_pos = match self.key_pos {
-                        // Case-insensitive: Go's encoding/json (Ollama) matches keys that way,
-                        // so "MODEL" is the same key to it.
-                        Some(i) if i < KEY.len() && KEY[i] == b.to_ascii_lowercase() => Some(i + 1),
-                        _ => None,
-                    };
-                } else if self.in_value {
-                    if self.value_len == MAX_MODEL_BYTES {
-                        return Err(ScanError::TooLong);
-                    }
-                    self.value[self.value_len] = b;
-                    self.value_len += 1;
+            _ => self.string_run(std::slice::from_ref(&b))?,
+        }
+        Ok(())
+    }
+
+    /// Bytes inside the current string that are neither a quote nor a backslash, with no
+    /// escape pending: what they add to the key, the model or the user id being read.
+    fn string_run(&mut self, run: &[u8]) -> Result<(), ScanError> {
+        if self.in_key {
+            for &b in run {
+                if self.key_len < KEY_BUF {
+                    self.key_buf[self.key_len] = b;
                 }
+                self.key_len = self.key_len.saturating_add(1);
+                self.key_pos = match self.key_pos {
+                    // Case-insensitive: Go's encoding/json (Ollama) matches keys that way,
+                    // so "MODEL" is the same key to it.
+                    Some(i) if i < KEY.len() && KEY[i] == b.to_ascii_lowercase() => Some(i + 1),
+                    _ => None,
+                };
+            }
+        } else if self.in_value {
+            let end = self.value_len + run.len();
+            if end > MAX_MODEL_BYTES {
+                return Err(ScanError::TooLong);
+            }
+            self.value[self.value_len..end].copy_from_slice(run);
+            self.value_len = end;
+        } else if self.in_user {
+            for &b in run {
+                self.user_acc = (self.user_acc ^ u64::from(b)).wrapping_mul(FNV_PRIME);
             }
         }
         Ok(())

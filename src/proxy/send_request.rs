@@ -166,7 +166,7 @@ fn write_upstream_head(
         out.extend_from_slice(prior.of(buf));
         out.extend_from_slice(b", ");
     }
-    let _ = write!(out, "{}", conn.peer().ip());
+    out.extend_from_slice(conn.peer_ip_text());
     out.extend_from_slice(if worker.tls.is_some() {
         b"\r\nX-Forwarded-Proto: https\r\nX-Request-Id: "
     } else {
