@@ -430,6 +430,16 @@ impl Config {
                     "a domain needs at least one backend",
                 ));
             }
+            if d.sticky == Sticky::User
+                && matches!(d.routing, Routing::LeastLoaded | Routing::RoundRobin)
+            {
+                // Only `auto` and `prefix` look at a request's content: the setting would
+                // silently do nothing.
+                return Err(err(
+                    format!("{key}.sticky"),
+                    "\"user\" needs routing = \"auto\" or \"prefix\" (least_loaded and round_robin place by load or turn, not by content)",
+                ));
+            }
             for (j, b) in d.backends.iter().enumerate() {
                 let bkey = format!("{key}.backends[{j}]");
                 parse_backend_url(&format!("{bkey}.url"), &b.url)?;
@@ -480,6 +490,10 @@ mod tests {
                 "domains[0].backends[0].models",
             ),
             ("[[domains]]\nid = \"a\"\n", "domains[0].backends"),
+            (
+                "[[domains]]\nid = \"a\"\nrouting = \"round_robin\"\nsticky = \"user\"\n[[domains.backends]]\nkind=\"vllm\"\nurl=\"http://127.0.0.1:1\"\nmodels=[\"m\"]\n",
+                "domains[0].sticky",
+            ),
             ("[auth]\ncheck_url = \"ftp://x/check\"\n", "auth.check_url"),
             (
                 "[auth]\ncheck_url = \"http://192.0.2.1/check\"\n",
