@@ -37,8 +37,7 @@ impl PrefixKeys {
         }
         if body.len() < FIRST_BOUNDARY {
             if complete {
-                out.keys[0] = xxhash_rust::xxh3::xxh3_64(body);
-                out.len = 1;
+                return PrefixKeys::single(xxhash_rust::xxh3::xxh3_64(body));
             }
             return out;
         }
@@ -57,19 +56,24 @@ impl PrefixKeys {
 
     /// A key from something other than the body (a session id).
     pub fn of_session(id: &[u8]) -> PrefixKeys {
-        let mut out = PrefixKeys::default();
         // Kept apart from body keys: a session id never equals a body prefix's hash.
-        out.keys[0] = xxhash_rust::xxh3::xxh3_64_with_seed(id, 0x5e55_1011);
-        out.len = 1;
-        out
+        PrefixKeys::single(xxhash_rust::xxh3::xxh3_64_with_seed(id, 0x5e55_1011))
     }
 
     /// A key from the hash of an end user's id (the body's `"user"`).
     pub fn of_user(id_hash: u64) -> PrefixKeys {
-        let mut out = PrefixKeys::default();
         // Mixed with a seed of its own: a user id never equals a session id's key or a
         // body prefix's hash.
-        out.keys[0] = xxhash_rust::xxh3::xxh3_64_with_seed(&id_hash.to_le_bytes(), 0x05e2_1d00);
+        PrefixKeys::single(xxhash_rust::xxh3::xxh3_64_with_seed(
+            &id_hash.to_le_bytes(),
+            0x05e2_1d00,
+        ))
+    }
+
+    /// Just one key: what places the request, with no longer prefix behind it.
+    fn single(key: u64) -> PrefixKeys {
+        let mut out = PrefixKeys::default();
+        out.keys[0] = key;
         out.len = 1;
         out
     }
