@@ -226,9 +226,10 @@ fn failures_are_503(driver: &str) {
         "authentication service (auth.check_url) unavailable",
         Duration::from_secs(5),
     );
+    // The log reaches the test through a pipe and a reader thread: wait for each line.
+    expect_log(&gw, "answered 500", Duration::from_secs(5));
+    expect_log(&gw, "no answer within 500 ms", Duration::from_secs(5));
     let log = gw.log();
-    assert!(log.contains("answered 500"), "{log}");
-    assert!(log.contains("no answer within 500 ms"), "{log}");
     assert!(!log.contains("X-Evil"), "{log}");
     let mgmt = management_addr(&gw);
     assert_eq!(metric(mgmt, "cubegate_auth_checks_total"), 5);
