@@ -174,7 +174,7 @@ pub struct WorkerMetrics {
     pub first_byte: Histogram,
     pub duration: Histogram,
     /// How requests' first hosts were chosen (`fleet::policy::Placement::index` order).
-    pub placements: [Counter; 5],
+    pub placements: [Counter; crate::fleet::policy::Placement::ALL.len()],
     pub limit_rejections: crate::usage::metrics::LimitRejections,
 }
 
@@ -305,7 +305,7 @@ pub fn render(registry: &Registry) -> String {
     }
     render_labelled(&mut out, registry);
     crate::usage::fleet::view::render(&mut out);
-    let placements: Vec<u64> = (0..5)
+    let placements: Vec<u64> = (0..crate::fleet::policy::Placement::ALL.len())
         .map(|i| registry.iter().map(|w| w.placements[i].get()).sum())
         .collect();
     crate::fleet::metrics::render(&mut out, &crate::fleet::hosts(), &placements);

@@ -10,7 +10,7 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -430,6 +430,65 @@ fn miss_goes_to_a_light_host(driver: &str) {
     }
     assert!(spilled.is_some(), "no fresh prefix had A as its host");
     assert_eq!(a.requests(), 8, "only the held streams reached A");
+}
+
+/// 3b. Two prefixes asked for often whose consistent host is the same: within a few
+///     seconds the balancer (it reviews the groups' request rates once a second) moves
+///     one of them to another host (placement `rebalanced`), where it then stays whole,
+///     while the other keeps its consistent host.
+fn rebalance_splits_prefixes_sharing_a_host(driver: &str) {
+    let hosts = vllm_hosts(4, &[]);
+    let gw = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]).start(driver, "");
+    let ask = |system: &str, id: &str| {
+        let r = chat(gw.addr, "fleet", id, &chat_with(system, id, false, 1));
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    // Fresh prefixes until two share a host (five at most on four hosts).
+    let mut first_of: HashMap<String, String> = HashMap::new();
+    let mut pair = None;
+    for i in 0..5 {
+        let (system, id) = (system_prompt(&format!("popular {i}")), format!("find-{i}"));
+        ask(&system, &id);
+        let host = access_record(&gw, &id)["backend"].to_string();
+        if let Some(other) = first_of.insert(host.clone(), system.clone()) {
+            pair = Some((other, system, host));
+            break;
+        }
+    }
+    let (a, b, shared) = pair.expect("two of five prefixes on one of four hosts");
+    let mgmt = management_addr(&gw);
+    let started = Instant::now();
+    let mut round = 0;
+    while placements(mgmt, "rebalanced") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10) && round < 2000,
+            "no rebalance after {round} rounds"
+        );
+        ask(&a, &format!("a-{round}"));
+        ask(&b, &format!("b-{round}"));
+        round += 1;
+    }
+    // Every worker reviews its own groups once a second: give the others time to agree.
+    let moved_at = Instant::now();
+    while moved_at.elapsed() < Duration::from_millis(2500) {
+        ask(&a, &format!("a-{round}"));
+        ask(&b, &format!("b-{round}"));
+        round += 1;
+    }
+    let (mut on_a, mut on_b) = (HashSet::new(), HashSet::new());
+    for i in round..round + 5 {
+        ask(&a, &format!("a-{i}"));
+        ask(&b, &format!("b-{i}"));
+        on_a.insert(access_record(&gw, &format!("a-{i}"))["backend"].to_string());
+        on_b.insert(access_record(&gw, &format!("b-{i}"))["backend"].to_string());
+    }
+    assert_eq!((on_a.len(), on_b.len()), (1, 1), "{on_a:?} {on_b:?}");
+    assert_ne!(on_a, on_b, "both prefixes still on one host");
+    assert!(on_a.contains(&shared) || on_b.contains(&shared), "{shared}");
+    let last = round + 4;
+    let moved = if on_a.contains(&shared) { "b" } else { "a" };
+    let rec = access_record(&gw, &format!("{moved}-{last}"));
+    assert_eq!(rec["placement"], "rebalanced", "{rec}");
 }
 
 /// 4 (and 9's recovery). Hosts put in `refuse`, `error` and `hang` through the control API
@@ -883,6 +942,7 @@ for_each_driver!(
     same_prefix_same_host,
     hot_prefix_spills_to_a_few_hosts,
     miss_goes_to_a_light_host,
+    rebalance_splits_prefixes_sharing_a_host,
     ejection_and_return,
     retry_before_first_byte_not_after,
     hung_host_request_moves_on,

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 /// Appends the fleet's series to a scrape. `placements` are the workers' summed counts,
 /// indexed by `Placement::index`.
 pub fn render(out: &mut String, hosts: &[std::sync::Arc<Host>], placements: &[u64]) {
-    let _ = writeln!(out, "# HELP cubegate_routing_placements_total How the first host of a request was chosen (prefix_hit: it served a longer prefix lately; consistent: the prefix's own host; spill: the hosts before it were over their share).\n# TYPE cubegate_routing_placements_total counter");
+    let _ = writeln!(out, "# HELP cubegate_routing_placements_total How the first host of a request was chosen (prefix_hit: it served a longer prefix lately; consistent: the prefix's own host; rebalanced: its group's home, moved off its consistent host to even the hosts' request rates; spill: the hosts before it were over their share).\n# TYPE cubegate_routing_placements_total counter");
     for p in Placement::ALL {
         let n = placements.get(p.index()).copied().unwrap_or(0);
         let _ = writeln!(

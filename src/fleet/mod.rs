@@ -5,6 +5,7 @@
 //! - [`prefix`]: a request's prefix keys (hashes of its leading body bytes).
 //! - [`policy`]: the routing policies (`auto`, `prefix`, `least_loaded`, `round_robin`).
 //! - [`affinity`]: a worker's memory of which host served which prefix.
+//! - [`balance`]: a worker's prefix groups' homes, evened out by their request rates.
 //! - [`queue`]: a worker's wait for a host with room, fair across domains.
 //! - [`health`]: active checks and load scrapes, on a thread of their own.
 //! - [`metrics`]: the hosts' and the placements' Prometheus series.
@@ -15,6 +16,7 @@
 //! reach their hosts through the `Arc`s in the snapshot.
 
 pub mod affinity;
+pub mod balance;
 pub mod health;
 pub mod host;
 pub mod metrics;

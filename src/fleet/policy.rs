@@ -4,11 +4,17 @@
 //! 1. a host that served a longer prefix of this request lately (the worker's
 //!    [`AffinityIndex`]) keeps it — its session history is cached there — unless it is
 //!    over its share;
-//! 2. otherwise the hosts are put in the prefix's consistent order (rendezvous hashing on
+//! 2. otherwise its prefix group goes to its home ([`Balancer`]: the group's consistent
+//!    host, unless the balancer moved it to even the hosts' request rates), unless that
+//!    host is over its share;
+//! 3. otherwise the hosts are put in the prefix's consistent order (rendezvous hashing on
 //!    the first prefix key: the same order on every box, nothing shared) and the first one
 //!    not over its share takes it. A hot prefix so spills over the next few hosts of its
 //!    order, not over all of them, and a new prefix never lands on a host that is already
-//!    over its share.
+//!    over its share. A spill does not move the group: its home stays.
+//!
+//! The index only counts what was served under the group's present home (its epoch), so
+//! a moved group is not pulled back by the keys its requests left on the old host.
 //!
 //! "Over its share" is bounded-load consistent hashing (Mirrokni et al.): a host may take a
 //! request while its load stays within `max(avg × (1 + ε), avg + slack)`, where `avg` is the
@@ -19,10 +25,12 @@
 //! least loaded host under every policy but `round_robin`. Hosts out of rotation are left
 //! out; the order after the first host is where retries and the queue look next.
 
-use super::affinity::AffinityIndex;
+use super::affinity::{AffinityIndex, Served};
+use super::balance::{Balancer, Home};
 use super::host::Host;
 use super::prefix::PrefixKeys;
 pub use crate::config::Routing as Policy;
+use std::time::Instant;
 
 /// A host may exceed the mean load by this factor …
 const EPSILON: f32 = 0.25;
@@ -42,15 +50,19 @@ pub enum Placement {
     Spill,
     LeastLoaded,
     RoundRobin,
+    /// The prefix group's home, moved off its consistent host to even the hosts' shares
+    /// of requests ([`super::balance`]).
+    Rebalanced,
 }
 
 impl Placement {
-    pub const ALL: [Placement; 5] = [
+    pub const ALL: [Placement; 6] = [
         Placement::PrefixHit,
         Placement::Consistent,
         Placement::Spill,
         Placement::LeastLoaded,
         Placement::RoundRobin,
+        Placement::Rebalanced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +72,7 @@ impl Placement {
             Placement::Spill => "spill",
             Placement::LeastLoaded => "least_loaded",
             Placement::RoundRobin => "round_robin",
+            Placement::Rebalanced => "rebalanced",
         }
     }
 
@@ -72,12 +85,15 @@ impl Placement {
 #[derive(Default)]
 pub struct RoutingState {
     pub affinity: AffinityIndex,
+    balancer: Balancer,
     rotation: usize,
 }
 
 /// Orders `candidates` (backend index, host) for one request into `out` (backend indexes,
-/// first choice first). `None`: no candidate is in rotation.
+/// first choice first). `None`: no candidate is in rotation. `now` is when the request
+/// arrived (it paces the balancer's once-a-second work).
 pub fn rank(
+    now: Instant,
     policy: Policy,
     candidates: &[(usize, &Host)],
     keys: &PrefixKeys,
@@ -122,21 +138,49 @@ pub fn rank(
                 .map(|(b, h)| (rendezvous(key, h.seed), *b, *h))
                 .collect();
             hosts.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+            let home = match bounded {
+                true => state
+                    .balancer
+                    .note(now, key, hosts.iter().map(|(_, _, h)| h.seed)),
+                false => Home::default(),
+            };
+            // Only what was served under the group's present home counts.
             let remembered = keys.all().iter().rev().find_map(|k| {
-                let seed = state.affinity.get(*k)?;
-                hosts.iter().position(|(_, _, h)| h.seed == seed && fits(h))
+                let served = state.affinity.get(*k).filter(|s| s.epoch == home.epoch)?;
+                hosts
+                    .iter()
+                    .position(|(_, _, h)| h.seed == served.host && fits(h))
             });
-            let (first, placement) = match remembered {
-                Some(at) => (at, Placement::PrefixHit),
-                None => match hosts.iter().position(|(_, _, h)| fits(h)) {
+            let at_home = hosts
+                .iter()
+                .position(|(_, _, h)| Some(h.seed) == home.host && fits(h));
+            let by_home = |at: usize| match at {
+                0 => Placement::Consistent,
+                _ => Placement::Rebalanced,
+            };
+            let (first, placement) = match (remembered, at_home) {
+                // The group's own host, however it was found.
+                (Some(at), Some(h)) if at == h => (at, by_home(at)),
+                // A longer prefix (a session's history) served apart from its group.
+                (Some(at), _) => (at, Placement::PrefixHit),
+                (None, Some(h)) => (h, by_home(h)),
+                (None, None) => match hosts.iter().position(|(_, _, h)| fits(h)) {
                     Some(0) => (0, Placement::Consistent),
                     Some(at) => (at, Placement::Spill),
                     None => (0, Placement::Consistent),
                 },
             };
             let chosen_seed = hosts[first].2.seed;
-            for k in keys.all() {
-                state.affinity.insert(*k, chosen_seed);
+            let served = Served {
+                host: chosen_seed,
+                epoch: home.epoch,
+            };
+            // A spill is not remembered: the prefix's next request tries its home again
+            // rather than following this one (the group keeps one host for its cache).
+            if placement != Placement::Spill || !bounded {
+                for k in keys.all() {
+                    state.affinity.insert(*k, served);
+                }
             }
             out.push(hosts[first].1);
             out.extend(
@@ -188,7 +232,7 @@ mod tests {
         st: &mut RoutingState,
     ) -> (usize, Placement) {
         let mut out = Vec::new();
-        let p = rank(policy, &candidates(h), keys, st, &mut out).unwrap();
+        let p = rank(Instant::now(), policy, &candidates(h), keys, st, &mut out).unwrap();
         assert_eq!(out.len(), h.iter().filter(|h| h.is_up()).count());
         (out[0], p)
     }
@@ -248,7 +292,11 @@ mod tests {
         // Teach the index that this session's longer prefix lives elsewhere.
         let other = (home + 1) % 4;
         for k in &turn1.all()[1..] {
-            st.affinity.insert(*k, h[other].seed);
+            let served = Served {
+                host: h[other].seed,
+                epoch: 0,
+            };
+            st.affinity.insert(*k, served);
         }
         let turn2 = PrefixKeys::of(
             format!(
@@ -261,6 +309,53 @@ mod tests {
         );
         let (chosen, p) = first(Policy::Auto, &h, &turn2, &mut st);
         assert_eq!((chosen, p), (other, Placement::PrefixHit));
+    }
+
+    #[test]
+    fn a_group_goes_to_its_home_and_a_session_apart_from_it_stays_apart() {
+        let h = hosts(4);
+        let mut st = RoutingState::default();
+        let system = "a popular system prompt ".repeat(40);
+        let body = |turns: &str| PrefixKeys::of(format!("{system}{turns}").as_bytes(), true);
+        let turn1 = body(&"session one, turn one ".repeat(200));
+        let (consistent, _) = first(Policy::Auto, &h, &turn1, &mut st);
+        // The balancer moved the group elsewhere; the index still remembers the old host
+        // for every key of turn one.
+        let home = (consistent + 2) % 4;
+        let group = turn1.placement().unwrap();
+        st.balancer.set_home(group, h[home].seed);
+        let other = body(&"another conversation ".repeat(200));
+        assert_eq!(
+            first(Policy::Auto, &h, &other, &mut st),
+            (home, Placement::Rebalanced)
+        );
+        // What the group's requests left under its old home no longer counts …
+        let (again, _) = first(Policy::Auto, &h, &turn1, &mut st);
+        assert_eq!(again, home);
+        // … but a session whose history was served apart from its group, under its present
+        // home, follows its history.
+        let apart = (home + 1) % 4;
+        let epoch = st.affinity.get(group).unwrap().epoch;
+        for k in &turn1.all()[3..] {
+            let served = Served {
+                host: h[apart].seed,
+                epoch,
+            };
+            st.affinity.insert(*k, served);
+        }
+        let turn2 = body(&format!(
+            "{}{}",
+            "session one, turn one ".repeat(200),
+            "turn two ".repeat(100)
+        ));
+        assert_eq!(
+            first(Policy::Auto, &h, &turn2, &mut st),
+            (apart, Placement::PrefixHit)
+        );
+        // The unbounded prefix policy has no balancer: it stays where the index says.
+        let mut plain = RoutingState::default();
+        let (a, _) = first(Policy::Prefix, &h, &other, &mut plain);
+        assert_eq!(a, consistent);
     }
 
     #[test]
@@ -290,7 +385,15 @@ mod tests {
         }
         h[1].record_failure(super::super::host::Failure::Refused);
         let mut out = Vec::new();
-        assert!(rank(Policy::Auto, &candidates(&h), &key("x"), &mut st, &mut out).is_none());
+        assert!(rank(
+            Instant::now(),
+            Policy::Auto,
+            &candidates(&h),
+            &key("x"),
+            &mut st,
+            &mut out
+        )
+        .is_none());
     }
 
     #[test]

@@ -65,8 +65,15 @@ pub fn choose_backends(
     };
     let mut order = Vec::with_capacity(candidates.len());
     let mut state = worker.routing.borrow_mut();
-    let placement = rank(domain.routing, &candidates, &keys, &mut state, &mut order)
-        .ok_or(GatewayError::NoHealthyBackend)?;
+    let placement = rank(
+        req.started,
+        domain.routing,
+        &candidates,
+        &keys,
+        &mut state,
+        &mut order,
+    )
+    .ok_or(GatewayError::NoHealthyBackend)?;
     worker.metrics.placements[placement.index()].inc();
     Ok(Choice { order, placement })
 }

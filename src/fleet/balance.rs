@@ -1,0 +1,355 @@
+//! Prefix groups' homes, evened out by how often each group is asked for.
+//!
+//! Consistent placement puts a prefix group (the requests sharing a body's first key: a
+//! system prompt) on a host by hash, blind to how popular it is. Prompt popularity is
+//! steep (a few prompts carry most requests), so the hash is lumpy: on `cubegate-bench
+//! fleet` (32 prompts of Zipf popularity on 4 hosts) the median draw gives one host 43 % of
+//! the requests and another 11 % (a Monte Carlo of uniform placement), and the in-flight
+//! bound then spills requests of the hot host's groups, which splits groups over hosts
+//! and costs cache hits, while the light host's cache holds little.
+//!
+//! The balancer measures each group's request rate (per worker, a decayed count per
+//! second) and, once a second, gives every group a home so that no host's summed rate
+//! exceeds its pool's mean by more than [`EPSILON`] (or the hottest group's own rate):
+//! groups are visited hottest first, a group keeps its home while it fits there, else it
+//! takes the first host of its consistent order with room. Popular groups so stay put
+//! and the colder ones are what moves, each at most once a second.
+//!
+//! A group seen for the first time has no home and is placed by its consistent order: on
+//! every box alike. Homes after a rebalance come from each box's own traffic; boxes
+//! behind one load balancer see the same mix, so they mostly agree, but not by
+//! construction — a group they disagree on is cached on two hosts.
+
+use crate::hashing::PreHashedMap;
+use std::time::{Duration, Instant};
+
+/// A host over its pool's mean rate by this factor has a group moved off it …
+const EPSILON_KEEP: f32 = 0.25;
+/// … to a host that stays within this factor of the mean with it.
+const EPSILON: f32 = 0.1;
+/// How often homes are reviewed: at most one group moves per period.
+const PERIOD: Duration = Duration::from_secs(1);
+/// Rates are counts per second decayed with this half-life.
+const HALF_LIFE: Duration = Duration::from_secs(2);
+/// Groups tracked per worker; beyond that, new groups are placed by hash alone.
+const MAX_GROUPS: usize = 4096;
+/// A group whose decayed rate fell below this (requests per second) is forgotten.
+const FORGET_BELOW: f32 = 0.05;
+/// Hosts of a group's consistent order remembered (where its home may move to).
+pub const ORDER: usize = 8;
+
+#[derive(Clone, Copy)]
+struct Group {
+    /// Requests since the last recompute.
+    count: u32,
+    /// Decayed requests per second.
+    rate: f32,
+    /// The host (its seed) the group is sent to; `None` until its first review.
+    home: Option<u64>,
+    /// Bumped whenever `home` is set or moved (see [`Home::epoch`]).
+    epoch: u32,
+    /// Its consistent order (host seeds), first choice first.
+    order: [u64; ORDER],
+    hosts: u8,
+}
+
+/// A group's home as a request finds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Home {
+    /// The host (its seed) to send the group to; `None` before the group's first review.
+    pub host: Option<u64>,
+    /// Changes whenever `host` is set or moved: the affinity index ignores entries written
+    /// under another epoch, so a moved group is not pulled back by what it left behind.
+    pub epoch: u32,
+}
+
+/// A worker's view of its groups' rates and homes.
+#[derive(Default)]
+pub struct Balancer {
+    groups: PreHashedMap<Group>,
+    last: Option<Instant>,
+    /// Scratch, kept to avoid allocating once a second.
+    loads: Vec<(u64, f32)>,
+    pools: Vec<(u64, f32, f32, u8)>,
+}
+
+impl Balancer {
+    /// Counts a request of group `key`, whose consistent order is `order` (host seeds),
+    /// and returns the group's home.
+    pub fn note(&mut self, now: Instant, key: u64, order: impl Iterator<Item = u64>) -> Home {
+        let last = *self.last.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(last);
+        if elapsed >= PERIOD {
+            self.recompute(elapsed);
+            self.last = Some(now);
+        }
+        let tracked = self.groups.len() < MAX_GROUPS;
+        let g = match self.groups.get_mut(&key) {
+            Some(g) => g,
+            None if tracked => self.groups.entry(key).or_insert(Group {
+                count: 0,
+                rate: 0.0,
+                home: None,
+                epoch: 0,
+                order: [0; ORDER],
+                hosts: 0,
+            }),
+            None => return Home::default(),
+        };
+        g.count = g.count.saturating_add(1);
+        g.hosts = 0;
+        for seed in order.take(ORDER) {
+            g.order[g.hosts as usize] = seed;
+            g.hosts += 1;
+        }
+        Home {
+            host: g.home,
+            epoch: g.epoch,
+        }
+    }
+
+    /// Decays the rates by the time since the last recompute, gives new groups their
+    /// consistent host as home, and moves at most one group off the most overloaded host
+    /// (see the module doc).
+    fn recompute(&mut self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f32().max(PERIOD.as_secs_f32());
+        let keep = 0.5f32.powf(secs / HALF_LIFE.as_secs_f32());
+        self.groups.retain(|_, g| {
+            g.rate = g.rate * keep + (1.0 - keep) * g.count as f32 / secs;
+            g.count = 0;
+            if g.home.is_none() && g.hosts > 0 {
+                g.home = Some(g.order[0]);
+                g.epoch = g.epoch.wrapping_add(1);
+            }
+            g.rate >= FORGET_BELOW
+        });
+        // Pools: groups whose orders hold the same hosts share a mean.
+        self.pools.clear();
+        self.loads.clear();
+        for g in self.groups.values() {
+            let Some(home) = g.home else { continue };
+            let id = pool_id(g);
+            match self.pools.iter_mut().find(|p| p.0 == id) {
+                Some(p) => p.1 += g.rate,
+                None => self.pools.push((id, g.rate, 0.0, g.hosts)),
+            }
+            match self.loads.iter_mut().find(|l| l.0 == home) {
+                Some(l) => l.1 += g.rate,
+                None => self.loads.push((home, g.rate)),
+            }
+        }
+        let load = |loads: &[(u64, f32)], seed: u64| {
+            loads.iter().find(|l| l.0 == seed).map_or(0.0, |l| l.1)
+        };
+        // The most overloaded host, relative to its pool's mean, if over the bound.
+        let mut worst: Option<(f32, u64, u64, f32)> = None; // (ratio, host, pool, mean)
+        for g in self.groups.values() {
+            let (Some(home), Some(p)) = (g.home, self.pools.iter().find(|p| p.0 == pool_id(g)))
+            else {
+                continue;
+            };
+            let mean = p.1 / f32::from(p.3);
+            let ratio = load(&self.loads, home) / mean.max(f32::EPSILON);
+            if ratio > 1.0 + EPSILON_KEEP && worst.is_none_or(|w| ratio > w.0) {
+                worst = Some((ratio, home, p.0, mean));
+            }
+        }
+        let Some((_, from, pool, mean)) = worst else {
+            return;
+        };
+        let from_load = load(&self.loads, from);
+        let excess = from_load - mean;
+        let cap = mean * (1.0 + EPSILON);
+        // Which group moves: one that leaves `from` no lighter than the mean (rate ≤ the
+        // excess) and is worth a move (rate ≥ a quarter of the excess), the one with the
+        // lowest key among those — not the largest: workers and boxes see rates that
+        // differ by noise, and a choice by key is the same for all of them (failing
+        // those, the largest). It goes to the first other host of its own order that
+        // stays under the bound with it — or, for a group hotter than the bound allows
+        // anywhere, to one under half the mean that ends up lighter than `from` was (it
+        // cannot move back: from there its rate is over the excess).
+        let mut best: Option<(bool, f32, u64, u64)> = None; // (worth it, rate, group, to)
+        for (key, g) in &self.groups {
+            if g.home != Some(from) || pool_id(g) != pool || g.rate > excess {
+                continue;
+            }
+            let worth = g.rate * 4.0 >= excess;
+            let better = match best {
+                None => true,
+                Some((w, rate, k, _)) => match (worth, w) {
+                    (true, true) => *key < k,
+                    (false, false) => g.rate > rate,
+                    (now, _) => now,
+                },
+            };
+            if !better {
+                continue;
+            }
+            let to = g.order[..g.hosts as usize].iter().copied().find(|s| {
+                let there = load(&self.loads, *s);
+                *s != from
+                    && (there + g.rate <= cap || (there < mean * 0.5 && there + g.rate < from_load))
+            });
+            if let Some(to) = to {
+                best = Some((worth, g.rate, *key, to));
+            }
+        }
+        if let Some((_, _, key, to)) = best {
+            if let Some(g) = self.groups.get_mut(&key) {
+                g.home = Some(to);
+                g.epoch = g.epoch.wrapping_add(1);
+            }
+        }
+    }
+}
+
+/// The same for every order over the same hosts, whatever their sequence.
+fn pool_id(g: &Group) -> u64 {
+    g.order[..g.hosts as usize].iter().fold(0u64, |acc, s| {
+        acc.wrapping_add(s.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    })
+}
+
+#[cfg(test)]
+impl Balancer {
+    pub fn set_home(&mut self, key: u64, home: u64) {
+        if let Some(g) = self.groups.get_mut(&key) {
+            g.home = Some(home);
+            g.epoch = g.epoch.wrapping_add(1);
+        }
+    }
+
+    fn home(&self, key: u64) -> Option<u64> {
+        self.groups.get(&key)?.home
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hosts 1..=4; each group's consistent order starts at its `first` host.
+    fn order(first: u64) -> impl Iterator<Item = u64> {
+        (0..4).map(move |i| (first - 1 + i) % 4 + 1)
+    }
+
+    /// Feeds `periods` seconds of traffic: group `key` (placed first on `first`) asked
+    /// `rate` times a second, for each `(key, first, rate)`; returns the homes after each
+    /// second's review.
+    fn run(b: &mut Balancer, t0: Instant, from: u32, periods: u32, groups: &[(u64, u64, u32)]) {
+        for s in from..from + periods {
+            let at = t0 + Duration::from_millis(u64::from(s) * 1000 + 10);
+            for &(key, first, rate) in groups {
+                for _ in 0..rate {
+                    b.note(at, key, order(first));
+                }
+            }
+        }
+    }
+
+    fn loads(b: &Balancer, groups: &[(u64, u64, u32)]) -> [u32; 4] {
+        let mut l = [0; 4];
+        for &(key, _, rate) in groups {
+            l[b.home(key).expect("a home") as usize - 1] += rate;
+        }
+        l
+    }
+
+    #[test]
+    fn a_new_group_goes_by_hash_until_reviewed() {
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        assert_eq!(b.note(t0, 7, order(3)).host, None);
+        assert_eq!(
+            b.note(t0 + Duration::from_millis(500), 7, order(3)).host,
+            None
+        );
+        let home = b.note(t0 + Duration::from_millis(1100), 7, order(3));
+        assert_eq!(home.host, Some(3));
+        assert_ne!(home.epoch, 0);
+    }
+
+    #[test]
+    fn an_overloaded_host_sheds_one_group_a_period() {
+        // Host 1 draws three groups (40 of 60 requests a second), host 4 none.
+        let groups = [(1, 1, 20), (2, 1, 12), (3, 1, 8), (4, 2, 10), (5, 3, 10)];
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        run(&mut b, t0, 0, 2, &groups);
+        // The first review gives each group its consistent host and moves one at most.
+        let off = groups.iter().filter(|g| b.home(g.0) != Some(g.1)).count();
+        assert!(off <= 1, "{:?}", loads(&b, &groups));
+        let mut moves = off;
+        let mut before = loads(&b, &groups);
+        for s in 2..12 {
+            run(&mut b, t0, s, 1, &groups);
+            let now = loads(&b, &groups);
+            let changed = before.iter().zip(&now).filter(|(a, b)| a != b).count();
+            assert!(changed == 0 || changed == 2, "{before:?} → {now:?}");
+            moves += usize::from(changed > 0);
+            before = now;
+        }
+        let end = loads(&b, &groups);
+        // Mean 15: no host over 1.25 × 15 that could shed a group; each group kept whole.
+        assert!(end.iter().all(|l| *l <= 20), "{end:?}");
+        assert!((1..=3).contains(&moves), "{moves} moves: {end:?}");
+        // Settled: nothing moves any more.
+        run(&mut b, t0, 12, 5, &groups);
+        assert_eq!(loads(&b, &groups), end);
+    }
+
+    #[test]
+    fn even_hosts_move_nothing() {
+        let groups: Vec<(u64, u64, u32)> = (0..8).map(|k| (k, k % 4 + 1, 10)).collect();
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        run(&mut b, t0, 0, 2, &groups);
+        let start = loads(&b, &groups);
+        run(&mut b, t0, 2, 8, &groups);
+        assert_eq!(loads(&b, &groups), start);
+        assert_eq!(start, [20; 4]);
+    }
+
+    #[test]
+    fn a_group_hotter_than_a_fair_share_stays_and_the_rest_leave_its_host() {
+        // Group 1 is 60 % of the traffic: it cannot be spread, only left alone on host 1.
+        let groups = [(1, 1, 30), (2, 1, 5), (3, 2, 5), (4, 3, 5), (5, 4, 5)];
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        run(&mut b, t0, 0, 12, &groups);
+        assert_eq!(b.home(1), Some(1));
+        assert_ne!(
+            b.home(2),
+            Some(1),
+            "the small group should leave the hot host"
+        );
+    }
+
+    #[test]
+    fn a_group_moves_off_to_an_idle_host_even_when_hotter_than_the_mean() {
+        // Two groups on one of four hosts: each alone is 2 × the mean.
+        let groups = [(1, 2, 20), (2, 2, 20)];
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        run(&mut b, t0, 0, 6, &groups);
+        assert_ne!(b.home(1), b.home(2));
+    }
+
+    #[test]
+    fn groups_are_bounded_and_idle_ones_forgotten() {
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        for k in 0..MAX_GROUPS as u64 + 10 {
+            b.note(t0, k, order(1));
+        }
+        assert_eq!(b.groups.len(), MAX_GROUPS);
+        assert_eq!(b.note(t0, u64::MAX, order(1)), Home::default());
+        b.note(t0 + Duration::from_secs(1), 1, order(1));
+        assert!(b.home(2).is_some());
+        // Twenty seconds without a request: every group but the one asked for is gone.
+        for s in 2..22 {
+            b.note(t0 + Duration::from_secs(s), 1, order(1));
+        }
+        assert_eq!(b.groups.len(), 1);
+    }
+}
