@@ -8,17 +8,23 @@
 //! bound then spills requests of the hot host's groups, which splits groups over hosts
 //! and costs cache hits, while the light host's cache holds little.
 //!
-//! The balancer measures each group's request rate (per worker, a decayed count per
-//! second) and, once a second, gives every group a home so that no host's summed rate
-//! exceeds its pool's mean by more than [`EPSILON`] (or the hottest group's own rate):
-//! groups are visited hottest first, a group keeps its home while it fits there, else it
-//! takes the first host of its consistent order with room. Popular groups so stay put
-//! and the colder ones are what moves, each at most once a second.
+//! The balancer measures each group's request rate (per worker, a count per second
+//! decayed with a 2-s half-life). A group gets its consistent host as its home at its
+//! first review; once a second after that, if a host carries more than 1.25 × its pool's
+//! mean rate (the pool: the hosts that may serve the group), one group moves off it, to
+//! the first other host of its own consistent order that stays within 1.1 × the mean with
+//! it. Moving a group costs one cold prefill on its new host, so moves are few: one a
+//! second, only off a clearly overloaded host, a group worth it where there is one (at
+//! least a quarter of the host's excess, else the largest) and never one so large that
+//! the host drops below the mean. A group hotter than any host's room may still move to a
+//! host under the mean that ends up lighter than the one it left.
 //!
-//! A group seen for the first time has no home and is placed by its consistent order: on
-//! every box alike. Homes after a rebalance come from each box's own traffic; boxes
-//! behind one load balancer see the same mix, so they mostly agree, but not by
-//! construction — a group they disagree on is cached on two hosts.
+//! Several workers and boxes each run a balancer of their own, from their own traffic.
+//! A new group has no home and goes by its consistent order: on every box alike. Which
+//! group moves is chosen by its key among those that qualify, not by its rate, so that
+//! balancers whose rates differ by noise pick the same one; they still disagree while one
+//! has reviewed and another not yet (up to a second), or when a group sits at a
+//! threshold — a group they disagree on is cached on two hosts.
 
 use crate::hashing::PreHashedMap;
 use std::time::{Duration, Instant};
@@ -51,6 +57,10 @@ struct Group {
     /// Its consistent order (host seeds), first choice first.
     order: [u64; ORDER],
     hosts: u8,
+    /// The hosts that may serve it (all of them, not just `order`'s): an id the same for
+    /// every group over the same hosts, and how many.
+    pool: u64,
+    pool_size: u16,
 }
 
 /// A group's home as a request finds it.
@@ -70,7 +80,7 @@ pub struct Balancer {
     last: Option<Instant>,
     /// Scratch, kept to avoid allocating once a second.
     loads: Vec<(u64, f32)>,
-    pools: Vec<(u64, f32, f32, u8)>,
+    pools: Vec<(u64, f32, u16)>,
 }
 
 impl Balancer {
@@ -93,14 +103,25 @@ impl Balancer {
                 epoch: 0,
                 order: [0; ORDER],
                 hosts: 0,
+                pool: 0,
+                pool_size: 0,
             }),
             None => return Home::default(),
         };
         g.count = g.count.saturating_add(1);
         g.hosts = 0;
-        for seed in order.take(ORDER) {
-            g.order[g.hosts as usize] = seed;
-            g.hosts += 1;
+        g.pool = 0;
+        g.pool_size = 0;
+        for seed in order {
+            if usize::from(g.hosts) < ORDER {
+                g.order[usize::from(g.hosts)] = seed;
+                g.hosts += 1;
+            }
+            // Order-independent: a sum of mixed seeds.
+            g.pool = g
+                .pool
+                .wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            g.pool_size = g.pool_size.saturating_add(1);
         }
         Home {
             host: g.home,
@@ -128,10 +149,10 @@ impl Balancer {
         self.loads.clear();
         for g in self.groups.values() {
             let Some(home) = g.home else { continue };
-            let id = pool_id(g);
+            let id = g.pool;
             match self.pools.iter_mut().find(|p| p.0 == id) {
                 Some(p) => p.1 += g.rate,
-                None => self.pools.push((id, g.rate, 0.0, g.hosts)),
+                None => self.pools.push((id, g.rate, g.pool_size)),
             }
             match self.loads.iter_mut().find(|l| l.0 == home) {
                 Some(l) => l.1 += g.rate,
@@ -144,11 +165,10 @@ impl Balancer {
         // The most overloaded host, relative to its pool's mean, if over the bound.
         let mut worst: Option<(f32, u64, u64, f32)> = None; // (ratio, host, pool, mean)
         for g in self.groups.values() {
-            let (Some(home), Some(p)) = (g.home, self.pools.iter().find(|p| p.0 == pool_id(g)))
-            else {
+            let (Some(home), Some(p)) = (g.home, self.pools.iter().find(|p| p.0 == g.pool)) else {
                 continue;
             };
-            let mean = p.1 / f32::from(p.3);
+            let mean = p.1 / f32::from(p.2.max(1));
             let ratio = load(&self.loads, home) / mean.max(f32::EPSILON);
             if ratio > 1.0 + EPSILON_KEEP && worst.is_none_or(|w| ratio > w.0) {
                 worst = Some((ratio, home, p.0, mean));
@@ -166,11 +186,11 @@ impl Balancer {
         // differ by noise, and a choice by key is the same for all of them (failing
         // those, the largest). It goes to the first other host of its own order that
         // stays under the bound with it — or, for a group hotter than the bound allows
-        // anywhere, to one under half the mean that ends up lighter than `from` was (it
-        // cannot move back: from there its rate is over the excess).
+        // anywhere, to one under the mean that ends up lighter than `from` was (it cannot
+        // move back: from there its rate is over that host's excess).
         let mut best: Option<(bool, f32, u64, u64)> = None; // (worth it, rate, group, to)
         for (key, g) in &self.groups {
-            if g.home != Some(from) || pool_id(g) != pool || g.rate > excess {
+            if g.home != Some(from) || g.pool != pool || g.rate > excess {
                 continue;
             }
             let worth = g.rate * 4.0 >= excess;
@@ -188,7 +208,7 @@ impl Balancer {
             let to = g.order[..g.hosts as usize].iter().copied().find(|s| {
                 let there = load(&self.loads, *s);
                 *s != from
-                    && (there + g.rate <= cap || (there < mean * 0.5 && there + g.rate < from_load))
+                    && (there + g.rate <= cap || (there < mean && there + g.rate < from_load))
             });
             if let Some(to) = to {
                 best = Some((worth, g.rate, *key, to));
@@ -201,13 +221,6 @@ impl Balancer {
             }
         }
     }
-}
-
-/// The same for every order over the same hosts, whatever their sequence.
-fn pool_id(g: &Group) -> u64 {
-    g.order[..g.hosts as usize].iter().fold(0u64, |acc, s| {
-        acc.wrapping_add(s.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    })
 }
 
 #[cfg(test)]
@@ -333,6 +346,28 @@ mod tests {
         let t0 = Instant::now();
         run(&mut b, t0, 0, 6, &groups);
         assert_ne!(b.home(1), b.home(2));
+    }
+
+    #[test]
+    fn pools_count_every_host_not_just_the_order_kept() {
+        // Twelve hosts (more than ORDER): three hot groups share host 1.
+        let order12 = |first: u64| (0..12).map(move |i| (first - 1 + i) % 12 + 1);
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        let groups: Vec<(u64, u64, u32)> = [(1, 1, 20), (2, 1, 20), (3, 1, 20)]
+            .into_iter()
+            .chain((4..12).map(|k| (k, k - 2, 5)))
+            .collect();
+        for s in 0..10u64 {
+            let at = t0 + Duration::from_millis(s * 1000 + 10);
+            for &(key, first, rate) in &groups {
+                for _ in 0..rate {
+                    b.note(at, key, order12(first));
+                }
+            }
+        }
+        let on_one = groups.iter().filter(|g| b.home(g.0) == Some(1)).count();
+        assert_eq!(on_one, 1, "host 1 should keep one of its three hot groups");
     }
 
     #[test]
