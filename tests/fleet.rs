@@ -439,29 +439,54 @@ fn miss_goes_to_a_light_host(driver: &str) {
 fn rebalance_splits_prefixes_sharing_a_host(driver: &str) {
     let hosts = vllm_hosts(4, &[]);
     let gw = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]).start(driver, "");
+    rebalance_alike(&[&gw]);
+}
+
+/// 3c. The same traffic through two gateway processes (nothing shared): both move the
+///     same prefix to the same host — the group to move is chosen by its key, not by
+///     rates that differ between boxes by noise.
+fn two_gateways_rebalance_alike(driver: &str) {
+    let hosts = vllm_hosts(4, &[]);
+    let fleet = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]);
+    let (one, two) = (fleet.start(driver, ""), fleet.start(driver, ""));
+    rebalance_alike(&[&one, &two]);
+}
+
+/// Sends the same requests to every gateway of `gws`: fresh prefixes until two share a
+/// host, then those two in turn until every gateway moved one; checks that each gateway
+/// then sends each prefix to one host, the moved one to the same host everywhere.
+fn rebalance_alike(gws: &[&Gateway]) {
     let ask = |system: &str, id: &str| {
-        let r = chat(gw.addr, "fleet", id, &chat_with(system, id, false, 1));
-        assert_eq!(r.status, 200, "{}", r.text());
+        for gw in gws {
+            let r = chat(gw.addr, "fleet", id, &chat_with(system, id, false, 1));
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
     };
+    let backend = |gw: &Gateway, id: &str| access_record(gw, id)["backend"].to_string();
     // Fresh prefixes until two share a host (five at most on four hosts).
     let mut first_of: HashMap<String, String> = HashMap::new();
     let mut pair = None;
     for i in 0..5 {
         let (system, id) = (system_prompt(&format!("popular {i}")), format!("find-{i}"));
         ask(&system, &id);
-        let host = access_record(&gw, &id)["backend"].to_string();
+        let host = backend(gws[0], &id);
+        for gw in &gws[1..] {
+            assert_eq!(backend(gw, &id), host, "a new prefix placed apart");
+        }
         if let Some(other) = first_of.insert(host.clone(), system.clone()) {
             pair = Some((other, system, host));
             break;
         }
     }
     let (a, b, shared) = pair.expect("two of five prefixes on one of four hosts");
-    let mgmt = management_addr(&gw);
     let started = Instant::now();
     let mut round = 0;
-    while placements(mgmt, "rebalanced") == 0 {
+    while gws
+        .iter()
+        .any(|gw| placements(management_addr(gw), "rebalanced") == 0)
+    {
         assert!(
-            started.elapsed() < Duration::from_secs(10) && round < 2000,
+            started.elapsed() < Duration::from_secs(15) && round < 3000,
             "no rebalance after {round} rounds"
         );
         ask(&a, &format!("a-{round}"));
@@ -475,20 +500,29 @@ fn rebalance_splits_prefixes_sharing_a_host(driver: &str) {
         ask(&b, &format!("b-{round}"));
         round += 1;
     }
-    let (mut on_a, mut on_b) = (HashSet::new(), HashSet::new());
     for i in round..round + 5 {
         ask(&a, &format!("a-{i}"));
         ask(&b, &format!("b-{i}"));
-        on_a.insert(access_record(&gw, &format!("a-{i}"))["backend"].to_string());
-        on_b.insert(access_record(&gw, &format!("b-{i}"))["backend"].to_string());
     }
-    assert_eq!((on_a.len(), on_b.len()), (1, 1), "{on_a:?} {on_b:?}");
-    assert_ne!(on_a, on_b, "both prefixes still on one host");
-    assert!(on_a.contains(&shared) || on_b.contains(&shared), "{shared}");
-    let last = round + 4;
-    let moved = if on_a.contains(&shared) { "b" } else { "a" };
-    let rec = access_record(&gw, &format!("{moved}-{last}"));
-    assert_eq!(rec["placement"], "rebalanced", "{rec}");
+    let mut moved_to = HashSet::new();
+    for gw in gws {
+        let (mut on_a, mut on_b) = (HashSet::new(), HashSet::new());
+        for i in round..round + 5 {
+            on_a.insert(backend(gw, &format!("a-{i}")));
+            on_b.insert(backend(gw, &format!("b-{i}")));
+        }
+        assert_eq!((on_a.len(), on_b.len()), (1, 1), "{on_a:?} {on_b:?}");
+        assert_ne!(on_a, on_b, "both prefixes still on one host");
+        assert!(on_a.contains(&shared) || on_b.contains(&shared), "{shared}");
+        let (moved, to) = match on_a.contains(&shared) {
+            true => ("b", on_b),
+            false => ("a", on_a),
+        };
+        let rec = access_record(gw, &format!("{moved}-{}", round + 4));
+        assert_eq!(rec["placement"], "rebalanced", "{rec}");
+        moved_to.insert((moved, to.into_iter().next().unwrap()));
+    }
+    assert_eq!(moved_to.len(), 1, "the gateways moved apart: {moved_to:?}");
 }
 
 /// 4 (and 9's recovery). Hosts put in `refuse`, `error` and `hang` through the control API
@@ -943,6 +977,7 @@ for_each_driver!(
     hot_prefix_spills_to_a_few_hosts,
     miss_goes_to_a_light_host,
     rebalance_splits_prefixes_sharing_a_host,
+    two_gateways_rebalance_alike,
     ejection_and_return,
     retry_before_first_byte_not_after,
     hung_host_request_moves_on,
