@@ -10,8 +10,9 @@
 //!
 //! The balancer measures each group's request rate (per worker, a count per second
 //! decayed with a 2-s half-life). A group gets its consistent host as its home at its
-//! first review; once a second after that, if a host carries more than 1.25 × its pool's
-//! mean rate (the pool: the hosts that may serve the group), one group moves off it, to
+//! first review; once a second after that, if a host has carried more than 1.25 × its
+//! pool's mean rate at two reviews in a row (the pool: every host that may serve the
+//! group, up or not; loads are counted per pool), one group moves off it, to
 //! the first other host of its own consistent order that stays within 1.1 × the mean with
 //! it. Moving a group costs one cold prefill on its new host, so moves are few: one a
 //! second, only off a clearly overloaded host, a group worth it where there is one (at
@@ -57,8 +58,7 @@ struct Group {
     /// Its consistent order (host seeds), first choice first.
     order: [u64; ORDER],
     hosts: u8,
-    /// The hosts that may serve it (all of them, not just `order`'s): an id the same for
-    /// every group over the same hosts, and how many.
+    /// Its [`Pool`]: the hosts that may serve it, all of them, not just `order`'s.
     pool: u64,
     pool_size: u16,
 }
@@ -73,55 +73,93 @@ pub struct Home {
     pub epoch: u32,
 }
 
+/// The hosts a group may be served by: every candidate of its domain and model, up or
+/// not (so a host's short outage does not split a pool), as an order-independent id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pool {
+    pub id: u64,
+    pub size: u16,
+}
+
+impl Pool {
+    pub fn of(seeds: impl Iterator<Item = u64>) -> Pool {
+        seeds.fold(Pool::default(), |p, seed| Pool {
+            // A sum of mixed seeds: the same whatever the hosts' order.
+            id: p.id.wrapping_add(mix(seed)),
+            size: p.size.saturating_add(1),
+        })
+    }
+}
+
+fn mix(seed: u64) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
 /// A worker's view of its groups' rates and homes.
 #[derive(Default)]
 pub struct Balancer {
+    /// Keyed by the group's key mixed with its pool: two domains (or models) with the
+    /// same system prompt on different hosts are two groups.
     groups: PreHashedMap<Group>,
     last: Option<Instant>,
-    /// Scratch, kept to avoid allocating once a second.
-    loads: Vec<(u64, f32)>,
-    pools: Vec<(u64, f32, u16)>,
+    /// Epochs come from one counter, so a group forgotten and seen again never reuses one.
+    epochs: u32,
+    /// The host over its bound at the last review: a host is relieved only when it is
+    /// over at two reviews in a row (a second of noise at low rates moves nothing).
+    over: Vec<(u64, u64)>,
+    /// Scratch, kept to avoid allocating once a second: load per (pool, host), total per
+    /// pool, and the (pool, host)s over the bound.
+    loads: PreHashedMap<f32>,
+    pools: PreHashedMap<(f32, u16)>,
+    worst: Vec<(f32, u64, u64)>,
 }
 
 impl Balancer {
-    /// Counts a request of group `key`, whose consistent order is `order` (host seeds),
-    /// and returns the group's home.
-    pub fn note(&mut self, now: Instant, key: u64, order: impl Iterator<Item = u64>) -> Home {
+    /// Counts a request of group `key` in `pool`, whose consistent order over the hosts
+    /// up is `order` (host seeds), and returns the group's home.
+    pub fn note(
+        &mut self,
+        now: Instant,
+        key: u64,
+        pool: Pool,
+        order: impl Iterator<Item = u64>,
+    ) -> Home {
         let last = *self.last.get_or_insert(now);
         let elapsed = now.saturating_duration_since(last);
         if elapsed >= PERIOD {
             self.recompute(elapsed);
             self.last = Some(now);
         }
+        let id = key ^ pool.id.rotate_left(17);
         let tracked = self.groups.len() < MAX_GROUPS;
-        let g = match self.groups.get_mut(&key) {
+        let g = match self.groups.get_mut(&id) {
             Some(g) => g,
-            None if tracked => self.groups.entry(key).or_insert(Group {
+            None if tracked => self.groups.entry(id).or_insert(Group {
                 count: 0,
                 rate: 0.0,
                 home: None,
                 epoch: 0,
                 order: [0; ORDER],
                 hosts: 0,
-                pool: 0,
-                pool_size: 0,
+                pool: pool.id,
+                pool_size: pool.size,
             }),
             None => return Home::default(),
         };
         g.count = g.count.saturating_add(1);
         g.hosts = 0;
-        g.pool = 0;
-        g.pool_size = 0;
-        for seed in order {
-            if usize::from(g.hosts) < ORDER {
-                g.order[usize::from(g.hosts)] = seed;
-                g.hosts += 1;
+        for seed in order.take(ORDER) {
+            g.order[usize::from(g.hosts)] = seed;
+            g.hosts += 1;
+        }
+        // A home that is not up (or no longer a candidate) is given up: the group goes by
+        // its order until the next review gives it a home again.
+        if let Some(h) = g.home {
+            if !g.order[..usize::from(g.hosts)].contains(&h) {
+                g.home = None;
+                self.epochs = self.epochs.wrapping_add(1);
+                g.epoch = self.epochs;
             }
-            // Order-independent: a sum of mixed seeds.
-            g.pool = g
-                .pool
-                .wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-            g.pool_size = g.pool_size.saturating_add(1);
         }
         Home {
             host: g.home,
@@ -130,64 +168,79 @@ impl Balancer {
     }
 
     /// Decays the rates by the time since the last recompute, gives new groups their
-    /// consistent host as home, and moves at most one group off the most overloaded host
-    /// (see the module doc).
+    /// consistent host as home, and moves at most one group off an overloaded host (see
+    /// the module doc).
     fn recompute(&mut self, elapsed: Duration) {
         let secs = elapsed.as_secs_f32().max(PERIOD.as_secs_f32());
         let keep = 0.5f32.powf(secs / HALF_LIFE.as_secs_f32());
+        let epochs = &mut self.epochs;
         self.groups.retain(|_, g| {
             g.rate = g.rate * keep + (1.0 - keep) * g.count as f32 / secs;
             g.count = 0;
             if g.home.is_none() && g.hosts > 0 {
                 g.home = Some(g.order[0]);
-                g.epoch = g.epoch.wrapping_add(1);
+                *epochs = epochs.wrapping_add(1);
+                g.epoch = *epochs;
             }
             g.rate >= FORGET_BELOW
         });
-        // Pools: groups whose orders hold the same hosts share a mean.
         self.pools.clear();
         self.loads.clear();
         for g in self.groups.values() {
             let Some(home) = g.home else { continue };
-            let id = g.pool;
-            match self.pools.iter_mut().find(|p| p.0 == id) {
-                Some(p) => p.1 += g.rate,
-                None => self.pools.push((id, g.rate, g.pool_size)),
-            }
-            match self.loads.iter_mut().find(|l| l.0 == home) {
-                Some(l) => l.1 += g.rate,
-                None => self.loads.push((home, g.rate)),
-            }
+            let p = self.pools.entry(g.pool).or_insert((0.0, g.pool_size));
+            p.0 += g.rate;
+            *self.loads.entry(g.pool ^ mix(home)).or_insert(0.0) += g.rate;
         }
-        let load = |loads: &[(u64, f32)], seed: u64| {
-            loads.iter().find(|l| l.0 == seed).map_or(0.0, |l| l.1)
-        };
-        // The most overloaded host, relative to its pool's mean, if over the bound.
-        let mut worst: Option<(f32, u64, u64, f32)> = None; // (ratio, host, pool, mean)
+        // Every (pool, host) over the bound, worst first.
+        self.worst.clear();
         for g in self.groups.values() {
-            let (Some(home), Some(p)) = (g.home, self.pools.iter().find(|p| p.0 == g.pool)) else {
-                continue;
-            };
-            let mean = p.1 / f32::from(p.2.max(1));
-            let ratio = load(&self.loads, home) / mean.max(f32::EPSILON);
-            if ratio > 1.0 + EPSILON_KEEP && worst.is_none_or(|w| ratio > w.0) {
-                worst = Some((ratio, home, p.0, mean));
+            let Some(home) = g.home else { continue };
+            let (total, size) = self.pools[&g.pool];
+            let mean = total / f32::from(size.max(1));
+            let ratio = self.loads[&(g.pool ^ mix(home))] / mean.max(f32::EPSILON);
+            if ratio > 1.0 + EPSILON_KEEP
+                && !self.worst.iter().any(|w| w.1 == home && w.2 == g.pool)
+            {
+                self.worst.push((ratio, home, g.pool));
             }
         }
-        let Some((_, from, pool, mean)) = worst else {
-            return;
-        };
-        let from_load = load(&self.loads, from);
+        self.worst.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        let over_before = std::mem::take(&mut self.over);
+        self.over = self.worst.iter().map(|w| (w.1, w.2)).collect();
+        // The worst host that was over at the last review too and has a group to give.
+        for &(_, from, pool) in &self.worst {
+            if !over_before.contains(&(from, pool)) {
+                continue;
+            }
+            if let Some((key, to)) = self.move_from(from, pool) {
+                if let Some(g) = self.groups.get_mut(&key) {
+                    g.home = Some(to);
+                    self.epochs = self.epochs.wrapping_add(1);
+                    g.epoch = self.epochs;
+                }
+                return;
+            }
+        }
+    }
+
+    /// Which group of `pool` leaves host `from`, and where to.
+    ///
+    /// One that leaves `from` no lighter than the mean (rate ≤ the excess) and is worth a
+    /// move (rate ≥ a quarter of the excess), the one with the lowest key among those —
+    /// not the largest: workers and boxes see rates that differ by noise, and a choice by
+    /// key is the same for all of them (failing those, the largest). It goes to the first
+    /// other host of its own order that stays under the bound with it — or, for a group
+    /// hotter than the bound allows anywhere, to one under the mean that ends up lighter
+    /// than `from` was (it cannot move back: from there its rate is over that host's
+    /// excess).
+    fn move_from(&self, from: u64, pool: u64) -> Option<(u64, u64)> {
+        let (total, size) = self.pools[&pool];
+        let mean = total / f32::from(size.max(1));
+        let load = |host: u64| self.loads.get(&(pool ^ mix(host))).copied().unwrap_or(0.0);
+        let from_load = load(from);
         let excess = from_load - mean;
         let cap = mean * (1.0 + EPSILON);
-        // Which group moves: one that leaves `from` no lighter than the mean (rate ≤ the
-        // excess) and is worth a move (rate ≥ a quarter of the excess), the one with the
-        // lowest key among those — not the largest: workers and boxes see rates that
-        // differ by noise, and a choice by key is the same for all of them (failing
-        // those, the largest). It goes to the first other host of its own order that
-        // stays under the bound with it — or, for a group hotter than the bound allows
-        // anywhere, to one under the mean that ends up lighter than `from` was (it cannot
-        // move back: from there its rate is over that host's excess).
         let mut best: Option<(bool, f32, u64, u64)> = None; // (worth it, rate, group, to)
         for (key, g) in &self.groups {
             if g.home != Some(from) || g.pool != pool || g.rate > excess {
@@ -205,8 +258,8 @@ impl Balancer {
             if !better {
                 continue;
             }
-            let to = g.order[..g.hosts as usize].iter().copied().find(|s| {
-                let there = load(&self.loads, *s);
+            let to = g.order[..usize::from(g.hosts)].iter().copied().find(|s| {
+                let there = load(*s);
                 *s != from
                     && (there + g.rate <= cap || (there < mean && there + g.rate < from_load))
             });
@@ -214,27 +267,32 @@ impl Balancer {
                 best = Some((worth, g.rate, *key, to));
             }
         }
-        if let Some((_, _, key, to)) = best {
-            if let Some(g) = self.groups.get_mut(&key) {
-                g.home = Some(to);
-                g.epoch = g.epoch.wrapping_add(1);
-            }
-        }
+        best.map(|(_, _, key, to)| (key, to))
     }
 }
 
 #[cfg(test)]
 impl Balancer {
-    pub fn set_home(&mut self, key: u64, home: u64) {
-        if let Some(g) = self.groups.get_mut(&key) {
+    pub fn set_home(&mut self, key: u64, pool: Pool, home: u64) {
+        if let Some(g) = self.groups.get_mut(&(key ^ pool.id.rotate_left(17))) {
             g.home = Some(home);
-            g.epoch = g.epoch.wrapping_add(1);
+            self.epochs = self.epochs.wrapping_add(1);
+            g.epoch = self.epochs;
         }
     }
 
-    fn home(&self, key: u64) -> Option<u64> {
-        self.groups.get(&key)?.home
+    fn home_in(&self, key: u64, pool: Pool) -> Option<u64> {
+        self.groups.get(&(key ^ pool.id.rotate_left(17)))?.home
     }
+
+    fn home(&self, key: u64) -> Option<u64> {
+        self.home_in(key, four())
+    }
+}
+
+#[cfg(test)]
+fn four() -> Pool {
+    Pool::of(1..=4)
 }
 
 #[cfg(test)]
@@ -254,7 +312,7 @@ mod tests {
             let at = t0 + Duration::from_millis(u64::from(s) * 1000 + 10);
             for &(key, first, rate) in groups {
                 for _ in 0..rate {
-                    b.note(at, key, order(first));
+                    b.note(at, key, four(), order(first));
                 }
             }
         }
@@ -272,12 +330,13 @@ mod tests {
     fn a_new_group_goes_by_hash_until_reviewed() {
         let mut b = Balancer::default();
         let t0 = Instant::now();
-        assert_eq!(b.note(t0, 7, order(3)).host, None);
+        assert_eq!(b.note(t0, 7, four(), order(3)).host, None);
         assert_eq!(
-            b.note(t0 + Duration::from_millis(500), 7, order(3)).host,
+            b.note(t0 + Duration::from_millis(500), 7, four(), order(3))
+                .host,
             None
         );
-        let home = b.note(t0 + Duration::from_millis(1100), 7, order(3));
+        let home = b.note(t0 + Duration::from_millis(1100), 7, four(), order(3));
         assert_eq!(home.host, Some(3));
         assert_ne!(home.epoch, 0);
     }
@@ -362,12 +421,81 @@ mod tests {
             let at = t0 + Duration::from_millis(s * 1000 + 10);
             for &(key, first, rate) in &groups {
                 for _ in 0..rate {
-                    b.note(at, key, order12(first));
+                    b.note(at, key, Pool::of(1..=12), order12(first));
                 }
             }
         }
-        let on_one = groups.iter().filter(|g| b.home(g.0) == Some(1)).count();
+        let on_one = groups
+            .iter()
+            .filter(|g| b.home_in(g.0, Pool::of(1..=12)) == Some(1))
+            .count();
         assert_eq!(on_one, 1, "host 1 should keep one of its three hot groups");
+    }
+
+    #[test]
+    fn a_host_with_nothing_to_give_does_not_stop_the_next() {
+        // Host 1's one group is hotter than its excess: it stays, and host 2, also over
+        // the bound, sheds instead.
+        let groups = [
+            (1, 1, 30),
+            (2, 2, 10),
+            (3, 2, 8),
+            (4, 2, 7),
+            (5, 3, 3),
+            (6, 4, 2),
+        ];
+        let mut b = Balancer::default();
+        run(&mut b, Instant::now(), 0, 8, &groups);
+        assert_eq!(b.home(1), Some(1));
+        let on_two = [2, 3, 4].iter().filter(|k| b.home(**k) == Some(2)).count();
+        assert!(on_two < 3, "host 2 shed nothing: {:?}", loads(&b, &groups));
+    }
+
+    #[test]
+    fn pools_are_balanced_apart_on_a_shared_host() {
+        // A small pool ({1, 2}) on host 1 does not hide the big pool's overload there.
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        let small = Pool::of(1..=2);
+        for s in 0..8u64 {
+            let at = t0 + Duration::from_millis(s * 1000 + 10);
+            b.note(at, 99, small, [1, 2].into_iter());
+            for &(key, first, rate) in &[(1, 1, 20), (2, 1, 12), (3, 2, 5), (4, 3, 5)] {
+                for _ in 0..rate {
+                    b.note(at, key, four(), order(first));
+                }
+            }
+        }
+        assert!(
+            b.home(1) != Some(1) || b.home(2) != Some(1),
+            "host 1 kept both big groups"
+        );
+        assert_eq!(b.home_in(99, small), Some(1));
+    }
+
+    #[test]
+    fn a_home_that_is_down_is_given_up() {
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        b.note(t0, 7, four(), order(3));
+        let home = b.note(t0 + Duration::from_millis(1100), 7, four(), order(3));
+        assert_eq!(home.host, Some(3));
+        // Host 3 out of rotation: the order lacks it.
+        let without = b.note(
+            t0 + Duration::from_millis(1200),
+            7,
+            four(),
+            [4, 1, 2].into_iter(),
+        );
+        assert_eq!(without.host, None);
+        assert_ne!(without.epoch, home.epoch);
+        let again = b.note(
+            t0 + Duration::from_millis(2300),
+            7,
+            four(),
+            [4, 1, 2].into_iter(),
+        );
+        assert_eq!(again.host, Some(4));
     }
 
     #[test]
@@ -375,15 +503,15 @@ mod tests {
         let mut b = Balancer::default();
         let t0 = Instant::now();
         for k in 0..MAX_GROUPS as u64 + 10 {
-            b.note(t0, k, order(1));
+            b.note(t0, k, four(), order(1));
         }
         assert_eq!(b.groups.len(), MAX_GROUPS);
-        assert_eq!(b.note(t0, u64::MAX, order(1)), Home::default());
-        b.note(t0 + Duration::from_secs(1), 1, order(1));
+        assert_eq!(b.note(t0, u64::MAX, four(), order(1)), Home::default());
+        b.note(t0 + Duration::from_secs(1), 1, four(), order(1));
         assert!(b.home(2).is_some());
         // Twenty seconds without a request: every group but the one asked for is gone.
         for s in 2..22 {
-            b.note(t0 + Duration::from_secs(s), 1, order(1));
+            b.note(t0 + Duration::from_secs(s), 1, four(), order(1));
         }
         assert_eq!(b.groups.len(), 1);
     }

@@ -26,7 +26,7 @@
 //! out; the order after the first host is where retries and the queue look next.
 
 use super::affinity::{AffinityIndex, Served};
-use super::balance::{Balancer, Home};
+use super::balance::{Balancer, Home, Pool};
 use super::host::Host;
 use super::prefix::PrefixKeys;
 pub use crate::config::Routing as Policy;
@@ -139,13 +139,21 @@ pub fn rank(
                 .collect();
             hosts.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
             let home = match bounded {
-                true => state
-                    .balancer
-                    .note(now, key, hosts.iter().map(|(_, _, h)| h.seed)),
+                true => state.balancer.note(
+                    now,
+                    key,
+                    Pool::of(candidates.iter().map(|(_, h)| h.seed)),
+                    hosts.iter().map(|(_, _, h)| h.seed),
+                ),
                 false => Home::default(),
             };
-            // Only what was served under the group's present home counts.
-            let remembered = keys.all().iter().rev().find_map(|k| {
+            // With a home, the group's own key places nothing (the group goes home); only
+            // what was served under its present home (its epoch) counts.
+            let session_keys = match home.host {
+                Some(_) => &keys.all()[1..],
+                None => keys.all(),
+            };
+            let remembered = session_keys.iter().rev().find_map(|k| {
                 let served = state.affinity.get(*k).filter(|s| s.epoch == home.epoch)?;
                 hosts
                     .iter()
@@ -165,6 +173,8 @@ pub fn rank(
                 (Some(at), _) => (at, Placement::PrefixHit),
                 (None, Some(h)) => (h, by_home(h)),
                 (None, None) => match hosts.iter().position(|(_, _, h)| fits(h)) {
+                    // Away from a home (over its share): a spill, wherever it lands.
+                    Some(at) if home.host.is_some() => (at, Placement::Spill),
                     Some(0) => (0, Placement::Consistent),
                     Some(at) => (at, Placement::Spill),
                     None => (0, Placement::Consistent),
@@ -177,8 +187,13 @@ pub fn rank(
             };
             // A spill is not remembered: the prefix's next request tries its home again
             // rather than following this one (the group keeps one host for its cache).
+            // The group's own key is written only by a request served at home.
             if placement != Placement::Spill || !bounded {
-                for k in keys.all() {
+                let written = match home.host {
+                    Some(h) if h != chosen_seed => &keys.all()[1..],
+                    _ => keys.all(),
+                };
+                for k in written {
                     state.affinity.insert(*k, served);
                 }
             }
@@ -323,7 +338,8 @@ mod tests {
         // for every key of turn one.
         let home = (consistent + 2) % 4;
         let group = turn1.placement().unwrap();
-        st.balancer.set_home(group, h[home].seed);
+        st.balancer
+            .set_home(group, Pool::of(h.iter().map(|h| h.seed)), h[home].seed);
         let other = body(&"another conversation ".repeat(200));
         assert_eq!(
             first(Policy::Auto, &h, &other, &mut st),
@@ -356,6 +372,40 @@ mod tests {
         let mut plain = RoutingState::default();
         let (a, _) = first(Policy::Prefix, &h, &other, &mut plain);
         assert_eq!(a, consistent);
+    }
+
+    #[test]
+    fn a_spill_away_from_home_does_not_take_the_group_along() {
+        let h = hosts(4);
+        let mut st = RoutingState::default();
+        let system = "a busy system prompt ".repeat(40);
+        let conv = |i: usize| {
+            PrefixKeys::of(
+                format!("{system}{}", format!("conversation {i} ").repeat(200)).as_bytes(),
+                true,
+            )
+        };
+        let (consistent, _) = first(Policy::Auto, &h, &conv(0), &mut st);
+        let home = (consistent + 1) % 4;
+        let group = conv(0).placement().unwrap();
+        st.balancer
+            .set_home(group, Pool::of(h.iter().map(|h| h.seed)), h[home].seed);
+        assert_eq!(
+            first(Policy::Auto, &h, &conv(1), &mut st),
+            (home, Placement::Rebalanced)
+        );
+        // The home is over its share: this one spills (to the consistent host, first in
+        // order) …
+        let held: Vec<_> = (0..8).map(|_| h[home].try_acquire().unwrap()).collect();
+        let (away, p) = first(Policy::Auto, &h, &conv(2), &mut st);
+        assert_ne!(away, home);
+        assert_eq!(p, Placement::Spill);
+        drop(held);
+        // … and the group's next conversation goes home again.
+        assert_eq!(
+            first(Policy::Auto, &h, &conv(3), &mut st),
+            (home, Placement::Rebalanced)
+        );
     }
 
     #[test]
