@@ -12,9 +12,8 @@
 //! decayed with a 2-s half-life). A group gets its consistent host as its home at its
 //! first review; once a second after that, if a host has carried more than 1.25 × its
 //! pool's mean rate at two reviews in a row (the pool: every host that may serve the
-//! group, up or not; loads are counted per pool), one group moves off it, to
-//! the first other host of its own consistent order that stays within 1.1 × the mean with
-//! it. Moving a group costs one cold prefill on its new host, so moves are few: one a
+//! group, up or not; loads are counted per pool), one group moves off it, to the first
+//! other host of its own consistent order that stays within 1.1 × the mean with it. Moving a group costs one cold prefill on its new host, so moves are few: one a
 //! second, only off a clearly overloaded host, a group worth it where there is one (at
 //! least a quarter of the host's excess, else the largest) and never one so large that
 //! the host drops below the mean. A group hotter than any host's room may still move to a
@@ -43,7 +42,7 @@ const MAX_GROUPS: usize = 4096;
 /// A group whose decayed rate fell below this (requests per second) is forgotten.
 const FORGET_BELOW: f32 = 0.05;
 /// Hosts of a group's consistent order remembered (where its home may move to).
-pub const ORDER: usize = 8;
+const ORDER: usize = 8;
 
 #[derive(Clone, Copy)]
 struct Group {
@@ -95,6 +94,22 @@ fn mix(seed: u64) -> u64 {
     seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
 }
 
+/// A group's entry: its key mixed with its pool.
+fn group_id(key: u64, pool: Pool) -> u64 {
+    key ^ pool.id.rotate_left(17)
+}
+
+/// A host's load entry within a pool.
+fn slot(pool: u64, host: u64) -> u64 {
+    pool ^ mix(host)
+}
+
+/// A fresh epoch from the balancer's one counter.
+fn next_epoch(epochs: &mut u32) -> u32 {
+    *epochs = epochs.wrapping_add(1);
+    *epochs
+}
+
 /// A worker's view of its groups' rates and homes.
 #[derive(Default)]
 pub struct Balancer {
@@ -130,7 +145,7 @@ impl Balancer {
             self.recompute(elapsed);
             self.last = Some(now);
         }
-        let id = key ^ pool.id.rotate_left(17);
+        let id = group_id(key, pool);
         let tracked = self.groups.len() < MAX_GROUPS;
         let g = match self.groups.get_mut(&id) {
             Some(g) => g,
@@ -157,8 +172,7 @@ impl Balancer {
         if let Some(h) = g.home {
             if !g.order[..usize::from(g.hosts)].contains(&h) {
                 g.home = None;
-                self.epochs = self.epochs.wrapping_add(1);
-                g.epoch = self.epochs;
+                g.epoch = next_epoch(&mut self.epochs);
             }
         }
         Home {
@@ -179,8 +193,7 @@ impl Balancer {
             g.count = 0;
             if g.home.is_none() && g.hosts > 0 {
                 g.home = Some(g.order[0]);
-                *epochs = epochs.wrapping_add(1);
-                g.epoch = *epochs;
+                g.epoch = next_epoch(epochs);
             }
             g.rate >= FORGET_BELOW
         });
@@ -190,15 +203,13 @@ impl Balancer {
             let Some(home) = g.home else { continue };
             let p = self.pools.entry(g.pool).or_insert((0.0, g.pool_size));
             p.0 += g.rate;
-            *self.loads.entry(g.pool ^ mix(home)).or_insert(0.0) += g.rate;
+            *self.loads.entry(slot(g.pool, home)).or_insert(0.0) += g.rate;
         }
         // Every (pool, host) over the bound, worst first.
         self.worst.clear();
         for g in self.groups.values() {
             let Some(home) = g.home else { continue };
-            let (total, size) = self.pools[&g.pool];
-            let mean = total / f32::from(size.max(1));
-            let ratio = self.loads[&(g.pool ^ mix(home))] / mean.max(f32::EPSILON);
+            let ratio = self.loads[&slot(g.pool, home)] / self.mean(g.pool).max(f32::EPSILON);
             if ratio > 1.0 + EPSILON_KEEP
                 && !self.worst.iter().any(|w| w.1 == home && w.2 == g.pool)
             {
@@ -216,8 +227,7 @@ impl Balancer {
             if let Some((key, to)) = self.move_from(from, pool) {
                 if let Some(g) = self.groups.get_mut(&key) {
                     g.home = Some(to);
-                    self.epochs = self.epochs.wrapping_add(1);
-                    g.epoch = self.epochs;
+                    g.epoch = next_epoch(&mut self.epochs);
                 }
                 return;
             }
@@ -235,9 +245,8 @@ impl Balancer {
     /// than `from` was (it cannot move back: from there its rate is over that host's
     /// excess).
     fn move_from(&self, from: u64, pool: u64) -> Option<(u64, u64)> {
-        let (total, size) = self.pools[&pool];
-        let mean = total / f32::from(size.max(1));
-        let load = |host: u64| self.loads.get(&(pool ^ mix(host))).copied().unwrap_or(0.0);
+        let mean = self.mean(pool);
+        let load = |host: u64| self.loads.get(&slot(pool, host)).copied().unwrap_or(0.0);
         let from_load = load(from);
         let excess = from_load - mean;
         let cap = mean * (1.0 + EPSILON);
@@ -269,20 +278,25 @@ impl Balancer {
         }
         best.map(|(_, _, key, to)| (key, to))
     }
+
+    /// A pool's mean rate per host, as of the review under way.
+    fn mean(&self, pool: u64) -> f32 {
+        let (total, size) = self.pools[&pool];
+        total / f32::from(size.max(1))
+    }
 }
 
 #[cfg(test)]
 impl Balancer {
     pub fn set_home(&mut self, key: u64, pool: Pool, home: u64) {
-        if let Some(g) = self.groups.get_mut(&(key ^ pool.id.rotate_left(17))) {
+        if let Some(g) = self.groups.get_mut(&group_id(key, pool)) {
             g.home = Some(home);
-            self.epochs = self.epochs.wrapping_add(1);
-            g.epoch = self.epochs;
+            g.epoch = next_epoch(&mut self.epochs);
         }
     }
 
     fn home_in(&self, key: u64, pool: Pool) -> Option<u64> {
-        self.groups.get(&(key ^ pool.id.rotate_left(17)))?.home
+        self.groups.get(&group_id(key, pool))?.home
     }
 
     fn home(&self, key: u64) -> Option<u64> {
