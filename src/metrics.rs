@@ -175,6 +175,8 @@ pub struct WorkerMetrics {
     pub duration: Histogram,
     /// How requests' first hosts were chosen (`fleet::policy::Placement::index` order).
     pub placements: [Counter; crate::fleet::policy::Placement::ALL.len()],
+    /// Prefix groups this worker's balancer moved to another home.
+    pub group_moves: Counter,
     pub limit_rejections: crate::usage::metrics::LimitRejections,
 }
 
@@ -308,7 +310,8 @@ pub fn render(registry: &Registry) -> String {
     let placements: Vec<u64> = (0..crate::fleet::policy::Placement::ALL.len())
         .map(|i| registry.iter().map(|w| w.placements[i].get()).sum())
         .collect();
-    crate::fleet::metrics::render(&mut out, &crate::fleet::hosts(), &placements);
+    let moves = registry.iter().map(|w| w.group_moves.get()).sum();
+    crate::fleet::metrics::render(&mut out, &crate::fleet::hosts(), &placements, moves);
     for (name, help, pick) in [
         (
             "cubegate_first_byte_seconds",

@@ -348,9 +348,9 @@ fn same_prefix_same_host(driver: &str) {
 /// 2. A hot prefix whose host is busy spills to the next host of its order (placement
 ///    `spill`), and only a few hosts share it. Twelve streams of one prefix are held open,
 ///    one after another: a host takes a request while its load stays under
-///    `max(avg × 1.25, avg + 2)`, so the prefix's own host takes the first three, the
-///    fourth spills, and the last host of the order would only be reached once the three
-///    before it were all over their share, which takes 27 requests in flight.
+///    `max(avg × 1.25, avg + 4)`, so the prefix's own host takes the first six, the
+///    seventh spills, and the last host of the order would only be reached once the three
+///    before it were all over their share, which takes far more than twelve in flight.
 fn hot_prefix_spills_to_a_few_hosts(driver: &str) {
     let hosts = vllm_hosts(4, SLOW_TOKENS);
     let gw = Fleet::new(vec![("fleet", "auto", hosts.iter().collect())]).start(driver, "");
@@ -506,6 +506,8 @@ fn rebalance_alike(gws: &[&Gateway]) {
     }
     let mut moved_to = HashSet::new();
     for gw in gws {
+        let moves = metric(management_addr(gw), "cubegate_routing_group_moves_total");
+        assert!(moves >= 1, "rebalanced placements but {moves} group moves");
         let (mut on_a, mut on_b) = (HashSet::new(), HashSet::new());
         for i in round..round + 5 {
             on_a.insert(backend(gw, &format!("a-{i}")));

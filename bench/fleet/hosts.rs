@@ -48,6 +48,9 @@ pub struct HostStats {
     pub streams: u64,
     pub prefix_queries: u64,
     pub prefix_hits: u64,
+    /// Generations that waited ≥ 100 ms for a slot, and those whose prefill took ≥ 100 ms.
+    pub slow_queue_waits: u64,
+    pub slow_prefills: u64,
 }
 
 impl HostStats {
@@ -58,6 +61,8 @@ impl HostStats {
             streams: n("streams_completed")? + n("streams_aborted")? + n("streams_died")?,
             prefix_queries: n("prefix_cache_queries")?,
             prefix_hits: n("prefix_cache_hits")?,
+            slow_queue_waits: n("queue_waits_over_100ms")?,
+            slow_prefills: n("prefills_over_100ms")?,
         })
     }
 
@@ -67,6 +72,8 @@ impl HostStats {
             streams: later.streams.saturating_sub(self.streams),
             prefix_queries: later.prefix_queries.saturating_sub(self.prefix_queries),
             prefix_hits: later.prefix_hits.saturating_sub(self.prefix_hits),
+            slow_queue_waits: later.slow_queue_waits.saturating_sub(self.slow_queue_waits),
+            slow_prefills: later.slow_prefills.saturating_sub(self.slow_prefills),
         }
     }
 
@@ -75,6 +82,8 @@ impl HostStats {
             streams: self.streams + o.streams,
             prefix_queries: self.prefix_queries + o.prefix_queries,
             prefix_hits: self.prefix_hits + o.prefix_hits,
+            slow_queue_waits: self.slow_queue_waits + o.slow_queue_waits,
+            slow_prefills: self.slow_prefills + o.slow_prefills,
         }
     }
 }

@@ -67,18 +67,31 @@ fn wait_ready(sys: System, r: &mut Running) -> Result<(), String> {
     }
 }
 
-/// cubegate's placement counters (`cubegate_routing_placements_total`) from its `/metrics`.
-fn placements(metrics: Option<std::net::SocketAddr>) -> BTreeMap<String, u64> {
+/// cubegate's routing counters from its `/metrics`: placements
+/// (`cubegate_routing_placements_total`) and group moves
+/// (`cubegate_routing_group_moves_total`).
+fn routing(metrics: Option<std::net::SocketAddr>) -> (BTreeMap<String, u64>, u64) {
     let Some(Ok((200, text))) = metrics.map(|m| hosts::control(m, "GET", "/metrics")) else {
-        return BTreeMap::new();
+        return (BTreeMap::new(), 0);
     };
-    text.lines()
+    let placements = text
+        .lines()
         .filter_map(|l| {
             let rest = l.strip_prefix("cubegate_routing_placements_total{placement=\"")?;
             let (name, value) = rest.split_once("\"} ")?;
             Some((name.to_string(), value.trim().parse().ok()?))
         })
-        .collect()
+        .collect();
+    let moves = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cubegate_routing_group_moves_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    (placements, moves)
 }
 
 /// Counters of one host over the measurement; `before_kill` = what it counted before it
@@ -124,7 +137,7 @@ pub fn point(
     let (summary, start, end) = std::thread::scope(|scope| {
         let snap = scope.spawn(|| {
             std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
-            (hosts::snapshot(&controls), placements(metrics))
+            (hosts::snapshot(&controls), routing(metrics))
         });
         if let Some(chaos) = chaos {
             let fleet = &fleet;
@@ -136,11 +149,11 @@ pub fn point(
             });
         }
         let summary = load::run(&l);
-        let end = (hosts::snapshot(&controls), placements(metrics));
+        let end = (hosts::snapshot(&controls), routing(metrics));
         let _ = done.send(());
         (summary, snap.join().unwrap_or_default(), end)
     });
-    let ((start, placed_before), (end, placed_after)) = (start, end);
+    let ((start, (placed_before, moved_before)), (end, (placed_after, moved_after))) = (start, end);
     let fleet = fleet.into_inner().unwrap_or_else(|e| e.into_inner());
     let summary = summary.map_err(|e| format!("load: {e}"))?;
     let deltas: Vec<HostStats> = (0..controls.len())
@@ -157,6 +170,7 @@ pub fn point(
             (k, n.saturating_sub(before))
         })
         .collect();
+    p.group_moves = moved_after.saturating_sub(moved_before);
     if let Some(st) = running.proc.exited() {
         p.status = format!(
             "failed: exited during the run ({st}): {}",

@@ -10,11 +10,13 @@
 //! intended send time, HDR histograms, every SSE event timed) for a warm-up and the
 //! measurement; the hosts' counters read at the measurement's start and end give the
 //! prefix-cache hit rate and each host's share. Then the faults run (`faults.rs`) at the
-//! heaviest rate cubegate `auto` carried without saturating. `report.rs` writes the
-//! tables, the acceptance check, `results.json` and the TTFT chart.
+//! heaviest rate cubegate `auto` carried without saturating. `report.rs` holds the
+//! figures, the acceptance check, `results.json` and the TTFT chart; `markdown.rs` writes
+//! the tables.
 
 pub mod faults;
 pub mod hosts;
+pub mod markdown;
 pub mod measure;
 pub mod report;
 pub mod systems;
@@ -424,7 +426,7 @@ pub fn command(a: &FleetArgs) -> std::process::ExitCode {
             return ExitCode::from(2);
         }
     };
-    print!("{}", report::markdown(&report));
+    print!("{}", markdown::markdown(&report));
     let out = a.out.clone().unwrap_or_else(default_out);
     if let Err(e) = report::write_all(&report, &out) {
         eprintln!("cubegate-bench fleet: cannot write {}: {e}", out.display());

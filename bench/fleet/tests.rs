@@ -246,7 +246,7 @@ fn sample() -> Report {
 #[test]
 fn a_failed_system_is_reported_failed_never_as_figures() {
     let r = sample();
-    let md = report::markdown(&r);
+    let md = markdown::markdown(&r);
     let rows: Vec<&str> = md
         .lines()
         .filter(|l| l.starts_with("| vllm-router |"))
@@ -280,7 +280,7 @@ fn acceptance_is_read_where_round_robin_saturates() {
     assert!((a.p99_ratio.unwrap() - 250.0 / 600.0).abs() < 1e-9);
     assert_eq!(a.ideal_hit_rate, Some(0.84));
     assert_eq!(a.hit_holds, Some(true));
-    let md = report::markdown(&r);
+    let md = markdown::markdown(&r);
     assert!(
         md.contains("Round robin saturates at **90 requests/s**"),
         "{md}"
@@ -363,6 +363,6 @@ fn smoke_fleet() {
     assert_eq!(p.host_streams.len(), 2);
     assert!(p.hit_rate.is_some_and(|h| h > 0.0), "{p:?}");
     assert!(r.ideal[0].hit_rate > 0.0);
-    let md = report::markdown(&r);
+    let md = markdown::markdown(&r);
     assert!(md.contains("| cubegate-auto |"), "{md}");
 }

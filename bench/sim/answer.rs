@@ -15,7 +15,7 @@ use monoio::net::TcpStream;
 use std::io;
 use std::pin::pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the answer needs to know of its request.
 pub(super) struct Request<'a> {
@@ -98,11 +98,14 @@ async fn run_on_gpu<'a>(
     host: &'a Host,
     work: &Work,
 ) -> io::Result<Running<'a>> {
+    let arrived = Instant::now();
     let slot = match host.batch.try_admit() {
         Some(slot) => slot,
         None => wait_for_slot(stream, host).await?,
     };
+    let queued = arrived.elapsed();
     let (mut running, prefill) = host.start(slot, &work.model, &work.prompt);
+    host.stats.gpu_time(queued, prefill);
     if sleep_scaled(stream, host, prefill).await {
         return Err(gone());
     }

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `PUT /fault/{none,refuse,hang,error,die-mid-stream,slow}` (or `POST`) | 200 `{"fault":"<mode>"}` once the mode holds (after `refuse` → `none` the port listens again) |
 //! | `GET /fault` | 200 `{"fault":"<mode>"}` |
-//! | `GET /stats` | 200 the `/sim/stats` JSON: requests, `by_status`, streams, `fault`, `running`, `waiting`, `prefix_cache_queries`, `prefix_cache_hits`, `kv_cache_usage`, `cached_blocks` |
+//! | `GET /stats` | 200 the `/sim/stats` JSON: requests, `by_status`, streams, `fault`, `running`, `waiting`, `prefix_cache_queries`, `prefix_cache_hits`, `kv_cache_usage`, `cached_blocks`, `queue_waits_over_100ms`, `prefills_over_100ms` |
 //!
 //! Anything else: 404 (unknown path or mode) or 405 (wrong method).
 

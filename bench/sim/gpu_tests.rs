@@ -357,3 +357,39 @@ pub(super) fn silent_for(s: &mut TcpStream, wait: Duration) -> bool {
         .expect("timeout");
     silent
 }
+
+#[test]
+fn slow_queue_waits_and_cold_prefills_are_counted() {
+    let srv = start_sim(
+        GpuConfig {
+            slots: Some(1),
+            prefix_cache_tokens: 1600,
+            prefill_per_token: Duration::from_millis(1),
+            ..GpuConfig::default()
+        },
+        |c| c.token_delay = Duration::from_millis(10),
+    );
+    let slow = |what: &str| stats(&srv)[what].as_u64().expect(what);
+    // 120 uncached tokens: a 120-ms prefill; the same prompt again finds 112 cached.
+    let prompt = words("p", 120);
+    hits_of(&srv, &prompt);
+    assert_eq!(slow("prefills_over_100ms"), 1);
+    assert_eq!(hits_of(&srv, &prompt), 112);
+    assert_eq!(
+        slow("prefills_over_100ms"),
+        1,
+        "8 tokens computed: not slow"
+    );
+    assert_eq!(slow("queue_waits_over_100ms"), 0);
+    // One slot, held by an endless stream: the next request waits until it leaves.
+    let holder = open_completion(srv.addr, &completion("h", 8000, true));
+    wait_until("the holder runs", || srv.host.batch.running() == 1);
+    let mut waiter = open_completion(srv.addr, &completion("w", 1, false));
+    wait_until("one waits", || srv.host.batch.waiting() == 1);
+    std::thread::sleep(Duration::from_millis(150));
+    drop(holder);
+    let (head, _, ok) = read_response(&mut waiter, &mut Vec::new());
+    assert!(ok && head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(slow("queue_waits_over_100ms"), 1);
+    assert_eq!(slow("prefills_over_100ms"), 1);
+}

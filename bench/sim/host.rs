@@ -19,6 +19,11 @@ use std::time::{Duration, SystemTime};
 /// How long Ollama keeps a model loaded after its last request (its default keep_alive).
 pub const OLLAMA_KEEP_ALIVE: Duration = Duration::from_secs(300);
 
+/// A generation that waited this long for a slot, or whose prefill took this long, is
+/// counted as slow (`queue_waits_over_100ms`, `prefills_over_100ms`): what sets a fleet's
+/// TTFT tail — a queue, or a prompt computed from scratch (a cold system prompt).
+pub const SLOW: Duration = Duration::from_millis(100);
+
 /// Process-wide request counters (atomics: the default path takes no lock).
 #[derive(Debug)]
 pub struct Stats {
@@ -29,6 +34,10 @@ pub struct Stats {
     pub active_streams: AtomicU64,
     /// Whole answers cut mid-body (`die-mid-stream`).
     pub answers_cut: AtomicU64,
+    /// Generations that waited at least [`SLOW`] for a slot, and those whose prefill (of
+    /// their uncached tokens, before any `slow` fault's factor) took at least [`SLOW`].
+    pub slow_queue_waits: AtomicU64,
+    pub slow_prefills: AtomicU64,
     /// Answers sent, by status code (index = status).
     by_status: Vec<AtomicU64>,
 }
@@ -42,12 +51,24 @@ impl Default for Stats {
             streams_died: AtomicU64::new(0),
             active_streams: AtomicU64::new(0),
             answers_cut: AtomicU64::new(0),
+            slow_queue_waits: AtomicU64::new(0),
+            slow_prefills: AtomicU64::new(0),
             by_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
 
 impl Stats {
+    /// Counts a generation's wait for a slot and its prefill, if either was slow.
+    pub fn gpu_time(&self, queued: Duration, prefill: Duration) {
+        if queued >= SLOW {
+            self.slow_queue_waits.fetch_add(1, Relaxed);
+        }
+        if prefill >= SLOW {
+            self.slow_prefills.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Counts one answer sent with `status`.
     pub fn answered(&self, status: u16) {
         if let Some(n) = self.by_status.get(usize::from(status)) {
@@ -202,7 +223,7 @@ impl Host {
         }
         let (usage, cached_blocks) = self.kv_cache();
         format!(
-            "{{\"requests\":{},\"streams_completed\":{},\"streams_aborted\":{},\"active_streams\":{},\"streams_died\":{},\"answers_cut\":{},\"by_status\":{{{by_status}}},\"fault\":\"{}\",\"running\":{},\"waiting\":{},\"prefix_cache_queries\":{},\"prefix_cache_hits\":{},\"kv_cache_usage\":{usage:?},\"cached_blocks\":{cached_blocks}}}",
+            "{{\"requests\":{},\"streams_completed\":{},\"streams_aborted\":{},\"active_streams\":{},\"streams_died\":{},\"answers_cut\":{},\"by_status\":{{{by_status}}},\"fault\":\"{}\",\"running\":{},\"waiting\":{},\"prefix_cache_queries\":{},\"prefix_cache_hits\":{},\"kv_cache_usage\":{usage:?},\"cached_blocks\":{cached_blocks},\"queue_waits_over_100ms\":{},\"prefills_over_100ms\":{}}}",
             st.requests.load(Relaxed),
             st.streams_completed.load(Relaxed),
             st.streams_aborted.load(Relaxed),
@@ -214,6 +235,8 @@ impl Host {
             self.batch.waiting(),
             self.prefix_queries(),
             self.prefix_hits(),
+            st.slow_queue_waits.load(Relaxed),
+            st.slow_prefills.load(Relaxed),
         )
         .into_bytes()
     }

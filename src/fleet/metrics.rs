@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Appends the fleet's series to a scrape. `placements` are the workers' summed counts,
-/// indexed by `Placement::index`.
-pub fn render(out: &mut String, hosts: &[std::sync::Arc<Host>], placements: &[u64]) {
+/// indexed by `Placement::index`; `moves` the prefix groups their balancers moved.
+pub fn render(out: &mut String, hosts: &[std::sync::Arc<Host>], placements: &[u64], moves: u64) {
     let _ = writeln!(out, "# HELP cubegate_routing_placements_total How the first host of a request was chosen (prefix_hit: it served a longer prefix lately; consistent: the prefix's own host; rebalanced: its group's home, moved off its consistent host to even the hosts' request rates; spill: the hosts before it were over their share).\n# TYPE cubegate_routing_placements_total counter");
     for p in Placement::ALL {
         let n = placements.get(p.index()).copied().unwrap_or(0);
@@ -18,6 +18,7 @@ pub fn render(out: &mut String, hosts: &[std::sync::Arc<Host>], placements: &[u6
             p.as_str()
         );
     }
+    let _ = writeln!(out, "# HELP cubegate_routing_group_moves_total Prefix groups moved to another home to even the hosts' request rates (each worker balances its own traffic, so a move is counted by every worker that made it).\n# TYPE cubegate_routing_group_moves_total counter\ncubegate_routing_group_moves_total {moves}");
     type Series = (
         &'static str,
         &'static str,

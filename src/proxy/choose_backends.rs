@@ -75,6 +75,10 @@ pub fn choose_backends(
     )
     .ok_or(GatewayError::NoHealthyBackend)?;
     worker.metrics.placements[placement.index()].inc();
+    let moved = state.take_moves();
+    if moved > 0 {
+        worker.metrics.group_moves.add(moved);
+    }
     Ok(Choice { order, placement })
 }
 
