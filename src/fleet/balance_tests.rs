@@ -252,3 +252,17 @@ fn a_host_loaded_by_another_groups_spills_sheds_its_own() {
         loads(&b, &groups)
     );
 }
+
+#[test]
+fn a_host_homing_many_prompts_gives_a_rare_one_to_one_homing_few() {
+    // Host 1 homes six rare groups (1/s each), hosts 2–4 one group each: no host is over
+    // its rate bound (mean 7/s), but host 1's cache holds six prompts. One rare group
+    // moves to host 4, the only host with room under the rate bound for it.
+    let mut groups: Vec<(u64, u64, u32)> = (1..=6).map(|k| (k, 1, 1)).collect();
+    groups.extend([(7, 2, 8), (8, 3, 8), (9, 4, 6)]);
+    let mut b = Balancer::default();
+    run(&mut b, Instant::now(), 0, 6, &groups);
+    let on = |host: u64| groups.iter().filter(|g| b.home(g.0) == Some(host)).count();
+    assert_eq!((on(1), on(2), on(3), on(4)), (5, 1, 1, 2));
+    assert_eq!(b.take_moves(), 1);
+}
