@@ -141,13 +141,12 @@ pub struct Balancer {
     /// The host over its bound at the last review: a host is relieved only when it is
     /// over at two reviews in a row (a second of noise at low rates moves nothing).
     over: Vec<(u64, u64)>,
-    /// Scratch, kept to avoid allocating once a second: load per (pool, host), total per
-    /// pool, and the (pool, host)s over the bound.
+    /// Scratch, kept to avoid allocating once a second: load and groups homed per
+    /// (pool, host), per pool its total rate, size and groups, and the (pool, host)s
+    /// over the bound.
     loads: PreHashedMap<f32>,
-    pools: PreHashedMap<(f32, u16)>,
-    /// Groups homed per (pool, host), and per pool.
     counts: PreHashedMap<u32>,
-    pool_groups: PreHashedMap<u32>,
+    pools: PreHashedMap<(f32, u16, u32)>,
     worst: Vec<(f32, u64, u64)>,
 }
 
@@ -241,12 +240,11 @@ impl Balancer {
         self.pools.clear();
         self.loads.clear();
         self.counts.clear();
-        self.pool_groups.clear();
         for g in self.groups.values() {
             let Some(home) = g.home else { continue };
-            let p = self.pools.entry(g.pool).or_insert((0.0, g.pool_size));
+            let p = self.pools.entry(g.pool).or_insert((0.0, g.pool_size, 0));
             p.0 += g.rate;
-            *self.pool_groups.entry(g.pool).or_insert(0) += 1;
+            p.2 += 1;
             *self.counts.entry(slot(g.pool, home)).or_insert(0) += 1;
             // Each host carries what it was sent: a group's spills load the host they went
             // to (a host full of another group's spills sheds its own groups).
@@ -259,7 +257,7 @@ impl Balancer {
         self.worst.clear();
         for g in self.groups.values() {
             let Some(home) = g.home else { continue };
-            let ratio = self.loads[&slot(g.pool, home)] / self.mean(g.pool).max(f32::EPSILON);
+            let ratio = self.load(g.pool, home) / self.mean(g.pool).max(f32::EPSILON);
             if ratio > 1.0 + EPSILON_KEEP
                 && !self.worst.iter().any(|w| w.1 == home && w.2 == g.pool)
             {
@@ -301,19 +299,18 @@ impl Balancer {
     /// lowest key moves, as for rate moves, so that balancers agree. A host over its rate
     /// bound gives none this way.
     fn uncrowd(&self) -> Option<(u64, u64)> {
-        let homed = |pool: u64, host: u64| self.counts.get(&slot(pool, host)).copied().unwrap_or(0);
-        let load = |pool: u64, host: u64| self.loads.get(&slot(pool, host)).copied().unwrap_or(0.0);
+        // One pass over the groups (the review runs once a second, with up to MAX_GROUPS).
         let mut best: Option<(u64, u64)> = None; // (group, to)
-                                                 // One pass over the groups (the review runs once a second, with up to MAX_GROUPS).
         for (key, g) in &self.groups {
             let Some(from) = g.home else { continue };
             if best.is_some_and(|(k, _)| k <= *key) {
                 continue;
             }
-            let groups = self.pool_groups[&g.pool] as f32;
-            let (total, size) = self.pools[&g.pool];
+            let (total, size, groups) = self.pools[&g.pool];
+            let groups = groups as f32;
             let mean_n = groups / f32::from(size.max(1));
-            let crowded = homed(g.pool, from) as f32 > (mean_n * (1.0 + EPSILON)).max(mean_n + 1.0);
+            let crowded =
+                self.homed(g.pool, from) as f32 > (mean_n * (1.0 + EPSILON)).max(mean_n + 1.0);
             // A host over its rate bound is the rate moves' to relieve (by its hot groups).
             let over = self.worst.iter().any(|w| w.1 == from && w.2 == g.pool);
             if !crowded || over || g.rate > total / groups {
@@ -322,8 +319,8 @@ impl Balancer {
             let cap = self.mean(g.pool) * (1.0 + EPSILON);
             let to = g.order[..usize::from(g.hosts)].iter().copied().find(|s| {
                 *s != from
-                    && (homed(g.pool, *s) as f32) < mean_n
-                    && load(g.pool, *s) + g.rate <= cap
+                    && (self.homed(g.pool, *s) as f32) < mean_n
+                    && self.load(g.pool, *s) + g.rate <= cap
             });
             if let Some(to) = to {
                 best = Some((*key, to));
@@ -344,7 +341,7 @@ impl Balancer {
     /// excess).
     fn move_from(&self, from: u64, pool: u64) -> Option<(u64, u64)> {
         let mean = self.mean(pool);
-        let load = |host: u64| self.loads.get(&slot(pool, host)).copied().unwrap_or(0.0);
+        let load = |host: u64| self.load(pool, host);
         let from_load = load(from);
         let excess = from_load - mean;
         let cap = mean * (1.0 + EPSILON);
@@ -384,8 +381,18 @@ impl Balancer {
 
     /// A pool's mean rate per host, as of the review under way.
     fn mean(&self, pool: u64) -> f32 {
-        let (total, size) = self.pools[&pool];
+        let (total, size, _) = self.pools[&pool];
         total / f32::from(size.max(1))
+    }
+
+    /// The rate a host of `pool` was sent, as of the review under way.
+    fn load(&self, pool: u64, host: u64) -> f32 {
+        self.loads.get(&slot(pool, host)).copied().unwrap_or(0.0)
+    }
+
+    /// The groups of `pool` a host homes, as of the review under way.
+    fn homed(&self, pool: u64, host: u64) -> u32 {
+        self.counts.get(&slot(pool, host)).copied().unwrap_or(0)
     }
 }
 
