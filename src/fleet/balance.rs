@@ -30,8 +30,11 @@
 //! evicts the rarer prompts of a host homing many between their visits: on `cubegate-bench
 //! fleet` this cut the requests paying a cold system prompt from 4.7 to 3.3 % at 110/s.
 //!
-//! Several workers and boxes each run a balancer of their own, from their own traffic.
-//! A new group has no home and goes by its consistent order: on every box alike. Which
+//! The workers of a box share one review ([`Hub`], `balance_hub.rs`): each counts its own
+//! requests and, once a second, hands its counts to the box's balancer and takes back its
+//! homes, so every worker of a box sends a group to one host. Boxes each run their own,
+//! from their own traffic. A new group has no home and goes by its consistent order: on
+//! every box alike. Which
 //! group moves is chosen by its key among those that qualify, not by its rate, so that
 //! balancers whose rates differ by noise pick the same one; they still disagree while one
 //! has reviewed and another not yet (up to a second), or when a group sits at a
@@ -121,6 +124,17 @@ fn slot(pool: u64, host: u64) -> u64 {
     pool ^ mix(host)
 }
 
+/// A home that is not up (or no longer a candidate) is given up: the group goes by its
+/// order until the next review gives it a home again.
+fn give_up_gone_home(g: &mut Group, epochs: &mut u32) {
+    if let Some(h) = g.home {
+        if !g.order[..usize::from(g.hosts)].contains(&h) {
+            g.home = None;
+            g.epoch = next_epoch(epochs);
+        }
+    }
+}
+
 /// A fresh epoch from the balancer's one counter.
 fn next_epoch(epochs: &mut u32) -> u32 {
     *epochs = epochs.wrapping_add(1);
@@ -148,6 +162,8 @@ pub struct Balancer {
     counts: PreHashedMap<u32>,
     pools: PreHashedMap<(f32, u16, u32)>,
     worst: Vec<(f32, u64, u64)>,
+    /// The box's balancer, when this one is a worker's: see [`Hub`].
+    hub: Option<std::sync::Arc<Hub>>,
 }
 
 impl Balancer {
@@ -163,8 +179,15 @@ impl Balancer {
         let last = *self.last.get_or_insert(now);
         let elapsed = now.saturating_duration_since(last);
         if elapsed >= PERIOD {
-            self.recompute(elapsed);
-            self.last = Some(now);
+            match self.hub.clone() {
+                // A worker that finds the box's balancer busy tries again next request.
+                Some(hub) if !self.exchange(&hub, now) => {}
+                Some(_) => self.last = Some(now),
+                None => {
+                    self.recompute(elapsed);
+                    self.last = Some(now);
+                }
+            }
         }
         let id = group_id(key, pool);
         let tracked = self.groups.len() < MAX_GROUPS;
@@ -191,14 +214,7 @@ impl Balancer {
             g.order[usize::from(g.hosts)] = seed;
             g.hosts += 1;
         }
-        // A home that is not up (or no longer a candidate) is given up: the group goes by
-        // its order until the next review gives it a home again.
-        if let Some(h) = g.home {
-            if !g.order[..usize::from(g.hosts)].contains(&h) {
-                g.home = None;
-                g.epoch = next_epoch(&mut self.epochs);
-            }
-        }
+        give_up_gone_home(g, &mut self.epochs);
         Home {
             host: g.home,
             epoch: g.epoch,
@@ -395,6 +411,10 @@ impl Balancer {
         self.counts.get(&slot(pool, host)).copied().unwrap_or(0)
     }
 }
+
+#[path = "balance_hub.rs"]
+mod hub;
+pub use hub::Hub;
 
 #[cfg(test)]
 impl Balancer {

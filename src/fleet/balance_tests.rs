@@ -266,3 +266,41 @@ fn a_host_homing_many_prompts_gives_a_rare_one_to_one_homing_few() {
     assert_eq!((on(1), on(2), on(3), on(4)), (5, 1, 1, 2));
     assert_eq!(b.take_moves(), 1);
 }
+
+#[test]
+fn the_workers_of_a_box_give_each_group_one_home() {
+    // Host 1 draws 40 of 60 requests a second; each group's requests reach two of the
+    // four workers (as connections happen to land), so each worker sees another part of
+    // the traffic.
+    let groups = [(1, 1, 20), (2, 1, 12), (3, 1, 8), (4, 2, 10), (5, 3, 10)];
+    let hub = std::sync::Arc::new(Hub::default());
+    let mut workers: Vec<Balancer> = (0..4).map(|_| Balancer::with_hub(hub.clone())).collect();
+    let t0 = Instant::now();
+    let mut moves = 0;
+    for s in 0..12u64 {
+        let at = t0 + Duration::from_millis(s * 1000 + 10);
+        for &(key, first, rate) in &groups {
+            for i in 0..rate as usize {
+                workers[(key as usize + i % 2) % 4].note(at, key, four(), order(first));
+            }
+        }
+        moves += workers.iter_mut().map(|w| w.take_moves()).sum::<u64>();
+    }
+    for &(key, ..) in &groups {
+        let seen_by = [key as usize % 4, (key as usize + 1) % 4];
+        let homes: Vec<_> = seen_by.iter().map(|w| workers[*w].home(key)).collect();
+        assert!(
+            homes.iter().all(|h| h.is_some() && *h == homes[0]),
+            "group {key}: {homes:?}"
+        );
+    }
+    // The box's review is one balancer's: it relieves host 1 as in
+    // an_overloaded_host_sheds_one_group_a_period, each move counted once.
+    let home = |key: u64| workers[key as usize % 4].home(key).expect("a home");
+    let mut end = [0; 4];
+    for &(key, _, rate) in &groups {
+        end[home(key) as usize - 1] += rate;
+    }
+    assert!(end.iter().all(|l| *l <= 20), "{end:?}");
+    assert!((1..=3).contains(&moves), "{moves} moves: {end:?}");
+}

@@ -90,6 +90,14 @@ pub struct RoutingState {
 }
 
 impl RoutingState {
+    /// A worker's routing memory whose prefix groups are balanced by the box's `hub`.
+    pub fn with_hub(hub: std::sync::Arc<super::balance::Hub>) -> RoutingState {
+        RoutingState {
+            balancer: Balancer::with_hub(hub),
+            ..RoutingState::default()
+        }
+    }
+
     /// Prefix groups the balancer moved since the last call.
     pub fn take_moves(&mut self) -> u64 {
         self.balancer.take_moves()

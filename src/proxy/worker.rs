@@ -124,6 +124,8 @@ pub struct WorkerParts {
     pub backend_tls: Option<Arc<rustls::ClientConfig>>,
     /// Where usage sums go (`None`: `[usage] enabled = false`).
     pub usage: Option<std::sync::mpsc::Sender<crate::usage::tally::Batch>>,
+    /// The box's prefix-group balancer, which every worker's reviews go through.
+    pub balance_hub: Arc<crate::fleet::balance::Hub>,
 }
 
 impl Worker {
@@ -138,6 +140,7 @@ impl Worker {
             tls,
             backend_tls,
             usage,
+            balance_hub,
         } = parts;
         Worker {
             id,
@@ -165,7 +168,7 @@ impl Worker {
                 Pools::new(config.proxy.upstream_idle_per_backend)
                     .with_metrics(registry[id].clone()),
             ),
-            routing: RefCell::default(),
+            routing: RefCell::new(crate::fleet::policy::RoutingState::with_hub(balance_hub)),
             limit_counters: RefCell::default(),
             queue: RefCell::new(crate::fleet::queue::FairQueue::new(
                 config.limits.max_queued.div_ceil(workers_of(config)),

@@ -159,6 +159,7 @@ fn start_and_serve(config: &Config, config_path: &Path) -> Result<i32, StartupEr
         tls,
         backend_tls,
         usage: usage.as_ref().map(UsageWriter::sender),
+        balance_hub: Default::default(),
     };
     let running = start_workers(config, driver, &parts, listeners)?;
     wait_until_workers_listen(&running.heartbeats);
