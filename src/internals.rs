@@ -34,6 +34,9 @@ pub mod config {
 }
 
 pub mod fleet {
+    pub mod balance {
+        pub use crate::fleet::balance::{Balancer, Hub, Pool};
+    }
     pub mod host {
         pub use crate::fleet::host::Host;
     }

@@ -175,7 +175,7 @@ pub struct WorkerMetrics {
     pub duration: Histogram,
     /// How requests' first hosts were chosen (`fleet::policy::Placement::index` order).
     pub placements: [Counter; crate::fleet::policy::Placement::ALL.len()],
-    /// Prefix groups this worker's balancer moved to another home.
+    /// Prefix groups the box's balancer moved to another home, in reviews this worker ran.
     pub group_moves: Counter,
     pub limit_rejections: crate::usage::metrics::LimitRejections,
 }

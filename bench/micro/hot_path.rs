@@ -6,6 +6,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use cubegate::internals::config::{BackendKind, Limits, Routing};
+use cubegate::internals::fleet::balance::{Balancer, Hub, Pool};
 use cubegate::internals::fleet::host::Host;
 use cubegate::internals::fleet::policy::{rank, RoutingState};
 use cubegate::internals::fleet::prefix::PrefixKeys;
@@ -132,7 +133,8 @@ fn host_choice(c: &mut Criterion) {
     let candidates: Vec<(usize, &Host)> =
         hosts.iter().enumerate().map(|(i, h)| (i, &**h)).collect();
     let keys = PrefixKeys::of(&body, true);
-    let mut state = RoutingState::default();
+    // As a worker's: its reviews go through the box's balancer.
+    let mut state = RoutingState::with_hub(std::sync::Arc::new(Hub::default()));
     let mut out = Vec::with_capacity(8);
     // A request a microsecond: the balancer's once-a-second review runs now and then,
     // as it does on the request path (which passes the time it already read).
@@ -151,6 +153,35 @@ fn host_choice(c: &mut Criterion) {
             ))
         })
     });
+    // A second of a worker's balancer with the most groups it tracks (4,096), each asked
+    // for once: 4,096 requests' counting and one review, the worker's own (`local`) or
+    // through the box's balancer (`hub`: counts merged, the hub's review, homes taken
+    // back). Each iteration is one second later than the last.
+    let order = |key: u64| (0..8).map(move |i| (key + i) % 8);
+    let pool = Pool::of(0..8);
+    for (name, mut worker) in [
+        ("local", Balancer::default()),
+        (
+            "hub",
+            Balancer::with_hub(std::sync::Arc::new(Hub::default())),
+        ),
+    ] {
+        let mut second = 0u64;
+        c.bench_function(&format!("fleet/balancer_second_4096_groups_{name}"), |b| {
+            b.iter(|| {
+                second += 1;
+                let now = t0 + std::time::Duration::from_secs(second);
+                for key in 0..4096u64 {
+                    black_box(worker.note(
+                        now,
+                        key.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                        pool,
+                        order(key),
+                    ));
+                }
+            })
+        });
+    }
 }
 
 criterion_group!(

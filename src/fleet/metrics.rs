@@ -18,7 +18,7 @@ pub fn render(out: &mut String, hosts: &[std::sync::Arc<Host>], placements: &[u6
             p.as_str()
         );
     }
-    let _ = writeln!(out, "# HELP cubegate_routing_group_moves_total Prefix groups moved to another home to even the hosts' request rates (each worker balances its own traffic, so a move is counted by every worker that made it).\n# TYPE cubegate_routing_group_moves_total counter\ncubegate_routing_group_moves_total {moves}");
+    let _ = writeln!(out, "# HELP cubegate_routing_group_moves_total Prefix groups the box's balancer moved to another home to even the hosts' request rates.\n# TYPE cubegate_routing_group_moves_total counter\ncubegate_routing_group_moves_total {moves}");
     type Series = (
         &'static str,
         &'static str,
