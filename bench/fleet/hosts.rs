@@ -136,9 +136,19 @@ impl Fleet {
         };
         for i in 0..n {
             let port = |what| free_port().map_err(|e| format!("no free port for {what}: {e}"));
-            let addr: SocketAddr = ([127, 0, 0, 1], port("a host")?).into();
-            let control: SocketAddr = ([127, 0, 0, 1], port("a control listener")?).into();
-            let proc = fleet.spawn(i, addr, control)?;
+            // A port found free can be taken (by one of the load's own client connections)
+            // before the host binds it: a host that cannot start gets fresh ports, twice.
+            let mut attempt = 0;
+            let (addr, control, proc) = loop {
+                attempt += 1;
+                let addr: SocketAddr = ([127, 0, 0, 1], port("a host")?).into();
+                let control: SocketAddr = ([127, 0, 0, 1], port("a control listener")?).into();
+                match fleet.spawn(i, addr, control) {
+                    Ok(proc) => break (addr, control, proc),
+                    Err(e) if attempt >= 3 => return Err(e),
+                    Err(_) => {}
+                }
+            };
             fleet.hosts.push(SimHost {
                 addr,
                 control,
