@@ -34,11 +34,10 @@
 //! requests and, once a second, hands its counts to the box's balancer and takes back its
 //! homes, so every worker of a box sends a group to one host. Boxes each run their own,
 //! from their own traffic. A new group has no home and goes by its consistent order: on
-//! every box alike. Which
-//! group moves is chosen by its key among those that qualify, not by its rate, so that
-//! balancers whose rates differ by noise pick the same one; they still disagree while one
-//! has reviewed and another not yet (up to a second), or when a group sits at a
-//! threshold — a group they disagree on is cached on two hosts.
+//! every box alike. Which group moves is chosen by its key among those that qualify, not
+//! by its rate, so that balancers whose rates differ by noise pick the same one; they
+//! still disagree while one has reviewed and another not yet (up to a second), or when a
+//! group sits at a threshold — a group they disagree on is cached on two hosts.
 
 use crate::hashing::PreHashedMap;
 use std::time::{Duration, Instant};
@@ -179,10 +178,15 @@ impl Balancer {
         let last = *self.last.get_or_insert(now);
         let elapsed = now.saturating_duration_since(last);
         if elapsed >= PERIOD {
-            match self.hub.clone() {
-                // A worker that finds the box's balancer busy tries again next request.
-                Some(hub) if !self.exchange(&hub, now) => {}
-                Some(_) => self.last = Some(now),
+            // Taken out and put back, not cloned: an Arc's clone writes its shared count.
+            match self.hub.take() {
+                Some(hub) => {
+                    // A worker that finds the box's balancer busy tries again next request.
+                    if self.exchange(&hub, now) {
+                        self.last = Some(now);
+                    }
+                    self.hub = Some(hub);
+                }
                 None => {
                     self.recompute(elapsed);
                     self.last = Some(now);
